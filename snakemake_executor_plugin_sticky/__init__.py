@@ -1,0 +1,34 @@
+"""snakemake-executor-plugin-sticky: run `script:` invocations inside resident workers that
+built their template's state (a loaded model) once.
+
+Snakemake looks up `Executor`, `ExecutorSettings` and `common_settings` here. Scripts import
+`sticky_state`; the executor (and Dask) load only when Snakemake asks for `Executor`, so a script
+under another executor pays nothing for them.
+"""
+
+from typing import Any
+
+from snakemake_interface_executor_plugins.settings import CommonSettings
+
+from .settings import ExecutorSettings
+from .state import sticky_state
+
+__all__ = ["Executor", "ExecutorSettings", "common_settings", "sticky_state"]
+
+# Same as Snakemake's local executor: jobs run on this machine with its file system, and jobs
+# that are not sticky are handed to the local executor itself.
+common_settings = CommonSettings(
+    non_local_exec=False,
+    implies_no_shared_fs=False,
+    job_deploy_sources=False,
+    pass_envvar_declarations_to_cmd=True,
+    auto_deploy_default_storage_provider=False,
+)
+
+
+def __getattr__(name: str) -> Any:
+    if name == "Executor":
+        from .executor import Executor
+
+        return Executor
+    raise AttributeError(name)

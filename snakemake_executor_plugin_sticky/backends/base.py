@@ -1,0 +1,99 @@
+"""The engine interface the executor talks to, and the Dask client side every engine shares.
+
+An engine keeps pools of resident workers, one pool per template, and runs invocations on a
+worker of the right pool. Invocations are plain Dask tasks restricted to the template's worker
+resource tag, so any worker holding the template can take them and a lost worker's invocations
+go to another holder. No Dask Actors: they die with their worker and block scale-in.
+"""
+
+from __future__ import annotations
+
+import threading
+from abc import ABC, abstractmethod
+from typing import Callable, Union
+
+from distributed import Client, Future
+
+from ..invocation import Invocation, InvocationResult
+from ..templates import TemplateSpec
+from ..worker import run_invocation
+
+Outcome = Union[InvocationResult, BaseException]
+OnDone = Callable[[Invocation, Outcome], None]
+
+
+class Backend(ABC):
+    """Pools of resident workers per template, and invocations routed to them."""
+
+    @abstractmethod
+    def start_pool(self, template: TemplateSpec) -> None:
+        """Start the template's workers unless they run already; returns without waiting."""
+
+    @abstractmethod
+    def submit(self, invocation: Invocation, on_done: OnDone) -> None:
+        """Run the invocation on a worker holding its template; `on_done` gets the outcome."""
+
+    @abstractmethod
+    def close(self) -> None:
+        """End every worker (each runs its template's teardown) and the engine itself."""
+
+    @abstractmethod
+    def cancel(self) -> None:
+        """Drop invocations in flight, then close."""
+
+
+class DaskBackend(Backend):
+    """Submission and completion through a Dask client; subclasses own scheduler and workers."""
+
+    def __init__(self) -> None:
+        self._futures: dict[str, tuple[Invocation, Future]] = {}
+        self._failed_pools: dict[str, str] = {}
+        self._lock = threading.Lock()
+
+    @property
+    @abstractmethod
+    def client(self) -> Client: ...
+
+    def submit(self, invocation: Invocation, on_done: OnDone) -> None:
+        with self._lock:
+            failure = self._failed_pools.get(invocation.identity)
+        if failure is not None:
+            on_done(invocation, RuntimeError(failure))
+            return
+        future = self.client.submit(
+            run_invocation,
+            invocation,
+            key=invocation.key,
+            pure=False,
+            resources={invocation.tag: 1},
+        )
+        with self._lock:
+            self._futures[invocation.key] = (invocation, future)
+        future.add_done_callback(lambda f: self._complete(invocation, f, on_done))
+
+    def _complete(self, invocation: Invocation, future: Future, on_done: OnDone) -> None:
+        with self._lock:
+            self._futures.pop(invocation.key, None)
+        try:
+            outcome: Outcome = future.result()
+        except BaseException as e:  # cancelled, lost workers, or the pool failed
+            with self._lock:
+                failure = self._failed_pools.get(invocation.identity)
+            outcome = RuntimeError(failure) if failure is not None else e
+        finally:
+            future.release()
+        on_done(invocation, outcome)
+
+    def fail_pool(self, template: TemplateSpec, reason: str) -> None:
+        """The pool cannot serve: fail its waiting invocations now and later ones at once."""
+        with self._lock:
+            self._failed_pools[template.identity] = reason
+            waiting = [f for inv, f in self._futures.values() if inv.identity == template.identity]
+        for future in waiting:
+            future.cancel(msg=reason)
+
+    def cancel_all(self) -> None:
+        with self._lock:
+            futures = [f for _, f in self._futures.values()]
+        if futures:
+            self.client.cancel(futures, force=True)

@@ -1,0 +1,184 @@
+"""Embedded engine: a Dask scheduler inside the Snakemake process, listening on loopback only,
+and Nanny-supervised worker processes, one per GPU (or one CPU worker), per template.
+
+Scheduler and Nannies live on one event loop in a thread of the Snakemake process; the Nannies
+spawn the worker processes (spawn, not fork) and restart one that dies. Worker processes watch
+their parent and exit when it goes away, so nothing outlives Snakemake.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import shutil
+import subprocess
+import threading
+from typing import Any, Coroutine, Optional
+
+from distributed import Client, Nanny, Scheduler
+from snakemake_interface_common.exceptions import WorkflowError
+
+from ..templates import TemplateSpec
+from ..worker import StickyWorkerPlugin
+from .base import DaskBackend
+
+LOOPBACK = "127.0.0.1"
+CLOSE_TIMEOUT_S = 6.0
+
+
+
+def visible_gpus() -> list[str]:
+    """GPU ids this process may use: CUDA_VISIBLE_DEVICES if set, else what nvidia-smi lists."""
+    declared = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if declared is not None:
+        return [g.strip() for g in declared.split(",") if g.strip() and g.strip() != "-1"]
+    smi = shutil.which("nvidia-smi")
+    if smi is None:
+        return []
+    try:
+        listing = subprocess.run(
+            [smi, "--query-gpu=index", "--format=csv,noheader"],
+            capture_output=True, text=True, timeout=30, check=True,
+        ).stdout
+    except (OSError, subprocess.SubprocessError):
+        return []
+    return [line.strip() for line in listing.splitlines() if line.strip()]
+
+
+class GpuPlan:
+    """Hands out GPU ids to workers, template after template, sharing only when asked for more."""
+
+    def __init__(self, gpus: list[str], log: Any):
+        self.gpus = gpus
+        self.log = log
+        self._next = 0
+
+    def worker_count(self, template: TemplateSpec, default_workers: Optional[int]) -> int:
+        workers = template.workers or default_workers
+        if workers is None:
+            workers = len(self.gpus) // template.gpus if template.gpus else 1
+        needed = workers * template.gpus
+        if needed > len(self.gpus):
+            raise WorkflowError(
+                f"Sticky template '{template.name}' asks for {workers} worker(s) x {template.gpus} "
+                f"GPU(s), but {len(self.gpus)} GPU(s) are visible here "
+                f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', '<unset>')}). "
+                f"Lower 'gpus:' or the number of workers, or run where the GPUs are."
+            )
+        return workers
+
+    def take(self, template: TemplateSpec) -> list[str]:
+        if not template.gpus:
+            return []
+        if self._next + template.gpus > len(self.gpus):
+            self.log.warning(
+                f"Sticky template '{template.name}' shares GPUs with other templates: more GPUs "
+                f"are asked for in total than the {len(self.gpus)} visible."
+            )
+            self._next = 0
+        taken = self.gpus[self._next : self._next + template.gpus]
+        self._next += template.gpus
+        return taken
+
+
+class EmbeddedBackend(DaskBackend):
+    """Scheduler in this process on 127.0.0.1, Nanny workers as child processes."""
+
+    def __init__(
+        self,
+        workdir: str,
+        default_workers: Optional[int],
+        setup_attempts: int,
+        setup_retry_delay: float,
+        log: Any,
+    ):
+        super().__init__()
+        self.log = log
+        self.workdir = workdir
+        self.default_workers = default_workers
+        self.setup_attempts = setup_attempts
+        self.setup_retry_delay = setup_retry_delay
+        self.gpu_plan = GpuPlan(visible_gpus(), log)
+        # Dask's own INFO chatter (comms, plugin registration) is noise in a Snakemake log.
+        logging.getLogger("distributed").setLevel(logging.WARNING)
+        self._pools: dict[str, list[Nanny]] = {}
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="sticky-engine", daemon=True)
+        self._thread.start()
+        self._scheduler: Scheduler = self._run(self._start_scheduler(), timeout=60)
+        self._client = Client(self._scheduler.address, set_as_default=False, timeout="60s")
+
+    @property
+    def client(self) -> Client:
+        return self._client
+
+    def _run(self, coroutine: Coroutine[Any, Any, Any], timeout: float) -> Any:
+        return asyncio.run_coroutine_threadsafe(coroutine, self._loop).result(timeout)
+
+    async def _start_scheduler(self) -> Scheduler:
+        # Even without the dashboard the scheduler serves HTTP (health, metrics): loopback, any port.
+        scheduler = Scheduler(host=LOOPBACK, port=0, dashboard=False, dashboard_address=f"{LOOPBACK}:0")
+        await scheduler
+        return scheduler
+
+    def workers_for(self, template: TemplateSpec) -> int:
+        return self.gpu_plan.worker_count(template, self.default_workers)
+
+    def start_pool(self, template: TemplateSpec) -> None:
+        if template.identity in self._pools:
+            return
+        count = self.workers_for(template)
+        self._pools[template.identity] = []
+        for index in range(count):
+            gpus = self.gpu_plan.take(template)
+            self.log.info(
+                f"Sticky template '{template.name}': starting worker {index + 1}/{count}"
+                + (f" on GPU(s) {','.join(gpus)}." if gpus else ".")
+            )
+            asyncio.run_coroutine_threadsafe(self._start_worker(template, index, gpus), self._loop)
+
+    async def _start_worker(self, template: TemplateSpec, index: int, gpus: list[str]) -> None:
+        plugin = StickyWorkerPlugin(template, self.workdir, self.setup_attempts, self.setup_retry_delay)
+        nanny = Nanny(
+            self._scheduler.address,
+            name=f"{template.name}-{index}",
+            host=LOOPBACK,
+            nthreads=template.slots,
+            resources={template.tag: template.slots},
+            # GPU ids are pinned before the worker process imports anything of the template;
+            # a CPU template sees no GPU at all.
+            env={"CUDA_VISIBLE_DEVICES": ",".join(gpus)},
+            plugins={plugin},
+            memory_limit=0,  # a resident model is meant to stay: no pausing, spilling or killing
+            dashboard=False,
+            silence_logs=logging.WARNING,
+        )
+        pool = self._pools[template.identity]
+        pool.append(nanny)
+        try:
+            await nanny
+        except Exception as e:
+            pool.remove(nanny)
+            self.log.error(f"Sticky template '{template.name}': worker {index} failed to start: {e}")
+            if not pool:
+                self.fail_pool(template, f"No worker of sticky template '{template.name}' could start: {e}")
+
+    def close(self) -> None:
+        try:
+            self._client.close(timeout=CLOSE_TIMEOUT_S)
+        finally:
+            self._run(self._close_servers(), timeout=CLOSE_TIMEOUT_S + 4)
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join(timeout=2)
+
+    async def _close_servers(self) -> None:
+        nannies = [n for pool in self._pools.values() for n in pool]
+        await asyncio.gather(*(n.close(timeout=CLOSE_TIMEOUT_S) for n in nannies), return_exceptions=True)
+        await self._scheduler.close()
+
+    def cancel(self) -> None:
+        try:
+            self.cancel_all()
+        finally:
+            self.close()

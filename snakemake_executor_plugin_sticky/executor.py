@@ -1,0 +1,201 @@
+"""Snakemake face: sticky jobs go to resident workers, every other job to Snakemake's local executor.
+
+A job is sticky when its rule declares `resources: sticky="<template>"`. Its declaration is
+checked for the whole DAG before any job runs, the template's workers are started right away, and
+each sticky job becomes one invocation on a worker holding the template. Snakemake's own
+post-processing checks the outputs afterwards, as for any job.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import threading
+from functools import partial
+from pathlib import Path
+from typing import Optional
+
+from snakemake.executors.local import Executor as LocalExecutor
+from snakemake_interface_common.exceptions import WorkflowError
+from snakemake_interface_executor_plugins.executors.base import SubmittedJobInfo
+from snakemake_interface_executor_plugins.executors.real import RealExecutor
+from snakemake_interface_executor_plugins.jobs import JobExecutorInterface
+from snakemake_interface_executor_plugins.settings import ExecMode
+
+from .backends.base import Backend, Outcome
+from .invocation import Invocation, InvocationResult, build_invocation, local_script_path
+from .settings import ExecutorSettings
+from .templates import CONFIG_SECTION, RESOURCE, TemplateSpec, parse_templates
+
+
+class Executor(RealExecutor):
+    def __post_init__(self) -> None:
+        self.settings: ExecutorSettings = self.workflow.executor_settings or ExecutorSettings()
+        check_settings(self.settings)
+        self.workdir = os.getcwd()
+        self.templates = parse_templates(self.workflow.config, Path(self.workdir))
+        self.local = LocalExecutor(self.workflow, self.logger)
+        self._backend: Optional[Backend] = None
+        self._backend_lock = threading.Lock()
+        used = self.templates_in_dag()
+        for template in used.values():
+            self.backend.start_pool(template)
+        self.warn_if_cores_limit(used)
+
+    # -- declarations -------------------------------------------------------------------------
+
+    def templates_in_dag(self) -> dict[str, TemplateSpec]:
+        """Check every sticky job that will run; return the templates they use."""
+        used = {}
+        for job in self.dag.needrun_jobs():
+            template = self.template_for(job)
+            if template is not None:
+                used[template.name] = template
+        return used
+
+    def template_for(self, job: JobExecutorInterface) -> Optional[TemplateSpec]:
+        """The job's template, or None for a job that is not sticky; WorkflowError if misdeclared."""
+        name = job.resources.get(RESOURCE)
+        if name is None:
+            return None
+        rule = f"Rule '{job.rule.name}'"
+        if not isinstance(name, str) or not name:
+            raise WorkflowError(f"{rule}: resources: {RESOURCE}= must name a template, got {name!r}.")
+        if name not in self.templates:
+            defined = ", ".join(sorted(self.templates)) or "none"
+            raise WorkflowError(
+                f"{rule} asks for sticky template '{name}', which is not defined under "
+                f"'{CONFIG_SECTION}:' in the workflow config (defined: {defined}). Define it there "
+                f"or fix the rule's resources: {RESOURCE}=\"...\"."
+            )
+        if not job.is_script:
+            raise WorkflowError(
+                f"{rule} is sticky (template '{name}') but its body is {body_kind(job)}. Sticky "
+                f"invocations run a Python script inside the worker: use script: \"scripts/<name>.py\"."
+            )
+        script = local_script_path(job)
+        if not script.endswith(".py"):
+            raise WorkflowError(
+                f"{rule} is sticky (template '{name}') but its script '{job.rule.script}' is not a "
+                f"Python file; only .py scripts can run inside a resident worker."
+            )
+        if job.is_shadow:
+            raise WorkflowError(f"{rule} is sticky (template '{name}'): shadow rules cannot run in a resident worker.")
+        if job.benchmark is not None:
+            raise WorkflowError(
+                f"{rule} is sticky (template '{name}'): benchmark: is not supported for sticky rules."
+            )
+        return self.templates[name]
+
+    def warn_if_cores_limit(self, used: dict[str, TemplateSpec]) -> None:
+        slots = sum(self.backend.workers_for(t) * t.slots for t in used.values()) if used else 0
+        cores = self.workflow.resource_settings.cores
+        if cores is not None and slots > cores:
+            self.logger.warning(
+                f"Sticky workers offer {slots} invocation slots but --cores {cores} lets Snakemake "
+                f"run at most {cores} jobs at once; raise --cores to keep every worker busy."
+            )
+
+    # -- engine -------------------------------------------------------------------------------
+
+    @property
+    def backend(self) -> Backend:
+        with self._backend_lock:
+            if self._backend is None:
+                from .backends.local import EmbeddedBackend
+
+                self._backend = EmbeddedBackend(
+                    self.workdir,
+                    self.settings.workers,
+                    self.settings.setup_attempts,
+                    self.settings.setup_retry_delay,
+                    self.logger,
+                )
+            return self._backend
+
+    # -- jobs ---------------------------------------------------------------------------------
+
+    def run_job(self, job: JobExecutorInterface) -> None:
+        if job.is_group():
+            sticky = [j.rule.name for j in job if j.resources.get(RESOURCE) is not None]
+            if sticky:
+                raise WorkflowError(
+                    f"Sticky rule(s) {', '.join(sticky)} cannot run in a pipe or service group."
+                )
+            self.local.run_job(job)
+            return
+        template = self.template_for(job)
+        if template is None:
+            self.local.run_job(job)
+            return
+        self.workflow.async_run(job.prepare())
+        invocation = build_invocation(job, template, self.workflow.config)
+        job_info = SubmittedJobInfo(job=job, external_jobid=invocation.key)
+        self.report_job_submission(job_info)
+        self.backend.start_pool(template)
+        self.backend.submit(invocation, partial(self.invocation_done, job_info))
+
+    def invocation_done(self, job_info: SubmittedJobInfo, invocation: Invocation, outcome: Outcome) -> None:
+        if not isinstance(outcome, InvocationResult):
+            self.report_job_error(
+                job_info,
+                msg=f"Sticky invocation of template '{invocation.template}' did not complete: "
+                f"{type(outcome).__name__}: {outcome}",
+            )
+            return
+        if outcome.stdout:
+            sys.stdout.write(outcome.stdout)
+            sys.stdout.flush()
+        if outcome.stderr:
+            sys.stderr.write(outcome.stderr)
+            sys.stderr.flush()
+        if outcome.ok:
+            self.report_job_success(job_info)
+        else:
+            self.report_job_error(
+                job_info,
+                msg=f"Sticky invocation failed on worker {outcome.worker} "
+                f"(template '{invocation.template}', pid {outcome.pid}):\n{outcome.error}",
+            )
+
+    def shutdown(self) -> None:
+        try:
+            self.local.shutdown()
+        finally:
+            if self._backend is not None:
+                self._backend.close()
+
+    def cancel(self) -> None:
+        try:
+            self.local.cancel()
+        finally:
+            if self._backend is not None:
+                self._backend.cancel()
+
+    # -- RealExecutor -------------------------------------------------------------------------
+
+    @property
+    def cores(self) -> Optional[int]:
+        return self.workflow.resource_settings.cores
+
+    def get_exec_mode(self) -> ExecMode:
+        return ExecMode.SUBPROCESS
+
+    def get_python_executable(self) -> str:
+        return sys.executable
+
+
+def body_kind(job: JobExecutorInterface) -> str:
+    for kind in ("shell", "notebook", "wrapper", "cwl", "template_engine", "norun"):
+        if getattr(job, f"is_{kind}", False):
+            return {"norun": "empty (no run/shell/script)"}.get(kind, f"{kind}:")
+    return "run:"
+
+
+def check_settings(settings: ExecutorSettings) -> None:
+    if settings.workers is not None and settings.workers < 1:
+        raise WorkflowError(f"--sticky-workers must be at least 1, got {settings.workers}.")
+    if settings.setup_attempts < 1:
+        raise WorkflowError(f"--sticky-setup-attempts must be at least 1, got {settings.setup_attempts}.")
+    if settings.setup_retry_delay < 0:
+        raise WorkflowError(f"--sticky-setup-retry-delay must not be negative, got {settings.setup_retry_delay}.")

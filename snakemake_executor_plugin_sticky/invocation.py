@@ -1,0 +1,88 @@
+"""Turn a Snakemake job into a small picklable invocation, and describe what comes back.
+
+The invocation carries exactly what Snakemake's own `script:` preamble would give the script: a
+`snakemake.iocontainers.Snakemake` object, plus the script's resolved path. Nothing of the
+workflow (rules, DAG, run functions) travels, so a worker needs no Snakefile.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from snakemake.iocontainers import Snakemake
+from snakemake.sourcecache import LocalSourceFile
+from snakemake_interface_common.exceptions import WorkflowError
+
+from .templates import TemplateSpec
+
+
+@dataclass
+class Invocation:
+    key: str
+    template: str
+    identity: str
+    tag: str
+    rule: str
+    jobid: int
+    script: str
+    snakemake: Snakemake
+
+
+@dataclass
+class InvocationResult:
+    """What a worker reports for one invocation; `error` is a formatted traceback or None."""
+
+    key: str
+    worker: str
+    pid: int
+    started: float
+    finished: float
+    error: Optional[str] = None
+    stdout: str = ""
+    stderr: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+
+def local_script_path(job: Any) -> str:
+    """The job's `script:` as an absolute local path (wildcards and params expanded)."""
+    source = job._path_to_source_file(job.rule.script)
+    if not isinstance(source, LocalSourceFile):
+        raise WorkflowError(
+            f"Rule '{job.rule.name}': sticky invocations run a local Python script, but "
+            f"script '{job.rule.script}' is not a local file."
+        )
+    return os.path.abspath(source.get_path_or_uri(secret_free=True))
+
+
+def build_invocation(job: Any, template: TemplateSpec, config: dict[str, Any]) -> Invocation:
+    script = local_script_path(job)
+    snakemake = Snakemake(
+        job.input,
+        job.output,
+        job.params,
+        job.wildcards,
+        job.threads,
+        job.resources,
+        job.log,
+        config,
+        job.rule.name,
+        None,
+        os.path.dirname(script),
+    )
+    return Invocation(
+        key=f"sticky-{job.rule.name}-{job.jobid}-{uuid.uuid4().hex[:8]}",
+        template=template.name,
+        identity=template.identity,
+        tag=template.tag,
+        rule=job.rule.name,
+        jobid=job.jobid,
+        script=script,
+        snakemake=snakemake,
+    )

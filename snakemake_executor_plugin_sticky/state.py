@@ -1,0 +1,72 @@
+"""`sticky_state(snakemake)`: the one call a script makes to get its template's state.
+
+Inside a resident worker the state is already there (the worker registers it here). Under any
+other executor the script builds it in its own process, as the create-destroy model does, so the
+same workflow runs both ways.
+"""
+
+from __future__ import annotations
+
+import atexit
+import threading
+from pathlib import Path
+from typing import Any, Callable
+
+from snakemake_interface_common.exceptions import WorkflowError
+
+from .templates import CONFIG_SECTION, RESOURCE, TemplateSpec, load_template_module, parse_template
+
+_resident: dict[str, Callable[[], Any]] = {}
+_built: dict[str, Any] = {}
+_build_lock = threading.Lock()
+
+
+def register_resident(template: str, get_state: Callable[[], Any]) -> None:
+    """Called by a worker: invocations of `template` in this process get `get_state()`."""
+    _resident[template] = get_state
+
+
+def template_name(snakemake: Any) -> str:
+    name = snakemake.resources.get(RESOURCE) if snakemake.resources else None
+    if not isinstance(name, str) or not name:
+        raise WorkflowError(
+            f"sticky_state() was called from rule '{snakemake.rule}', which declares no "
+            f"template: add resources: {RESOURCE}=\"<template>\" to the rule."
+        )
+    return name
+
+
+def sticky_state(snakemake: Any) -> Any:
+    """The state of the template named by the rule's `sticky` resource.
+
+    In a sticky worker: the resident state, built once per worker. Elsewhere: built here, once
+    per process, and torn down when the process exits.
+    """
+    name = template_name(snakemake)
+    if name in _resident:
+        return _resident[name]()
+    return _build_in_process(name, snakemake.config)
+
+
+def _build_in_process(name: str, config: Any) -> Any:
+    entries = (config or {}).get(CONFIG_SECTION) or {}
+    if name not in entries:
+        raise WorkflowError(
+            f"Sticky template '{name}' is not defined under '{CONFIG_SECTION}:' in the workflow config."
+        )
+    spec = parse_template(name, entries[name], Path.cwd())
+    with _build_lock:
+        if spec.identity not in _built:
+            _built[spec.identity] = setup_state(spec)
+            atexit.register(teardown_state, spec, _built[spec.identity])
+        return _built[spec.identity]
+
+
+def setup_state(spec: TemplateSpec) -> Any:
+    return load_template_module(spec).setup(**spec.kwargs)
+
+
+def teardown_state(spec: TemplateSpec, state: Any) -> None:
+    teardown = getattr(load_template_module(spec), "teardown", None)
+    if teardown is not None:
+        teardown(state)

@@ -1,0 +1,167 @@
+"""Template specs: read the workflow config's `sticky:` section, check it before any work, hash it.
+
+A template is the recipe of a resident state: a Python file defining `setup(**kwargs) -> state`
+(and optionally `teardown(state)`), the kwargs, and what one worker needs (`gpus`, `slots`).
+Its identity hashes all of that, so a changed template never meets state built from an old one.
+The setup file is only parsed here, never imported: the Snakemake process must not load models.
+"""
+
+from __future__ import annotations
+
+import ast
+import hashlib
+import importlib.util
+import json
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import ModuleType
+from typing import Any, Mapping, Optional
+
+from snakemake_interface_common.exceptions import WorkflowError
+
+CONFIG_SECTION = "sticky"
+RESOURCE = "sticky"
+TEMPLATE_KEYS = ("setup", "kwargs", "gpus", "slots", "workers")
+
+
+@dataclass(frozen=True)
+class TemplateSpec:
+    """One template, resolved and checked; picklable so workers receive it as is."""
+
+    name: str
+    setup: Path
+    kwargs: Mapping[str, Any] = field(default_factory=dict)
+    gpus: int = 0
+    slots: int = 1
+    workers: Optional[int] = None
+    identity: str = ""
+
+    @property
+    def tag(self) -> str:
+        """The Dask worker resource that routes this template's invocations."""
+        return f"sticky-{self.name}-{self.identity[:12]}"
+
+
+def template_identity(code: bytes, kwargs: Mapping[str, Any], gpus: int, slots: int) -> str:
+    canonical = json.dumps(
+        {"kwargs": kwargs, "gpus": gpus, "slots": slots}, sort_keys=True, default=repr
+    )
+    digest = hashlib.sha256(code)
+    digest.update(b"\0")
+    digest.update(canonical.encode())
+    return digest.hexdigest()
+
+
+def parse_templates(config: Mapping[str, Any], workdir: Path) -> dict[str, TemplateSpec]:
+    """All templates of the config's `sticky:` section; raise WorkflowError naming the culprit."""
+    section = config.get(CONFIG_SECTION) if config else None
+    if section is None:
+        return {}
+    if not isinstance(section, Mapping):
+        raise WorkflowError(
+            f"The config entry '{CONFIG_SECTION}:' must map template names to their "
+            f"settings ({', '.join(TEMPLATE_KEYS)}), not {type(section).__name__}."
+        )
+    return {str(name): parse_template(str(name), entry, workdir) for name, entry in section.items()}
+
+
+def parse_template(name: str, entry: Any, workdir: Path) -> TemplateSpec:
+    where = f"Sticky template '{name}' (config '{CONFIG_SECTION}: {name}:')"
+    if not isinstance(entry, Mapping):
+        raise WorkflowError(f"{where} must be a mapping with at least 'setup: path/to/template.py'.")
+    unknown = sorted(set(entry) - set(TEMPLATE_KEYS))
+    if unknown:
+        raise WorkflowError(
+            f"{where} has unknown key(s) {', '.join(map(repr, unknown))}; "
+            f"allowed are {', '.join(TEMPLATE_KEYS)}."
+        )
+    if not entry.get("setup"):
+        raise WorkflowError(f"{where} needs 'setup:', the path of a Python file defining setup(**kwargs).")
+    kwargs = entry.get("kwargs") or {}
+    if not isinstance(kwargs, Mapping):
+        raise WorkflowError(f"{where}: 'kwargs' must be a mapping of setup() arguments.")
+    gpus = _count(entry.get("gpus", 0), f"{where}: 'gpus'", minimum=0)
+    slots = _count(entry.get("slots", 1), f"{where}: 'slots'", minimum=1)
+    workers = entry.get("workers")
+    if workers is not None:
+        workers = _count(workers, f"{where}: 'workers'", minimum=1)
+
+    setup = Path(str(entry["setup"]))
+    if not setup.is_absolute():
+        setup = workdir / setup
+    if not setup.is_file():
+        raise WorkflowError(
+            f"{where}: setup file '{entry['setup']}' does not exist "
+            f"(paths are relative to the working directory {workdir})."
+        )
+    if setup.suffix != ".py":
+        raise WorkflowError(f"{where}: setup file '{entry['setup']}' must be a Python file (.py).")
+    code = setup.read_bytes()
+    check_setup_source(code, setup, dict(kwargs), where)
+    return TemplateSpec(
+        name=name,
+        setup=setup.resolve(),
+        kwargs=dict(kwargs),
+        gpus=gpus,
+        slots=slots,
+        workers=workers,
+        identity=template_identity(code, kwargs, gpus, slots),
+    )
+
+
+def _count(value: Any, what: str, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise WorkflowError(f"{what} must be an integer >= {minimum}, got {value!r}.")
+    return value
+
+
+def check_setup_source(code: bytes, path: Path, kwargs: dict[str, Any], where: str) -> None:
+    """Check that the file defines setup() and that the configured kwargs fit its signature."""
+    try:
+        tree = ast.parse(code, filename=str(path))
+    except SyntaxError as e:
+        raise WorkflowError(f"{where}: setup file {path} has a syntax error at line {e.lineno}: {e.msg}.")
+    setup = next(
+        (n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == "setup"), None
+    )
+    if setup is None:
+        raise WorkflowError(
+            f"{where}: setup file {path} defines no top-level function setup(**kwargs) -> state."
+        )
+    args = setup.args
+    if args.posonlyargs and len(args.defaults) < len(args.posonlyargs) + len(args.args):
+        raise WorkflowError(f"{where}: setup() in {path} takes positional-only arguments; make them keyword arguments.")
+    named = [a.arg for a in args.args + args.kwonlyargs]
+    required = [a.arg for a in args.args[: len(args.args) - len(args.defaults)]]
+    required += [a.arg for a, d in zip(args.kwonlyargs, args.kw_defaults) if d is None]
+    missing = [a for a in required if a not in kwargs]
+    unknown = [k for k in kwargs if k not in named] if args.kwarg is None else []
+    if missing or unknown:
+        problems = []
+        if missing:
+            problems.append(f"missing required argument(s) {', '.join(missing)}")
+        if unknown:
+            problems.append(f"unexpected argument(s) {', '.join(unknown)}")
+        raise WorkflowError(
+            f"{where}: 'kwargs' do not match setup({', '.join(named)}) in {path}: "
+            f"{'; '.join(problems)}."
+        )
+
+
+def load_template_module(spec: TemplateSpec) -> ModuleType:
+    """Import the setup file as a module of its own (in the process that will hold the state)."""
+    module_name = f"sticky_template_{spec.name}_{spec.identity[:12]}".replace("-", "_")
+    if module_name in sys.modules:
+        return sys.modules[module_name]
+    loader_spec = importlib.util.spec_from_file_location(module_name, spec.setup)
+    if loader_spec is None or loader_spec.loader is None:
+        raise ImportError(f"cannot load template file {spec.setup}")
+    module = importlib.util.module_from_spec(loader_spec)
+    sys.modules[module_name] = module
+    try:
+        loader_spec.loader.exec_module(module)
+    except BaseException:
+        del sys.modules[module_name]
+        raise
+    return module

@@ -1,0 +1,222 @@
+"""What runs inside a resident worker process: build the state once, run invocations, tear down.
+
+The state is built in a background thread started by a Dask WorkerPlugin, so the worker's event
+loop keeps answering heartbeats during a minutes-long model load. Invocations run in the worker's
+task threads, in this same process (no fork, so a CUDA context built by setup is usable), and
+wait for the state if it is still being built.
+"""
+
+from __future__ import annotations
+
+import builtins
+import io
+import os
+import signal
+import sys
+import threading
+import time
+import traceback
+from contextlib import contextmanager
+from typing import Any, Iterator, Optional
+
+from distributed import WorkerPlugin, get_worker
+
+from .invocation import Invocation, InvocationResult
+from .state import register_resident, setup_state, teardown_state
+from .templates import TemplateSpec
+
+_holders: dict[str, "ResidentState"] = {}
+
+
+class TemplateSetupError(RuntimeError):
+    """The template's setup failed on every attempt; its invocations cannot run on this worker."""
+
+
+class ResidentState:
+    """One template's state in this process: built once (with bounded retries), torn down once."""
+
+    def __init__(self, spec: TemplateSpec, attempts: int, retry_delay: float):
+        self.spec = spec
+        self.attempts = attempts
+        self.retry_delay = retry_delay
+        self.state: Any = None
+        self.error: Optional[str] = None
+        self.setup_s: Optional[float] = None
+        self._ready = threading.Event()
+        self._closing = threading.Event()
+
+    def build(self) -> None:
+        delay = self.retry_delay
+        failures = []
+        for attempt in range(1, self.attempts + 1):
+            started = time.monotonic()
+            try:
+                self.state = setup_state(self.spec)
+            except Exception:
+                failures.append(f"attempt {attempt}:\n{traceback.format_exc()}")
+                if attempt < self.attempts and not self._closing.wait(delay):
+                    delay *= 2
+                    continue
+                self.error = (
+                    f"Sticky template '{self.spec.name}' ({self.spec.setup}) could not be set up "
+                    f"after {attempt} attempt(s):\n" + "\n".join(failures)
+                )
+                break
+            else:
+                self.setup_s = time.monotonic() - started
+                break
+        self._ready.set()
+
+    def get(self) -> Any:
+        self._ready.wait()
+        if self.error is not None:
+            raise TemplateSetupError(self.error)
+        return self.state
+
+    def teardown(self) -> None:
+        self._closing.set()
+        if self._ready.is_set() and self.error is None:
+            teardown_state(self.spec, self.state)
+            self.state = None
+
+
+class StickyWorkerPlugin(WorkerPlugin):
+    """Makes a Dask worker a resident worker of one template."""
+
+    name = "sticky-template"
+
+    def __init__(self, spec: TemplateSpec, workdir: str, setup_attempts: int, setup_retry_delay: float):
+        self.spec = spec
+        self.workdir = workdir
+        self.setup_attempts = setup_attempts
+        self.setup_retry_delay = setup_retry_delay
+
+    def setup(self, worker: Any) -> None:
+        if threading.current_thread() is threading.main_thread():
+            # Ctrl-C reaches the whole process group; the Snakemake process shuts workers down.
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
+        os.chdir(self.workdir)
+        install_output_capture()
+        holder = ResidentState(self.spec, self.setup_attempts, self.setup_retry_delay)
+        _holders[self.spec.identity] = holder
+        register_resident(self.spec.name, holder.get)
+        threading.Thread(target=holder.build, name="sticky-setup", daemon=True).start()
+
+    def teardown(self, worker: Any) -> None:
+        holder = _holders.pop(self.spec.identity, None)
+        if holder is not None:
+            holder.teardown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+
+
+def run_invocation(invocation: Invocation) -> InvocationResult:
+    """The Dask task of one invocation: run the script with the resident state at hand."""
+    started = time.time()
+    result = InvocationResult(
+        key=invocation.key, worker=get_worker().name, pid=os.getpid(), started=started, finished=started
+    )
+    holder = _holders.get(invocation.identity)
+    with captured_output() as (out, err):
+        try:
+            if holder is None:
+                raise TemplateSetupError(
+                    f"This worker does not hold sticky template '{invocation.template}' "
+                    f"({invocation.identity[:12]})."
+                )
+            holder.get()
+            result.extra["setup_s"] = holder.setup_s
+            run_script(invocation)
+        except TemplateSetupError as e:
+            result.error = str(e)
+        except SystemExit as e:
+            if e.code not in (None, 0):
+                result.error = f"Script {invocation.script} exited with status {e.code}."
+        except BaseException as e:
+            result.error = format_script_error(e)
+    result.stdout, result.stderr = out.getvalue(), err.getvalue()
+    result.finished = time.time()
+    return result
+
+
+_code_cache: dict[str, tuple[tuple[float, int], Any]] = {}
+
+
+def compiled_script(path: str) -> Any:
+    """The script's code object, compiled once per version of the file."""
+    stat = os.stat(path)
+    version = (stat.st_mtime, stat.st_size)
+    cached = _code_cache.get(path)
+    if cached is None or cached[0] != version:
+        with open(path, "rb") as f:
+            cached = (version, compile(f.read(), path, "exec"))
+        _code_cache[path] = cached
+    return cached[1]
+
+
+def run_script(invocation: Invocation) -> None:
+    scriptdir = os.path.dirname(invocation.script)
+    if scriptdir not in sys.path:
+        sys.path.append(scriptdir)
+    namespace = {
+        "__name__": "__main__",
+        "__file__": invocation.script,
+        "__builtins__": builtins,
+        "snakemake": invocation.snakemake,
+    }
+    exec(compiled_script(invocation.script), namespace)
+
+
+def format_script_error(error: BaseException) -> str:
+    """The traceback from the script's frames on, as Python would print it for the script."""
+    tb = error.__traceback__
+    while tb is not None and tb.tb_frame.f_code.co_filename == __file__:
+        tb = tb.tb_next
+    return "".join(traceback.format_exception(type(error), error, tb))
+
+
+class _ThreadRoutedStream(io.TextIOBase):
+    """sys.stdout/stderr replacement: text written by a thread that runs an invocation goes to
+    that invocation's buffer (sent back with its result), everything else to the real stream."""
+
+    def __init__(self, real: Any):
+        self.real = real
+        self.local = threading.local()
+
+    def write(self, text: str) -> int:
+        buffer = getattr(self.local, "buffer", None)
+        return (buffer if buffer is not None else self.real).write(text)
+
+    def flush(self) -> None:
+        if getattr(self.local, "buffer", None) is None:
+            self.real.flush()
+
+    def fileno(self) -> int:
+        return self.real.fileno()
+
+    def isatty(self) -> bool:
+        return False
+
+    @property
+    def encoding(self) -> str:  # type: ignore[override]
+        return getattr(self.real, "encoding", "utf-8")
+
+
+def install_output_capture() -> None:
+    if not isinstance(sys.stdout, _ThreadRoutedStream):
+        sys.stdout = _ThreadRoutedStream(sys.stdout)
+    if not isinstance(sys.stderr, _ThreadRoutedStream):
+        sys.stderr = _ThreadRoutedStream(sys.stderr)
+
+
+@contextmanager
+def captured_output() -> Iterator[tuple[io.StringIO, io.StringIO]]:
+    out, err = io.StringIO(), io.StringIO()
+    routes = [(s, b) for s, b in ((sys.stdout, out), (sys.stderr, err)) if isinstance(s, _ThreadRoutedStream)]
+    for stream, buffer in routes:
+        stream.local.buffer = buffer
+    try:
+        yield out, err
+    finally:
+        for stream, _ in routes:
+            stream.local.buffer = None

@@ -1,0 +1,114 @@
+"""Helpers for end-to-end tests: a workflow in a temporary folder, run by the real `snakemake` CLI."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import psutil
+import pytest
+
+SNAKEMAKE = str(Path(sys.executable).with_name("snakemake"))
+RUN_TIMEOUT_S = 240
+
+
+@dataclass
+class Run:
+    returncode: int
+    output: str
+    seconds: float
+
+
+class Workflow:
+    """A workflow folder: files are written dedented; `run` calls the snakemake CLI in it."""
+
+    def __init__(self, root: Path):
+        self.root = root
+
+    def write(self, relpath: str, text: str) -> Path:
+        path = self.root / relpath
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(textwrap.dedent(text).lstrip("\n"))
+        return path
+
+    def read(self, relpath: str) -> str:
+        return (self.root / relpath).read_text()
+
+    def lines(self, relpath: str) -> list[str]:
+        path = self.root / relpath
+        return path.read_text().split() if path.exists() else []
+
+    def command(self, *args: str, executor: Optional[str] = "sticky", cores: int = 4) -> list[str]:
+        cmd = [SNAKEMAKE, "--cores", str(cores), "--nocolor"]
+        if executor:
+            cmd += ["--executor", executor]
+        return cmd + list(args)
+
+    def run(self, *args: str, executor: Optional[str] = "sticky", cores: int = 4, timeout: float = RUN_TIMEOUT_S) -> Run:
+        started = time.monotonic()
+        proc = subprocess.run(
+            self.command(*args, executor=executor, cores=cores),
+            cwd=self.root,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            timeout=timeout,
+            env=test_env(),
+        )
+        return Run(proc.returncode, proc.stdout, time.monotonic() - started)
+
+    def popen(self, *args: str, executor: Optional[str] = "sticky", cores: int = 4) -> subprocess.Popen:
+        """Start snakemake in its own process group, as a terminal would run it."""
+        return subprocess.Popen(
+            self.command(*args, executor=executor, cores=cores),
+            cwd=self.root,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env=test_env(),
+            start_new_session=True,
+        )
+
+    def leftover_processes(self, wait_s: float = 10.0) -> list[psutil.Process]:
+        """Processes still running in this folder (resident workers run there) after `wait_s`."""
+        deadline = time.monotonic() + wait_s
+        while True:
+            left = [p for p in psutil.process_iter() if p.pid != os.getpid() and cwd_of(p) == str(self.root)]
+            if not left or time.monotonic() > deadline:
+                return left
+            time.sleep(0.2)
+
+
+def cwd_of(process: psutil.Process) -> Optional[str]:
+    try:
+        return process.cwd()
+    except (psutil.Error, OSError):
+        return None
+
+
+def test_env() -> dict[str, str]:
+    env = dict(os.environ)
+    env.pop("SNAKEMAKE_PROFILE", None)
+    env["CUDA_VISIBLE_DEVICES"] = ""  # the tests describe CPU workers, whatever the machine
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+def interrupt(proc: subprocess.Popen) -> None:
+    """Ctrl-C: SIGINT to the whole foreground process group."""
+    os.killpg(proc.pid, signal.SIGINT)
+
+
+@pytest.fixture
+def workflow(tmp_path: Path) -> Workflow:
+    wf = Workflow(tmp_path)
+    yield wf
+    for process in wf.leftover_processes(wait_s=0):
+        process.kill()

@@ -1,0 +1,278 @@
+"""End-to-end behaviour of `--executor sticky` with real Snakemake (CLI) and real Dask."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+
+from conftest import Workflow, interrupt
+
+TEMPLATE = """
+import os, time
+
+def setup(name, delay=0.0, fail=False):
+    with open(f"setups-{name}.txt", "a") as f:
+        f.write(f"{os.getpid()}\\n")
+    time.sleep(delay)
+    if fail:
+        raise RuntimeError(f"cannot load model for {name}")
+    return {"name": name, "pid": os.getpid(), "calls": 0}
+
+def teardown(state):
+    with open(f"teardowns-{state['name']}.txt", "a") as f:
+        f.write(f"{state['pid']}\\n")
+"""
+
+RECORD = """
+import json, os, sys, threading, time
+from snakemake_executor_plugin_sticky import sticky_state
+
+started = time.time()
+state = sticky_state(snakemake)
+state["calls"] += 1
+time.sleep(float(snakemake.params.get("sleep", 0)))
+if snakemake.log:
+    with open(snakemake.log[0], "w") as f:
+        f.write(f"log of {snakemake.rule} {dict(snakemake.wildcards)}\\n")
+print(f"stdout of {snakemake.output[0]}")
+print(f"stderr of {snakemake.output[0]}", file=sys.stderr)
+with open(snakemake.output[0], "w") as f:
+    json.dump({
+        "template": state["name"], "state_pid": state["pid"], "pid": os.getpid(),
+        "calls": state["calls"], "rule": snakemake.rule, "wildcards": dict(snakemake.wildcards),
+        "params": {k: v for k, v in snakemake.params.items()}, "threads": snakemake.threads,
+        "resources_sticky": snakemake.resources["sticky"], "started": started, "finished": time.time(),
+        "scriptdir": snakemake.scriptdir,
+    }, f)
+"""
+
+
+def sticky_workflow(workflow: Workflow, snakefile: str, templates: str) -> Workflow:
+    workflow.write("Snakefile", snakefile)
+    workflow.write("config.yaml", templates)
+    workflow.write("templates/counting.py", TEMPLATE)
+    workflow.write("scripts/record.py", RECORD)
+    return workflow
+
+
+def outputs(workflow: Workflow, pattern: str) -> list[dict]:
+    return [json.loads(p.read_text()) for p in sorted(workflow.root.glob(pattern))]
+
+
+ONE_TEMPLATE_SNAKEFILE = """
+configfile: "config.yaml"
+N = int(config.get("count", 12))
+rule all:
+    input: expand("out/{i}.json", i=range(N))
+rule infer:
+    output: "out/{i}.json"
+    params: sleep=config.get("sleep", 0)
+    resources: sticky="llm"
+    script: "scripts/record.py"
+"""
+
+LLM_TEMPLATE = """
+sticky:
+  llm:
+    setup: templates/counting.py
+    kwargs: {name: llm, delay: 1.0}
+"""
+
+
+def test_state_built_once_per_worker_reused_and_torn_down(workflow: Workflow):
+    sticky_workflow(workflow, ONE_TEMPLATE_SNAKEFILE, LLM_TEMPLATE)
+    run = workflow.run("--sticky-workers", "2", "--config", "count=16")
+    assert run.returncode == 0, run.output
+
+    setups = workflow.lines("setups-llm.txt")
+    assert len(setups) == 2 and len(set(setups)) == 2, setups
+    results = outputs(workflow, "out/*.json")
+    assert len(results) == 16
+    # every invocation ran in a process that built the state, and used that resident state
+    assert {r["pid"] for r in results} <= set(map(int, setups))
+    assert all(r["state_pid"] == r["pid"] for r in results)
+    # the state persisted between invocations: each worker's call counter kept growing
+    per_worker = {}
+    for r in results:
+        per_worker.setdefault(r["pid"], []).append(r["calls"])
+    assert sum(max(calls) for calls in per_worker.values()) == 16
+    assert sorted(workflow.lines("teardowns-llm.txt")) == sorted(setups)
+    assert workflow.leftover_processes() == []
+
+
+def test_invocations_run_side_by_side_on_all_workers(workflow: Workflow):
+    sticky_workflow(workflow, ONE_TEMPLATE_SNAKEFILE, LLM_TEMPLATE)
+    run = workflow.run("--sticky-workers", "4", "--config", "count=4", "sleep=3", cores=4)
+    assert run.returncode == 0, run.output
+    results = outputs(workflow, "out/*.json")
+    assert len({r["pid"] for r in results}) == 4, "each of the 4 workers should take one invocation"
+    assert max(r["started"] for r in results) < min(r["finished"] for r in results), "all 4 overlap"
+
+
+def test_mixed_rules_two_templates_and_what_the_script_sees(workflow: Workflow):
+    sticky_workflow(
+        workflow,
+        """
+        configfile: "config.yaml"
+        rule all:
+            input: expand("a/{sample}.json", sample=["x", "y"]), "b/z.json", "plain/done.txt", "runblock.txt"
+        rule with_a:
+            output: "a/{sample}.json"
+            log: "logs/a/{sample}.log"
+            params: sleep=0, greeting=lambda wc: f"hi {wc.sample}"
+            threads: 2
+            resources: sticky="alpha"
+            script: "scripts/record.py"
+        rule with_b:
+            input: "plain/done.txt"
+            output: "b/{sample}.json"
+            params: sleep=0
+            resources: sticky="beta"
+            script: "scripts/record.py"
+        rule plain_shell:
+            output: "plain/done.txt"
+            shell: "echo plain > {output}"
+        rule plain_run:
+            output: "runblock.txt"
+            run:
+                with open(output[0], "w") as f:
+                    f.write("run block\\n")
+        """,
+        """
+        sticky:
+          alpha:
+            setup: templates/counting.py
+            kwargs: {name: alpha}
+          beta:
+            setup: templates/counting.py
+            kwargs: {name: beta}
+            slots: 2
+        """,
+    )
+    run = workflow.run()
+    assert run.returncode == 0, run.output
+    x, y = outputs(workflow, "a/*.json")
+    (z,) = outputs(workflow, "b/*.json")
+    assert x["template"] == y["template"] == "alpha" and z["template"] == "beta"
+    assert z["pid"] not in (x["pid"], y["pid"]), "each template has workers of its own"
+    assert len(workflow.lines("setups-alpha.txt")) == 1 and len(workflow.lines("setups-beta.txt")) == 1
+    assert x["wildcards"] == {"sample": "x"} and x["params"]["greeting"] == "hi x"
+    assert x["threads"] == 2 and x["rule"] == "with_a" and x["resources_sticky"] == "alpha"
+    assert x["scriptdir"] == str(workflow.root / "scripts")
+    assert workflow.read("logs/a/y.log") == "log of with_a {'sample': 'y'}\n"
+    assert workflow.read("plain/done.txt") == "plain\n" and workflow.read("runblock.txt") == "run block\n"
+    # print() in the script reaches the user
+    assert "stdout of a/x.json" in run.output and "stderr of b/z.json" in run.output
+    assert workflow.leftover_processes() == []
+
+
+def test_failing_invocation_fails_its_job_only_and_state_survives(workflow: Workflow):
+    sticky_workflow(workflow, ONE_TEMPLATE_SNAKEFILE, LLM_TEMPLATE)
+    workflow.write(
+        "scripts/record.py",
+        "def explode(i):\n    raise ValueError(f'bad claim {i}')\n\n"
+        "if snakemake.wildcards.i == '3':\n    explode(snakemake.wildcards.i)\n" + RECORD,
+    )
+    run = workflow.run("--sticky-workers", "1", "--keep-going", "--config", "count=6")
+    assert run.returncode != 0
+    assert "ValueError: bad claim 3" in run.output
+    assert "record.py\", line 2, in explode" in run.output, "the traceback points into the script"
+    assert "Error in rule infer" in run.output
+    results = outputs(workflow, "out/*.json")
+    assert len(results) == 5
+    assert len(workflow.lines("setups-llm.txt")) == 1, "the state survived the error"
+    assert max(r["calls"] for r in results) == 5
+    assert len(workflow.lines("teardowns-llm.txt")) == 1
+    assert workflow.leftover_processes() == []
+
+
+def test_setup_that_raises_fails_invocations_naming_template_after_bounded_attempts(workflow: Workflow):
+    sticky_workflow(
+        workflow,
+        ONE_TEMPLATE_SNAKEFILE,
+        """
+        sticky:
+          llm:
+            setup: templates/counting.py
+            kwargs: {name: llm, fail: true}
+        """,
+    )
+    run = workflow.run(
+        "--sticky-workers", "1", "--sticky-setup-attempts", "3", "--sticky-setup-retry-delay", "0.2",
+        "--config", "count=3", timeout=120,
+    )
+    assert run.returncode != 0
+    assert "Sticky template 'llm'" in run.output and "could not be set up after 3 attempt(s)" in run.output
+    assert "RuntimeError: cannot load model for llm" in run.output
+    assert len(workflow.lines("setups-llm.txt")) == 3, "exactly the bounded number of attempts"
+    assert not list(workflow.root.glob("out/*.json"))
+    assert workflow.leftover_processes() == []
+
+
+def test_same_outputs_under_sticky_and_local_executor(workflow: Workflow):
+    sticky_workflow(workflow, ONE_TEMPLATE_SNAKEFILE, LLM_TEMPLATE)
+    workflow.write(
+        "scripts/record.py",
+        """
+        from snakemake_executor_plugin_sticky import sticky_state
+        state = sticky_state(snakemake)
+        with open(snakemake.output[0], "w") as f:
+            f.write(f"{state['name']} {snakemake.wildcards.i} {int(snakemake.wildcards.i) ** 2}\\n")
+        """,
+    )
+    sticky = workflow.run("--sticky-workers", "2", "--config", "count=5")
+    assert sticky.returncode == 0, sticky.output
+    sticky_outputs = {p.name: p.read_text() for p in workflow.root.glob("out/*.json")}
+    assert len(workflow.lines("setups-llm.txt")) == 2
+
+    for p in workflow.root.glob("out/*.json"):
+        p.unlink()
+    (workflow.root / "setups-llm.txt").unlink()
+    local = workflow.run("--config", "count=5", executor=None, cores=2)
+    assert local.returncode == 0, local.output
+    assert {p.name: p.read_text() for p in workflow.root.glob("out/*.json")} == sticky_outputs
+    # create-destroy: every invocation built the state itself
+    assert len(workflow.lines("setups-llm.txt")) == 5
+    assert len(workflow.lines("teardowns-llm.txt")) == 2 + 5
+
+
+def test_ctrl_c_stops_everything(workflow: Workflow):
+    sticky_workflow(workflow, ONE_TEMPLATE_SNAKEFILE, LLM_TEMPLATE)
+    proc = workflow.popen("--sticky-workers", "2", "--config", "count=8", "sleep=30")
+    deadline = time.monotonic() + 60
+    while len(workflow.lines("setups-llm.txt")) < 2 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    time.sleep(2.0)  # invocations are now sleeping inside the workers
+    interrupted = time.monotonic()
+    interrupt(proc)
+    output, _ = proc.communicate(timeout=30)
+    assert time.monotonic() - interrupted < 30, output
+    assert proc.returncode != 0
+    assert workflow.leftover_processes(wait_s=10) == [], output
+    assert not list(workflow.root.glob("out/*.json"))
+
+
+def test_failed_workflow_leaves_no_process(workflow: Workflow):
+    sticky_workflow(
+        workflow,
+        """
+        configfile: "config.yaml"
+        rule all:
+            input: "out/sticky.json", "out/broken.txt"
+        rule infer:
+            output: "out/sticky.json"
+            params: sleep=2
+            resources: sticky="llm"
+            script: "scripts/record.py"
+        rule broken:
+            output: "out/broken.txt"
+            shell: "exit 1"
+        """,
+        LLM_TEMPLATE,
+    )
+    run = workflow.run()
+    assert run.returncode != 0
+    assert "Error in rule broken" in run.output
+    assert workflow.leftover_processes() == []
