@@ -57,7 +57,7 @@ class GpuPlan:
     def worker_count(self, template: TemplateSpec, default_workers: Optional[int]) -> int:
         workers = template.workers or default_workers
         if workers is None:
-            workers = len(self.gpus) // template.gpus if template.gpus else 1
+            workers = max(1, len(self.gpus) // template.gpus) if template.gpus else 1
         needed = workers * template.gpus
         if needed > len(self.gpus):
             raise WorkflowError(
