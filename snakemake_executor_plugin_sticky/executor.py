@@ -37,9 +37,16 @@ class Executor(RealExecutor):
         self.local = LocalExecutor(self.workflow, self.logger)
         self._backend: Optional[Backend] = None
         self._backend_lock = threading.Lock()
+        self._cancelled = False
         used = self.templates_in_dag()
-        for template in used.values():
-            self.backend.start_pool(template)
+        try:
+            for template in used.values():
+                self.backend.start_pool(template)
+        except BaseException:
+            # Snakemake never calls shutdown() for an executor that failed to start.
+            if self._backend is not None:
+                self._backend.close()
+            raise
         self.warn_if_cores_limit(used)
 
     # -- declarations -------------------------------------------------------------------------
@@ -136,6 +143,8 @@ class Executor(RealExecutor):
         self.backend.submit(invocation, partial(self.invocation_done, job_info))
 
     def invocation_done(self, job_info: SubmittedJobInfo, invocation: Invocation, outcome: Outcome) -> None:
+        if self._cancelled:
+            return  # Ctrl-C: Snakemake is already tearing down, as with the local executor
         if not isinstance(outcome, InvocationResult):
             self.report_job_error(
                 job_info,
@@ -166,6 +175,7 @@ class Executor(RealExecutor):
                 self._backend.close()
 
     def cancel(self) -> None:
+        self._cancelled = True
         try:
             self.local.cancel()
         finally:

@@ -276,3 +276,24 @@ def test_failed_workflow_leaves_no_process(workflow: Workflow):
     assert run.returncode != 0
     assert "Error in rule broken" in run.output
     assert workflow.leftover_processes() == []
+
+
+def test_retries_rerun_a_failed_invocation_on_the_resident_state(workflow: Workflow):
+    sticky_workflow(workflow, ONE_TEMPLATE_SNAKEFILE, LLM_TEMPLATE)
+    workflow.write(
+        "scripts/record.py",
+        """
+        import os
+        from snakemake_executor_plugin_sticky import sticky_state
+        state = sticky_state(snakemake)
+        marker = f"attempted-{snakemake.wildcards.i}"
+        if not os.path.exists(marker):
+            open(marker, "w").close()
+            raise RuntimeError("flaky first attempt")
+        open(snakemake.output[0], "w").write(str(state["pid"]))
+        """,
+    )
+    run = workflow.run("--sticky-workers", "1", "--retries", "1", "--config", "count=2")
+    assert run.returncode == 0, run.output
+    assert run.output.count("RuntimeError: flaky first attempt") == 2
+    assert len(workflow.lines("setups-llm.txt")) == 1
