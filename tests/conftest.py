@@ -51,7 +51,14 @@ class Workflow:
             cmd += ["--executor", executor]
         return cmd + list(args)
 
-    def run(self, *args: str, executor: Optional[str] = "sticky", cores: int = 4, timeout: float = RUN_TIMEOUT_S) -> Run:
+    def run(
+        self,
+        *args: str,
+        executor: Optional[str] = "sticky",
+        cores: int = 4,
+        timeout: float = RUN_TIMEOUT_S,
+        env: Optional[dict[str, str]] = None,
+    ) -> Run:
         started = time.monotonic()
         proc = subprocess.run(
             self.command(*args, executor=executor, cores=cores),
@@ -60,7 +67,7 @@ class Workflow:
             stderr=subprocess.STDOUT,
             text=True,
             timeout=timeout,
-            env=test_env(),
+            env={**test_env(), **(env or {})},
         )
         return Run(proc.returncode, proc.stdout, time.monotonic() - started)
 

@@ -297,3 +297,33 @@ def test_retries_rerun_a_failed_invocation_on_the_resident_state(workflow: Workf
     assert run.returncode == 0, run.output
     assert run.output.count("RuntimeError: flaky first attempt") == 2
     assert len(workflow.lines("setups-llm.txt")) == 1
+
+
+def test_workers_are_pinned_to_their_gpus(workflow: Workflow):
+    """Each worker sees only its own GPU ids (no CUDA needed to check the pinning itself)."""
+    sticky_workflow(
+        workflow,
+        ONE_TEMPLATE_SNAKEFILE,
+        """
+        sticky:
+          llm:
+            setup: templates/counting.py
+            kwargs: {name: llm}
+            gpus: 1
+        """,
+    )
+    workflow.write(
+        "scripts/record.py",
+        """
+        import os, time
+        from snakemake_executor_plugin_sticky import sticky_state
+        sticky_state(snakemake)
+        time.sleep(1)
+        open(snakemake.output[0], "w").write(f"{os.getpid()} {os.environ['CUDA_VISIBLE_DEVICES']}")
+        """,
+    )
+    run = workflow.run("--config", "count=6", env={"CUDA_VISIBLE_DEVICES": "3,5"})
+    assert run.returncode == 0, run.output
+    seen = {tuple(p.read_text().split()) for p in workflow.root.glob("out/*.json")}
+    assert {gpu for _, gpu in seen} == {"3", "5"}, "one worker per visible GPU, each pinned to one"
+    assert len({pid for pid, _ in seen}) == 2
