@@ -40,7 +40,7 @@ class Executor(RealExecutor):
         self._cancelled = False
         used = self.templates_in_dag()
         try:
-            for template in used.values():
+            for template in self.templates_ready_now(used):
                 self.backend.start_pool(template)
         except BaseException:
             # Snakemake never calls shutdown() for an executor that failed to start.
@@ -59,6 +59,15 @@ class Executor(RealExecutor):
             if template is not None:
                 used[template.name] = template
         return used
+
+    def templates_ready_now(self, used: dict[str, TemplateSpec]) -> list[TemplateSpec]:
+        """Templates with an invocation that can run at once: their workers start right away.
+
+        The others start with their first invocation, once the jobs upstream of it are done, as
+        a template's setup may read what those jobs write (a model built by the workflow, say).
+        """
+        names = {job.resources.get(RESOURCE) for job in self.dag.ready_jobs}
+        return [template for name, template in used.items() if name in names]
 
     def template_for(self, job: JobExecutorInterface) -> Optional[TemplateSpec]:
         """The job's template, or None for a job that is not sticky; WorkflowError if misdeclared."""

@@ -85,6 +85,8 @@ def test_state_built_once_per_worker_reused_and_torn_down(workflow: Workflow):
     sticky_workflow(workflow, ONE_TEMPLATE_SNAKEFILE, LLM_TEMPLATE)
     run = workflow.run("--sticky-workers", "2", "--config", "count=16")
     assert run.returncode == 0, run.output
+    # invocations are ready from the start, so their workers start before any job
+    assert run.output.index("starting worker 2/2") < run.output.index("Execute")
 
     setups = workflow.lines("setups-llm.txt")
     assert len(setups) == 2 and len(set(setups)) == 2, setups
@@ -327,3 +329,34 @@ def test_workers_are_pinned_to_their_gpus(workflow: Workflow):
     seen = {tuple(p.read_text().split()) for p in workflow.root.glob("out/*.json")}
     assert {gpu for _, gpu in seen} == {"3", "5"}, "one worker per visible GPU, each pinned to one"
     assert len({pid for pid, _ in seen}) == 2
+
+
+def test_template_may_read_what_upstream_jobs_write(workflow: Workflow):
+    """Workers of a template whose invocations wait on upstream jobs start after those jobs."""
+    workflow.write(
+        "Snakefile",
+        """
+        configfile: "config.yaml"
+        rule all:
+            input: expand("out/{i}.txt", i=range(3))
+        rule weights:
+            output: "weights.txt"
+            shell: "sleep 2 && echo 7 > {output}"
+        rule infer:
+            input: "weights.txt"
+            output: "out/{i}.txt"
+            resources: sticky="reader"
+            script: "scripts/use.py"
+        """,
+    )
+    workflow.write("config.yaml", "sticky:\n  reader:\n    setup: templates/reader.py\n    kwargs: {path: weights.txt}\n")
+    workflow.write("templates/reader.py", "def setup(path):\n    return open(path).read().strip()\n")
+    workflow.write(
+        "scripts/use.py",
+        "from snakemake_executor_plugin_sticky import sticky_state\n"
+        "open(snakemake.output[0], 'w').write(sticky_state(snakemake))\n",
+    )
+    run = workflow.run("--sticky-setup-attempts", "1")
+    assert run.returncode == 0, run.output
+    assert [workflow.read(f"out/{i}.txt") for i in range(3)] == ["7"] * 3
+    assert run.output.index("rule weights") < run.output.index("starting worker 1/1")
