@@ -24,6 +24,7 @@ from snakemake_interface_executor_plugins.settings import ExecMode
 
 from .backends.base import Backend, Outcome
 from .invocation import Invocation, InvocationResult, build_invocation, local_script_path
+from .report import RunReport
 from .settings import ExecutorSettings
 from .templates import CONFIG_SECTION, RESOURCE, TemplateSpec, parse_templates
 
@@ -38,14 +39,16 @@ class Executor(RealExecutor):
         self._backend: Optional[Backend] = None
         self._backend_lock = threading.Lock()
         self._cancelled = False
+        self._errors = 0
+        self._stop_status = threading.Event()
+        self.report = RunReport(self.templates, Path(self.workflow.persistence.path) / "sticky", self.logger)
         used = self.templates_in_dag()
         try:
             for template in self.templates_ready_now(used):
-                self.backend.start_pool(template)
+                self.start_pool(template)
         except BaseException:
             # Snakemake never calls shutdown() for an executor that failed to start.
-            if self._backend is not None:
-                self._backend.close()
+            self.close_backend()
             raise
         self.warn_if_cores_limit(used)
 
@@ -120,14 +123,33 @@ class Executor(RealExecutor):
             if self._backend is None:
                 from .backends.local import EmbeddedBackend
 
-                self._backend = EmbeddedBackend(
-                    self.workdir,
-                    self.settings.workers,
-                    self.settings.setup_attempts,
-                    self.settings.setup_retry_delay,
-                    self.logger,
-                )
+                self._backend = EmbeddedBackend(self.workdir, self.settings, self.logger, self.report.worker_event)
+                if self.settings.status_interval > 0:
+                    threading.Thread(target=self.log_status, name="sticky-status", daemon=True).start()
             return self._backend
+
+    def start_pool(self, template: TemplateSpec) -> None:
+        started = self.backend.start_pool(template)
+        if started:
+            self.report.workers_requested(template, started)
+
+    def log_status(self) -> None:
+        while not self._stop_status.wait(self.settings.status_interval):
+            line = self.report.status_line()
+            if line:
+                self.logger.info(line)
+
+    def close_backend(self, status: Optional[str] = None, cancel: bool = False) -> None:
+        """End the workers; with a status, write the report of the run."""
+        self._stop_status.set()
+        if self._backend is None:
+            return
+        self.report.closing = True
+        try:
+            self._backend.cancel() if cancel else self._backend.close()
+        finally:
+            if status is not None:
+                self.report.write(status)
 
     # -- jobs ---------------------------------------------------------------------------------
 
@@ -148,10 +170,12 @@ class Executor(RealExecutor):
         invocation = build_invocation(job, template, self.workflow.config)
         job_info = SubmittedJobInfo(job=job, external_jobid=invocation.key)
         self.report_job_submission(job_info)
-        self.backend.start_pool(template)
+        self.start_pool(template)
+        self.report.invocation_submitted(invocation)
         self.backend.submit(invocation, partial(self.invocation_done, job_info))
 
     def invocation_done(self, job_info: SubmittedJobInfo, invocation: Invocation, outcome: Outcome) -> None:
+        self.report.invocation_finished(invocation, outcome)
         if self._cancelled:
             return  # Ctrl-C: Snakemake is already tearing down, as with the local executor
         if not isinstance(outcome, InvocationResult):
@@ -176,20 +200,21 @@ class Executor(RealExecutor):
                 f"(template '{invocation.template}', pid {outcome.pid}):\n{outcome.error}",
             )
 
+    def handle_job_error(self, job: JobExecutorInterface) -> None:
+        self._errors += 1
+
     def shutdown(self) -> None:
         try:
             self.local.shutdown()
         finally:
-            if self._backend is not None:
-                self._backend.close()
+            self.close_backend("failed" if self._errors else "success")
 
     def cancel(self) -> None:
         self._cancelled = True
         try:
             self.local.cancel()
         finally:
-            if self._backend is not None:
-                self._backend.cancel()
+            self.close_backend("cancelled", cancel=True)
 
     # -- RealExecutor -------------------------------------------------------------------------
 
@@ -216,5 +241,7 @@ def check_settings(settings: ExecutorSettings) -> None:
         raise WorkflowError(f"--sticky-workers must be at least 1, got {settings.workers}.")
     if settings.setup_attempts < 1:
         raise WorkflowError(f"--sticky-setup-attempts must be at least 1, got {settings.setup_attempts}.")
+    if settings.status_interval < 0:
+        raise WorkflowError(f"--sticky-status-interval must not be negative, got {settings.status_interval}.")
     if settings.setup_retry_delay < 0:
         raise WorkflowError(f"--sticky-setup-retry-delay must not be negative, got {settings.setup_retry_delay}.")

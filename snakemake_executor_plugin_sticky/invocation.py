@@ -18,6 +18,8 @@ from snakemake_interface_common.exceptions import WorkflowError
 
 from .templates import TemplateSpec
 
+EVENT_TOPIC = "sticky"  # Dask event topic of worker announcements (setup-start, ready, ...)
+
 
 @dataclass
 class Invocation:
@@ -37,6 +39,7 @@ class InvocationResult:
 
     key: str
     worker: str
+    address: str
     pid: int
     started: float
     finished: float

@@ -27,6 +27,24 @@ class ExecutorSettings(ExecutorSettingsBase):
             "required": False,
         },
     )
+    status_interval: float = field(
+        default=30.0,
+        metadata={
+            "help": "Seconds between the compact status lines (workers starting/ready, "
+            "invocations running/waiting/done) in the log; 0 turns them off.",
+            "env_var": False,
+            "required": False,
+        },
+    )
+    dashboard_address: str = field(
+        default="127.0.0.1:8787",
+        metadata={
+            "help": "Where the Dask dashboard listens when bokeh is installed (its address is "
+            "logged). Loopback by default; another port is taken if this one is busy.",
+            "env_var": False,
+            "required": False,
+        },
+    )
     setup_retry_delay: float = field(
         default=2.0,
         metadata={

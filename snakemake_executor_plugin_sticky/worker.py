@@ -8,20 +8,23 @@ wait for the state if it is still being built.
 
 from __future__ import annotations
 
+import asyncio
 import builtins
 import io
 import os
 import signal
+import socket
 import sys
 import threading
 import time
 import traceback
 from contextlib import contextmanager
-from typing import Any, Iterator, Optional
+from typing import Any, Callable, Iterator, Optional
 
 from distributed import WorkerPlugin, get_worker
+from distributed.core import Status
 
-from .invocation import Invocation, InvocationResult
+from .invocation import EVENT_TOPIC, Invocation, InvocationResult
 from .state import register_resident, setup_state, teardown_state
 from .templates import TemplateSpec
 
@@ -35,8 +38,9 @@ class TemplateSetupError(RuntimeError):
 class ResidentState:
     """One template's state in this process: built once (with bounded retries), torn down once."""
 
-    def __init__(self, spec: TemplateSpec, attempts: int, retry_delay: float):
+    def __init__(self, spec: TemplateSpec, attempts: int, retry_delay: float, announce: Callable[[dict], None]):
         self.spec = spec
+        self.announce = announce
         self.attempts = attempts
         self.retry_delay = retry_delay
         self.state: Any = None
@@ -48,6 +52,8 @@ class ResidentState:
     def build(self) -> None:
         delay = self.retry_delay
         failures = []
+        began = time.time()
+        self.announce({"event": "setup-start"})
         for attempt in range(1, self.attempts + 1):
             started = time.monotonic()
             try:
@@ -61,9 +67,11 @@ class ResidentState:
                     f"Sticky template '{self.spec.name}' ({self.spec.setup}) could not be set up "
                     f"after {attempt} attempt(s):\n" + "\n".join(failures)
                 )
+                self.announce({"event": "setup-failed", "error": self.error, "setup_started": began})
                 break
             else:
                 self.setup_s = time.monotonic() - started
+                self.announce({"event": "ready", "setup_s": self.setup_s, "setup_started": began})
                 break
         self._ready.set()
 
@@ -97,7 +105,31 @@ class StickyWorkerPlugin(WorkerPlugin):
             signal.signal(signal.SIGINT, signal.SIG_IGN)
         os.chdir(self.workdir)
         install_output_capture()
-        holder = ResidentState(self.spec, self.setup_attempts, self.setup_retry_delay)
+        identity = {
+            "template": self.spec.name,
+            "name": str(worker.name),
+            "address": worker.address,
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "gpus": [g for g in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if g],
+        }
+
+        pending: list[dict] = []
+
+        async def flush() -> None:
+            # Events sent before the worker has registered with the scheduler would be lost.
+            for _ in range(600):
+                if worker.status == Status.running:
+                    break
+                await asyncio.sleep(0.1)
+            while pending:
+                worker.log_event(EVENT_TOPIC, pending.pop(0))
+
+        def announce(message: dict) -> None:
+            pending.append({**identity, **message, "time": time.time()})
+            worker.loop.add_callback(flush)
+
+        holder = ResidentState(self.spec, self.setup_attempts, self.setup_retry_delay, announce)
         _holders[self.spec.identity] = holder
         register_resident(self.spec.name, holder.get)
         threading.Thread(target=holder.build, name="sticky-setup", daemon=True).start()
@@ -113,8 +145,14 @@ class StickyWorkerPlugin(WorkerPlugin):
 def run_invocation(invocation: Invocation) -> InvocationResult:
     """The Dask task of one invocation: run the script with the resident state at hand."""
     started = time.time()
+    worker = get_worker()
     result = InvocationResult(
-        key=invocation.key, worker=get_worker().name, pid=os.getpid(), started=started, finished=started
+        key=invocation.key,
+        worker=str(worker.name),
+        address=worker.address,
+        pid=os.getpid(),
+        started=started,
+        finished=started,
     )
     holder = _holders.get(invocation.identity)
     with captured_output() as (out, err):
@@ -125,6 +163,7 @@ def run_invocation(invocation: Invocation) -> InvocationResult:
                     f"({invocation.identity[:12]})."
                 )
             holder.get()
+            result.started = time.time()  # the invocation proper, after any wait for the state
             result.extra["setup_s"] = holder.setup_s
             run_script(invocation)
         except TemplateSetupError as e:

@@ -9,25 +9,38 @@ go to another holder. No Dask Actors: they die with their worker and block scale
 from __future__ import annotations
 
 import threading
+import time
 from abc import ABC, abstractmethod
-from typing import Callable, Union
+from typing import Any, Callable, Union
 
 from distributed import Client, Future
+from distributed.diagnostics.plugin import SchedulerPlugin
 
-from ..invocation import Invocation, InvocationResult
+from ..invocation import EVENT_TOPIC, Invocation, InvocationResult
 from ..templates import TemplateSpec
 from ..worker import run_invocation
 
 Outcome = Union[InvocationResult, BaseException]
 OnDone = Callable[[Invocation, Outcome], None]
+OnEvent = Callable[[dict[str, Any]], None]
+
+
+class WorkerRemovalPlugin(SchedulerPlugin):
+    """Runs in the scheduler: announces every worker that leaves, lost or retired."""
+
+    name = "sticky-worker-removals"
+
+    def remove_worker(self, scheduler: Any, worker: str, *, stimulus_id: str, **kwargs: Any) -> None:
+        scheduler.log_event(EVENT_TOPIC, {"event": "removed", "address": worker, "time": time.time()})
 
 
 class Backend(ABC):
     """Pools of resident workers per template, and invocations routed to them."""
 
     @abstractmethod
-    def start_pool(self, template: TemplateSpec) -> None:
-        """Start the template's workers unless they run already; returns without waiting."""
+    def start_pool(self, template: TemplateSpec) -> int:
+        """Start the template's workers unless they run already (returns how many it started,
+        without waiting for them)."""
 
     @abstractmethod
     def submit(self, invocation: Invocation, on_done: OnDone) -> None:
@@ -45,14 +58,20 @@ class Backend(ABC):
 class DaskBackend(Backend):
     """Submission and completion through a Dask client; subclasses own scheduler and workers."""
 
-    def __init__(self) -> None:
+    def __init__(self, on_event: OnEvent) -> None:
         self._futures: dict[str, tuple[Invocation, Future]] = {}
         self._failed_pools: dict[str, str] = {}
         self._lock = threading.Lock()
+        self._on_event = on_event
 
     @property
     @abstractmethod
     def client(self) -> Client: ...
+
+    def watch_workers(self) -> None:
+        """Forward worker announcements and removals to `on_event` (call once the client is up)."""
+        self.client.subscribe_topic(EVENT_TOPIC, lambda event: self._on_event(event[1]))
+        self.client.register_plugin(WorkerRemovalPlugin())
 
     def submit(self, invocation: Invocation, on_done: OnDone) -> None:
         with self._lock:

@@ -19,13 +19,22 @@ from typing import Any, Coroutine, Optional
 from distributed import Client, Nanny, Scheduler
 from snakemake_interface_common.exceptions import WorkflowError
 
+from ..settings import ExecutorSettings
 from ..templates import TemplateSpec
 from ..worker import StickyWorkerPlugin
-from .base import DaskBackend
+from .base import DaskBackend, OnEvent
 
 LOOPBACK = "127.0.0.1"
 CLOSE_TIMEOUT_S = 6.0
 
+
+
+def dashboard_available() -> bool:
+    try:
+        import bokeh  # noqa: F401  (Dask's dashboard needs it)
+    except ImportError:
+        return False
+    return True
 
 
 def visible_gpus() -> list[str]:
@@ -85,20 +94,11 @@ class GpuPlan:
 class EmbeddedBackend(DaskBackend):
     """Scheduler in this process on 127.0.0.1, Nanny workers as child processes."""
 
-    def __init__(
-        self,
-        workdir: str,
-        default_workers: Optional[int],
-        setup_attempts: int,
-        setup_retry_delay: float,
-        log: Any,
-    ):
-        super().__init__()
+    def __init__(self, workdir: str, settings: ExecutorSettings, log: Any, on_event: OnEvent):
+        super().__init__(on_event)
         self.log = log
         self.workdir = workdir
-        self.default_workers = default_workers
-        self.setup_attempts = setup_attempts
-        self.setup_retry_delay = setup_retry_delay
+        self.settings = settings
         self.gpu_plan = GpuPlan(visible_gpus(), log)
         # Dask's own INFO chatter (comms, plugin registration) is noise in a Snakemake log.
         logging.getLogger("distributed").setLevel(logging.WARNING)
@@ -108,6 +108,7 @@ class EmbeddedBackend(DaskBackend):
         self._thread.start()
         self._scheduler: Scheduler = self._run(self._start_scheduler(), timeout=60)
         self._client = Client(self._scheduler.address, set_as_default=False, timeout="60s")
+        self.watch_workers()
 
     @property
     def client(self) -> Client:
@@ -117,17 +118,27 @@ class EmbeddedBackend(DaskBackend):
         return asyncio.run_coroutine_threadsafe(coroutine, self._loop).result(timeout)
 
     async def _start_scheduler(self) -> Scheduler:
-        # Even without the dashboard the scheduler serves HTTP (health, metrics): loopback, any port.
-        scheduler = Scheduler(host=LOOPBACK, port=0, dashboard=False, dashboard_address=f"{LOOPBACK}:0")
+        # The scheduler always serves HTTP (health, metrics; the dashboard when bokeh is there).
+        dashboard = dashboard_available()
+        address = self.settings.dashboard_address if dashboard else f"{LOOPBACK}:0"
+        if dashboard and not address.startswith((LOOPBACK, "localhost")):
+            self.log.warning(
+                f"The Dask dashboard listens on {address}, beyond loopback, without authentication: "
+                "anyone who reaches it can watch this run. Prefer an SSH tunnel to 127.0.0.1."
+            )
+        scheduler = Scheduler(host=LOOPBACK, port=0, dashboard=dashboard, dashboard_address=address)
         await scheduler
+        if dashboard:
+            host = address.rsplit(":", 1)[0] or LOOPBACK
+            self.log.info(f"Dask dashboard of the sticky workers: http://{host}:{scheduler.http_server.port}/status")
         return scheduler
 
     def workers_for(self, template: TemplateSpec) -> int:
-        return self.gpu_plan.worker_count(template, self.default_workers)
+        return self.gpu_plan.worker_count(template, self.settings.workers)
 
-    def start_pool(self, template: TemplateSpec) -> None:
+    def start_pool(self, template: TemplateSpec) -> int:
         if template.identity in self._pools:
-            return
+            return 0
         count = self.workers_for(template)
         self._pools[template.identity] = []
         for index in range(count):
@@ -137,9 +148,12 @@ class EmbeddedBackend(DaskBackend):
                 + (f" on GPU(s) {','.join(gpus)}." if gpus else ".")
             )
             asyncio.run_coroutine_threadsafe(self._start_worker(template, index, gpus), self._loop)
+        return count
 
     async def _start_worker(self, template: TemplateSpec, index: int, gpus: list[str]) -> None:
-        plugin = StickyWorkerPlugin(template, self.workdir, self.setup_attempts, self.setup_retry_delay)
+        plugin = StickyWorkerPlugin(
+            template, self.workdir, self.settings.setup_attempts, self.settings.setup_retry_delay
+        )
         nanny = Nanny(
             self._scheduler.address,
             name=f"{template.name}-{index}",

@@ -1,0 +1,362 @@
+"""Report room: where the time went. Live log lines about workers, a steady status line,
+`.snakemake/sticky/report.json`, `.snakemake/sticky/timeline.png` and an end-of-run summary.
+
+Workers announce themselves through Dask events (see `worker.py`); invocation timings come back
+with each result. The report keeps one record per worker process: a replacement after a loss is
+a new record with the same name and the next incarnation number.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import statistics
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+from .invocation import Invocation, InvocationResult
+from .templates import TemplateSpec
+
+REPORT_VERSION = 1
+EVENT_TOPIC = "sticky"
+
+
+@dataclass
+class WorkerRecord:
+    id: str
+    template: str
+    name: str
+    host: str
+    pid: int
+    address: str
+    gpus: list[str]
+    setup_started: Optional[float] = None
+    setup_finished: Optional[float] = None
+    setup_s: Optional[float] = None
+    error: Optional[str] = None
+    invocations: int = 0
+    busy_s: float = 0.0
+    lost: bool = False
+    retired: bool = False
+    gone_at: Optional[float] = None
+
+
+@dataclass
+class InvocationRecord:
+    template: str
+    worker: Optional[str]
+    started: float
+    finished: float
+    ok: bool
+
+
+@dataclass
+class TemplateTally:
+    requested: int = 0
+    submitted: int = 0
+    done: int = 0
+    failed: int = 0
+
+
+class RunReport:
+    """Collects worker events and invocation outcomes (from several threads) for one run."""
+
+    def __init__(self, templates: dict[str, TemplateSpec], folder: Path, log: Any):
+        self.templates = templates
+        self.folder = folder
+        self.log = log
+        self.started = time.time()
+        self.workers: dict[str, WorkerRecord] = {}  # by address
+        self.invocations: list[InvocationRecord] = []
+        self.tally: dict[str, TemplateTally] = {name: TemplateTally() for name in templates}
+        self.closing = False
+        self._incarnations: dict[str, int] = {}
+        self._lock = threading.Lock()
+
+    # -- events ---------------------------------------------------------------------------------
+
+    def workers_requested(self, template: TemplateSpec, count: int) -> None:
+        with self._lock:
+            self.tally[template.name].requested += count
+
+    def worker_event(self, message: dict[str, Any]) -> None:
+        """A worker-side event: setup-start, ready, setup-failed; or removed (from the scheduler)."""
+        kind = message.get("event")
+        with self._lock:
+            if kind == "removed":
+                record = self.workers.get(message["address"])
+                if record is None or record.gone_at is not None:
+                    return
+                record.gone_at = message["time"]
+                record.lost = not self.closing and not message.get("retiring", False)
+                record.retired = not record.lost
+                text = (
+                    f"Sticky worker {record.id} (template '{record.template}') was lost; "
+                    "its running invocations go to another worker."
+                    if record.lost
+                    else None
+                )
+            else:
+                record = self._worker_record(message)
+                record.setup_started = record.setup_started or message.get("setup_started")
+                if kind == "setup-start":
+                    record.setup_started = message["time"]
+                    replaced = record.id.split("#")[1] != "1"
+                    text = (
+                        f"Sticky worker {record.id} (template '{record.template}', pid {record.pid}"
+                        + (f", GPU {','.join(record.gpus)}" if record.gpus else "")
+                        + f"){' replaces a lost one and' if replaced else ''} is building its state."
+                    )
+                elif kind == "ready":
+                    record.setup_finished = message["time"]
+                    record.setup_s = message["setup_s"]
+                    text = f"Sticky worker {record.id} is ready (setup {record.setup_s:.2f} s)."
+                elif kind == "setup-failed":
+                    record.setup_finished = message["time"]
+                    record.error = message["error"]
+                    text = f"Sticky worker {record.id}: template '{record.template}' failed to set up."
+                else:
+                    return
+        if text:
+            (self.log.warning if kind in ("removed", "setup-failed") else self.log.info)(text)
+
+    def _worker_record(self, message: dict[str, Any]) -> WorkerRecord:
+        address = message["address"]
+        record = self.workers.get(address)
+        if record is None:
+            incarnation = self._incarnations.get(message["name"], 0) + 1
+            self._incarnations[message["name"]] = incarnation
+            record = WorkerRecord(
+                id=f"{message['name']}#{incarnation}",
+                template=message["template"],
+                name=message["name"],
+                host=message["host"],
+                pid=message["pid"],
+                address=address,
+                gpus=list(message.get("gpus") or []),
+            )
+            self.workers[address] = record
+        return record
+
+    def invocation_submitted(self, invocation: Invocation) -> None:
+        with self._lock:
+            self.tally[invocation.template].submitted += 1
+
+    def invocation_finished(self, invocation: Invocation, outcome: Any) -> None:
+        if not self.invocations:
+            warm_up_plotting()
+        with self._lock:
+            tally = self.tally[invocation.template]
+            tally.done += 1
+            if not isinstance(outcome, InvocationResult):
+                tally.failed += 1
+                return
+            tally.failed += not outcome.ok
+            worker = self.workers.get(outcome.address)
+            if worker is not None:
+                worker.invocations += 1
+                worker.busy_s += outcome.finished - outcome.started
+            self.invocations.append(
+                InvocationRecord(
+                    invocation.template,
+                    worker.id if worker else None,
+                    outcome.started,
+                    outcome.finished,
+                    outcome.ok,
+                )
+            )
+
+    # -- live status ----------------------------------------------------------------------------
+
+    def status_line(self) -> Optional[str]:
+        """One compact line per run state, or None when nothing is going on."""
+        parts = []
+        with self._lock:
+            for name, tally in self.tally.items():
+                if not tally.requested:
+                    continue
+                alive = [w for w in self.workers.values() if w.template == name and w.gone_at is None]
+                ready = sum(w.setup_s is not None for w in alive)
+                broken = sum(w.error is not None for w in alive)
+                starting = max(0, tally.requested - ready - broken)
+                in_flight = tally.submitted - tally.done
+                running = min(in_flight, ready * self.templates[name].slots)
+                parts.append(
+                    f"{name}: workers {starting} starting / {ready} ready"
+                    + (f" / {broken} broken" if broken else "")
+                    + ", invocations "
+                    f"{running} running / {in_flight - running} waiting / {tally.done} done"
+                    + (f" ({tally.failed} failed)" if tally.failed else "")
+                )
+        return "sticky status | " + " | ".join(parts) if parts else None
+
+    # -- end of run -----------------------------------------------------------------------------
+
+    def as_dict(self, status: str) -> dict[str, Any]:
+        finished = time.time()
+        templates = {}
+        with self._lock:
+            if self.closing:
+                for worker in self.workers.values():
+                    if worker.gone_at is None:
+                        worker.gone_at, worker.retired = finished, True
+            for name, spec in self.templates.items():
+                tally = self.tally[name]
+                if not tally.requested and not tally.submitted:
+                    continue
+                workers = [w for w in self.workers.values() if w.template == name]
+                durations = [i.finished - i.started for i in self.invocations if i.template == name]
+                setups = [w.setup_s for w in workers if w.setup_s is not None]
+                median_setup = statistics.median(setups) if setups else None
+                served = len(durations)
+                templates[name] = {
+                    "identity": spec.identity,
+                    "setup_file": str(spec.setup),
+                    "gpus_per_worker": spec.gpus,
+                    "slots": spec.slots,
+                    "workers": [self._worker_dict(w) for w in workers],
+                    "invocations": served,
+                    "failed_invocations": tally.failed,
+                    "invocation_s": distribution(durations),
+                    "setup_s": distribution(setups),
+                    "setup_s_total": round(sum(setups), 3),
+                    "setup_amortized_s_per_invocation": round(sum(setups) / served, 4) if served else None,
+                    "create_destroy_setup_s": round(served * median_setup, 3) if median_setup is not None else None,
+                    "estimated_saved_s": round(served * median_setup - sum(setups), 3) if median_setup is not None else None,
+                }
+        return {
+            "version": REPORT_VERSION,
+            "status": status,
+            "started": self.started,
+            "finished": finished,
+            "wall_s": round(finished - self.started, 3),
+            "templates": templates,
+        }
+
+    def _worker_dict(self, worker: WorkerRecord) -> dict[str, Any]:
+        data = asdict(worker)
+        for key in ("setup_started", "setup_finished", "gone_at"):
+            if data[key] is not None:
+                data[key] = round(data[key] - self.started, 3)  # seconds since the run started
+        data["busy_s"] = round(worker.busy_s, 3)
+        return data
+
+    def summary_lines(self, report: dict[str, Any]) -> list[str]:
+        lines = []
+        for name, t in report["templates"].items():
+            median = t["setup_s"]["median"] if t["setup_s"] else None
+            lines.append(
+                f"Sticky template '{name}': {len(t['workers'])} worker(s), median setup "
+                + (f"{median:.2f} s" if median is not None else "n/a")
+                + f", {t['invocations']} invocation(s)"
+                + (f", setup amortized {t['setup_amortized_s_per_invocation']:.3f} s/invocation" if t["setup_amortized_s_per_invocation"] is not None else "")
+                + (f", ~{t['estimated_saved_s']:.1f} s of setup saved vs create-destroy" if t["estimated_saved_s"] is not None else "")
+                + "."
+            )
+        return lines
+
+    def write(self, status: str) -> Optional[dict[str, Any]]:
+        """Write report.json and timeline.png; log the summary. Returns the report."""
+        report = self.as_dict(status)
+        if not report["templates"]:
+            return None
+        self.folder.mkdir(parents=True, exist_ok=True)
+        (self.folder / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+        with self._lock:
+            invocations = list(self.invocations)
+        draw_timeline(report, invocations, self.started, self.folder / "timeline.png")
+        for line in self.summary_lines(report):
+            self.log.info(line)
+        self.log.info(f"Sticky report: {self.folder / 'report.json'}, timeline: {self.folder / 'timeline.png'}")
+        return report
+
+
+def distribution(values: list[float]) -> Optional[dict[str, float]]:
+    if not values:
+        return None
+    ordered = sorted(values)
+    return {
+        "count": len(ordered),
+        "min": round(ordered[0], 4),
+        "median": round(statistics.median(ordered), 4),
+        "mean": round(statistics.fmean(ordered), 4),
+        "p90": round(ordered[min(len(ordered) - 1, int(0.9 * len(ordered)))], 4),
+        "max": round(ordered[-1], 4),
+        "total": round(sum(ordered), 4),
+    }
+
+
+def natural(text: str) -> list[Any]:
+    """Sort key that puts llm-2 before llm-10."""
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", text)]
+
+
+def warm_up_plotting() -> None:
+    """Import matplotlib in the background, so drawing at the end costs little. Called once
+    workers serve invocations: earlier it would compete with their start-up for the CPU."""
+    threading.Thread(target=_import_pyplot, name="sticky-plot-import", daemon=True).start()
+
+
+def _import_pyplot() -> Any:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def draw_timeline(report: dict[str, Any], invocations: list[InvocationRecord], origin: float, path: Path) -> None:
+    """One row per worker: setup (hatched) and invocations as bars coloured by template."""
+    plt = _import_pyplot()
+    from matplotlib.patches import Patch
+
+    order = {name: i for i, name in enumerate(report["templates"])}
+    rows = [w for t in report["templates"].values() for w in t["workers"]]
+    rows.sort(key=lambda w: (order[w["template"]], natural(w["id"])))
+    palette = plt.get_cmap("tab10")
+    colors = {name: palette(i % 10) for i, name in enumerate(report["templates"])}
+    index = {w["id"]: i for i, w in enumerate(rows)}
+    height = min(max(2.8, 0.26 * len(rows) + 1.6), 40)
+    fig, ax = plt.subplots(figsize=(11, height))
+    bars: dict[int, list[tuple[float, float]]] = {}
+    failed: dict[int, list[tuple[float, float]]] = {}
+    for inv in invocations:
+        if inv.worker in index:
+            (bars if inv.ok else failed).setdefault(index[inv.worker], []).append(
+                (inv.started - origin, inv.finished - inv.started)
+            )
+    for i, worker in enumerate(rows):
+        color = colors[worker["template"]]
+        if worker["setup_started"] is not None:
+            end = worker["setup_finished"] if worker["setup_finished"] is not None else report["wall_s"]
+            ax.broken_barh([(worker["setup_started"], end - worker["setup_started"])], (i - 0.4, 0.8),
+                           facecolors="white", edgecolors=color, hatch="////", linewidth=0.8)
+        thin = 0.3 if len(invocations) < 2000 else 0
+        ax.broken_barh(bars.get(i, []), (i - 0.35, 0.7), facecolors=color, edgecolors="white", linewidth=thin)
+        ax.broken_barh(failed.get(i, []), (i - 0.35, 0.7), facecolors="black")
+        if worker["lost"]:
+            ax.plot([worker["gone_at"]], [i], marker="X", color="red", markersize=9, zorder=5)
+    step = max(1, len(rows) // 60)
+    ax.set_yticks(range(0, len(rows), step))
+    ax.set_yticklabels([rows[i]["id"] for i in range(0, len(rows), step)], fontsize=8 if len(rows) < 30 else 6)
+    ax.set_ylim(-0.7, len(rows) - 0.3)
+    ax.invert_yaxis()
+    ax.set_xlim(0, max(report["wall_s"], 1e-3))
+    ax.set_xlabel("seconds since the run started")
+    ax.set_title(f"Sticky workers: state setup and invocations (run {report['status']})", loc="left", fontsize=10)
+    handles = [Patch(facecolor=c, label=f"invocations of '{n}'") for n, c in colors.items()]
+    handles += [Patch(facecolor="white", edgecolor="grey", hatch="////", label="setup")]
+    if failed:
+        handles.append(Patch(facecolor="black", label="failed invocation"))
+    if any(w["lost"] for w in rows):
+        handles.append(plt.Line2D([], [], marker="X", color="red", linestyle="", label="worker lost"))
+    ax.legend(handles=handles, loc="lower right", bbox_to_anchor=(1.0, 1.0), ncol=len(handles), fontsize=8,
+              frameon=False, borderaxespad=0.2)
+    ax.grid(axis="x", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
