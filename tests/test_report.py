@@ -100,3 +100,23 @@ def test_timeline_stays_readable_with_many_workers(tmp_path: Path):
     draw_timeline(report, invocations, origin, tmp_path / "timeline.png")
     assert (tmp_path / "timeline.png").read_bytes().startswith(PNG)
     assert (tmp_path / "timeline.png").stat().st_size > 20000
+
+
+def test_dashboard_address_is_logged_and_served_on_loopback(workflow: Workflow):
+    import re
+    import urllib.request
+
+    sticky_workflow(workflow, ONE_TEMPLATE_SNAKEFILE, LLM_TEMPLATE)
+    proc = workflow.popen("--sticky-workers", "1", "--sticky-dashboard-address", "127.0.0.1:0", "--config", "count=2", "sleep=4")
+    lines = []
+    for line in proc.stdout:
+        lines.append(line)
+        found = re.search(r"Dask dashboard of the sticky workers: (http://127\.0\.0\.1:\d+/status)", line)
+        if found:
+            with urllib.request.urlopen(found.group(1), timeout=10) as response:
+                assert response.status == 200
+            break
+    else:
+        raise AssertionError("no dashboard address logged:\n" + "".join(lines))
+    output, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0, "".join(lines) + output
