@@ -40,6 +40,7 @@ class Executor(RealExecutor):
         self._backend_lock = threading.Lock()
         self._cancelled = False
         self._errors = 0
+        self._losses: dict[str, int] = {}
         self._stop_status = threading.Event()
         self.report = RunReport(self.templates, Path(self.workflow.persistence.path) / "sticky", self.logger)
         used = self.templates_in_dag()
@@ -123,7 +124,7 @@ class Executor(RealExecutor):
             if self._backend is None:
                 from .backends.local import EmbeddedBackend
 
-                self._backend = EmbeddedBackend(self.workdir, self.settings, self.logger, self.report.worker_event)
+                self._backend = EmbeddedBackend(self.workdir, self.settings, self.logger, self.worker_event)
                 if self.settings.status_interval > 0:
                     threading.Thread(target=self.log_status, name="sticky-status", daemon=True).start()
             return self._backend
@@ -132,6 +133,27 @@ class Executor(RealExecutor):
         started = self.backend.start_pool(template)
         if started:
             self.report.workers_requested(template, started)
+
+    def worker_event(self, message: dict) -> None:
+        """Engine events: feed the report; replace workers of hung invocations; keep the loss budget."""
+        lost = self.report.worker_event(message)
+        if message.get("event") == "invocation-timeout":
+            reason = (
+                f"Invocation of rule '{message['rule']}' timed out after {message['timeout_s']:g} s "
+                f"(--sticky-invocation-timeout, or the rule's runtime resource); its worker "
+                f"{message['name']} is replaced, as the hung invocation cannot be stopped otherwise."
+            )
+            self.logger.warning(reason)
+            self.report.expect_removal(message["address"])
+            self.backend.abandon(message["key"], reason, message["address"])
+        if lost is not None:
+            losses = self._losses[lost.template] = self._losses.get(lost.template, 0) + 1
+            if losses > self.settings.max_worker_losses:
+                self.backend.fail_pool(
+                    self.templates[lost.template],
+                    f"Sticky template '{lost.template}' lost {losses} workers, more than "
+                    f"--sticky-max-worker-losses {self.settings.max_worker_losses}; its invocations fail.",
+                )
 
     def log_status(self) -> None:
         while not self._stop_status.wait(self.settings.status_interval):
@@ -167,7 +189,7 @@ class Executor(RealExecutor):
             self.local.run_job(job)
             return
         self.workflow.async_run(job.prepare())
-        invocation = build_invocation(job, template, self.workflow.config)
+        invocation = build_invocation(job, template, self.workflow.config, self.settings.invocation_timeout)
         job_info = SubmittedJobInfo(job=job, external_jobid=invocation.key)
         self.report_job_submission(job_info)
         self.start_pool(template)
@@ -179,10 +201,16 @@ class Executor(RealExecutor):
         if self._cancelled:
             return  # Ctrl-C: Snakemake is already tearing down, as with the local executor
         if not isinstance(outcome, InvocationResult):
+            hint = (
+                f" It was caught in more than --sticky-max-worker-losses "
+                f"({self.settings.max_worker_losses}) lost workers."
+                if type(outcome).__name__ == "KilledWorker"
+                else ""
+            )
             self.report_job_error(
                 job_info,
                 msg=f"Sticky invocation of template '{invocation.template}' did not complete: "
-                f"{type(outcome).__name__}: {outcome}",
+                f"{type(outcome).__name__}: {outcome}{hint}",
             )
             return
         if outcome.stdout:
@@ -241,6 +269,12 @@ def check_settings(settings: ExecutorSettings) -> None:
         raise WorkflowError(f"--sticky-workers must be at least 1, got {settings.workers}.")
     if settings.setup_attempts < 1:
         raise WorkflowError(f"--sticky-setup-attempts must be at least 1, got {settings.setup_attempts}.")
+    if settings.max_worker_losses < 0:
+        raise WorkflowError(f"--sticky-max-worker-losses must not be negative, got {settings.max_worker_losses}.")
+    if settings.invocation_timeout is not None and settings.invocation_timeout <= 0:
+        raise WorkflowError(f"--sticky-invocation-timeout must be positive, got {settings.invocation_timeout}.")
+    if settings.preempt_grace < 0:
+        raise WorkflowError(f"--sticky-preempt-grace must not be negative, got {settings.preempt_grace}.")
     if settings.status_interval < 0:
         raise WorkflowError(f"--sticky-status-interval must not be negative, got {settings.status_interval}.")
     if settings.setup_retry_delay < 0:

@@ -31,6 +31,7 @@ class Invocation:
     jobid: int
     script: str
     snakemake: Snakemake
+    timeout_s: Optional[float] = None
 
 
 @dataclass
@@ -64,8 +65,12 @@ def local_script_path(job: Any) -> str:
     return os.path.abspath(source.get_path_or_uri(secret_free=True))
 
 
-def build_invocation(job: Any, template: TemplateSpec, config: dict[str, Any]) -> Invocation:
+def build_invocation(
+    job: Any, template: TemplateSpec, config: dict[str, Any], default_timeout_s: Optional[float] = None
+) -> Invocation:
     script = local_script_path(job)
+    runtime_min = job.resources.get("runtime")  # Snakemake's per-rule runtime, in minutes
+    timeout_s = float(runtime_min) * 60 if isinstance(runtime_min, (int, float)) else default_timeout_s
     snakemake = Snakemake(
         job.input,
         job.output,
@@ -88,4 +93,5 @@ def build_invocation(job: Any, template: TemplateSpec, config: dict[str, Any]) -
         jobid=job.jobid,
         script=script,
         snakemake=snakemake,
+        timeout_s=timeout_s,
     )

@@ -41,6 +41,8 @@ class WorkerRecord:
     busy_s: float = 0.0
     lost: bool = False
     retired: bool = False
+    preempted: bool = False
+    rebuilds: int = 0
     gone_at: Optional[float] = None
 
 
@@ -82,23 +84,32 @@ class RunReport:
         with self._lock:
             self.tally[template.name].requested += count
 
-    def worker_event(self, message: dict[str, Any]) -> None:
-        """A worker-side event: setup-start, ready, setup-failed; or removed (from the scheduler)."""
+    def expect_removal(self, address: str) -> None:
+        """The engine is about to replace this worker on purpose: its removal is no loss."""
+        with self._lock:
+            if address in self.workers:
+                self.workers[address].retired = True
+
+    def worker_event(self, message: dict[str, Any]) -> Optional[WorkerRecord]:
+        """A worker-side event (setup-start, ready, setup-failed, poisoned, preempted) or a
+        removal seen by the scheduler. Returns the worker's record when it was lost."""
         kind = message.get("event")
         with self._lock:
             if kind == "removed":
                 record = self.workers.get(message["address"])
                 if record is None or record.gone_at is not None:
-                    return
+                    return None
                 record.gone_at = message["time"]
-                record.lost = not self.closing and not message.get("retiring", False)
+                record.lost = not (self.closing or record.retired or record.preempted)
                 record.retired = not record.lost
                 text = (
                     f"Sticky worker {record.id} (template '{record.template}') was lost; "
                     "its running invocations go to another worker."
                     if record.lost
-                    else None
+                    else (f"Sticky worker {record.id} left after preemption." if record.preempted else None)
                 )
+            elif kind == "invocation-timeout":
+                return None
             else:
                 record = self._worker_record(message)
                 record.setup_started = record.setup_started or message.get("setup_started")
@@ -111,9 +122,21 @@ class RunReport:
                         + f"){' replaces a lost one and' if replaced else ''} is building its state."
                     )
                 elif kind == "ready":
-                    record.setup_finished = message["time"]
-                    record.setup_s = message["setup_s"]
-                    text = f"Sticky worker {record.id} is ready (setup {record.setup_s:.2f} s)."
+                    if record.setup_s is not None:  # rebuilt after poisoning: keep the first setup
+                        text = f"Sticky worker {record.id} rebuilt its state ({message['setup_s']:.2f} s)."
+                    else:
+                        record.setup_finished = message["time"]
+                        record.setup_s = message["setup_s"]
+                        text = f"Sticky worker {record.id} is ready (setup {record.setup_s:.2f} s)."
+                elif kind == "poisoned":
+                    record.rebuilds += 1
+                    text = f"Sticky worker {record.id}: {message['cause']} poisoned its state; rebuilding it."
+                elif kind == "preempted":
+                    record.preempted = True
+                    text = (
+                        f"Sticky worker {record.id} got SIGTERM (preempted): it takes no new invocations, "
+                        f"lets running ones finish within {message['grace_s']:g} s, then leaves."
+                    )
                 elif kind == "setup-failed":
                     record.setup_finished = message["time"]
                     record.error = message["error"]
@@ -121,7 +144,8 @@ class RunReport:
                 else:
                     return
         if text:
-            (self.log.warning if kind in ("removed", "setup-failed") else self.log.info)(text)
+            (self.log.warning if kind in ("removed", "setup-failed", "poisoned", "preempted") else self.log.info)(text)
+        return record if kind == "removed" and record.lost else None
 
     def _worker_record(self, message: dict[str, Any]) -> WorkerRecord:
         address = message["address"]
@@ -218,6 +242,9 @@ class RunReport:
                     "gpus_per_worker": spec.gpus,
                     "slots": spec.slots,
                     "workers": [self._worker_dict(w) for w in workers],
+                    "workers_lost": sum(w.lost for w in workers),
+                    "state_builds": len(setups) + sum(w.rebuilds for w in workers),
+                    "rebuilds": max(0, len(setups) - tally.requested) + sum(w.rebuilds for w in workers),
                     "invocations": served,
                     "failed_invocations": tally.failed,
                     "invocation_s": distribution(durations),

@@ -27,6 +27,34 @@ class ExecutorSettings(ExecutorSettingsBase):
             "required": False,
         },
     )
+    max_worker_losses: int = field(
+        default=50,
+        metadata={
+            "help": "Worker losses (killed, crashed, preempted) tolerated per template before its "
+            "invocations fail; an invocation caught in a lost worker runs again elsewhere, up to "
+            "this many times. Losses are not job errors and do not use up --retries.",
+            "env_var": False,
+            "required": False,
+        },
+    )
+    invocation_timeout: Optional[float] = field(
+        default=None,
+        metadata={
+            "help": "Seconds after which a running invocation fails as hung and its worker is "
+            "replaced. A rule's `runtime` resource (minutes) takes precedence. Default: no limit.",
+            "env_var": False,
+            "required": False,
+        },
+    )
+    preempt_grace: float = field(
+        default=30.0,
+        metadata={
+            "help": "Seconds a worker that gets SIGTERM (as batch systems send before a kill) "
+            "lets its running invocations finish; then it hands them back, tears down and exits.",
+            "env_var": False,
+            "required": False,
+        },
+    )
     status_interval: float = field(
         default=30.0,
         metadata={

@@ -12,6 +12,7 @@ import asyncio
 import builtins
 import io
 import os
+import shutil
 import signal
 import socket
 import sys
@@ -25,10 +26,11 @@ from distributed import WorkerPlugin, get_worker
 from distributed.core import Status
 
 from .invocation import EVENT_TOPIC, Invocation, InvocationResult
-from .state import register_resident, setup_state, teardown_state
-from .templates import TemplateSpec
+from .state import register_resident, teardown_state
+from .templates import TemplateSpec, load_template_module
 
 _holders: dict[str, "ResidentState"] = {}
+TEARDOWN_WAIT_S = 3.0
 
 
 class TemplateSetupError(RuntimeError):
@@ -36,18 +38,24 @@ class TemplateSetupError(RuntimeError):
 
 
 class ResidentState:
-    """One template's state in this process: built once (with bounded retries), torn down once."""
+    """One template's state in this process: built once (with bounded retries), rebuilt only when
+    an invocation raised an exception the template declares as poisoning it, torn down once."""
 
     def __init__(self, spec: TemplateSpec, attempts: int, retry_delay: float, announce: Callable[[dict], None]):
         self.spec = spec
-        self.announce = announce
         self.attempts = attempts
         self.retry_delay = retry_delay
+        self.announce = announce
         self.state: Any = None
         self.error: Optional[str] = None
         self.setup_s: Optional[float] = None
+        self.poisoned_by: tuple[str, ...] = ()
         self._ready = threading.Event()
         self._closing = threading.Event()
+        self._lock = threading.Lock()
+
+    def start(self) -> None:
+        threading.Thread(target=self.build, name="sticky-setup", daemon=True).start()
 
     def build(self) -> None:
         delay = self.retry_delay
@@ -57,7 +65,9 @@ class ResidentState:
         for attempt in range(1, self.attempts + 1):
             started = time.monotonic()
             try:
-                self.state = setup_state(self.spec)
+                module = load_template_module(self.spec)
+                self.poisoned_by = tuple(getattr(module, "poisoned_by", ()) or ())
+                self.state = module.setup(**self.spec.kwargs)
             except Exception:
                 failures.append(f"attempt {attempt}:\n{traceback.format_exc()}")
                 if attempt < self.attempts and not self._closing.wait(delay):
@@ -81,9 +91,35 @@ class ResidentState:
             raise TemplateSetupError(self.error)
         return self.state
 
+    def poisons(self, error: BaseException) -> bool:
+        """Whether the template declared this exception as one that leaves the state unusable."""
+        names = {f"{c.__module__}.{c.__qualname__}" for c in type(error).__mro__}
+        names |= {c.__qualname__ for c in type(error).__mro__}
+        return any((p if isinstance(p, str) else f"{p.__module__}.{p.__qualname__}") in names for p in self.poisoned_by)
+
+    def announce_timeout(self, invocation: Invocation) -> None:
+        self.announce(
+            {"event": "invocation-timeout", "key": invocation.key, "rule": invocation.rule, "timeout_s": invocation.timeout_s}
+        )
+
+    def rebuild(self, cause: str) -> None:
+        """Tear the poisoned state down and build it again; invocations wait meanwhile."""
+        with self._lock:
+            if not self._ready.is_set():
+                return  # another invocation already started the rebuild
+            self._ready.clear()
+        self.announce({"event": "poisoned", "cause": cause})
+        try:
+            teardown_state(self.spec, self.state)
+        finally:
+            self.state, self.setup_s = None, None
+            self.start()
+
     def teardown(self) -> None:
         self._closing.set()
-        if self._ready.is_set() and self.error is None:
+        # A (re)build in progress gets a moment to finish, so its state is torn down too.
+        self._ready.wait(TEARDOWN_WAIT_S)
+        if self._ready.is_set() and self.error is None and self.state is not None:
             teardown_state(self.spec, self.state)
             self.state = None
 
@@ -93,16 +129,19 @@ class StickyWorkerPlugin(WorkerPlugin):
 
     name = "sticky-template"
 
-    def __init__(self, spec: TemplateSpec, workdir: str, setup_attempts: int, setup_retry_delay: float):
+    def __init__(self, spec: TemplateSpec, workdir: str, setup_attempts: int, setup_retry_delay: float, preempt_grace: float):
         self.spec = spec
         self.workdir = workdir
         self.setup_attempts = setup_attempts
         self.setup_retry_delay = setup_retry_delay
+        self.preempt_grace = preempt_grace
 
     def setup(self, worker: Any) -> None:
         if threading.current_thread() is threading.main_thread():
             # Ctrl-C reaches the whole process group; the Snakemake process shuts workers down.
             signal.signal(signal.SIGINT, signal.SIG_IGN)
+            # Batch systems send SIGTERM before they kill a preempted job.
+            signal.signal(signal.SIGTERM, lambda *_: worker.loop.add_callback(self.preempted, worker))
         os.chdir(self.workdir)
         install_output_capture()
         identity = {
@@ -113,13 +152,12 @@ class StickyWorkerPlugin(WorkerPlugin):
             "pid": os.getpid(),
             "gpus": [g for g in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if g],
         }
-
         pending: list[dict] = []
 
         async def flush() -> None:
             # Events sent before the worker has registered with the scheduler would be lost.
             for _ in range(600):
-                if worker.status == Status.running:
+                if worker.status in (Status.running, Status.paused):
                     break
                 await asyncio.sleep(0.1)
             while pending:
@@ -129,10 +167,23 @@ class StickyWorkerPlugin(WorkerPlugin):
             pending.append({**identity, **message, "time": time.time()})
             worker.loop.add_callback(flush)
 
+        self.announce = announce
         holder = ResidentState(self.spec, self.setup_attempts, self.setup_retry_delay, announce)
         _holders[self.spec.identity] = holder
         register_resident(self.spec.name, holder.get)
-        threading.Thread(target=holder.build, name="sticky-setup", daemon=True).start()
+        holder.start()
+
+    async def preempted(self, worker: Any) -> None:
+        """SIGTERM: take no new invocations, let running ones finish within the grace period,
+        then leave (the scheduler hands what is left to other workers) and tear down."""
+        if worker.status not in (Status.running, Status.paused):
+            return
+        self.announce({"event": "preempted", "grace_s": self.preempt_grace})
+        worker.status = Status.paused  # the scheduler sends no more work; queued work stays put
+        deadline = time.monotonic() + self.preempt_grace
+        while worker.state.executing_count and time.monotonic() < deadline:
+            await asyncio.sleep(0.1)
+        await worker.close(nanny=False, reason="sticky-worker-preempted")
 
     def teardown(self, worker: Any) -> None:
         holder = _holders.pop(self.spec.identity, None)
@@ -155,6 +206,7 @@ def run_invocation(invocation: Invocation) -> InvocationResult:
         finished=started,
     )
     holder = _holders.get(invocation.identity)
+    watchdog = None
     with captured_output() as (out, err):
         try:
             if holder is None:
@@ -165,6 +217,11 @@ def run_invocation(invocation: Invocation) -> InvocationResult:
             holder.get()
             result.started = time.time()  # the invocation proper, after any wait for the state
             result.extra["setup_s"] = holder.setup_s
+            if invocation.timeout_s is not None:
+                watchdog = threading.Timer(invocation.timeout_s, holder.announce_timeout, (invocation,))
+                watchdog.daemon = True
+                watchdog.start()
+            clear_outputs(invocation.snakemake.output)
             run_script(invocation)
         except TemplateSetupError as e:
             result.error = str(e)
@@ -173,9 +230,24 @@ def run_invocation(invocation: Invocation) -> InvocationResult:
                 result.error = f"Script {invocation.script} exited with status {e.code}."
         except BaseException as e:
             result.error = format_script_error(e)
+            if holder is not None and holder.poisons(e):
+                result.extra["poisoned"] = True
+                holder.rebuild(f"{type(e).__name__} in rule {invocation.rule}")
+        finally:
+            if watchdog is not None:
+                watchdog.cancel()
     result.stdout, result.stderr = out.getvalue(), err.getvalue()
     result.finished = time.time()
     return result
+
+
+def clear_outputs(paths: Any) -> None:
+    """Remove what an earlier attempt on a lost worker may have half written."""
+    for path in paths:
+        if os.path.isdir(path) and not os.path.islink(path):
+            shutil.rmtree(path)
+        elif os.path.lexists(path):
+            os.remove(path)
 
 
 _code_cache: dict[str, tuple[tuple[float, int], Any]] = {}

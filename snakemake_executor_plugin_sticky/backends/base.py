@@ -11,6 +11,7 @@ from __future__ import annotations
 import threading
 import time
 from abc import ABC, abstractmethod
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable, Union
 
 from distributed import Client, Future
@@ -47,6 +48,14 @@ class Backend(ABC):
         """Run the invocation on a worker holding its template; `on_done` gets the outcome."""
 
     @abstractmethod
+    def abandon(self, key: str, reason: str, worker: str) -> None:
+        """Fail a hung invocation with `reason` and replace the worker (address) that runs it."""
+
+    @abstractmethod
+    def fail_pool(self, template: TemplateSpec, reason: str) -> None:
+        """The template can no longer be served: fail its waiting and future invocations."""
+
+    @abstractmethod
     def close(self) -> None:
         """End every worker (each runs its template's teardown) and the engine itself."""
 
@@ -61,8 +70,11 @@ class DaskBackend(Backend):
     def __init__(self, on_event: OnEvent) -> None:
         self._futures: dict[str, tuple[Invocation, Future]] = {}
         self._failed_pools: dict[str, str] = {}
+        self._abandoned: dict[str, str] = {}
         self._lock = threading.Lock()
         self._on_event = on_event
+        # Event handlers may call the (synchronous) client: never on the client's own loop thread.
+        self._event_thread = ThreadPoolExecutor(1, thread_name_prefix="sticky-events")
 
     @property
     @abstractmethod
@@ -70,7 +82,7 @@ class DaskBackend(Backend):
 
     def watch_workers(self) -> None:
         """Forward worker announcements and removals to `on_event` (call once the client is up)."""
-        self.client.subscribe_topic(EVENT_TOPIC, lambda event: self._on_event(event[1]))
+        self.client.subscribe_topic(EVENT_TOPIC, lambda event: self._event_thread.submit(self._on_event, event[1]))
         self.client.register_plugin(WorkerRemovalPlugin())
 
     def submit(self, invocation: Invocation, on_done: OnDone) -> None:
@@ -95,9 +107,9 @@ class DaskBackend(Backend):
             self._futures.pop(invocation.key, None)
         try:
             outcome: Outcome = future.result()
-        except BaseException as e:  # cancelled, lost workers, or the pool failed
+        except BaseException as e:  # cancelled, hung, lost workers, or the pool failed
             with self._lock:
-                failure = self._failed_pools.get(invocation.identity)
+                failure = self._abandoned.pop(invocation.key, None) or self._failed_pools.get(invocation.identity)
             outcome = RuntimeError(failure) if failure is not None else e
         finally:
             future.release()
@@ -110,6 +122,19 @@ class DaskBackend(Backend):
             waiting = [f for inv, f in self._futures.values() if inv.identity == template.identity]
         for future in waiting:
             future.cancel(msg=reason)
+
+    def abandon(self, key: str, reason: str, worker: str) -> None:
+        with self._lock:
+            entry = self._futures.get(key)
+            if entry is None:
+                return
+            self._abandoned[key] = reason
+        entry[1].cancel(msg=reason)
+        # A hung thread cannot be stopped: replace its process, which builds the state anew.
+        self.client.restart_workers([worker], raise_for_error=False)
+
+    def close_events(self) -> None:
+        self._event_thread.shutdown(wait=False, cancel_futures=True)
 
     def cancel_all(self) -> None:
         with self._lock:

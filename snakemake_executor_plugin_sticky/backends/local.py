@@ -16,6 +16,7 @@ import subprocess
 import threading
 from typing import Any, Coroutine, Optional
 
+import dask
 from distributed import Client, Nanny, Scheduler
 from snakemake_interface_common.exceptions import WorkflowError
 
@@ -26,6 +27,7 @@ from .base import DaskBackend, OnEvent
 
 LOOPBACK = "127.0.0.1"
 CLOSE_TIMEOUT_S = 6.0
+START_ATTEMPTS = 3
 
 
 
@@ -126,6 +128,8 @@ class EmbeddedBackend(DaskBackend):
                 f"The Dask dashboard listens on {address}, beyond loopback, without authentication: "
                 "anyone who reaches it can watch this run. Prefer an SSH tunnel to 127.0.0.1."
             )
+        # Each loss of the worker running an invocation counts once; past this the invocation fails.
+        dask.config.set({"distributed.scheduler.allowed-failures": self.settings.max_worker_losses})
         scheduler = Scheduler(host=LOOPBACK, port=0, dashboard=dashboard, dashboard_address=address)
         await scheduler
         if dashboard:
@@ -151,10 +155,34 @@ class EmbeddedBackend(DaskBackend):
         return count
 
     async def _start_worker(self, template: TemplateSpec, index: int, gpus: list[str]) -> None:
+        """Start one Nanny (which keeps its worker process alive), retrying a failed start."""
+        pool = self._pools[template.identity]
+        for attempt in range(1, START_ATTEMPTS + 1):
+            nanny = self._nanny(template, index, gpus)
+            pool.append(nanny)
+            try:
+                await nanny
+                return
+            except Exception as e:
+                pool.remove(nanny)
+                self.log.warning(
+                    f"Sticky template '{template.name}': worker {index} failed to start "
+                    f"(attempt {attempt}/{START_ATTEMPTS}): {e}"
+                )
+                failure = e
+                await asyncio.sleep(attempt)
+        if not pool:
+            self.fail_pool(template, f"No worker of sticky template '{template.name}' could start: {failure}")
+
+    def _nanny(self, template: TemplateSpec, index: int, gpus: list[str]) -> Nanny:
         plugin = StickyWorkerPlugin(
-            template, self.workdir, self.settings.setup_attempts, self.settings.setup_retry_delay
+            template,
+            self.workdir,
+            self.settings.setup_attempts,
+            self.settings.setup_retry_delay,
+            self.settings.preempt_grace,
         )
-        nanny = Nanny(
+        return Nanny(
             self._scheduler.address,
             name=f"{template.name}-{index}",
             host=LOOPBACK,
@@ -168,17 +196,9 @@ class EmbeddedBackend(DaskBackend):
             dashboard=False,
             silence_logs=logging.WARNING,
         )
-        pool = self._pools[template.identity]
-        pool.append(nanny)
-        try:
-            await nanny
-        except Exception as e:
-            pool.remove(nanny)
-            self.log.error(f"Sticky template '{template.name}': worker {index} failed to start: {e}")
-            if not pool:
-                self.fail_pool(template, f"No worker of sticky template '{template.name}' could start: {e}")
 
     def close(self) -> None:
+        self.close_events()
         try:
             self._client.close(timeout=CLOSE_TIMEOUT_S)
         finally:

@@ -1,0 +1,244 @@
+"""Fault injection against real Snakemake and real Dask: killed, preempted and hung workers,
+poisoned state, broken templates, Ctrl-C, and a soak test with random kills."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import time
+
+import pytest
+
+from conftest import Workflow, interrupt
+from test_core import LLM_TEMPLATE, ONE_TEMPLATE_SNAKEFILE, sticky_workflow
+
+# Invocation `victim` writes half its output, says where it runs, then sleeps: the test kills or
+# preempts that worker mid-invocation. Any other attempt writes the whole output at once.
+CAREFUL = """
+import os, time
+from snakemake_executor_plugin_sticky import sticky_state
+state = sticky_state(snakemake)
+i = int(snakemake.wildcards.i)
+victim = int(snakemake.config.get("victim", -1))
+with open(snakemake.output[0], "w") as out:
+    out.write(f"begin {i}\\n")
+    out.flush()
+    if i == victim and not os.path.exists(f"victim-ran-{i}"):
+        open(f"victim-ran-{i}", "w").write(str(os.getpid()))
+        time.sleep(float(snakemake.config.get("victim_sleep", 60)))
+    time.sleep(float(snakemake.params.get("sleep", 0)))
+    out.write(f"end {i} {state['pid']}\\n")
+"""
+
+
+def wait_for(predicate, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "timed out waiting"
+        time.sleep(0.1)
+
+
+def complete_output(workflow: Workflow, i: int) -> bool:
+    path = workflow.root / f"out/{i}.json"
+    return path.exists() and path.read_text().startswith(f"begin {i}\nend {i} ")
+
+
+def complete_outputs(workflow: Workflow, count: int) -> bool:
+    return all(complete_output(workflow, i) for i in range(count))
+
+
+def report_of(workflow: Workflow) -> dict:
+    return json.loads(workflow.read(".snakemake/sticky/report.json"))["templates"]["llm"]
+
+
+def test_worker_killed_mid_invocation(workflow: Workflow):
+    sticky_workflow(workflow, ONE_TEMPLATE_SNAKEFILE, LLM_TEMPLATE)
+    workflow.write("scripts/record.py", CAREFUL)
+    proc = workflow.popen("--sticky-workers", "2", "--config", "count=40", "sleep=0.2", "victim=5")
+    wait_for(lambda: (workflow.root / "victim-ran-5").exists())
+    victim = int(workflow.read("victim-ran-5"))
+    os.kill(victim, signal.SIGKILL)
+    output, _ = proc.communicate(timeout=240)
+    assert proc.returncode == 0, output
+    assert complete_outputs(workflow, 40), "every output whole, the killed attempt's half one replaced"
+    assert f"end 5 {victim}" not in workflow.read("out/5.json")
+    setups = workflow.lines("setups-llm.txt")
+    assert len(setups) == 3 and str(victim) in setups, "the lost worker was replaced and rebuilt"
+    llm = report_of(workflow)
+    assert llm["workers_lost"] == 1 and llm["rebuilds"] == 1
+    assert workflow.leftover_processes() == []
+
+
+def test_losses_beyond_the_budget_fail_the_invocation(workflow: Workflow):
+    sticky_workflow(workflow, ONE_TEMPLATE_SNAKEFILE, LLM_TEMPLATE)
+    workflow.write("scripts/record.py", "import os, time\ntime.sleep(1)\nos.kill(os.getpid(), 9)\n")
+    run = workflow.run("--sticky-workers", "1", "--sticky-max-worker-losses", "1", "--config", "count=1", timeout=120)
+    assert run.returncode != 0
+    assert "Error in rule infer" in run.output and "--sticky-max-worker-losses" in run.output, run.output
+    assert len(workflow.lines("setups-llm.txt")) >= 2, "one loss was tolerated, the second was one too many"
+    assert workflow.leftover_processes() == []
+
+
+def test_preempted_worker_finishes_its_invocation_tears_down_and_leaves(workflow: Workflow):
+    sticky_workflow(workflow, ONE_TEMPLATE_SNAKEFILE, LLM_TEMPLATE)
+    workflow.write("scripts/record.py", CAREFUL)
+    proc = workflow.popen("--sticky-workers", "2", "--config", "count=8", "sleep=0.5", "victim=1", "victim_sleep=3")
+    wait_for(lambda: (workflow.root / "victim-ran-1").exists())
+    victim = int(workflow.read("victim-ran-1"))
+    os.kill(victim, signal.SIGTERM)
+    output, _ = proc.communicate(timeout=240)
+    assert proc.returncode == 0, output
+    assert complete_outputs(workflow, 8)
+    assert f"end 1 {victim}" in workflow.read("out/1.json"), "the running invocation finished within the grace"
+    assert str(victim) in workflow.lines("teardowns-llm.txt"), "teardown ran in the preempted worker"
+    assert "got SIGTERM (preempted)" in output
+    preempted = [w for w in report_of(workflow)["workers"] if w["preempted"]]
+    assert [w["pid"] for w in preempted] == [victim] and not preempted[0]["lost"]
+    assert workflow.leftover_processes() == []
+
+
+def test_preempted_worker_hands_back_what_outlasts_the_grace(workflow: Workflow):
+    sticky_workflow(workflow, ONE_TEMPLATE_SNAKEFILE, LLM_TEMPLATE)
+    workflow.write("scripts/record.py", CAREFUL)
+    proc = workflow.popen(
+        "--sticky-workers", "2", "--sticky-preempt-grace", "1", "--config", "count=4", "victim=0", "victim_sleep=600"
+    )
+    wait_for(lambda: (workflow.root / "victim-ran-0").exists())
+    victim = int(workflow.read("victim-ran-0"))
+    os.kill(victim, signal.SIGTERM)
+    output, _ = proc.communicate(timeout=240)
+    assert proc.returncode == 0, output
+    assert complete_outputs(workflow, 4)
+    assert f"end 0 {victim}" not in workflow.read("out/0.json"), "handed back and run elsewhere"
+    assert workflow.leftover_processes() == []
+
+
+def test_hung_invocation_times_out_and_its_worker_is_replaced(workflow: Workflow):
+    sticky_workflow(workflow, ONE_TEMPLATE_SNAKEFILE, LLM_TEMPLATE)
+    workflow.write("scripts/record.py", CAREFUL)
+    run = workflow.run(
+        "--sticky-workers", "1", "--sticky-invocation-timeout", "4", "--keep-going",
+        "--config", "count=4", "victim=2", "victim_sleep=600", timeout=180,
+    )
+    assert run.returncode != 0
+    assert "Invocation of rule 'infer' timed out after 4 s" in run.output
+    assert "Error in rule infer" in run.output
+    assert [i for i in range(4) if (workflow.root / f"out/{i}.json").exists()] == [0, 1, 3]
+    assert len(workflow.lines("setups-llm.txt")) == 2, "the worker of the hung invocation was replaced"
+    assert workflow.leftover_processes() == []
+
+
+def test_poisoning_exception_rebuilds_the_state(workflow: Workflow):
+    sticky_workflow(workflow, ONE_TEMPLATE_SNAKEFILE, LLM_TEMPLATE)
+    workflow.write("templates/counting.py", "poisoned_by = ('MemoryError',)\n" + workflow.read("templates/counting.py"))
+    workflow.write(
+        "scripts/record.py",
+        "if snakemake.wildcards.i == '1':\n    raise MemoryError('out of GPU memory')\n"
+        + workflow.read("scripts/record.py"),
+    )
+    run = workflow.run("--sticky-workers", "1", "--keep-going", "--config", "count=4")
+    assert run.returncode != 0
+    assert "MemoryError: out of GPU memory" in run.output and "poisoned its state" in run.output
+    setups = workflow.lines("setups-llm.txt")
+    assert len(setups) == 2 and len(set(setups)) == 1, "rebuilt in the same worker process"
+    assert len(workflow.lines("teardowns-llm.txt")) == 2, "the poisoned state was torn down"
+    assert len(list(workflow.root.glob("out/*.json"))) == 3
+
+
+def test_broken_template_fails_fast_and_alone(workflow: Workflow):
+    sticky_workflow(
+        workflow,
+        """
+        configfile: "config.yaml"
+        rule all:
+            input: expand("good/{i}.json", i=range(3)), expand("bad/{i}.json", i=range(3)), "plain.txt"
+        rule good:
+            output: "good/{i}.json"
+            resources: sticky="good"
+            script: "scripts/record.py"
+        rule bad:
+            output: "bad/{i}.json"
+            resources: sticky="bad"
+            script: "scripts/record.py"
+        rule plain:
+            output: "plain.txt"
+            shell: "echo plain > {output}"
+        """,
+        """
+        sticky:
+          good: {setup: templates/counting.py, kwargs: {name: good}}
+          bad: {setup: templates/counting.py, kwargs: {name: bad, fail: true}}
+        """,
+    )
+    run = workflow.run("--keep-going", "--sticky-setup-retry-delay", "0.5", timeout=120)
+    assert run.returncode != 0
+    assert run.seconds < 60, "bounded attempts with backoff, no hang"
+    assert "Sticky template 'bad'" in run.output and "RuntimeError: cannot load model for bad" in run.output
+    assert len(workflow.lines("setups-bad.txt")) == 3
+    assert all((workflow.root / f"good/{i}.json").exists() for i in range(3))
+    assert not list(workflow.root.glob("bad/*.json"))
+    assert workflow.read("plain.txt") == "plain\n"
+
+
+def test_ctrl_c_twice_exits_at_once(workflow: Workflow):
+    sticky_workflow(workflow, ONE_TEMPLATE_SNAKEFILE, LLM_TEMPLATE)
+    proc = workflow.popen("--sticky-workers", "2", "--config", "count=8", "sleep=60")
+    wait_for(lambda: len(workflow.lines("setups-llm.txt")) == 2)
+    time.sleep(1.5)
+    interrupt(proc)
+    time.sleep(0.3)
+    interrupted = time.monotonic()
+    interrupt(proc)
+    proc.communicate(timeout=30)
+    assert time.monotonic() - interrupted < 10
+    assert workflow.leftover_processes(wait_s=10) == []
+
+
+def test_rerun_after_ctrl_c_redoes_exactly_the_unfinished_jobs(workflow: Workflow):
+    """As with Snakemake's local executor: the interrupted job's output is marked incomplete."""
+    sticky_workflow(workflow, ONE_TEMPLATE_SNAKEFILE, LLM_TEMPLATE)
+    workflow.write("scripts/record.py", CAREFUL)
+    proc = workflow.popen("--sticky-workers", "1", "--config", "count=6", "victim=3", "victim_sleep=600")
+    wait_for(lambda: (workflow.root / "victim-ran-3").exists())
+    interrupt(proc)
+    proc.communicate(timeout=30)
+    assert len(workflow.lines("teardowns-llm.txt")) == 1, "first Ctrl-C runs teardown"
+    complete = [i for i in range(6) if complete_output(workflow, i)]
+    assert 3 not in complete
+    refused = workflow.run("--sticky-workers", "1", "--config", "count=6", "victim=3")
+    assert refused.returncode != 0 and "IncompleteFilesException" in refused.output
+    assert "out/3.json" in refused.output
+    rerun = workflow.run("--sticky-workers", "1", "--rerun-incomplete", "--config", "count=6", "victim=3")
+    assert rerun.returncode == 0, rerun.output
+    assert rerun.output.count("rule infer:") == 6 - len(complete)
+    assert complete_outputs(workflow, 6)
+
+
+@pytest.mark.slow
+def test_soak_random_kills(workflow: Workflow):
+    count, workers = 1000, 3
+    sticky_workflow(workflow, ONE_TEMPLATE_SNAKEFILE, LLM_TEMPLATE.replace("delay: 1.0", "delay: 0.5"))
+    workflow.write("scripts/record.py", CAREFUL)
+    proc = workflow.popen(
+        "--sticky-workers", str(workers), "--max-jobs-per-timespan", "1000/1s", "--sticky-status-interval", "5",
+        "--config", f"count={count}", "sleep=0.02", cores=workers,
+    )
+    rng = random.Random(7)
+    kills, deadline = 0, time.monotonic() + 300
+    while proc.poll() is None and kills < 8 and time.monotonic() < deadline:
+        time.sleep(rng.uniform(2.0, 4.0))
+        pids = [int(p) for p in workflow.lines("setups-llm.txt")]
+        alive = [p for p in pids if os.path.exists(f"/proc/{p}")]
+        if alive and proc.poll() is None:
+            os.kill(rng.choice(alive), signal.SIGKILL)
+            kills += 1
+    output, _ = proc.communicate(timeout=600)
+    assert proc.returncode == 0, output[-5000:]
+    assert complete_outputs(workflow, count)
+    llm = report_of(workflow)
+    assert llm["invocations"] >= count
+    assert llm["workers_lost"] == kills and llm["rebuilds"] >= kills - 1
+    print(f"soak: {count} invocations, {kills} workers killed, {llm['rebuilds']} state rebuilds")
+    assert workflow.leftover_processes() == []
