@@ -99,6 +99,19 @@ CASES = {
         dict(args=["--sticky-setup-attempts", "0"]),
         "--sticky-setup-attempts must be at least 1, got 0",
     ),
+    "zero workers": (dict(args=["--sticky-workers", "0"]), "--sticky-workers must be at least 1, got 0"),
+    "negative loss budget": (
+        dict(args=["--sticky-max-worker-losses", "-1"]),
+        "--sticky-max-worker-losses must not be negative, got -1",
+    ),
+    "zero timeout": (
+        dict(args=["--sticky-invocation-timeout", "0"]),
+        "--sticky-invocation-timeout must be positive, got 0",
+    ),
+    "negative grace": (
+        dict(args=["--sticky-preempt-grace", "-5"]),
+        "--sticky-preempt-grace must not be negative, got -5",
+    ),
     "template renamed by --set-resources": (
         dict(args=["--set-resources", "infer:sticky=other"]),
         "Rule 'infer' asks for sticky template 'other'",
