@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 # The CPU wheel first: an unpinned torch would pull several GB of CUDA wheels.
 TORCH := torch==2.13.0
 
-.PHONY: test demo venv clean
+.PHONY: test demo bench bench-quick bench-gpu venv clean
 
 venv: $(VENV)/.installed
 
@@ -13,7 +13,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet $(TORCH)
-	$(PY) -m pip install --quiet -e '.[test]'
+	$(PY) -m pip install --quiet -e '.[test,bench]'
 	touch $@
 
 test: venv
@@ -24,6 +24,17 @@ demo: venv
 	@echo
 	@echo "Demo results: workflow/results/summary.md, summary.json and verdicts/ (one file per invocation)."
 	@echo "Per-invocation logs, with the model load time: workflow/results/logs/verify/"
+
+# Benchmarks: results in benchmarks/results/<date>-<host>.{json,md,png}; the README holds the latest table.
+bench: venv
+	$(PY) benchmarks/bench.py
+
+bench-quick: venv
+	$(PY) benchmarks/bench.py --quick
+
+# On a single-GPU Linux machine with torch preinstalled and no network (no .venv needed).
+bench-gpu:
+	python3 benchmarks/bench_gpu.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -294,7 +294,10 @@ class RunReport:
         (self.folder / "report.json").write_text(json.dumps(report, indent=2) + "\n")
         with self._lock:
             invocations = list(self.invocations)
-        draw_timeline(report, invocations, self.started, self.folder / "timeline.png")
+        try:
+            draw_timeline(report, invocations, self.started, self.folder / "timeline.png")
+        except Exception as e:  # the picture must not cost the run its report
+            self.log.warning(f"Sticky report: could not draw timeline.png: {type(e).__name__}: {e}")
         for line in self.summary_lines(report):
             self.log.info(line)
         self.log.info(f"Sticky report: {self.folder / 'report.json'}, timeline: {self.folder / 'timeline.png'}")

@@ -1,0 +1,351 @@
+"""`make bench`: what stickiness buys, how close it comes to the ideal, what it costs at scale.
+
+Three measurements, each a real `snakemake` run in a temporary folder:
+
+- makespan: the demo workflow (48 invocations of 8 claims) under `--executor sticky` with W workers
+  against Snakemake's local executor with the same parallelism, alternated A B A B ..., plus the
+  ideal makespan (slowest setup + total invocation compute / W, from the plugin's report.json);
+- dispatch: K no-op invocations through the sticky executor against Snakemake's own floor for the
+  same DAG (`--executor touch`), in ms per invocation;
+- scale: 1k / 5k / 20k no-op invocations end to end with the recommended large-run settings: wall
+  time and peak memory of the Snakemake process and of a worker.
+
+Results go to benchmarks/results/<date>-<host>.json, a Markdown table and a PNG plot.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import psutil
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+SNAKEMAKE = str(Path(sys.executable).with_name("snakemake"))
+
+# What a user should pass for runs of thousands of invocations (measured in the scale section).
+LARGE_RUN_FLAGS = ["--scheduler", "firstfit", "--max-jobs-per-timespan", "100000/1s", "--drop-metadata", "--quiet", "rules"]
+
+
+@dataclass
+class Measured:
+    wall_s: float
+    returncode: int
+    head_rss_mb: float = 0.0
+    worker_rss_mb: float = 0.0
+    report: Optional[dict] = None
+    output_tail: str = ""
+
+
+@dataclass
+class Section:
+    rows: list[dict] = field(default_factory=list)
+
+
+def run(cmd: list[str], cwd: Path, timeout: float = 3600) -> Measured:
+    """Run snakemake, timing it from start to exit and sampling peak memory of it and its workers."""
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    env.pop("SNAKEMAKE_PROFILE", None)
+    started = time.perf_counter()
+    proc = subprocess.Popen(cmd, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    peaks = {"head": 0, "worker": 0}
+    done = threading.Event()
+
+    def sample() -> None:
+        try:
+            head = psutil.Process(proc.pid)
+        except psutil.Error:
+            return
+        while not done.wait(0.2):
+            try:
+                peaks["head"] = max(peaks["head"], head.memory_info().rss)
+                for child in head.children(recursive=True):
+                    peaks["worker"] = max(peaks["worker"], child.memory_info().rss)
+            except psutil.Error:
+                pass
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    output, _ = proc.communicate(timeout=timeout)
+    wall = time.perf_counter() - started
+    done.set()
+    sampler.join()
+    report_path = cwd / ".snakemake" / "sticky" / "report.json"
+    report = json.loads(report_path.read_text()) if report_path.exists() else None
+    if report_path.exists():
+        report_path.unlink()
+    measured = Measured(wall, proc.returncode, peaks["head"] / 2**20, peaks["worker"] / 2**20, report, output[-3000:])
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed in {cwd}:\n{measured.output_tail}")
+    return measured
+
+
+def spread(values: list[float]) -> dict[str, float]:
+    return {"median": statistics.median(values), "min": min(values), "max": max(values)}
+
+
+# -- makespan -----------------------------------------------------------------------------------
+
+
+def prepare_demo(folder: Path, claims: int, per_invocation: int, workers: int) -> list[str]:
+    shutil.copytree(ROOT / "workflow", folder, ignore=shutil.ignore_patterns("results", ".snakemake"))
+    config = ["--config", f"claims={claims}", f"claims_per_invocation={per_invocation}"]
+    # model, claims and shards once, outside the measurement
+    run([SNAKEMAKE, "--executor", "local", "--cores", str(workers), "results/model/tiny-llama", "results/shards/00000.jsonl", *config], folder)
+    return config
+
+
+def reset_demo(folder: Path) -> None:
+    for path in ("results/verdicts", "results/logs/verify", "results/summary.json", "results/summary.md", ".snakemake/incomplete"):
+        target = folder / path
+        if target.is_dir():
+            shutil.rmtree(target)
+        elif target.exists():
+            target.unlink()
+
+
+def makespan(folder: Path, invocations: int, per_invocation: int, workers: int, repeats: int) -> dict:
+    config = prepare_demo(folder, invocations * per_invocation, per_invocation, workers)
+    sticky_cmd = [SNAKEMAKE, "--executor", "sticky", "--cores", str(2 * workers), "--sticky-workers", str(workers), *config]
+    local_cmd = [SNAKEMAKE, "--executor", "local", "--cores", str(workers), *config]
+    pairs = []
+    for repeat in range(repeats):
+        reset_demo(folder)
+        sticky = run(sticky_cmd, folder)
+        reset_demo(folder)
+        local = run(local_cmd, folder)
+        llm = sticky.report["templates"]["llm"]
+        ideal = llm["setup_s"]["max"] + llm["invocation_s"]["total"] / workers
+        pairs.append({
+            "sticky_s": sticky.wall_s,
+            "local_s": local.wall_s,
+            "speedup": local.wall_s / sticky.wall_s,
+            "ideal_s": ideal,
+            "efficiency": ideal / sticky.wall_s,
+            "setup_s_max": llm["setup_s"]["max"],
+            "invocation_s_median": llm["invocation_s"]["median"],
+            "model_loads": llm["state_builds"],
+        })
+        print(f"  makespan pair {repeat + 1}/{repeats}: sticky {sticky.wall_s:.2f} s, local {local.wall_s:.2f} s, "
+              f"ideal {ideal:.2f} s, efficiency {ideal / sticky.wall_s:.2f}", flush=True)
+    return {
+        "invocations": invocations,
+        "claims_per_invocation": per_invocation,
+        "workers": workers,
+        "sticky_cmd": " ".join(sticky_cmd[1:]),
+        "local_cmd": " ".join(local_cmd[1:]),
+        "pairs": pairs,
+        **{key: spread([p[key] for p in pairs]) for key in ("sticky_s", "local_s", "speedup", "ideal_s", "efficiency")},
+    }
+
+
+# -- dispatch and scale -------------------------------------------------------------------------
+
+NOOP_SNAKEFILE = """
+configfile: "config.yaml"
+K = int(config["k"])
+rule all:
+    input: expand("o/{i}.txt", i=range(K))
+rule noop:
+    output: "o/{i}.txt"
+    resources: sticky="noop"
+    script: "noop.py"
+"""
+
+
+def prepare_noop(folder: Path) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "Snakefile").write_text(NOOP_SNAKEFILE)
+    (folder / "config.yaml").write_text("sticky:\n  noop:\n    setup: noop_template.py\n")
+    (folder / "noop_template.py").write_text("def setup():\n    return None\n")
+    (folder / "noop.py").write_text("open(snakemake.output[0], 'w').close()\n")
+
+
+def clean_noop(folder: Path) -> None:
+    shutil.rmtree(folder / "o", ignore_errors=True)
+    shutil.rmtree(folder / ".snakemake", ignore_errors=True)
+
+
+def noop_run(folder: Path, k: int, executor: str, workers: int, extra: list[str]) -> Measured:
+    clean_noop(folder)
+    cmd = [SNAKEMAKE, "--executor", executor, "--cores", str(4 * workers), "--config", f"k={k}", *extra]
+    if executor == "sticky":
+        cmd += ["--sticky-workers", str(workers), "--sticky-status-interval", "0"]
+    return run(cmd, folder)
+
+
+def dispatch(folder: Path, ks: list[int], workers: int, repeats: int) -> dict:
+    prepare_noop(folder)
+    rows = []
+    for k in ks:
+        pairs = []
+        for _ in range(repeats):
+            sticky = noop_run(folder, k, "sticky", workers, LARGE_RUN_FLAGS)
+            floor = noop_run(folder, k, "touch", workers, LARGE_RUN_FLAGS)
+            pairs.append({"sticky_s": sticky.wall_s, "floor_s": floor.wall_s,
+                          "overhead_ms": 1000 * (sticky.wall_s - floor.wall_s) / k})
+        row = {"k": k, "pairs": pairs, **{key: spread([p[key] for p in pairs]) for key in ("sticky_s", "floor_s", "overhead_ms")}}
+        rows.append(row)
+        print(f"  dispatch K={k}: sticky {row['sticky_s']['median']:.2f} s, floor {row['floor_s']['median']:.2f} s, "
+              f"{row['overhead_ms']['median']:.2f} ms/invocation above the floor", flush=True)
+    return {"workers": workers, "flags": " ".join(LARGE_RUN_FLAGS), "rows": rows}
+
+
+def scale(folder: Path, ns: list[int], workers: int, compare_at: int) -> dict:
+    prepare_noop(folder)
+    rows = []
+    for n in ns:
+        measured = noop_run(folder, n, "sticky", workers, LARGE_RUN_FLAGS)
+        rows.append({"n": n, "wall_s": measured.wall_s, "per_invocation_ms": 1000 * measured.wall_s / n,
+                     "head_rss_mb": measured.head_rss_mb, "worker_rss_mb": measured.worker_rss_mb})
+        print(f"  scale N={n}: {measured.wall_s:.1f} s ({1000 * measured.wall_s / n:.2f} ms/invocation), "
+              f"Snakemake {measured.head_rss_mb:.0f} MB, worker {measured.worker_rss_mb:.0f} MB", flush=True)
+    settings = []
+    variants = {
+        "Snakemake CLI defaults": ["--quiet", "rules"],
+        "+ --max-jobs-per-timespan 100000/1s": ["--max-jobs-per-timespan", "100000/1s", "--quiet", "rules"],
+        "+ --scheduler greedy": ["--scheduler", "greedy", "--max-jobs-per-timespan", "100000/1s", "--quiet", "rules"],
+        "+ --scheduler firstfit": ["--scheduler", "firstfit", "--max-jobs-per-timespan", "100000/1s", "--quiet", "rules"],
+        "+ --drop-metadata (recommended)": LARGE_RUN_FLAGS,
+    }
+    for name, flags in variants.items():
+        measured = noop_run(folder, compare_at, "sticky", workers, flags)
+        settings.append({"settings": name, "flags": " ".join(flags), "wall_s": measured.wall_s})
+        print(f"  settings at N={compare_at}, {name}: {measured.wall_s:.1f} s", flush=True)
+    return {"workers": workers, "rows": rows, "settings_at": compare_at, "settings": settings}
+
+
+# -- output -------------------------------------------------------------------------------------
+
+
+def machine() -> dict:
+    return {
+        "host": socket.gethostname(),
+        "cpus": os.cpu_count(),
+        "memory_gb": round(psutil.virtual_memory().total / 2**30, 1),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "gpu": "none",
+    }
+
+
+def fmt(s: dict, unit: str = "", digits: int = 2) -> str:
+    return f"{s['median']:.{digits}f}{unit} ({s['min']:.{digits}f}–{s['max']:.{digits}f})"
+
+
+def markdown(results: dict) -> str:
+    m = results["machine"]
+    lines = [f"Machine: {m['cpus']} CPUs, {m['memory_gb']} GiB, no GPU, {m['platform']}, Python {m['python']}; "
+             f"{results['date']}. Median (min–max) of {results['repeats']} alternated runs.", ""]
+    if "makespan" in results:
+        r = results["makespan"]
+        lines += [
+            f"**Makespan**, demo workflow, {r['invocations']} invocations × {r['claims_per_invocation']} claims, W = {r['workers']}:",
+            "",
+            "| sticky | local (create-destroy) | speedup | ideal | efficiency (ideal ÷ sticky) |",
+            "|---|---|---|---|---|",
+            f"| {fmt(r['sticky_s'], ' s')} | {fmt(r['local_s'], ' s')} | {fmt(r['speedup'], '×')} | {fmt(r['ideal_s'], ' s')} | {fmt(r['efficiency'])} |",
+            "",
+        ]
+    if "dispatch" in results:
+        lines += ["**Dispatch**, no-op invocations, sticky vs `--executor touch` (Snakemake's floor), same flags:", "",
+                  "| K | sticky | floor | ms per invocation above the floor |", "|---|---|---|---|"]
+        for row in results["dispatch"]["rows"]:
+            lines.append(f"| {row['k']:,} | {fmt(row['sticky_s'], ' s')} | {fmt(row['floor_s'], ' s')} | {fmt(row['overhead_ms'])} |")
+        lines.append("")
+    if "scale" in results:
+        lines += ["**Scale**, no-op invocations with the large-run flags:", "",
+                  "| N | wall | per invocation | Snakemake peak RSS | worker peak RSS |", "|---|---|---|---|---|"]
+        for row in results["scale"]["rows"]:
+            lines.append(f"| {row['n']:,} | {row['wall_s']:.1f} s | {row['per_invocation_ms']:.2f} ms | "
+                         f"{row['head_rss_mb']:.0f} MB | {row['worker_rss_mb']:.0f} MB |")
+        lines += ["", f"Settings at N = {results['scale']['settings_at']:,}:", "", "| settings | wall |", "|---|---|"]
+        for row in results["scale"]["settings"]:
+            lines.append(f"| {row['settings']} | {row['wall_s']:.1f} s |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def plot(results: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = [key for key in ("makespan", "dispatch", "scale") if key in results]
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4), squeeze=False)
+    for ax, key in zip(axes[0], panels):
+        r = results[key]
+        if key == "makespan":
+            names = ["sticky", "local", "ideal"]
+            values = [r["sticky_s"]["median"], r["local_s"]["median"], r["ideal_s"]["median"]]
+            ax.bar(names, values, color=["tab:blue", "tab:orange", "tab:gray"])
+            ax.set_ylabel("makespan (s)")
+            ax.set_title(f"{r['invocations']} invocations, W={r['workers']}: {r['speedup']['median']:.1f}× faster")
+        elif key == "dispatch":
+            ks = [row["k"] for row in r["rows"]]
+            ax.plot(ks, [row["overhead_ms"]["median"] for row in r["rows"]], marker="o")
+            ax.set_xscale("log")
+            ax.set_xlabel("no-op invocations K")
+            ax.set_ylabel("ms per invocation above Snakemake's floor")
+            ax.set_title("dispatch overhead")
+        else:
+            ns = [row["n"] for row in r["rows"]]
+            ax.plot(ns, [row["wall_s"] for row in r["rows"]], marker="o", label="wall (s)")
+            ax.plot(ns, [row["head_rss_mb"] for row in r["rows"]], marker="s", label="Snakemake RSS (MB)")
+            ax.set_xlabel("invocations N")
+            ax.legend()
+            ax.set_title("cost at scale")
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="a short version (make bench-quick)")
+    parser.add_argument("--only", choices=["makespan", "dispatch", "scale"], action="append")
+    args = parser.parse_args()
+    sections = args.only or ["makespan", "dispatch", "scale"]
+    repeats = 3
+    results = {"date": datetime.datetime.now().isoformat(timespec="seconds"), "machine": machine(),
+               "quick": args.quick, "repeats": repeats}
+    with tempfile.TemporaryDirectory(prefix="sticky-bench-") as tmp:
+        tmp = Path(tmp)
+        if "makespan" in sections:
+            print("makespan: demo workflow, sticky vs local executor", flush=True)
+            results["makespan"] = makespan(tmp / "demo", 12 if args.quick else 48, 8, 2, repeats)
+        if "dispatch" in sections:
+            print("dispatch: no-op invocations vs --executor touch", flush=True)
+            results["dispatch"] = dispatch(tmp / "noop", [100, 1000] if args.quick else [100, 1000, 5000], 2, repeats)
+        if "scale" in sections:
+            print("scale: no-op invocations end to end", flush=True)
+            results["scale"] = scale(tmp / "scale", [1000, 2000] if args.quick else [1000, 5000, 20000], 2,
+                                     500 if args.quick else 2000)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    stem = f"{datetime.date.today().isoformat()}-{socket.gethostname()}" + ("-quick" if args.quick else "")
+    (RESULTS / f"{stem}.json").write_text(json.dumps(results, indent=2) + "\n")
+    plot(results, RESULTS / f"{stem}.png")
+    table = markdown(results)
+    (RESULTS / f"{stem}.md").write_text(table + "\n")
+    print("\n" + table)
+    print(f"Results: {RESULTS / (stem + '.json')}, plot: {RESULTS / (stem + '.png')}")
+
+
+if __name__ == "__main__":
+    main()

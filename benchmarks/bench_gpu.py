@@ -1,0 +1,133 @@
+"""`make bench-gpu`: the demo on one GPU with a model of SmolLM2-1.7B's shape.
+
+Builds a Llama-architecture model with SmolLM2-1.7B's dimensions and random bf16 weights, saved
+as safetensors (no network needed), then measures:
+
+- template setup split into disk -> CPU (from_pretrained on the CPU) and CPU -> GPU (.to("cuda"));
+- the time of one invocation (a shard of claims, one forward pass per micro-batch);
+- sticky vs create-destroy makespan of the demo workflow on that model (1 GPU worker).
+
+Needs a single-GPU Linux machine with torch, transformers, snakemake and this package installed.
+Results go to benchmarks/results/<date>-<host>-gpu.json and a Markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import shutil
+import socket
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from bench import RESULTS, SNAKEMAKE, reset_demo, run, spread  # noqa: E402
+
+SMOLLM2_1_7B = dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=24, num_attention_heads=32,
+                    num_key_value_heads=32, vocab_size=49152, max_position_embeddings=2048, rope_theta=130000.0)
+
+
+def build_model(folder: Path, tokenizer_from: Path) -> Path:
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_from)
+    config = LlamaConfig(**SMOLLM2_1_7B, tie_word_embeddings=True, torch_dtype="bfloat16",
+                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                         pad_token_id=tokenizer.pad_token_id)
+    with torch.device("cuda"):
+        model = LlamaForCausalLM(config).to(torch.bfloat16)
+    model.save_pretrained(folder, safe_serialization=True)
+    tokenizer.save_pretrained(folder)
+    del model
+    torch.cuda.empty_cache()
+    return folder
+
+
+def setup_split(model_dir: Path, repeats: int) -> dict:
+    """disk -> CPU and CPU -> GPU, each in a fresh process so no cache of this one helps."""
+    code = (
+        "import time, torch, json\n"
+        "from transformers import AutoModelForCausalLM\n"
+        "t0 = time.perf_counter()\n"
+        f"m = AutoModelForCausalLM.from_pretrained({str(model_dir)!r}, dtype=torch.bfloat16)\n"
+        "t1 = time.perf_counter()\n"
+        "m.to('cuda'); torch.cuda.synchronize()\n"
+        "t2 = time.perf_counter()\n"
+        "print(json.dumps({'disk_to_cpu_s': t1 - t0, 'cpu_to_gpu_s': t2 - t1}))\n"
+    )
+    import subprocess
+
+    runs = [json.loads(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout)
+            for _ in range(repeats)]
+    return {key: spread([r[key] for r in runs]) for key in ("disk_to_cpu_s", "cpu_to_gpu_s")}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--invocations", type=int, default=24)
+    parser.add_argument("--claims-per-invocation", type=int, default=32)
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+
+    import torch
+
+    if not torch.cuda.is_available():
+        sys.exit("bench-gpu needs a CUDA GPU")
+    gpu = torch.cuda.get_device_name(0)
+    with tempfile.TemporaryDirectory(prefix="sticky-bench-gpu-") as tmp:
+        demo = Path(tmp) / "demo"
+        shutil.copytree(ROOT / "workflow", demo, ignore=shutil.ignore_patterns("results", ".snakemake"))
+        claims = args.invocations * args.claims_per_invocation
+        config = ["--config", f"claims={claims}", f"claims_per_invocation={args.claims_per_invocation}", "batch_size=16"]
+        run([SNAKEMAKE, "--executor", "local", "--cores", "2", "results/model/tiny-llama", "results/shards/00000.jsonl", *config], demo)
+        model_dir = build_model(Path(tmp) / "smollm2-1.7b-shape", demo / "results/model/tiny-llama")
+        split = setup_split(model_dir, args.repeats)
+        gpu_config = [*config, f"model={model_dir}", "gpus=1"]
+        sticky_cmd = [SNAKEMAKE, "--executor", "sticky", "--cores", "2", "--sticky-workers", "1", *gpu_config]
+        local_cmd = [SNAKEMAKE, "--executor", "local", "--cores", "1", *gpu_config]
+        pairs = []
+        for _ in range(args.repeats):
+            reset_demo(demo)
+            sticky = run(sticky_cmd, demo)
+            reset_demo(demo)
+            local = run(local_cmd, demo)
+            llm = sticky.report["templates"]["llm"]
+            pairs.append({"sticky_s": sticky.wall_s, "local_s": local.wall_s, "speedup": local.wall_s / sticky.wall_s,
+                          "setup_s": llm["setup_s"]["max"], "invocation_s": llm["invocation_s"]["median"]})
+            print(f"  pair: sticky {sticky.wall_s:.1f} s, local {local.wall_s:.1f} s", flush=True)
+    results = {
+        "date": datetime.datetime.now().isoformat(timespec="seconds"),
+        "gpu": gpu,
+        "host": socket.gethostname(),
+        "model": "Llama, SmolLM2-1.7B shape, random bf16 weights, safetensors",
+        "invocations": args.invocations,
+        "claims_per_invocation": args.claims_per_invocation,
+        "setup_split": split,
+        "pairs": pairs,
+        **{key: spread([p[key] for p in pairs]) for key in ("sticky_s", "local_s", "speedup", "setup_s", "invocation_s")},
+    }
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    stem = f"{datetime.date.today().isoformat()}-{socket.gethostname()}-gpu"
+    (RESULTS / f"{stem}.json").write_text(json.dumps(results, indent=2) + "\n")
+    s = results
+    table = "\n".join([
+        f"GPU: {gpu}; {s['model']}; {s['invocations']} invocations × {s['claims_per_invocation']} claims; median (min–max) of {args.repeats}.",
+        "",
+        "| disk → CPU | CPU → GPU | setup (in worker) | per invocation | sticky | create-destroy | speedup |",
+        "|---|---|---|---|---|---|---|",
+        f"| {split['disk_to_cpu_s']['median']:.2f} s | {split['cpu_to_gpu_s']['median']:.2f} s | {s['setup_s']['median']:.2f} s | "
+        f"{s['invocation_s']['median']:.3f} s | {s['sticky_s']['median']:.1f} s | {s['local_s']['median']:.1f} s | {s['speedup']['median']:.1f}× |",
+    ])
+    (RESULTS / f"{stem}.md").write_text(table + "\n")
+    print("\n" + table)
+
+
+if __name__ == "__main__":
+    main()
