@@ -2,7 +2,6 @@
 the claims' vocabulary and a small Llama-architecture model with random weights from a fixed seed,
 both saved with save_pretrained so the template loads them like any real model."""
 
-import sys
 import time
 
 import torch
