@@ -13,7 +13,7 @@ import sys
 import threading
 from functools import partial
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 from snakemake.executors.local import Executor as LocalExecutor
 from snakemake_interface_common.exceptions import WorkflowError
@@ -22,11 +22,13 @@ from snakemake_interface_executor_plugins.executors.real import RealExecutor
 from snakemake_interface_executor_plugins.jobs import JobExecutorInterface
 from snakemake_interface_executor_plugins.settings import ExecMode
 
-from .backends.base import Backend, Outcome
 from .invocation import Invocation, InvocationResult, build_invocation, local_script_path
 from .report import RunReport
 from .settings import ExecutorSettings
 from .templates import CONFIG_SECTION, RESOURCE, TemplateSpec, parse_templates
+
+if TYPE_CHECKING:  # Dask loads with the engine, not whenever Snakemake lists its plugins
+    from .backends.base import Backend
 
 
 class Executor(RealExecutor):
@@ -36,7 +38,7 @@ class Executor(RealExecutor):
         self.workdir = os.getcwd()
         self.templates = parse_templates(self.workflow.config, Path(self.workdir))
         self.local = LocalExecutor(self.workflow, self.logger)
-        self._backend: Optional[Backend] = None
+        self._backend: Optional["Backend"] = None
         self._backend_lock = threading.Lock()
         self._cancelled = False
         self._errors = 0
@@ -119,7 +121,7 @@ class Executor(RealExecutor):
     # -- engine -------------------------------------------------------------------------------
 
     @property
-    def backend(self) -> Backend:
+    def backend(self) -> "Backend":
         with self._backend_lock:
             if self._backend is None:
                 from .backends.local import EmbeddedBackend
@@ -196,7 +198,7 @@ class Executor(RealExecutor):
         self.report.invocation_submitted(invocation)
         self.backend.submit(invocation, partial(self.invocation_done, job_info))
 
-    def invocation_done(self, job_info: SubmittedJobInfo, invocation: Invocation, outcome: Outcome) -> None:
+    def invocation_done(self, job_info: SubmittedJobInfo, invocation: Invocation, outcome: Any) -> None:
         self.report.invocation_finished(invocation, outcome)
         if self._cancelled:
             return  # Ctrl-C: Snakemake is already tearing down, as with the local executor
