@@ -10,6 +10,7 @@ from types import SimpleNamespace
 
 import psutil
 
+from snakemake_executor_plugin_sticky import ExecutorSettings
 from snakemake_executor_plugin_sticky.backends.local import EmbeddedBackend
 from snakemake_executor_plugin_sticky.invocation import Invocation
 from snakemake_executor_plugin_sticky.templates import parse_templates
@@ -39,7 +40,8 @@ def test_worker_stays_responsive_while_building_state_and_tears_down(tmp_path: P
     (tmp_path / "slow.py").write_text(SLOW_SETUP)
     (tmp_path / "script.py").write_text(SCRIPT)
     spec = parse_templates({"sticky": {"slow": {"setup": "slow.py", "kwargs": {"seconds": 8}}}}, tmp_path)["slow"]
-    backend = EmbeddedBackend(str(tmp_path), 1, 1, 0.0, Log())
+    settings = ExecutorSettings(workers=1, setup_attempts=1, setup_retry_delay=0.0)
+    backend = EmbeddedBackend(str(tmp_path), settings, Log(), lambda event: None)
     try:
         backend.start_pool(spec)
         backend.client.wait_for_workers(1, timeout=60)
