@@ -158,7 +158,7 @@ def makespan(folder: Path, invocations: int, per_invocation: int, workers: int, 
 
 NOOP_SNAKEFILE = """
 configfile: "config.yaml"
-K = int(config["k"])
+K = int(config["count"])
 rule all:
     input: expand("o/{i}.txt", i=range(K))
 rule noop:
@@ -183,7 +183,7 @@ def clean_noop(folder: Path) -> None:
 
 def noop_run(folder: Path, k: int, executor: str, workers: int, extra: list[str]) -> Measured:
     clean_noop(folder)
-    cmd = [SNAKEMAKE, "--executor", executor, "--cores", str(4 * workers), "--config", f"k={k}", *extra]
+    cmd = [SNAKEMAKE, "--executor", executor, "--cores", str(4 * workers), "--config", f"count={k}", *extra]
     if executor == "sticky":
         cmd += ["--sticky-workers", str(workers), "--sticky-status-interval", "0"]
     return run(cmd, folder)

@@ -9,6 +9,7 @@ wait for the state if it is still being built.
 from __future__ import annotations
 
 import asyncio
+import atexit
 import builtins
 import io
 import os
@@ -144,6 +145,9 @@ class StickyWorkerPlugin(WorkerPlugin):
             signal.signal(signal.SIGTERM, lambda *_: worker.loop.add_callback(self.preempted, worker))
         os.chdir(self.workdir)
         install_output_capture()
+        # Runs first at interpreter exit (after Dask's own shutdown of this process is done): the
+        # state is torn down by then, and finalizing torch's modules would take about a second.
+        atexit.register(os._exit, 0)
         identity = {
             "template": self.spec.name,
             "name": str(worker.name),
