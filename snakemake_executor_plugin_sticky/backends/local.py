@@ -9,6 +9,7 @@ their parent and exit when it goes away, so nothing outlives Snakemake.
 from __future__ import annotations
 
 import asyncio
+import importlib.util
 import logging
 import os
 import shutil
@@ -32,11 +33,8 @@ START_ATTEMPTS = 3
 
 
 def dashboard_available() -> bool:
-    try:
-        import bokeh  # noqa: F401  (Dask's dashboard needs it)
-    except ImportError:
-        return False
-    return True
+    """Whether bokeh, which Dask's dashboard needs, is installed (found, not imported: that is slow)."""
+    return importlib.util.find_spec("bokeh") is not None
 
 
 def visible_gpus() -> list[str]:
@@ -102,6 +100,7 @@ class EmbeddedBackend(DaskBackend):
         self.workdir = workdir
         self.settings = settings
         self.gpu_plan = GpuPlan(visible_gpus(), log)
+        self.dashboard = dashboard_available()
         # Dask's own INFO chatter (comms, plugin registration) is noise in a Snakemake log.
         logging.getLogger("distributed").setLevel(logging.WARNING)
         self._pools: dict[str, list[Nanny]] = {}
@@ -120,22 +119,32 @@ class EmbeddedBackend(DaskBackend):
         return asyncio.run_coroutine_threadsafe(coroutine, self._loop).result(timeout)
 
     async def _start_scheduler(self) -> Scheduler:
-        # The scheduler always serves HTTP (health, metrics; the dashboard when bokeh is there).
-        dashboard = dashboard_available()
-        address = self.settings.dashboard_address if dashboard else f"{LOOPBACK}:0"
-        if dashboard and not address.startswith((LOOPBACK, "localhost")):
+        # The scheduler always serves HTTP (health, metrics; the dashboard is added later).
+        address = self.settings.dashboard_address if self.dashboard else f"{LOOPBACK}:0"
+        if self.dashboard and not address.startswith((LOOPBACK, "localhost")):
             self.log.warning(
                 f"The Dask dashboard listens on {address}, beyond loopback, without authentication: "
                 "anyone who reaches it can watch this run. Prefer an SSH tunnel to 127.0.0.1."
             )
         # Each loss of the worker running an invocation counts once; past this the invocation fails.
         dask.config.set({"distributed.scheduler.allowed-failures": self.settings.max_worker_losses})
-        scheduler = Scheduler(host=LOOPBACK, port=0, dashboard=dashboard, dashboard_address=address)
+        scheduler = Scheduler(host=LOOPBACK, port=0, dashboard=False, dashboard_address=address)
         await scheduler
-        if dashboard:
-            host = address.rsplit(":", 1)[0] or LOOPBACK
-            self.log.info(f"Dask dashboard of the sticky workers: http://{host}:{scheduler.http_server.port}/status")
         return scheduler
+
+    async def _attach_dashboard(self, starting: list[Any]) -> None:
+        """Add the dashboard once the first workers started: loading bokeh takes about half a
+        second, which would otherwise delay them."""
+        await asyncio.gather(*starting, return_exceptions=True)
+        try:
+            import distributed.dashboard.scheduler as dashboard
+
+            dashboard.connect(self._scheduler.http_application, self._scheduler.http_server, self._scheduler)
+        except Exception as e:
+            self.log.warning(f"The Dask dashboard could not start: {type(e).__name__}: {e}")
+            return
+        host = self.settings.dashboard_address.rsplit(":", 1)[0] or LOOPBACK
+        self.log.info(f"Dask dashboard of the sticky workers: http://{host}:{self._scheduler.http_server.port}/status")
 
     def workers_for(self, template: TemplateSpec) -> int:
         return self.gpu_plan.worker_count(template, self.settings.workers)
@@ -144,14 +153,20 @@ class EmbeddedBackend(DaskBackend):
         if template.identity in self._pools:
             return 0
         count = self.workers_for(template)
+        first_pool = not self._pools
         self._pools[template.identity] = []
+        starting = []
         for index in range(count):
             gpus = self.gpu_plan.take(template)
             self.log.info(
                 f"Sticky template '{template.name}': starting worker {index + 1}/{count}"
                 + (f" on GPU(s) {','.join(gpus)}." if gpus else ".")
             )
-            asyncio.run_coroutine_threadsafe(self._start_worker(template, index, gpus), self._loop)
+            starting.append(asyncio.run_coroutine_threadsafe(self._start_worker(template, index, gpus), self._loop))
+        if first_pool and self.dashboard:
+            asyncio.run_coroutine_threadsafe(
+                self._attach_dashboard([asyncio.wrap_future(f, loop=self._loop) for f in starting]), self._loop
+            )
         return count
 
     async def _start_worker(self, template: TemplateSpec, index: int, gpus: list[str]) -> None:
