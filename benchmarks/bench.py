@@ -320,6 +320,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="a short version (make bench-quick)")
     parser.add_argument("--only", choices=["makespan", "dispatch", "scale"], action="append")
+    parser.add_argument("--scale", type=int, nargs="+", help="invocation counts of the scale section")
     args = parser.parse_args()
     sections = args.only or ["makespan", "dispatch", "scale"]
     repeats = 3
@@ -335,8 +336,8 @@ def main() -> None:
             results["dispatch"] = dispatch(tmp / "noop", [100, 1000] if args.quick else [100, 1000, 5000], 2, repeats)
         if "scale" in sections:
             print("scale: no-op invocations end to end", flush=True)
-            results["scale"] = scale(tmp / "scale", [1000, 2000] if args.quick else [1000, 5000, 20000], 2,
-                                     500 if args.quick else 2000)
+            ns = args.scale or ([1000, 2000] if args.quick else [1000, 5000, 20000])
+            results["scale"] = scale(tmp / "scale", ns, 2, 500 if args.quick else 2000)
     RESULTS.mkdir(parents=True, exist_ok=True)
     stem = f"{datetime.date.today().isoformat()}-{socket.gethostname()}" + ("-quick" if args.quick else "")
     (RESULTS / f"{stem}.json").write_text(json.dumps(results, indent=2) + "\n")

@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import sys
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional
@@ -44,6 +45,10 @@ class Executor(RealExecutor):
         self._errors = 0
         self._losses: dict[str, int] = {}
         self._stop_status = threading.Event()
+        self._checked: dict[tuple[str, str], TemplateSpec] = {}
+        self._scripts: dict[str, str] = {}
+        # prepare, register and submit sticky jobs beside Snakemake's scheduler thread, in order
+        self._dispatcher = ThreadPoolExecutor(1, thread_name_prefix="sticky-dispatch")
         self.report = RunReport(self.templates, Path(self.workflow.persistence.path) / "sticky", self.logger)
         used = self.templates_in_dag()
         try:
@@ -76,10 +81,24 @@ class Executor(RealExecutor):
         return [template for name, template in used.items() if name in names]
 
     def template_for(self, job: JobExecutorInterface) -> Optional[TemplateSpec]:
-        """The job's template, or None for a job that is not sticky; WorkflowError if misdeclared."""
+        """The job's template, or None for a job that is not sticky; WorkflowError if misdeclared.
+        A rule is checked once per template (and per script, when its path has wildcards)."""
         name = job.resources.get(RESOURCE)
         if name is None:
             return None
+        checked = self._checked.get((job.rule.name, name))
+        if checked is not None and job.rule.name in self._scripts:
+            return checked
+        template = self.check_sticky_job(job, name)
+        self._checked[(job.rule.name, name)] = template
+        return template
+
+    def script_of(self, job: JobExecutorInterface) -> str:
+        """The job's script path, resolved once per rule unless it has wildcards or params."""
+        cached = self._scripts.get(job.rule.name)
+        return cached if cached is not None else local_script_path(job)
+
+    def check_sticky_job(self, job: JobExecutorInterface, name: str) -> TemplateSpec:
         rule = f"Rule '{job.rule.name}'"
         if not isinstance(name, str) or not name:
             raise WorkflowError(f"{rule}: resources: {RESOURCE}= must name a template, got {name!r}.")
@@ -96,6 +115,8 @@ class Executor(RealExecutor):
                 f"invocations run a Python script inside the worker: use script: \"scripts/<name>.py\"."
             )
         script = local_script_path(job)
+        if "{" not in str(job.rule.script):
+            self._scripts[job.rule.name] = script
         if not script.endswith(".py"):
             raise WorkflowError(
                 f"{rule} is sticky (template '{name}') but its script '{job.rule.script}' is not a "
@@ -169,6 +190,8 @@ class Executor(RealExecutor):
         if self._backend is None:
             return
         self.report.closing = True
+        for name, count in self.report.workers_alive().items():
+            self.logger.info(f"Sticky template '{name}': retiring {count} worker(s).")
         try:
             self._backend.cancel() if cancel else self._backend.close()
         finally:
@@ -190,13 +213,25 @@ class Executor(RealExecutor):
         if template is None:
             self.local.run_job(job)
             return
-        self.workflow.async_run(job.prepare())
-        invocation = build_invocation(job, template, self.workflow.config, self.settings.invocation_timeout)
-        job_info = SubmittedJobInfo(job=job, external_jobid=invocation.key)
-        self.report_job_submission(job_info)
         self.start_pool(template)
-        self.report.invocation_submitted(invocation)
-        self.backend.submit(invocation, partial(self.invocation_done, job_info))
+        self._dispatcher.submit(self.dispatch, job, template)
+
+    def dispatch(self, job: JobExecutorInterface, template: TemplateSpec) -> None:
+        """Prepare the job as the local executor does, mark it started, send it to a worker."""
+        if self._cancelled:
+            return
+        job_info = SubmittedJobInfo(job=job)
+        try:
+            self.workflow.async_run(job.prepare())
+            invocation = build_invocation(
+                job, template, self.script_of(job), self.workflow.config, self.settings.invocation_timeout
+            )
+            job_info.external_jobid = invocation.key
+            self.report_job_submission(job_info)
+            self.report.invocation_submitted(invocation)
+            self.backend.submit(invocation, partial(self.invocation_done, job_info))
+        except Exception as e:
+            self.report_job_error(job_info, msg=f"Sticky job could not be dispatched: {type(e).__name__}: {e}")
 
     def invocation_done(self, job_info: SubmittedJobInfo, invocation: Invocation, outcome: Any) -> None:
         self.report.invocation_finished(invocation, outcome)
@@ -234,6 +269,7 @@ class Executor(RealExecutor):
         self._errors += 1
 
     def shutdown(self) -> None:
+        self._dispatcher.shutdown(wait=True)
         try:
             self.local.shutdown()
         finally:
@@ -241,6 +277,7 @@ class Executor(RealExecutor):
 
     def cancel(self) -> None:
         self._cancelled = True
+        self._dispatcher.shutdown(wait=False, cancel_futures=True)
         try:
             self.local.cancel()
         finally:

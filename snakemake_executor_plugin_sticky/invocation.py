@@ -65,12 +65,17 @@ def local_script_path(job: Any) -> str:
     return os.path.abspath(source.get_path_or_uri(secret_free=True))
 
 
+def invocation_timeout(resources: Any, default_s: Optional[float]) -> Optional[float]:
+    """Seconds an invocation may run: the rule's `runtime` resource (minutes) if it has one."""
+    runtime_min = resources.get("runtime")
+    if isinstance(runtime_min, (int, float)) and not isinstance(runtime_min, bool):
+        return float(runtime_min) * 60
+    return default_s
+
+
 def build_invocation(
-    job: Any, template: TemplateSpec, config: dict[str, Any], default_timeout_s: Optional[float] = None
+    job: Any, template: TemplateSpec, script: str, config: dict[str, Any], default_timeout_s: Optional[float] = None
 ) -> Invocation:
-    script = local_script_path(job)
-    runtime_min = job.resources.get("runtime")  # Snakemake's per-rule runtime, in minutes
-    timeout_s = float(runtime_min) * 60 if isinstance(runtime_min, (int, float)) else default_timeout_s
     snakemake = Snakemake(
         job.input,
         job.output,
@@ -93,5 +98,5 @@ def build_invocation(
         jobid=job.jobid,
         script=script,
         snakemake=snakemake,
-        timeout_s=timeout_s,
+        timeout_s=invocation_timeout(job.resources, default_timeout_s),
     )

@@ -165,6 +165,14 @@ class RunReport:
             self.workers[address] = record
         return record
 
+    def workers_alive(self) -> dict[str, int]:
+        with self._lock:
+            alive: dict[str, int] = {}
+            for worker in self.workers.values():
+                if worker.gone_at is None:
+                    alive[worker.template] = alive.get(worker.template, 0) + 1
+            return alive
+
     def invocation_submitted(self, invocation: Invocation) -> None:
         with self._lock:
             self.tally[invocation.template].submitted += 1

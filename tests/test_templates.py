@@ -71,3 +71,13 @@ def test_templates_sharing_gpus_are_warned_about(tmp_path: Path):
     plan = GpuPlan(["0"], log)
     assert plan.take(one) == ["0"] and plan.take(one) == ["0"]
     assert log.warnings and "shares GPUs" in log.warnings[0]
+
+
+def test_rule_runtime_sets_the_invocation_timeout():
+    from snakemake_executor_plugin_sticky.invocation import invocation_timeout
+
+    assert invocation_timeout({"runtime": 2}, None) == 120.0  # Snakemake's runtime is in minutes
+    assert invocation_timeout({"runtime": 2}, 30.0) == 120.0  # and wins over --sticky-invocation-timeout
+    assert invocation_timeout({}, 30.0) == 30.0
+    assert invocation_timeout({"runtime": "1h"}, None) is None  # unparsed text is not a limit
+    assert invocation_timeout({}, None) is None
