@@ -320,12 +320,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="a short version (make bench-quick)")
     parser.add_argument("--only", choices=["makespan", "dispatch", "scale"], action="append")
-    parser.add_argument("--scale", type=int, nargs="+", help="invocation counts of the scale section")
+    parser.add_argument("--dispatch", type=int, nargs="+", help="invocation counts K of the dispatch section")
+    parser.add_argument("--scale", type=int, nargs="+", help="invocation counts N of the scale section")
+    parser.add_argument("--settings-at", type=int, help="N at which the scale section compares Snakemake settings")
     args = parser.parse_args()
     sections = args.only or ["makespan", "dispatch", "scale"]
     repeats = 3
     results = {"date": datetime.datetime.now().isoformat(timespec="seconds"), "machine": machine(),
-               "quick": args.quick, "repeats": repeats}
+               "quick": args.quick, "repeats": repeats, "command": " ".join(sys.argv[1:])}
     with tempfile.TemporaryDirectory(prefix="sticky-bench-") as tmp:
         tmp = Path(tmp)
         if "makespan" in sections:
@@ -333,11 +335,12 @@ def main() -> None:
             results["makespan"] = makespan(tmp / "demo", 12 if args.quick else 48, 8, 2, repeats)
         if "dispatch" in sections:
             print("dispatch: no-op invocations vs --executor touch", flush=True)
-            results["dispatch"] = dispatch(tmp / "noop", [100, 1000] if args.quick else [100, 1000, 5000], 2, repeats)
+            ks = args.dispatch or ([100, 1000] if args.quick else [100, 1000, 5000])
+            results["dispatch"] = dispatch(tmp / "noop", ks, 2, repeats)
         if "scale" in sections:
             print("scale: no-op invocations end to end", flush=True)
             ns = args.scale or ([1000, 2000] if args.quick else [1000, 5000, 20000])
-            results["scale"] = scale(tmp / "scale", ns, 2, 500 if args.quick else 2000)
+            results["scale"] = scale(tmp / "scale", ns, 2, args.settings_at or (500 if args.quick else 2000))
     RESULTS.mkdir(parents=True, exist_ok=True)
     stem = f"{datetime.date.today().isoformat()}-{socket.gethostname()}" + ("-quick" if args.quick else "")
     (RESULTS / f"{stem}.json").write_text(json.dumps(results, indent=2) + "\n")

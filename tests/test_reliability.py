@@ -40,6 +40,14 @@ def wait_for(predicate, timeout: float = 60.0) -> None:
         time.sleep(0.1)
 
 
+def strike(workflow: Workflow, victim: int, sig: int) -> int:
+    """Wait until invocation `victim` is running, send its worker `sig`; return the worker's pid."""
+    wait_for(lambda: (workflow.root / f"victim-ran-{victim}").exists())
+    pid = int(workflow.read(f"victim-ran-{victim}"))
+    os.kill(pid, sig)
+    return pid
+
+
 def complete_output(workflow: Workflow, i: int) -> bool:
     path = workflow.root / f"out/{i}.json"
     return path.exists() and path.read_text().startswith(f"begin {i}\nend {i} ")
@@ -57,9 +65,7 @@ def test_worker_killed_mid_invocation(workflow: Workflow):
     sticky_workflow(workflow, ONE_TEMPLATE_SNAKEFILE, LLM_TEMPLATE)
     workflow.write("scripts/record.py", CAREFUL)
     proc = workflow.popen("--sticky-workers", "2", "--config", "count=40", "sleep=0.2", "victim=5")
-    wait_for(lambda: (workflow.root / "victim-ran-5").exists())
-    victim = int(workflow.read("victim-ran-5"))
-    os.kill(victim, signal.SIGKILL)
+    victim = strike(workflow, 5, signal.SIGKILL)
     output, _ = proc.communicate(timeout=240)
     assert proc.returncode == 0, output
     assert complete_outputs(workflow, 40), "every output whole, the killed attempt's half one replaced"
@@ -86,9 +92,7 @@ def test_preempted_worker_finishes_its_invocation_tears_down_and_leaves(workflow
     sticky_workflow(workflow, ONE_TEMPLATE_SNAKEFILE, LLM_TEMPLATE)
     workflow.write("scripts/record.py", CAREFUL)
     proc = workflow.popen("--sticky-workers", "2", "--config", "count=8", "sleep=0.5", "victim=1", "victim_sleep=3")
-    wait_for(lambda: (workflow.root / "victim-ran-1").exists())
-    victim = int(workflow.read("victim-ran-1"))
-    os.kill(victim, signal.SIGTERM)
+    victim = strike(workflow, 1, signal.SIGTERM)
     output, _ = proc.communicate(timeout=240)
     assert proc.returncode == 0, output
     assert complete_outputs(workflow, 8)
@@ -106,9 +110,7 @@ def test_preempted_worker_hands_back_what_outlasts_the_grace(workflow: Workflow)
     proc = workflow.popen(
         "--sticky-workers", "2", "--sticky-preempt-grace", "1", "--config", "count=4", "victim=0", "victim_sleep=600"
     )
-    wait_for(lambda: (workflow.root / "victim-ran-0").exists())
-    victim = int(workflow.read("victim-ran-0"))
-    os.kill(victim, signal.SIGTERM)
+    victim = strike(workflow, 0, signal.SIGTERM)
     output, _ = proc.communicate(timeout=240)
     assert proc.returncode == 0, output
     assert complete_outputs(workflow, 4)
