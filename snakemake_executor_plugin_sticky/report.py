@@ -21,7 +21,6 @@ from .invocation import Invocation, InvocationResult
 from .templates import TemplateSpec
 
 REPORT_VERSION = 1
-EVENT_TOPIC = "sticky"
 
 
 @dataclass
