@@ -50,7 +50,7 @@ class ResidentState:
         self.state: Any = None
         self.error: Optional[str] = None
         self.setup_s: Optional[float] = None
-        self.poisoned_by: tuple[str, ...] = ()
+        self.poisoned_by: tuple[Any, ...] = ()  # exception classes or their (dotted) names
         self._ready = threading.Event()
         self._closing = threading.Event()
         self._lock = threading.Lock()

@@ -185,7 +185,8 @@ class EmbeddedBackend(DaskBackend):
                     f"(attempt {attempt}/{START_ATTEMPTS}): {e}"
                 )
                 failure = e
-                await asyncio.sleep(attempt)
+                if attempt < START_ATTEMPTS:
+                    await asyncio.sleep(attempt)
         if not pool:
             self.fail_pool(template, f"No worker of sticky template '{template.name}' could start: {failure}")
 
