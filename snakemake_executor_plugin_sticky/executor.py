@@ -25,7 +25,7 @@ from snakemake_interface_executor_plugins.settings import ExecMode
 
 from .invocation import Invocation, InvocationResult, build_invocation, local_script_path
 from .report import RunReport
-from .settings import ExecutorSettings
+from .settings import CLUSTERS, ExecutorSettings
 from .templates import CONFIG_SECTION, RESOURCE, TemplateSpec, parse_templates
 
 if TYPE_CHECKING:  # Dask loads with the engine, not whenever Snakemake lists its plugins
@@ -38,7 +38,7 @@ class Executor(RealExecutor):
         check_settings(self.settings)
         self.workdir = os.getcwd()
         self.templates = parse_templates(self.workflow.config, Path(self.workdir))
-        self.local = LocalExecutor(self.workflow, self.logger)
+        self.local = self.executor_for_other_jobs()
         self._backend: Optional["Backend"] = None
         self._backend_lock = threading.Lock()
         self._cancelled = False
@@ -51,6 +51,8 @@ class Executor(RealExecutor):
         self._dispatcher = ThreadPoolExecutor(1, thread_name_prefix="sticky-dispatch")
         self.report = RunReport(self.templates, Path(self.workflow.persistence.path) / "sticky", self.logger)
         used = self.templates_in_dag()
+        if self.settings.cluster != "local" and not self.settings.scheduler:
+            from .backends import jobqueue  # noqa: F401  (imported in the main thread: see there)
         try:
             for template in self.templates_ready_now(used):
                 self.start_pool(template)
@@ -59,6 +61,36 @@ class Executor(RealExecutor):
             self.close_backend()
             raise
         self.warn_if_cores_limit(used)
+
+    def executor_for_other_jobs(self) -> Any:
+        """Snakemake's local executor, or the plugin named by --sticky-other-executor with its
+        own --<name>-* settings from this command line."""
+        name = self.settings.other_executor
+        if not name:
+            return LocalExecutor(self.workflow, self.logger)
+        from snakemake_interface_executor_plugins.registry import ExecutorPluginRegistry
+
+        registry = ExecutorPluginRegistry()
+        if name == "sticky" or not registry.is_installed(name):
+            raise WorkflowError(
+                f"--sticky-other-executor {name}: no such executor plugin is installed "
+                f"(pip install snakemake-executor-plugin-{name}), or it is this one."
+            )
+        plugin = registry.get_plugin(name)
+        settings = None
+        if plugin.settings_cls is not None:
+            from snakemake.cli import parse_args
+
+            try:
+                _, args = parse_args(sys.argv[1:])
+                settings = plugin.get_settings(args)
+            except (Exception, SystemExit) as e:
+                raise WorkflowError(
+                    f"--sticky-other-executor {name}: its --{name}-* settings could not be read from "
+                    f"this command line ({type(e).__name__}: {e})."
+                ) from e
+        self.logger.info(f"Jobs that are not sticky go to the '{name}' executor.")
+        return plugin.executor(WorkflowView(self.workflow, settings), self.logger)
 
     # -- declarations -------------------------------------------------------------------------
 
@@ -132,11 +164,13 @@ class Executor(RealExecutor):
 
     def warn_if_cores_limit(self, used: dict[str, TemplateSpec]) -> None:
         slots = sum(self.backend.workers_for(t) * t.slots for t in used.values()) if used else 0
-        cores = self.workflow.resource_settings.cores
-        if cores is not None and slots > cores:
+        # With --jobs, Snakemake counts jobs in flight and no longer cores, as on any cluster.
+        jobs = self.workflow.resource_settings.nodes
+        limit, flag = (jobs, "--jobs") if jobs is not None else (self.workflow.resource_settings.cores, "--cores")
+        if limit is not None and slots > limit:
             self.logger.warning(
-                f"Sticky workers offer {slots} invocation slots but --cores {cores} lets Snakemake "
-                f"run at most {cores} jobs at once; raise --cores to keep every worker busy."
+                f"Sticky workers offer {slots} invocation slots but {flag} {limit} lets Snakemake "
+                f"run at most {limit} jobs at once; raise {flag} to keep every worker busy."
             )
 
     # -- engine -------------------------------------------------------------------------------
@@ -145,9 +179,7 @@ class Executor(RealExecutor):
     def backend(self) -> "Backend":
         with self._backend_lock:
             if self._backend is None:
-                from .backends.local import EmbeddedBackend
-
-                self._backend = EmbeddedBackend(self.workdir, self.settings, self.logger, self.worker_event)
+                self._backend = make_backend(self.workdir, self.settings, self.logger, self.worker_event)
                 if self.settings.status_interval > 0:
                     threading.Thread(target=self.log_status, name="sticky-status", daemon=True).start()
             return self._backend
@@ -234,7 +266,10 @@ class Executor(RealExecutor):
             self.report_job_error(job_info, msg=f"Sticky job could not be dispatched: {type(e).__name__}: {e}")
 
     def invocation_done(self, job_info: SubmittedJobInfo, invocation: Invocation, outcome: Any) -> None:
-        self.report.invocation_finished(invocation, outcome)
+        try:
+            self.report.invocation_finished(invocation, outcome)
+        except Exception as e:  # the record is lost, never the job: Snakemake must hear of it
+            self.logger.warning(f"Sticky report: invocation of rule '{invocation.rule}' not recorded: {e!r}")
         if self._cancelled:
             return  # Ctrl-C: Snakemake is already tearing down, as with the local executor
         if not isinstance(outcome, InvocationResult):
@@ -274,6 +309,7 @@ class Executor(RealExecutor):
             self.local.shutdown()
         finally:
             self.close_backend("failed" if self._errors else "success")
+            cancel_pending_reevaluations()
 
     def cancel(self) -> None:
         self._cancelled = True
@@ -296,6 +332,43 @@ class Executor(RealExecutor):
         return sys.executable
 
 
+class WorkflowView:
+    """The workflow as another executor plugin must see it: with that plugin's own settings."""
+
+    def __init__(self, workflow: Any, executor_settings: Any):
+        self._workflow = workflow
+        self.executor_settings = executor_settings
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._workflow, name)
+
+
+def cancel_pending_reevaluations() -> None:
+    """Snakemake's job rate limiter starts a Timer thread (not a daemon) in every scheduling round
+    to look again one timespan later, and at exit the interpreter waits for the last one: up to
+    1 s with the CLI's default 100/1s. Snakemake calls shutdown() after its last round, so they
+    have nothing left to do."""
+    for thread in threading.enumerate():
+        function = getattr(thread, "function", None)
+        if isinstance(thread, threading.Timer) and "_schedule_reevalutation" in getattr(function, "__qualname__", ""):
+            thread.cancel()
+
+
+def make_backend(workdir: str, settings: ExecutorSettings, log: Any, on_event: Any) -> "Backend":
+    """The engine the settings ask for: attached to a scheduler, batch jobs, or embedded."""
+    if settings.scheduler:
+        from .backends.attach import AttachedBackend
+
+        return AttachedBackend(workdir, settings, log, on_event)
+    if settings.cluster != "local":
+        from .backends.jobqueue import BatchBackend
+
+        return BatchBackend(workdir, settings, log, on_event)
+    from .backends.local import EmbeddedBackend
+
+    return EmbeddedBackend(workdir, settings, log, on_event)
+
+
 def body_kind(job: JobExecutorInterface) -> str:
     for kind in ("shell", "notebook", "wrapper", "cwl", "template_engine", "norun"):
         if getattr(job, f"is_{kind}", False):
@@ -304,6 +377,19 @@ def body_kind(job: JobExecutorInterface) -> str:
 
 
 def check_settings(settings: ExecutorSettings) -> None:
+    if settings.cluster not in CLUSTERS:
+        raise WorkflowError(f"--sticky-cluster must be one of {', '.join(CLUSTERS)}, got {settings.cluster!r}.")
+    if settings.scheduler and settings.cluster != "local":
+        raise WorkflowError(
+            "--sticky-scheduler (attach to your own workers) and --sticky-cluster "
+            f"{settings.cluster} (start batch-job workers) exclude each other; give one."
+        )
+    if settings.max_workers < 1:
+        raise WorkflowError(f"--sticky-max-workers must be at least 1, got {settings.max_workers}.")
+    if settings.idle_timeout < 0:
+        raise WorkflowError(f"--sticky-idle-timeout must not be negative, got {settings.idle_timeout}.")
+    if settings.job_cores is not None and settings.job_cores < 1:
+        raise WorkflowError(f"--sticky-job-cores must be at least 1, got {settings.job_cores}.")
     if settings.workers is not None and settings.workers < 1:
         raise WorkflowError(f"--sticky-workers must be at least 1, got {settings.workers}.")
     if settings.setup_attempts < 1:

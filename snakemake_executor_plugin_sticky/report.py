@@ -99,7 +99,7 @@ class RunReport:
                 if record is None or record.gone_at is not None:
                     return None
                 record.gone_at = message["time"]
-                record.lost = not (self.closing or record.retired or record.preempted)
+                record.lost = not (self.closing or record.retired or record.preempted or message.get("graceful"))
                 record.retired = not record.lost
                 text = (
                     f"Sticky worker {record.id} (template '{record.template}') was lost; "
@@ -134,6 +134,12 @@ class RunReport:
                     record.preempted = True
                     text = (
                         f"Sticky worker {record.id} got SIGTERM (preempted): it takes no new invocations, "
+                        f"lets running ones finish within {message['grace_s']:g} s, then leaves."
+                    )
+                elif kind == "walltime":
+                    record.retired = True
+                    text = (
+                        f"Sticky worker {record.id} nears its walltime: it takes no new invocations, "
                         f"lets running ones finish within {message['grace_s']:g} s, then leaves."
                     )
                 elif kind == "setup-failed":

@@ -6,9 +6,13 @@ from typing import Any, Optional
 from snakemake_interface_executor_plugins.settings import ExecutorSettingsBase
 
 
-def option(default: Any, help: str) -> Any:
+# where workers run: embedded, or the batch systems of backends/jobqueue.py
+CLUSTERS = ("local", "slurm", "pbs", "sge", "lsf", "htcondor", "oar")
+
+
+def option(default: Any, help: str, **metadata: Any) -> Any:
     """A `--sticky-*` flag: its default and its help text (also shown in the plugin catalog)."""
-    return field(default=default, metadata={"help": help, "env_var": False, "required": False})
+    return field(default=default, metadata={"help": help, "env_var": False, "required": False, **metadata})
 
 
 @dataclass
@@ -54,4 +58,73 @@ class ExecutorSettings(ExecutorSettingsBase):
         2.0,
         "Seconds a worker waits before retrying a failed template setup; the "
         "wait doubles after each further failure.",
+    )
+    cluster: str = option(
+        "local",
+        "Where the resident workers run: 'local' (child processes of Snakemake on this machine) "
+        "or as batch jobs through dask-jobqueue: 'slurm', 'pbs', 'sge', 'lsf', 'htcondor', 'oar'. "
+        "Batch-job settings below apply to every template; a template's `cluster:` entry in the "
+        "config overrides them (one mapping, or a list of mappings for several pools).",
+        choices=list(CLUSTERS),
+    )
+    scheduler: Optional[str] = option(
+        None,
+        "Attach to an existing Dask scheduler instead of starting one: its address "
+        "(tls://host:8786) or the path of its scheduler file. Workers are the ones you start, "
+        "with `dask worker ADDRESS --resources sticky-<template>=<slots> --nthreads <slots>`; "
+        "TLS credentials come from Dask's config (distributed.comm.tls.*).",
+    )
+    max_workers: int = option(
+        4,
+        "Batch jobs (one worker each) per template at most. Pools start with none and add a "
+        "worker while invocations wait, one per `slots` waiting invocations.",
+    )
+    idle_timeout: float = option(
+        120.0,
+        "Seconds a batch-job worker may sit idle, with nothing waiting for its template, "
+        "before it is retired and its job ends.",
+    )
+    queue: Optional[str] = option(None, "Batch queue or partition of the worker jobs (Slurm: --partition).")
+    account: Optional[str] = option(None, "Account or project the worker jobs are charged to.")
+    walltime: str = option(
+        "01:00:00",
+        "Walltime of a worker job (HH:MM:SS). A worker retires gracefully shortly before it "
+        "(at nine tenths of it, at most 10 min early) and is replaced while work remains.",
+    )
+    memory: Optional[str] = option(
+        None, "Memory of a worker job (e.g. 64GB). Default: none asked for, the batch system's default applies."
+    )
+    job_cores: Optional[int] = option(
+        None, "CPU cores of a worker job. Default: the template's `slots`."
+    )
+    job_extra: Optional[str] = option(
+        None,
+        "Extra directives for the worker jobs, separated by ';' (a list in a profile), e.g. "
+        "\"--qos=high; --constraint=a100\" on Slurm or \"+WantGPU = True\" (key = value) on HTCondor.",
+    )
+    gpu_directive: Optional[str] = option(
+        None,
+        "How a worker job asks for its template's GPUs, with {gpus} for their number. "
+        "Defaults: slurm --gres=gpu:{gpus}, pbs -l ngpus={gpus}, sge -l gpu={gpus}, "
+        "lsf -gpu num={gpus}, htcondor request_gpus={gpus}, oar -l gpu={gpus}.",
+    )
+    prologue: Optional[str] = option(
+        None,
+        "Shell commands run in the job before the worker starts (module loads, environment "
+        "activation), e.g. \"module load cuda; source ~/venv/bin/activate\".",
+    )
+    python: Optional[str] = option(
+        None,
+        "The Python that runs the worker in the job; it needs this plugin installed. "
+        "Default: the Python running Snakemake (a shared file system is assumed).",
+    )
+    interface: Optional[str] = option(
+        None,
+        "Network interface the scheduler listens on and workers connect through (e.g. ib0). "
+        "Default: the address of this host's name.",
+    )
+    other_executor: Optional[str] = option(
+        None,
+        "Executor plugin for jobs that are not sticky (e.g. 'slurm' or 'cluster-generic'). "
+        "Default: they run on this machine, as under the local executor.",
     )

@@ -22,7 +22,7 @@ from snakemake_interface_common.exceptions import WorkflowError
 
 CONFIG_SECTION = "sticky"
 RESOURCE = "sticky"
-TEMPLATE_KEYS = ("setup", "kwargs", "gpus", "slots", "workers")
+TEMPLATE_KEYS = ("setup", "kwargs", "gpus", "slots", "workers", "cluster")
 
 
 @dataclass(frozen=True)
@@ -36,11 +36,15 @@ class TemplateSpec:
     slots: int = 1
     workers: Optional[int] = None
     identity: str = ""
+    # batch-job pools: each a mapping of cluster settings overriding the --sticky-* ones
+    pools: tuple[Mapping[str, Any], ...] = ()
 
     @property
     def tag(self) -> str:
-        """The Dask worker resource that routes this template's invocations."""
-        return f"sticky-{self.name}-{self.identity[:12]}"
+        """The Dask worker resource that routes this template's invocations. It names the
+        template only, so workers started by hand can join (attach mode); which state a worker
+        holds is decided by the identity its worker plugin carries."""
+        return f"sticky-{self.name}"
 
 
 def template_identity(code: bytes, kwargs: Mapping[str, Any], gpus: int, slots: int) -> str:
@@ -87,6 +91,8 @@ def parse_template(name: str, entry: Any, workdir: Path) -> TemplateSpec:
     if workers is not None:
         workers = _count(workers, f"{where}: 'workers'", minimum=1)
 
+    pools = parse_pools(entry.get("cluster"), where)
+
     setup = Path(str(entry["setup"]))
     if not setup.is_absolute():
         setup = workdir / setup
@@ -107,7 +113,21 @@ def parse_template(name: str, entry: Any, workdir: Path) -> TemplateSpec:
         slots=slots,
         workers=workers,
         identity=template_identity(code, kwargs, gpus, slots),
+        pools=pools,
     )
+
+
+def parse_pools(cluster: Any, where: str) -> tuple[Mapping[str, Any], ...]:
+    """`cluster:` is one mapping of batch-job settings, or a list of them (one pool each)."""
+    if cluster is None:
+        return ()
+    entries = [cluster] if isinstance(cluster, Mapping) else cluster
+    if not isinstance(entries, list) or not entries or not all(isinstance(e, Mapping) for e in entries):
+        raise WorkflowError(
+            f"{where}: 'cluster' must be a mapping of batch-job settings (queue, account, walltime, "
+            f"memory, cores, job-extra, prologue, python, max-workers), or a list of such mappings, one per pool."
+        )
+    return tuple(dict(e) for e in entries)
 
 
 def _count(value: Any, what: str, minimum: int) -> int:

@@ -32,6 +32,8 @@ from .templates import TemplateSpec, load_template_module
 
 _holders: dict[str, "ResidentState"] = {}
 TEARDOWN_WAIT_S = 3.0
+# seconds after its start at which a batch-job worker leaves (set in its job script)
+LIFETIME_ENV = "STICKY_WORKER_LIFETIME_S"
 
 
 class TemplateSetupError(RuntimeError):
@@ -126,23 +128,26 @@ class ResidentState:
 
 
 class StickyWorkerPlugin(WorkerPlugin):
-    """Makes a Dask worker a resident worker of one template."""
-
-    name = "sticky-template"
+    """Makes a Dask worker a resident worker of one template: the workers that offer the
+    template's resource tag. Registered with a scheduler, it reaches every worker that joins
+    (batch jobs, hand-started workers) and stays inactive on those that offer other tags."""
 
     def __init__(self, spec: TemplateSpec, workdir: str, setup_attempts: int, setup_retry_delay: float, preempt_grace: float):
         self.spec = spec
+        self.name = f"sticky-template-{spec.name}"
         self.workdir = workdir
         self.setup_attempts = setup_attempts
         self.setup_retry_delay = setup_retry_delay
         self.preempt_grace = preempt_grace
 
     def setup(self, worker: Any) -> None:
+        if self.spec.tag not in worker.state.total_resources:
+            return
         if threading.current_thread() is threading.main_thread():
             # Ctrl-C reaches the whole process group; the Snakemake process shuts workers down.
             signal.signal(signal.SIGINT, signal.SIG_IGN)
             # Batch systems send SIGTERM before they kill a preempted job.
-            signal.signal(signal.SIGTERM, lambda *_: worker.loop.add_callback(self.preempted, worker))
+            signal.signal(signal.SIGTERM, lambda *_: worker.loop.add_callback(self.leave, worker, "preempted"))
         os.chdir(self.workdir)
         install_output_capture()
         # Runs first at interpreter exit (after Dask's own shutdown of this process is done): the
@@ -172,17 +177,21 @@ class StickyWorkerPlugin(WorkerPlugin):
             worker.loop.add_callback(flush)
 
         self.announce = announce
+        lifetime = os.environ.get(LIFETIME_ENV)
+        if lifetime:  # a batch job: leave in good order before the walltime ends
+            worker.loop.call_later(float(lifetime), lambda: worker.loop.add_callback(self.leave, worker, "walltime"))
         holder = ResidentState(self.spec, self.setup_attempts, self.setup_retry_delay, announce)
         _holders[self.spec.identity] = holder
         register_resident(self.spec.name, holder.get)
         holder.start()
 
-    async def preempted(self, worker: Any) -> None:
-        """SIGTERM: take no new invocations, let running ones finish within the grace period,
-        then leave (the scheduler hands what is left to other workers) and tear down."""
+    async def leave(self, worker: Any, reason: str) -> None:
+        """SIGTERM ("preempted") or the job's walltime near ("walltime"): take no new
+        invocations, let running ones finish within the grace period, then leave (the scheduler
+        hands what is left to other workers) and tear down."""
         if worker.status not in (Status.running, Status.paused):
             return
-        self.announce({"event": "preempted", "grace_s": self.preempt_grace})
+        self.announce({"event": reason, "grace_s": self.preempt_grace})
         worker.status = Status.paused  # the scheduler sends no more work; queued work stays put
         deadline = time.monotonic() + self.preempt_grace
         while worker.state.executing_count and time.monotonic() < deadline:

@@ -19,11 +19,14 @@ from distributed.diagnostics.plugin import SchedulerPlugin
 
 from ..invocation import EVENT_TOPIC, Invocation, InvocationResult
 from ..templates import TemplateSpec
-from ..worker import run_invocation
+from ..settings import ExecutorSettings
+from ..worker import StickyWorkerPlugin, run_invocation
 
 Outcome = Union[InvocationResult, BaseException]
 OnDone = Callable[[Invocation, Outcome], None]
 OnEvent = Callable[[dict[str, Any]], None]
+# stimulus ids of Dask's orderly removals: Scheduler.retire_workers and Worker.close_gracefully
+GRACEFUL_REMOVALS = ("retire-workers", "worker-close-gracefully")
 
 
 class WorkerRemovalPlugin(SchedulerPlugin):
@@ -32,7 +35,18 @@ class WorkerRemovalPlugin(SchedulerPlugin):
     name = "sticky-worker-removals"
 
     def remove_worker(self, scheduler: Any, worker: str, *, stimulus_id: str, **kwargs: Any) -> None:
-        scheduler.log_event(EVENT_TOPIC, {"event": "removed", "address": worker, "time": time.time()})
+        # Retired on purpose (idle, walltime near, end of run): not a loss.
+        graceful = stimulus_id.startswith(GRACEFUL_REMOVALS)
+        scheduler.log_event(
+            EVENT_TOPIC, {"event": "removed", "address": worker, "graceful": graceful, "time": time.time()}
+        )
+
+
+def worker_plugin(template: TemplateSpec, workdir: str, settings: ExecutorSettings) -> StickyWorkerPlugin:
+    """What makes a Dask worker that offers the template's tag one of its resident workers."""
+    return StickyWorkerPlugin(
+        template, workdir, settings.setup_attempts, settings.setup_retry_delay, settings.preempt_grace
+    )
 
 
 class Backend(ABC):
@@ -42,6 +56,10 @@ class Backend(ABC):
     def start_pool(self, template: TemplateSpec) -> int:
         """Start the template's workers unless they run already (returns how many it started,
         without waiting for them)."""
+
+    @abstractmethod
+    def workers_for(self, template: TemplateSpec) -> int:
+        """How many workers the template's pool has at most."""
 
     @abstractmethod
     def submit(self, invocation: Invocation, on_done: OnDone) -> None:
@@ -136,8 +154,17 @@ class DaskBackend(Backend):
     def close_events(self) -> None:
         self._event_thread.shutdown(wait=False, cancel_futures=True)
 
-    def cancel_all(self) -> None:
+    def outstanding(self, identity: str) -> int:
+        """Invocations of the template submitted and not finished (waiting or running)."""
         with self._lock:
-            futures = [f for _, f in self._futures.values()]
-        if futures:
-            self.client.cancel(futures, force=True)
+            return sum(1 for inv, _ in self._futures.values() if inv.identity == identity)
+
+    def cancel(self) -> None:
+        """Drop the invocations in flight, then close."""
+        try:
+            with self._lock:
+                futures = [f for _, f in self._futures.values()]
+            if futures:
+                self.client.cancel(futures, force=True)
+        finally:
+            self.close()

@@ -14,6 +14,7 @@ import logging
 import os
 import shutil
 import subprocess
+import sys
 import threading
 from typing import Any, Coroutine, Optional
 
@@ -23,8 +24,7 @@ from snakemake_interface_common.exceptions import WorkflowError
 
 from ..settings import ExecutorSettings
 from ..templates import TemplateSpec
-from ..worker import StickyWorkerPlugin
-from .base import DaskBackend, OnEvent
+from .base import DaskBackend, OnEvent, worker_plugin
 
 LOOPBACK = "127.0.0.1"
 CLOSE_TIMEOUT_S = 6.0
@@ -53,6 +53,31 @@ def visible_gpus() -> list[str]:
     except (OSError, subprocess.SubprocessError):
         return []
     return [line.strip() for line in listing.splitlines() if line.strip()]
+
+
+def spawn_without_snakemake_cli() -> None:
+    """Worker processes are spawned, and a spawned process re-imports its parent's `__main__`.
+    Under the `snakemake` console script that is all of snakemake.cli (about 0.7 s of CPU per
+    worker, taken from the cores the workers need for their setup), and the worker uses none of
+    it. Only when `__main__` is that script, spawned processes skip it."""
+    import multiprocessing.spawn
+
+    main = sys.modules.get("__main__")
+    if getattr(main, "__spec__", None) is not None or getattr(main, "__file__", None) is None:
+        return  # `python -m snakemake`: spawn skips a `__main__` module by name already
+    from snakemake.cli import main as snakemake_main
+
+    original = multiprocessing.spawn.get_preparation_data
+    if getattr(main, "main", None) is not snakemake_main or getattr(original, "sticky", False):
+        return
+
+    def preparation_data(name: str) -> dict[str, Any]:
+        data = original(name)
+        data.pop("init_main_from_path", None)
+        return data
+
+    preparation_data.sticky = True  # type: ignore[attr-defined]
+    multiprocessing.spawn.get_preparation_data = preparation_data
 
 
 class GpuPlan:
@@ -91,24 +116,25 @@ class GpuPlan:
         return taken
 
 
-class EmbeddedBackend(DaskBackend):
-    """Scheduler in this process on 127.0.0.1, Nanny workers as child processes."""
+class HostedScheduler(DaskBackend):
+    """A Dask scheduler on an event loop in a thread of the Snakemake process, and a client of it.
+    Subclasses say where it listens (`host`, `security`) and how workers come to it."""
 
-    def __init__(self, workdir: str, settings: ExecutorSettings, log: Any, on_event: OnEvent):
+    host = LOOPBACK
+
+    def __init__(self, settings: ExecutorSettings, log: Any, on_event: OnEvent, security: Any = None):
         super().__init__(on_event)
         self.log = log
-        self.workdir = workdir
         self.settings = settings
-        self.gpu_plan = GpuPlan(visible_gpus(), log)
+        self.security = security
         self.dashboard = dashboard_available()
         # Dask's own INFO chatter (comms, plugin registration) is noise in a Snakemake log.
         logging.getLogger("distributed").setLevel(logging.WARNING)
-        self._pools: dict[str, list[Nanny]] = {}
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="sticky-engine", daemon=True)
         self._thread.start()
         self._scheduler: Scheduler = self._run(self._start_scheduler(), timeout=60)
-        self._client = Client(self._scheduler.address, set_as_default=False, timeout="60s")
+        self._client = Client(self._scheduler.address, security=security, set_as_default=False, timeout="60s")
         self.watch_workers()
 
     @property
@@ -128,7 +154,11 @@ class EmbeddedBackend(DaskBackend):
             )
         # Each loss of the worker running an invocation counts once; past this the invocation fails.
         dask.config.set({"distributed.scheduler.allowed-failures": self.settings.max_worker_losses})
-        scheduler = Scheduler(host=LOOPBACK, port=0, dashboard=False, dashboard_address=address)
+        protocol = "tls" if self.security is not None else "tcp"
+        scheduler = Scheduler(
+            host=self.host, port=0, protocol=protocol, security=self.security,
+            dashboard=False, dashboard_address=address,
+        )
         await scheduler
         return scheduler
 
@@ -145,6 +175,33 @@ class EmbeddedBackend(DaskBackend):
             return
         host = self.settings.dashboard_address.rsplit(":", 1)[0] or LOOPBACK
         self.log.info(f"Dask dashboard of the sticky workers: http://{host}:{self._scheduler.http_server.port}/status")
+
+    def close(self) -> None:
+        self.close_events()
+        try:
+            self._client.close(timeout=CLOSE_TIMEOUT_S)
+        finally:
+            self._run(self._close_servers(), timeout=CLOSE_TIMEOUT_S + 4)
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join(timeout=2)
+
+    async def _close_servers(self) -> None:
+        await self._close_workers()
+        await self._scheduler.close()
+
+    async def _close_workers(self) -> None:
+        """End every worker (each runs its teardown) before the scheduler goes."""
+
+
+class EmbeddedBackend(HostedScheduler):
+    """Scheduler in this process on 127.0.0.1, Nanny workers as child processes."""
+
+    def __init__(self, workdir: str, settings: ExecutorSettings, log: Any, on_event: OnEvent):
+        self.workdir = workdir
+        self.gpu_plan = GpuPlan(visible_gpus(), log)
+        spawn_without_snakemake_cli()
+        self._pools: dict[str, list[Nanny]] = {}
+        super().__init__(settings, log, on_event)
 
     def workers_for(self, template: TemplateSpec) -> int:
         return self.gpu_plan.worker_count(template, self.settings.workers)
@@ -191,13 +248,7 @@ class EmbeddedBackend(DaskBackend):
             self.fail_pool(template, f"No worker of sticky template '{template.name}' could start: {failure}")
 
     def _nanny(self, template: TemplateSpec, index: int, gpus: list[str]) -> Nanny:
-        plugin = StickyWorkerPlugin(
-            template,
-            self.workdir,
-            self.settings.setup_attempts,
-            self.settings.setup_retry_delay,
-            self.settings.preempt_grace,
-        )
+        plugin = worker_plugin(template, self.workdir, self.settings)
         return Nanny(
             self._scheduler.address,
             name=f"{template.name}-{index}",
@@ -213,22 +264,6 @@ class EmbeddedBackend(DaskBackend):
             silence_logs=logging.WARNING,
         )
 
-    def close(self) -> None:
-        self.close_events()
-        try:
-            self._client.close(timeout=CLOSE_TIMEOUT_S)
-        finally:
-            self._run(self._close_servers(), timeout=CLOSE_TIMEOUT_S + 4)
-            self._loop.call_soon_threadsafe(self._loop.stop)
-            self._thread.join(timeout=2)
-
-    async def _close_servers(self) -> None:
+    async def _close_workers(self) -> None:
         nannies = [n for pool in self._pools.values() for n in pool]
         await asyncio.gather(*(n.close(timeout=CLOSE_TIMEOUT_S) for n in nannies), return_exceptions=True)
-        await self._scheduler.close()
-
-    def cancel(self) -> None:
-        try:
-            self.cancel_all()
-        finally:
-            self.close()
