@@ -206,6 +206,9 @@ def test_rerun_after_ctrl_c_redoes_exactly_the_unfinished_jobs(workflow: Workflo
     workflow.write("scripts/record.py", CAREFUL)
     proc = workflow.popen("--sticky-workers", "1", "--config", "count=6", "victim=3", "victim_sleep=600")
     wait_for(lambda: (workflow.root / "victim-ran-3").exists())
+    # the result of the invocation before the victim may still be on its way to Snakemake: a
+    # job Snakemake has not heard of is incomplete to it, however complete its file looks
+    time.sleep(1.0)
     interrupt(proc)
     proc.communicate(timeout=30)
     assert len(workflow.lines("teardowns-llm.txt")) == 1, "first Ctrl-C runs teardown"

@@ -1,0 +1,173 @@
+"""The job script each batch system would get for a worker: dask-jobqueue fills it from the
+template and the --sticky-* settings. Pure units: nothing is submitted."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from distributed.security import Security
+from snakemake_interface_common.exceptions import WorkflowError
+
+from snakemake_executor_plugin_sticky.backends.jobqueue import (
+    SYSTEMS, job_for, lifetime_seconds, pools_of, walltime_seconds,
+)
+from snakemake_executor_plugin_sticky.settings import ExecutorSettings
+from snakemake_executor_plugin_sticky.templates import parse_templates
+
+SCHEDULER = "tls://10.1.2.3:8786"
+
+
+def template(tmp_path: Path, **entry):
+    (tmp_path / "t.py").write_text("def setup():\n    return 1\n")
+    return parse_templates({"sticky": {"llm": {"setup": "t.py", **entry}}}, tmp_path)["llm"]
+
+
+def script(system: str, spec, settings: ExecutorSettings, security=None, pool: int = 0) -> str:
+    pool_spec = pools_of(spec, settings)[pool]
+    return job_for(
+        SYSTEMS[system], spec, pool_spec, scheduler=SCHEDULER, name="llm-1-7",
+        security=security, interface=None, log_directory=None,
+    ).job_script()
+
+
+SETTINGS = ExecutorSettings(
+    queue="gpuq", account="proj42", walltime="02:00:00", memory="32GB",
+    prologue="module load cuda/12; source /opt/venv/bin/activate", python="/opt/venv/bin/python",
+)
+
+EXPECTED = {
+    "slurm": ["#SBATCH -J sticky-llm", "#SBATCH -p gpuq", "#SBATCH -A proj42", "#SBATCH -t 02:00:00",
+              "#SBATCH --gres=gpu:2", "#SBATCH --cpus-per-task=2"],
+    "pbs": ["#PBS -N sticky-llm", "#PBS -q gpuq", "#PBS -A proj42", "#PBS -l walltime=02:00:00",
+            "#PBS -l ngpus=2", "#PBS -l select=1:ncpus=2:mem=30GB"],
+    "sge": ["#$ -N sticky-llm", "#$ -q gpuq", "#$ -P proj42", "#$ -l h_rt=02:00:00", "#$ -l gpu=2"],
+    "lsf": ["#BSUB -J sticky-llm", "#BSUB -q gpuq", '#BSUB -P "proj42"', "#BSUB -W 02:00",
+            '#BSUB -gpu "num=2"', "#BSUB -n 2"],
+    "htcondor": ["request_gpus = 2", "accounting_group = proj42", "MY.DaskWorkerCores = 2"],
+    "oar": ["#OAR -n sticky-llm", "#OAR -q gpuq", "#OAR --project proj42",
+            "#OAR -l /nodes=1/core=2,walltime=02:00:00", "#OAR -p gpu_count>=2"],
+}
+
+
+@pytest.mark.parametrize("system", sorted(SYSTEMS))
+def test_job_script_asks_for_the_templates_gpus_and_starts_one_tagged_worker(tmp_path: Path, system: str):
+    spec = template(tmp_path, gpus=2, slots=2)
+    text = script(system, spec, SETTINGS)
+    lines = text.splitlines()
+    for expected in EXPECTED[system]:
+        assert expected in lines or (system == "htcondor" and expected in text), (expected, text)
+    command = next(line for line in lines if "distributed.cli.dask_worker" in line)
+    assert f"/opt/venv/bin/python -m distributed.cli.dask_worker {SCHEDULER} --name llm-1-7" in command
+    assert "--resources sticky-llm=2" in command and "export STICKY_WORKER_LIFETIME_S=6600" in text
+    assert "--no-nanny" in command  # the batch system supervises; the job ends with its worker
+    # the prologue runs before the worker, in the job
+    assert text.index("module load cuda/12; source /opt/venv/bin/activate") < text.index("dask_worker")
+
+
+@pytest.mark.parametrize("system", sorted(SYSTEMS))
+def test_cpu_template_asks_for_no_gpu(tmp_path: Path, system: str):
+    text = script(system, template(tmp_path), ExecutorSettings())
+    assert "gpu" not in text.lower().replace("sticky-llm", "")
+
+
+def test_tls_credentials_reach_the_worker_as_files(tmp_path: Path):
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    security = Security(
+        tls_ca_file=str(cert), tls_worker_cert=str(cert), tls_worker_key=str(key), require_encryption=True
+    )
+    text = script("slurm", template(tmp_path), ExecutorSettings(), security=security)
+    assert f"--tls-ca-file {cert} --tls-cert {cert} --tls-key {key}" in text
+    assert "BEGIN" not in text  # paths only, never key material in the script
+
+
+def test_template_pools_override_settings_and_split_gpu_types(tmp_path: Path):
+    spec = template(
+        tmp_path, gpus=1,
+        cluster=[
+            {"name": "a100", "queue": "a100q", "max-workers": 8, "job-extra": ["--constraint=a100"]},
+            {"name": "v100", "queue": "v100q", "max-workers": 2, "walltime": "04:00:00"},
+        ],
+    )
+    settings = ExecutorSettings(queue="default", job_extra="--qos=high; --exclusive")
+    a100, v100 = pools_of(spec, settings)
+    assert (a100.name, a100.queue, a100.max_workers, a100.job_extra) == ("a100", "a100q", 8, ["--constraint=a100"])
+    assert (v100.queue, v100.max_workers, v100.walltime, v100.job_extra) == ("v100q", 2, "04:00:00", ["--qos=high", "--exclusive"])
+    assert "#SBATCH -p v100q" in script("slurm", spec, settings, pool=1)
+
+
+@pytest.mark.parametrize(
+    "cluster, culprit",
+    [
+        ({"partition": "x"}, "unknown key(s) 'partition'"),
+        ({"max-workers": 0}, "'max-workers' must be an integer >= 1"),
+        ({"walltime": "two hours"}, "walltime must look like HH:MM:SS"),
+    ],
+)
+def test_bad_pool_settings_name_template_pool_and_key(tmp_path: Path, cluster: dict, culprit: str):
+    spec = template(tmp_path, cluster=cluster)
+    with pytest.raises(WorkflowError) as error:
+        pools_of(spec, ExecutorSettings())
+    assert "Sticky template 'llm', cluster pool 1" in str(error.value) and culprit in str(error.value)
+
+
+def test_cluster_entry_must_be_mapping_or_list(tmp_path: Path):
+    with pytest.raises(WorkflowError, match="'cluster' must be a mapping"):
+        template(tmp_path, cluster="slurm")
+
+
+def test_walltime_and_worker_lifetime():
+    assert walltime_seconds("01:00:00") == 3600 and walltime_seconds("1-00:00:00") == 86400
+    assert walltime_seconds("30:00") == 1800
+    assert lifetime_seconds("01:00:00") == 3240  # 10% early
+    assert lifetime_seconds("24:00:00") == 86400 - 600  # at most 10 min early
+
+
+@pytest.mark.parametrize("system, directive", [("slurm", "#SBATCH --mem"), ("pbs", ":mem="), ("lsf", "#BSUB -M"), ("htcondor", "RequestMemory")])
+def test_no_memory_asked_for_unless_set(tmp_path: Path, system: str, directive: str):
+    spec = template(tmp_path)
+    assert directive not in script(system, spec, ExecutorSettings())
+    assert directive in script(system, spec, ExecutorSettings(memory="8GB"))
+
+
+WORKFLOW = Path(__file__).resolve().parents[1] / "workflow"
+
+
+@pytest.mark.parametrize("profile", ["slurm", "slurm-gpu-types", "htcondor", "pbs", "attach"])
+def test_example_profiles_are_valid_snakemake_profiles(tmp_path: Path, profile: str):
+    shutil.copytree(WORKFLOW, tmp_path / "workflow", ignore=shutil.ignore_patterns("results", ".snakemake"))
+    done = subprocess.run(
+        [str(Path(sys.executable).with_name("snakemake")), "--workflow-profile", f"profiles/{profile}", "-n", "-q"],
+        cwd=tmp_path / "workflow", capture_output=True, text=True, timeout=120,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_gpu_types_profile_gives_two_pools_asking_for_their_gpu_type():
+    config = yaml.safe_load((WORKFLOW / "config" / "config.yaml").read_text())
+    pools = yaml.safe_load((WORKFLOW / "profiles" / "slurm-gpu-types" / "pools.yaml").read_text())
+    config["sticky"]["llm"].update(pools["sticky"]["llm"], setup=str(WORKFLOW / "templates" / "llm.py"), gpus=1)
+    config["sticky"]["llm"]["kwargs"] = {"model": "m", "dtype": "bfloat16", "device": "cuda"}
+    spec = parse_templates(config, WORKFLOW)["llm"]
+    settings = ExecutorSettings(cluster="slurm")
+    assert [(p.name, p.queue, p.max_workers) for p in pools_of(spec, settings)] == [("a100", "gpu-a100", 8), ("v100", "gpu-v100", 4)]
+    assert "#SBATCH --gres=gpu:a100:1" in script("slurm", spec, settings, pool=0)
+    v100 = script("slurm", spec, settings, pool=1)
+    assert "#SBATCH --gres=gpu:v100:1" in v100 and "#SBATCH --constraint=v100-32gb" in v100
+
+
+def test_max_workers_from_pool_then_template_then_setting(tmp_path: Path):
+    settings = ExecutorSettings(max_workers=4)
+    assert pools_of(template(tmp_path), settings)[0].max_workers == 4
+    assert pools_of(template(tmp_path, workers=6), settings)[0].max_workers == 6
+    assert pools_of(template(tmp_path, workers=6, cluster={"max-workers": 2}), settings)[0].max_workers == 2
+
+
+def test_every_cluster_choice_but_local_is_a_batch_system():
+    from snakemake_executor_plugin_sticky.settings import CLUSTERS
+
+    assert set(SYSTEMS) == set(CLUSTERS) - {"local"}

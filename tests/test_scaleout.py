@@ -1,0 +1,306 @@
+"""Scale-out: workers as Slurm jobs on a real one-node Slurm (`.ci/slurm-up`), TLS of the
+network scheduler, and attach mode with hand-started Dask workers."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from distributed import Client
+from distributed.security import Security
+
+from snakemake_executor_plugin_sticky.backends.jobqueue import BatchBackend
+from snakemake_executor_plugin_sticky.settings import ExecutorSettings
+
+from conftest import Workflow
+from conftest import test_env as snakemake_env
+
+JOBCOMP_LOG = Path("/var/log/slurm/jobcomp.log")
+
+
+def slurm_up() -> bool:
+    if shutil.which("sinfo") is None:
+        return False
+    states = subprocess.run(["sinfo", "-h", "-o", "%T"], capture_output=True, text=True).stdout.split()
+    return any(s in ("idle", "mixed", "allocated") for s in states)
+
+
+@pytest.fixture
+def slurm() -> None:
+    if not slurm_up():
+        message = "no Slurm cluster here: start one with `sudo .ci/slurm-up`"
+        if os.environ.get("STICKY_REQUIRE_SLURM"):  # CI starts one: its absence is a failure there
+            pytest.fail(message)
+        pytest.skip(message)
+
+
+def write_sleeper(wf: Workflow, count: int = 12, extra_rules: str = "", inputs: str = "") -> None:
+    wf.write("config.yaml", """
+        sticky:
+          sleeper:
+            setup: template.py
+            kwargs: {delay: 1}
+    """)
+    wf.write("template.py", """
+        import os, time
+
+        def setup(delay):
+            time.sleep(delay)
+            return {"pid": os.getpid(), "job": os.environ.get("SLURM_JOB_ID", "none")}
+    """)
+    wf.write("scripts/work.py", """
+        import time
+        from snakemake_executor_plugin_sticky import sticky_state
+
+        state = sticky_state(snakemake)
+        began = time.time()
+        time.sleep(1)
+        with open(snakemake.output[0], "w") as f:
+            f.write(f"{state['pid']} {state['job']} {began} {time.time()}\\n")
+    """)
+    wf.write("Snakefile", f"""
+        configfile: "config.yaml"
+
+        rule all:
+            input: expand("out/{{i}}.txt", i=range({count})){inputs}
+
+        rule work:
+            output: "out/{{i}}.txt"
+            resources: sticky="sleeper"
+            script: "scripts/work.py"
+        {extra_rules}
+    """)
+
+
+def invocations(wf: Workflow, folder: str = "out") -> list[tuple[str, str, float, float]]:
+    rows = []
+    for path in sorted((wf.root / folder).glob("*.txt")):
+        pid, job, began, ended = path.read_text().split()
+        rows.append((pid, job, float(began), float(ended)))
+    return rows
+
+
+def most_at_once(rows: list[tuple[str, str, float, float]]) -> int:
+    edges = sorted([(b, 1) for *_, b, _ in rows] + [(e, -1) for *_, e in rows])
+    running = peak = 0
+    for _, step in edges:
+        running += step
+        peak = max(peak, running)
+    return peak
+
+
+def slurm_jobs_in_queue(job_ids: set[str]) -> list[str]:
+    listing = subprocess.run(["squeue", "-h", "-o", "%i %j %T"], capture_output=True, text=True).stdout
+    return [line for line in listing.splitlines() if line.split()[0] in job_ids or "sticky-" in line]
+
+
+def recorded_by_slurm(job_id: str) -> str:
+    """Slurm's own record of the job: scontrol while it is known, else the jobcomp log."""
+    shown = subprocess.run(["scontrol", "show", "job", job_id], capture_output=True, text=True).stdout
+    if f"JobId={job_id} " in shown:
+        return shown
+    records = JOBCOMP_LOG.read_text() if JOBCOMP_LOG.exists() else ""
+    return next((line for line in records.splitlines() if line.startswith(f"JobId={job_id} ")), "")
+
+
+def test_slurm_workers_run_invocations_two_at_a_time_and_leave_no_job(workflow: Workflow, slurm: None):
+    write_sleeper(workflow)
+    # the command line of the issue, with the batch system's default memory
+    run = workflow.run("--sticky-cluster", "slurm", "--sticky-max-workers", "2", "--jobs", "2", cores=1)
+    assert run.returncode == 0, run.output
+    rows = invocations(workflow)
+    assert len(rows) == 12
+    job_ids = {job for _, job, _, _ in rows}
+    assert len(job_ids) == 2 and "none" not in job_ids, rows  # two workers, each a Slurm job
+    assert len({pid for pid, *_ in rows}) == 2  # each built its state once and kept it
+    assert most_at_once(rows) == 2
+    for job_id in job_ids:
+        record = recorded_by_slurm(job_id)
+        assert "Name=sticky-sleeper" in record, record
+    assert re.search(r"submitted slurm job \d+ \(worker sleeper-1-\d\, pool 1\)", run.output)
+    time.sleep(1)
+    assert slurm_jobs_in_queue(job_ids) == []
+    assert not workflow.leftover_processes()
+    # the credentials of the run are gone with it
+    assert not list((workflow.root / ".snakemake" / "sticky").glob("tls-*"))
+
+
+def test_slurm_pool_retires_idle_workers_and_grows_again(workflow: Workflow, slurm: None):
+    # Phase 1: 4 invocations; then a 6 s job that is not sticky, while the workers sit idle;
+    # then 4 more invocations, which need new workers.
+    write_sleeper(
+        workflow,
+        count=4,
+        inputs=', expand("late/{i}.txt", i=range(4))',
+        extra_rules="""
+        rule pause:
+            input: expand("out/{i}.txt", i=range(4))
+            output: "paused.txt"
+            shell: "sleep 6; touch {output}"
+
+        rule late:
+            input: "paused.txt"
+            output: "late/{i}.txt"
+            resources: sticky="sleeper"
+            script: "scripts/work.py"
+        """,
+    )
+    run = workflow.run(
+        "--sticky-cluster", "slurm", "--sticky-max-workers", "2", "--sticky-memory", "1GB",
+        "--sticky-idle-timeout", "2", "--jobs", "3", cores=1,
+    )
+    assert run.returncode == 0, run.output
+    early = {job for _, job, _, _ in invocations(workflow, "out")}
+    late = {job for _, job, _, _ in invocations(workflow, "late")}
+    assert len(invocations(workflow, "late")) == 4
+    assert run.output.count("with nothing waiting: retiring it") >= 2, run.output
+    assert early.isdisjoint(late), (early, late)  # the idle jobs ended; new ones served phase 2
+    assert slurm_jobs_in_queue(early | late) == []
+
+
+def test_slurm_worker_job_cancelled_mid_run_is_replaced(workflow: Workflow, slurm: None):
+    write_sleeper(workflow, count=10)
+    proc = workflow.popen(
+        "--sticky-cluster", "slurm", "--sticky-max-workers", "2", "--sticky-memory", "1GB",
+        "--jobs", "2", cores=1,
+    )
+    deadline = time.monotonic() + 60
+    while len(invocations(workflow)) < 2 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    victim = invocations(workflow)[0][1]
+    subprocess.run(["scancel", victim], check=True)  # as a preempting batch system would
+    output, _ = proc.communicate(timeout=180)
+    assert proc.returncode == 0, output
+    rows = invocations(workflow)
+    assert len(rows) == 10
+    submitted = re.findall(r"submitted slurm job (\d+)", output)
+    assert len(submitted) >= 3, output
+    # the replacement job served invocations (the victim's results may have been redone)
+    assert {job for _, job, _, _ in rows} - set(submitted[:2]), output
+    assert slurm_jobs_in_queue(set(submitted)) == []
+
+
+def test_network_scheduler_refuses_clients_without_the_run_credentials(tmp_path: Path):
+    class Log:
+        def info(self, msg: str) -> None: ...
+        def warning(self, msg: str) -> None: ...
+
+    backend = BatchBackend(str(tmp_path), ExecutorSettings(cluster="pbs"), Log(), lambda event: None)
+    try:
+        address = backend.client.scheduler.address
+        assert address.startswith("tls://")
+        files = sorted(backend.credentials.iterdir())
+        assert [f.name for f in files] == ["cert.pem", "key.pem"]
+        assert all(f.stat().st_mode & 0o777 == 0o600 for f in files)
+        assert backend.credentials.stat().st_mode & 0o777 == 0o700
+
+        with pytest.raises(Exception):  # no credentials at all
+            Client(address, timeout="3s", set_as_default=False)
+        with pytest.raises(Exception):  # someone else's certificate
+            Client(address, security=Security.temporary(), timeout="3s", set_as_default=False)
+        with pytest.raises(OSError):  # plain TCP is not served
+            Client(address.replace("tls://", "tcp://"), timeout="3s", set_as_default=False)
+        # the run's own credentials work
+        with Client(address, security=backend.security, timeout="10s", set_as_default=False) as client:
+            assert client.scheduler_info()["address"] == address
+    finally:
+        backend.close()
+    assert not backend.credentials.exists()
+
+
+def test_attach_mode_uses_hand_started_workers_and_leaves_them_running(workflow: Workflow):
+    write_sleeper(workflow, count=6)
+    workflow.write("template.py", """
+        import os
+
+        def setup(delay):
+            return {"pid": os.getpid(), "job": "attached"}
+
+        def teardown(state):
+            with open("torn-down.txt", "a") as f:
+                f.write(f"{state['pid']}\\n")
+    """)
+    env = snakemake_env()
+    scheduler_file = workflow.root / "scheduler.json"
+    dask = str(Path(sys.executable).with_name("dask"))
+    scheduler = subprocess.Popen(
+        [dask, "scheduler", "--host", "127.0.0.1", "--port", "0", "--scheduler-file", str(scheduler_file),
+         "--no-dashboard"],
+        cwd=workflow.root, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    )
+    worker = None
+    try:
+        deadline = time.monotonic() + 30
+        while not scheduler_file.exists() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        worker = subprocess.Popen(
+            [dask, "worker", "--scheduler-file", str(scheduler_file), "--resources", "sticky-sleeper=2",
+             "--nthreads", "2", "--memory-limit", "0", "--no-nanny", "--no-dashboard"],
+            cwd=workflow.root, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+        )
+        run = workflow.run("--sticky-scheduler", str(scheduler_file), cores=2)
+        assert run.returncode == 0, run.output
+        assert "dask worker" in run.output and "--resources sticky-sleeper=1" in run.output
+        rows = invocations(workflow)
+        assert len(rows) == 6 and {pid for pid, *_ in rows} == {str(worker.pid)}
+        # the run's end tore the state down, and the user's worker and scheduler still run
+        deadline = time.monotonic() + 10
+        while not (workflow.root / "torn-down.txt").exists() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert workflow.lines("torn-down.txt") == [str(worker.pid)]
+        assert worker.poll() is None and scheduler.poll() is None
+    finally:
+        for process in (worker, scheduler):
+            if process is not None:
+                os.killpg(process.pid, signal.SIGTERM)
+                process.wait(timeout=30)
+
+
+def test_other_executor_runs_the_jobs_that_are_not_sticky_as_slurm_jobs(workflow: Workflow, slurm: None):
+    write_sleeper(
+        workflow, count=3, inputs=', "plain.txt"',
+        extra_rules="""
+        rule plain:
+            output: "plain.txt"
+            shell: "echo ${{SLURM_JOB_ID:-none}} > {output}"
+        """,
+    )
+    run = workflow.run(
+        "--sticky-other-executor", "cluster-generic",
+        "--cluster-generic-submit-cmd", "sbatch --parsable -c 1 --mem 1G",
+        "--seconds-between-status-checks", "1", "--jobs", "4", cores=2,
+    )
+    assert run.returncode == 0, run.output
+    job_id = workflow.read("plain.txt").strip()
+    assert job_id.isdigit() and "Name=snakejob.plain" in recorded_by_slurm(job_id), job_id
+    assert len(invocations(workflow)) == 3  # sticky jobs still ran on the resident worker
+
+
+def test_unknown_other_executor_is_named(workflow: Workflow):
+    write_sleeper(workflow, count=1)
+    run = workflow.run("--sticky-other-executor", "no-such-thing")
+    assert run.returncode != 0
+    assert "--sticky-other-executor no-such-thing: no such executor plugin is installed" in run.output
+
+
+def test_slurm_workers_near_their_walltime_retire_and_are_replaced(workflow: Workflow, slurm: None):
+    # walltime 10 s: each worker leaves in good order after 9 s, long before Slurm
+    # would kill it (Slurm counts whole minutes), and new jobs take over the remaining invocations
+    write_sleeper(workflow, count=24)
+    run = workflow.run(
+        "--sticky-cluster", "slurm", "--sticky-max-workers", "2", "--sticky-walltime", "00:00:10",
+        "--jobs", "2", cores=1,
+    )
+    assert run.returncode == 0, run.output
+    assert len(invocations(workflow)) == 24
+    submitted = re.findall(r"submitted slurm job (\d+)", run.output)
+    assert len(submitted) >= 3, run.output
+    assert "was lost" not in run.output  # retiring is orderly: no invocation was lost
+    assert slurm_jobs_in_queue(set(submitted)) == []
