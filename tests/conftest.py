@@ -10,7 +10,7 @@ import textwrap
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Any, Iterator, Optional
 
 import psutil
 import pytest
@@ -24,6 +24,37 @@ class Run:
     returncode: int
     output: str
     seconds: float
+
+
+class Background(subprocess.Popen):
+    """A snakemake run in the background whose output goes to a file. A pipe that the test does
+    not read while it waits would fill up and block snakemake, and every thread of it that logs."""
+
+    def __init__(self, command: list[str], log: Path, **kwargs: Any):
+        self.log = log
+        with open(log, "w") as sink:
+            super().__init__(command, stdout=sink, stderr=subprocess.STDOUT, **kwargs)
+
+    def communicate(self, input: Any = None, timeout: Optional[float] = None) -> tuple[str, None]:
+        self.wait(timeout)
+        return self.log.read_text(), None
+
+    def follow(self) -> Iterator[str]:
+        """The output's lines as they are written, until the process ends."""
+        pending = ""
+        with open(self.log) as f:
+            while True:
+                chunk = f.readline()
+                pending += chunk
+                if pending.endswith("\n"):
+                    yield pending
+                    pending = ""
+                elif not chunk and self.poll() is not None:
+                    if pending:
+                        yield pending
+                    return
+                elif not chunk:
+                    time.sleep(0.05)
 
 
 class Workflow:
@@ -71,14 +102,12 @@ class Workflow:
         )
         return Run(proc.returncode, proc.stdout, time.monotonic() - started)
 
-    def popen(self, *args: str, executor: Optional[str] = "sticky", cores: int = 4) -> subprocess.Popen:
+    def popen(self, *args: str, executor: Optional[str] = "sticky", cores: int = 4) -> Background:
         """Start snakemake in its own process group, as a terminal would run it."""
-        return subprocess.Popen(
+        return Background(
             self.command(*args, executor=executor, cores=cores),
+            log=self.root / "snakemake.log",
             cwd=self.root,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
             env=test_env(),
             start_new_session=True,
         )

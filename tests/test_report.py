@@ -110,7 +110,7 @@ def test_dashboard_address_is_logged_and_served_on_loopback(workflow: Workflow):
     sticky_workflow(workflow, ONE_TEMPLATE_SNAKEFILE, LLM_TEMPLATE)
     proc = workflow.popen("--sticky-workers", "1", "--sticky-dashboard-address", "127.0.0.1:0", "--config", "count=2", "sleep=4")
     lines = []
-    for line in proc.stdout:
+    for line in proc.follow():
         lines.append(line)
         found = re.search(r"Dask dashboard of the sticky workers: (http://127\.0\.0\.1:\d+/status)", line)
         if found:

@@ -3,10 +3,12 @@ network scheduler, and attach mode with hand-started Dask workers."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import re
 import shutil
 import signal
+import ssl
 import subprocess
 import sys
 import time
@@ -14,6 +16,7 @@ from pathlib import Path
 
 import pytest
 from distributed import Client
+from distributed.comm import connect
 from distributed.security import Security
 
 from snakemake_executor_plugin_sticky.backends.jobqueue import BatchBackend
@@ -96,9 +99,21 @@ def most_at_once(rows: list[tuple[str, str, float, float]]) -> int:
     return peak
 
 
-def slurm_jobs_in_queue(job_ids: set[str]) -> list[str]:
-    listing = subprocess.run(["squeue", "-h", "-o", "%i %j %T"], capture_output=True, text=True).stdout
-    return [line for line in listing.splitlines() if line.split()[0] in job_ids or "sticky-" in line]
+def submitted_jobs(output: str) -> list[str]:
+    """The Slurm jobs the run says it submitted, in order."""
+    return re.findall(r"submitted slurm job (\d+)", output)
+
+
+def slurm_jobs_in_queue(job_ids: set[str], wait_s: float = 15.0) -> list[str]:
+    """Those of the jobs that Slurm still lists after `wait_s`: a job cancelled a moment ago may
+    show as COMPLETING while slurmd cleans up after it."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        listing = subprocess.run(["squeue", "-h", "-o", "%i %j %T"], capture_output=True, text=True).stdout
+        left = [line for line in listing.splitlines() if line.split()[0] in job_ids]
+        if not left or time.monotonic() > deadline:
+            return left
+        time.sleep(0.5)
 
 
 def recorded_by_slurm(job_id: str) -> str:
@@ -125,8 +140,7 @@ def test_slurm_workers_run_invocations_two_at_a_time_and_leave_no_job(workflow: 
         record = recorded_by_slurm(job_id)
         assert "Name=sticky-sleeper" in record, record
     assert re.search(r"submitted slurm job \d+ \(worker sleeper-1-\d\, pool 1\)", run.output)
-    time.sleep(1)
-    assert slurm_jobs_in_queue(job_ids) == []
+    assert slurm_jobs_in_queue(set(submitted_jobs(run.output))) == []
     assert not workflow.leftover_processes()
     # the credentials of the run are gone with it
     assert not list((workflow.root / ".snakemake" / "sticky").glob("tls-*"))
@@ -162,11 +176,13 @@ def test_slurm_pool_retires_idle_workers_and_grows_again(workflow: Workflow, slu
     assert len(invocations(workflow, "late")) == 4
     assert run.output.count("with nothing waiting: retiring it") >= 2, run.output
     assert early.isdisjoint(late), (early, late)  # the idle jobs ended; new ones served phase 2
-    assert slurm_jobs_in_queue(early | late) == []
+    assert slurm_jobs_in_queue(set(submitted_jobs(run.output))) == []
 
 
 def test_slurm_worker_job_cancelled_mid_run_is_replaced(workflow: Workflow, slurm: None):
-    write_sleeper(workflow, count=10)
+    # 20 one-second invocations: the survivor alone would need about 18 s, time enough for
+    # the replacement job to start (a few seconds) and take a share, even on a loaded machine
+    write_sleeper(workflow, count=20)
     proc = workflow.popen(
         "--sticky-cluster", "slurm", "--sticky-max-workers", "2", "--sticky-memory", "1GB",
         "--jobs", "2", cores=1,
@@ -174,13 +190,14 @@ def test_slurm_worker_job_cancelled_mid_run_is_replaced(workflow: Workflow, slur
     deadline = time.monotonic() + 60
     while len(invocations(workflow)) < 2 and time.monotonic() < deadline:
         time.sleep(0.2)
+    assert len(invocations(workflow)) >= 2, proc.log.read_text()
     victim = invocations(workflow)[0][1]
     subprocess.run(["scancel", victim], check=True)  # as a preempting batch system would
     output, _ = proc.communicate(timeout=180)
     assert proc.returncode == 0, output
     rows = invocations(workflow)
-    assert len(rows) == 10
-    submitted = re.findall(r"submitted slurm job (\d+)", output)
+    assert len(rows) == 20
+    submitted = submitted_jobs(output)
     assert len(submitted) >= 3, output
     # the replacement job served invocations (the victim's results may have been redone)
     assert {job for _, job, _, _ in rows} - set(submitted[:2]), output
@@ -201,18 +218,36 @@ def test_network_scheduler_refuses_clients_without_the_run_credentials(tmp_path:
         assert all(f.stat().st_mode & 0o777 == 0o600 for f in files)
         assert backend.credentials.stat().st_mode & 0o777 == 0o700
 
-        with pytest.raises(Exception):  # no credentials at all
-            Client(address, timeout="3s", set_as_default=False)
-        with pytest.raises(Exception):  # someone else's certificate
-            Client(address, security=Security.temporary(), timeout="3s", set_as_default=False)
+        anonymous = ssl.create_default_context()  # speaks TLS, trusts anything, has no certificate
+        anonymous.check_hostname, anonymous.verify_mode = False, ssl.CERT_NONE
+        with pytest.raises(OSError):
+            ask_identity(address, {"ssl_context": anonymous})
+        with pytest.raises(OSError):  # someone else's certificate
+            ask_identity(address, Security.temporary().get_connection_args("client"))
         with pytest.raises(OSError):  # plain TCP is not served
-            Client(address.replace("tls://", "tcp://"), timeout="3s", set_as_default=False)
-        # the run's own credentials work
+            ask_identity(address.replace("tls://", "tcp://"), {})
+        # the run's own credentials work, for a raw connection and for a Dask client
+        assert ask_identity(address, backend.security.get_connection_args("client"))["type"] == "Scheduler"
         with Client(address, security=backend.security, timeout="10s", set_as_default=False) as client:
             assert client.scheduler_info()["address"] == address
     finally:
         backend.close()
     assert not backend.credentials.exists()
+
+
+def ask_identity(address: str, connection_args: dict) -> dict:
+    """One request on a fresh connection. (Not a failing `Client`: its garbage collection in
+    another client's loop thread deadlocks Dask's loop runner.)"""
+
+    async def ask() -> dict:
+        comm = await connect(address, timeout="5s", **connection_args)
+        try:
+            await comm.write({"op": "identity", "reply": True})
+            return await comm.read()
+        finally:
+            await comm.close()
+
+    return asyncio.run(ask())
 
 
 def test_attach_mode_uses_hand_started_workers_and_leaves_them_running(workflow: Workflow):
@@ -300,7 +335,7 @@ def test_slurm_workers_near_their_walltime_retire_and_are_replaced(workflow: Wor
     )
     assert run.returncode == 0, run.output
     assert len(invocations(workflow)) == 24
-    submitted = re.findall(r"submitted slurm job (\d+)", run.output)
+    submitted = submitted_jobs(run.output)
     assert len(submitted) >= 3, run.output
     assert "was lost" not in run.output  # retiring is orderly: no invocation was lost
     assert slurm_jobs_in_queue(set(submitted)) == []
