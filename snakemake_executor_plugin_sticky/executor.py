@@ -23,8 +23,9 @@ from snakemake_interface_executor_plugins.executors.real import RealExecutor
 from snakemake_interface_executor_plugins.jobs import JobExecutorInterface
 from snakemake_interface_executor_plugins.settings import ExecMode
 
+from .completions import CompletionBatcher
 from .invocation import Invocation, InvocationResult, build_invocation, local_script_path
-from .report import RunReport
+from .report import RunReport, warm_up_plotting
 from .settings import CLUSTERS, ExecutorSettings
 from .templates import CONFIG_SECTION, RESOURCE, TemplateSpec, parse_templates
 
@@ -49,6 +50,10 @@ class Executor(RealExecutor):
         self._scripts: dict[str, str] = {}
         # prepare, register and submit sticky jobs beside Snakemake's scheduler thread, in order
         self._dispatcher = ThreadPoolExecutor(1, thread_name_prefix="sticky-dispatch")
+        self.completions = CompletionBatcher(on_error=self.report_failed)
+        self._count_lock = threading.Lock()
+        self._in_flight = 0  # invocations sent to workers and not back yet
+        self._slots: dict[str, int] = {}  # invocation slots of each template's workers
         self.report = RunReport(self.templates, Path(self.workflow.persistence.path) / "sticky", self.logger)
         used = self.templates_in_dag()
         if self.settings.cluster != "local" and not self.settings.scheduler:
@@ -58,6 +63,7 @@ class Executor(RealExecutor):
                 self.start_pool(template)
         except BaseException:
             # Snakemake never calls shutdown() for an executor that failed to start.
+            self.completions.close(deliver=False)
             self.close_backend()
             raise
         self.warn_if_cores_limit(used)
@@ -188,6 +194,8 @@ class Executor(RealExecutor):
         started = self.backend.start_pool(template)
         if started:
             self.report.workers_requested(template, started)
+        if template.name not in self._slots:
+            self._slots[template.name] = self.backend.workers_for(template) * template.slots
 
     def worker_event(self, message: dict) -> None:
         """Engine events: feed the report; replace workers of hung invocations; keep the loss budget."""
@@ -222,6 +230,8 @@ class Executor(RealExecutor):
         if self._backend is None:
             return
         self.report.closing = True
+        if status is not None:
+            warm_up_plotting()
         for name, count in self.report.workers_alive().items():
             self.logger.info(f"Sticky template '{name}': retiring {count} worker(s).")
         try:
@@ -232,44 +242,77 @@ class Executor(RealExecutor):
 
     # -- jobs ---------------------------------------------------------------------------------
 
+    def run_jobs(self, jobs: list[JobExecutorInterface]) -> None:
+        """The jobs of one scheduling round: sticky ones go to the workers in one batch."""
+        sticky = []
+        for job in jobs:
+            self.run_job_pre(job)
+            template = self.sticky_template(job)
+            if template is None:
+                self.local.run_job(job)
+            else:
+                self.start_pool(template)
+                sticky.append((job, template))
+        if sticky:
+            self._dispatcher.submit(self.dispatch, sticky)
+
     def run_job(self, job: JobExecutorInterface) -> None:
-        if job.is_group():
-            sticky = [j.rule.name for j in job if j.resources.get(RESOURCE) is not None]
-            if sticky:
-                raise WorkflowError(
-                    f"Sticky rule(s) {', '.join(sticky)} cannot run in a pipe or service group."
-                )
-            self.local.run_job(job)
-            return
-        template = self.template_for(job)
+        template = self.sticky_template(job)
         if template is None:
             self.local.run_job(job)
-            return
-        self.start_pool(template)
-        self._dispatcher.submit(self.dispatch, job, template)
+        else:
+            self.start_pool(template)
+            self._dispatcher.submit(self.dispatch, [(job, template)])
 
-    def dispatch(self, job: JobExecutorInterface, template: TemplateSpec) -> None:
-        """Prepare the job as the local executor does, mark it started, send it to a worker."""
+    def sticky_template(self, job: JobExecutorInterface) -> Optional[TemplateSpec]:
+        """The job's template, or None for a job that runs elsewhere (also groups without sticky rules)."""
+        if not job.is_group():
+            return self.template_for(job)
+        sticky = [j.rule.name for j in job if j.resources.get(RESOURCE) is not None]
+        if sticky:
+            raise WorkflowError(f"Sticky rule(s) {', '.join(sticky)} cannot run in a pipe or service group.")
+        return None
+
+    def dispatch(self, jobs: list[tuple[JobExecutorInterface, TemplateSpec]]) -> None:
+        """Prepare each job as the local executor does, mark it started, send the batch to the workers."""
         if self._cancelled:
             return
-        job_info = SubmittedJobInfo(job=job)
-        try:
-            self.workflow.async_run(job.prepare())
-            invocation = build_invocation(
-                job, template, self.script_of(job), self.workflow.config, self.settings.invocation_timeout
-            )
-            job_info.external_jobid = invocation.key
-            self.report_job_submission(job_info)
-            self.report.invocation_submitted(invocation)
-            self.backend.submit(invocation, partial(self.invocation_done, job_info))
-        except Exception as e:
-            self.report_job_error(job_info, msg=f"Sticky job could not be dispatched: {type(e).__name__}: {e}")
+        batch = []
+        for job, template in jobs:
+            job_info = SubmittedJobInfo(job=job)
+            try:
+                self.workflow.async_run(job.prepare())
+                invocation = build_invocation(
+                    job, template, self.script_of(job), self.workflow.config, self.settings.invocation_timeout
+                )
+                job_info.external_jobid = invocation.key
+                self.report_job_submission(job_info)
+                self.report.invocation_submitted(invocation)
+            except Exception as e:
+                self.report_job_error(job_info, msg=f"Sticky job could not be dispatched: {type(e).__name__}: {e}")
+                continue
+            batch.append((invocation, partial(self.invocation_done, job_info)))
+        with self._count_lock:
+            self._in_flight += len(batch)
+        self.backend.submit(batch)
 
     def invocation_done(self, job_info: SubmittedJobInfo, invocation: Invocation, outcome: Any) -> None:
         try:
             self.report.invocation_finished(invocation, outcome)
         except Exception as e:  # the record is lost, never the job: Snakemake must hear of it
             self.logger.warning(f"Sticky report: invocation of rule '{invocation.rule}' not recorded: {e!r}")
+        with self._count_lock:
+            self._in_flight -= 1
+            # Snakemake must hear now when the workers are about to run out of queued invocations
+            running_low = self._in_flight <= sum(self._slots.values())
+        ok = isinstance(outcome, InvocationResult) and outcome.ok
+        self.completions.add(partial(self.tell_snakemake, job_info, invocation, outcome), urgent=running_low or not ok)
+
+    def report_failed(self, error: BaseException) -> None:
+        self.logger.error(f"Sticky: a finished invocation could not be reported to Snakemake: {error!r}")
+
+    def tell_snakemake(self, job_info: SubmittedJobInfo, invocation: Invocation, outcome: Any) -> None:
+        """Hand the invocation's output to Snakemake's log and report the job done or failed."""
         if self._cancelled:
             return  # Ctrl-C: Snakemake is already tearing down, as with the local executor
         if not isinstance(outcome, InvocationResult):
@@ -305,6 +348,7 @@ class Executor(RealExecutor):
 
     def shutdown(self) -> None:
         self._dispatcher.shutdown(wait=True)
+        self.completions.close()
         try:
             self.local.shutdown()
         finally:
@@ -314,6 +358,7 @@ class Executor(RealExecutor):
     def cancel(self) -> None:
         self._cancelled = True
         self._dispatcher.shutdown(wait=False, cancel_futures=True)
+        self.completions.close(deliver=False)
         try:
             self.local.cancel()
         finally:

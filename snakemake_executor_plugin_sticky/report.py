@@ -183,8 +183,6 @@ class RunReport:
             self.tally[invocation.template].submitted += 1
 
     def invocation_finished(self, invocation: Invocation, outcome: Any) -> None:
-        if not self.invocations:
-            warm_up_plotting()
         with self._lock:
             tally = self.tally[invocation.template]
             tally.done += 1
@@ -338,8 +336,9 @@ def natural(text: str) -> list[Any]:
 
 
 def warm_up_plotting() -> None:
-    """Import matplotlib in the background, so drawing at the end costs little. Called once
-    workers serve invocations: earlier it would compete with their start-up for the CPU."""
+    """Import matplotlib in the background while the workers retire (this process mostly waits
+    for them then), so drawing the timeline afterwards costs little. Any earlier, it would take
+    CPU from the workers' start-up or invocations."""
     threading.Thread(target=_import_pyplot, name="sticky-plot-import", daemon=True).start()
 
 

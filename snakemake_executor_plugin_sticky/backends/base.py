@@ -12,7 +12,8 @@ import threading
 import time
 from abc import ABC, abstractmethod
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Callable, Union
+from functools import partial
+from typing import Any, Callable, Sequence, Union
 
 from distributed import Client, Future
 from distributed.diagnostics.plugin import SchedulerPlugin
@@ -62,8 +63,8 @@ class Backend(ABC):
         """How many workers the template's pool has at most."""
 
     @abstractmethod
-    def submit(self, invocation: Invocation, on_done: OnDone) -> None:
-        """Run the invocation on a worker holding its template; `on_done` gets the outcome."""
+    def submit(self, batch: Sequence[tuple[Invocation, OnDone]]) -> None:
+        """Run each invocation on a worker holding its template; its `on_done` gets the outcome."""
 
     @abstractmethod
     def abandon(self, key: str, reason: str, worker: str) -> None:
@@ -103,22 +104,32 @@ class DaskBackend(Backend):
         self.client.subscribe_topic(EVENT_TOPIC, lambda event: self._event_thread.submit(self._on_event, event[1]))
         self.client.register_plugin(WorkerRemovalPlugin())
 
-    def submit(self, invocation: Invocation, on_done: OnDone) -> None:
-        with self._lock:
-            failure = self._failed_pools.get(invocation.identity)
-        if failure is not None:
-            on_done(invocation, RuntimeError(failure))
-            return
-        future = self.client.submit(
-            run_invocation,
-            invocation,
-            key=invocation.key,
-            pure=False,
-            resources={invocation.tag: 1},
-        )
-        with self._lock:
-            self._futures[invocation.key] = (invocation, future)
-        future.add_done_callback(lambda f: self._complete(invocation, f, on_done))
+    def submit(self, batch: Sequence[tuple[Invocation, OnDone]]) -> None:
+        """One graph update per template for the whole batch: the scheduler's cost of an update
+        hardly depends on how many tasks it carries."""
+        by_tag: dict[str, list[tuple[Invocation, OnDone]]] = {}
+        for invocation, on_done in batch:
+            with self._lock:
+                failure = self._failed_pools.get(invocation.identity)
+            if failure is not None:
+                on_done(invocation, RuntimeError(failure))
+            else:
+                by_tag.setdefault(invocation.tag, []).append((invocation, on_done))
+        for tag, items in by_tag.items():
+            invocations = [invocation for invocation, _ in items]
+            try:
+                futures = self.client.map(
+                    run_invocation, invocations, key=[i.key for i in invocations], pure=False, resources={tag: 1}
+                )
+            except Exception as e:  # the client is gone (the run is ending): nothing was sent
+                for invocation, on_done in items:
+                    on_done(invocation, e)
+                continue
+            with self._lock:
+                for invocation, future in zip(invocations, futures):
+                    self._futures[invocation.key] = (invocation, future)
+            for (invocation, on_done), future in zip(items, futures):
+                future.add_done_callback(partial(self._complete, invocation, on_done=on_done))
 
     def _complete(self, invocation: Invocation, future: Future, on_done: OnDone) -> None:
         with self._lock:

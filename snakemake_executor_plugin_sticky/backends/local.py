@@ -127,7 +127,13 @@ class HostedScheduler(DaskBackend):
         self.log = log
         self.settings = settings
         self.security = security
-        self.dashboard = dashboard_available()
+        self.dashboard = bool(settings.dashboard_address)
+        if self.dashboard and not dashboard_available():
+            log.warning(
+                f"--sticky-dashboard-address {settings.dashboard_address}: the Dask dashboard needs "
+                "bokeh (pip install bokeh); this run has none."
+            )
+            self.dashboard = False
         # Dask's own INFO chatter (comms, plugin registration) is noise in a Snakemake log.
         logging.getLogger("distributed").setLevel(logging.WARNING)
         self._loop = asyncio.new_event_loop()
@@ -147,7 +153,7 @@ class HostedScheduler(DaskBackend):
     async def _start_scheduler(self) -> Scheduler:
         # The scheduler always serves HTTP (health, metrics; the dashboard is added later).
         address = self.settings.dashboard_address if self.dashboard else f"{LOOPBACK}:0"
-        if self.dashboard and not address.startswith((LOOPBACK, "localhost")):
+        if self.dashboard and not str(address).startswith((LOOPBACK, "localhost")):
             self.log.warning(
                 f"The Dask dashboard listens on {address}, beyond loopback, without authentication: "
                 "anyone who reaches it can watch this run. Prefer an SSH tunnel to 127.0.0.1."
@@ -173,7 +179,7 @@ class HostedScheduler(DaskBackend):
         except Exception as e:
             self.log.warning(f"The Dask dashboard could not start: {type(e).__name__}: {e}")
             return
-        host = self.settings.dashboard_address.rsplit(":", 1)[0] or LOOPBACK
+        host = str(self.settings.dashboard_address).rsplit(":", 1)[0] or LOOPBACK
         self.log.info(f"Dask dashboard of the sticky workers: http://{host}:{self._scheduler.http_server.port}/status")
 
     def close(self) -> None:

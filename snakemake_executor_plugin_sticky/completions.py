@@ -1,0 +1,70 @@
+"""Finished invocations reported to Snakemake a few at a time.
+
+Snakemake runs one scheduling round for every job reported finished, and each round looks at
+every ready job: with thousands of short invocations, a round per invocation costs more than the
+invocation. While the workers still have invocations queued to go on with, a report waits a few
+milliseconds for others, and they go out together, so that one round refills several slots.
+Reports go out at once when the queue runs low, so a worker never waits for them.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import Callable
+
+Report = Callable[[], None]
+
+HOLD_S = 0.1  # the longest a report waits for company
+
+
+class CompletionBatcher:
+    """Collects reports; a thread of its own delivers them, in the order they came."""
+
+    def __init__(self, on_error: Callable[[BaseException], None], hold_s: float = HOLD_S):
+        self.on_error = on_error
+        self.hold_s = hold_s
+        self._pending: list[Report] = []
+        self._first_at = 0.0
+        self._urgent = False
+        self._closed = False
+        self._changed = threading.Condition()
+        self._thread = threading.Thread(target=self._deliver_forever, name="sticky-completions", daemon=True)
+        self._thread.start()
+
+    def add(self, report: Report, urgent: bool) -> None:
+        """Queue a report; `urgent` sends it and all before it now (the workers run low)."""
+        with self._changed:
+            if not self._pending:
+                self._first_at = time.monotonic()
+            self._pending.append(report)
+            self._urgent = self._urgent or urgent
+            self._changed.notify()
+
+    def close(self, deliver: bool = True) -> None:
+        """Stop the thread; deliver what waits (or drop it, when the run is cancelled)."""
+        with self._changed:
+            self._closed = True
+            if not deliver:
+                self._pending.clear()
+            self._changed.notify()
+        if threading.current_thread() is not self._thread:
+            self._thread.join()
+
+    def _deliver_forever(self) -> None:
+        while True:
+            with self._changed:
+                while not self._pending and not self._closed:
+                    self._changed.wait()
+                deadline = self._first_at + self.hold_s
+                while not (self._urgent or self._closed) and (left := deadline - time.monotonic()) > 0:
+                    self._changed.wait(left)
+                batch, self._pending, self._urgent = self._pending, [], False
+                finished = self._closed
+            for report in batch:
+                try:
+                    report()
+                except Exception as e:  # one failed report must not stop the ones after it
+                    self.on_error(e)
+            if finished and not batch:
+                return
