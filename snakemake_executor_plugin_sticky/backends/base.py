@@ -8,12 +8,13 @@ go to another holder. No Dask Actors: they die with their worker and block scale
 
 from __future__ import annotations
 
+import queue
 import threading
 import time
+import traceback
 from abc import ABC, abstractmethod
 from concurrent.futures import ThreadPoolExecutor
-from functools import partial
-from typing import Any, Callable, Sequence, Union
+from typing import Any, Callable, Optional, Sequence, Union
 
 from distributed import Client, Future
 from distributed.diagnostics.plugin import SchedulerPlugin
@@ -94,6 +95,8 @@ class DaskBackend(Backend):
         self._on_event = on_event
         # Event handlers may call the (synchronous) client: never on the client's own loop thread.
         self._event_thread = ThreadPoolExecutor(1, thread_name_prefix="sticky-events")
+        self._finished: queue.SimpleQueue[Optional[tuple[Invocation, Future, OnDone]]] = queue.SimpleQueue()
+        threading.Thread(target=self._collect_results, name="sticky-results", daemon=True).start()
 
     @property
     @abstractmethod
@@ -129,13 +132,35 @@ class DaskBackend(Backend):
                 for invocation, future in zip(invocations, futures):
                     self._futures[invocation.key] = (invocation, future)
             for (invocation, on_done), future in zip(items, futures):
-                future.add_done_callback(partial(self._complete, invocation, on_done=on_done))
+                future.add_done_callback(lambda f, i=invocation, d=on_done: self._finished.put((i, f, d)))
 
-    def _complete(self, invocation: Invocation, future: Future, on_done: OnDone) -> None:
+    def _collect_results(self) -> None:
+        """Fetch the results of finished invocations many at a time: fetching each on its own
+        costs a round trip through the scheduler per invocation."""
+        while True:
+            batch = [self._finished.get()]
+            while not self._finished.empty():
+                batch.append(self._finished.get())
+            if None in batch:  # closed
+                return
+            done = [(i, f, d) for i, f, d in batch if f.status == "finished"]
+            try:
+                values = self.client.gather([f for _, f, _ in done]) if done else []
+            except BaseException:  # a worker went with its results: take them one by one
+                values = [None] * len(done)
+                done = []
+            fetched = {i.key: v for (i, _, _), v in zip(done, values)}
+            for invocation, future, on_done in batch:
+                try:
+                    self._complete(invocation, future, on_done, fetched.get(invocation.key))
+                except Exception:  # this thread must go on: every later result depends on it
+                    traceback.print_exc()
+
+    def _complete(self, invocation: Invocation, future: Future, on_done: OnDone, fetched: Optional[Outcome]) -> None:
         with self._lock:
             self._futures.pop(invocation.key, None)
         try:
-            outcome: Outcome = future.result()
+            outcome: Outcome = fetched if fetched is not None else future.result()
         except BaseException as e:  # cancelled, hung, lost workers, or the pool failed
             with self._lock:
                 failure = self._abandoned.pop(invocation.key, None) or self._failed_pools.get(invocation.identity)
@@ -164,6 +189,7 @@ class DaskBackend(Backend):
 
     def close_events(self) -> None:
         self._event_thread.shutdown(wait=False, cancel_futures=True)
+        self._finished.put(None)
 
     def outstanding(self, identity: str) -> int:
         """Invocations of the template submitted and not finished (waiting or running)."""
