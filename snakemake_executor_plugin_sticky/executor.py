@@ -8,6 +8,8 @@ post-processing checks the outputs afterwards, as for any job.
 
 from __future__ import annotations
 
+import atexit
+import gc
 import os
 import sys
 import threading
@@ -55,6 +57,7 @@ class Executor(RealExecutor):
         self._in_flight = 0  # invocations sent to workers and not back yet
         self._slots: dict[str, int] = {}  # invocation slots of each template's workers
         self.report = RunReport(self.templates, Path(self.workflow.persistence.path) / "sticky", self.logger)
+        skip_final_collection()
         used = self.templates_in_dag()
         if self.settings.cluster != "local" and not self.settings.scheduler:
             from .backends import jobqueue  # noqa: F401  (imported in the main thread: see there)
@@ -397,6 +400,15 @@ def cancel_pending_reevaluations() -> None:
         function = getattr(thread, "function", None)
         if isinstance(thread, threading.Timer) and "_schedule_reevalutation" in getattr(function, "__qualname__", ""):
             thread.cancel()
+
+
+def skip_final_collection() -> None:
+    """At interpreter exit, Python's last garbage collection walks every object that Snakemake,
+    Dask and matplotlib made: about 0.4 s after the run is over, which is all the exit costs.
+    Objects are frozen out of it at exit (not before: a process that runs more workflows through
+    the API keeps collecting). Files, workers and logs are closed before then, not by the collector."""
+    atexit.unregister(gc.freeze)
+    atexit.register(gc.freeze)
 
 
 def make_backend(workdir: str, settings: ExecutorSettings, log: Any, on_event: Any) -> "Backend":

@@ -46,8 +46,8 @@ def setup(model, dtype="auto", device="auto"):
 def teardown(state):
     device = state.get("device", "cpu")
     state.clear()
-    gc.collect()
-    if str(device).startswith("cuda"):
+    if str(device).startswith("cuda"):  # give the GPU memory back now (a full collection takes 0.4 s)
         import torch
 
+        gc.collect()
         torch.cuda.empty_cache()
