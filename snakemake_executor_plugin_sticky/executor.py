@@ -250,31 +250,32 @@ class Executor(RealExecutor):
         sticky = []
         for job in jobs:
             self.run_job_pre(job)
-            template = self.sticky_template(job)
-            if template is None:
-                self.local.run_job(job)
-            else:
-                self.start_pool(template)
-                sticky.append((job, template))
+            routed = self.route(job)
+            if routed is not None:
+                sticky.append(routed)
         if sticky:
             self._dispatcher.submit(self.dispatch, sticky)
 
     def run_job(self, job: JobExecutorInterface) -> None:
-        template = self.sticky_template(job)
+        routed = self.route(job)
+        if routed is not None:
+            self._dispatcher.submit(self.dispatch, [routed])
+
+    def route(self, job: JobExecutorInterface) -> Optional[tuple[JobExecutorInterface, TemplateSpec]]:
+        """Hand a job that is not sticky to the other executor; a sticky one comes back with its
+        template, whose workers are started. Groups may not contain sticky rules."""
+        if job.is_group():
+            sticky = [j.rule.name for j in job if j.resources.get(RESOURCE) is not None]
+            if sticky:
+                raise WorkflowError(f"Sticky rule(s) {', '.join(sticky)} cannot run in a pipe or service group.")
+            template = None
+        else:
+            template = self.template_for(job)
         if template is None:
             self.local.run_job(job)
-        else:
-            self.start_pool(template)
-            self._dispatcher.submit(self.dispatch, [(job, template)])
-
-    def sticky_template(self, job: JobExecutorInterface) -> Optional[TemplateSpec]:
-        """The job's template, or None for a job that runs elsewhere (also groups without sticky rules)."""
-        if not job.is_group():
-            return self.template_for(job)
-        sticky = [j.rule.name for j in job if j.resources.get(RESOURCE) is not None]
-        if sticky:
-            raise WorkflowError(f"Sticky rule(s) {', '.join(sticky)} cannot run in a pipe or service group.")
-        return None
+            return None
+        self.start_pool(template)
+        return job, template
 
     def dispatch(self, jobs: list[tuple[JobExecutorInterface, TemplateSpec]]) -> None:
         """Prepare each job as the local executor does, mark it started, send the batch to the workers."""
