@@ -162,21 +162,30 @@ class BatchSystem:
     status_command: str  # {job_id} is filled in; the job is gone when it fails or prints nothing
     finished_states: tuple[str, ...] = ()
     memory_directives: tuple[str, ...] = ()  # dropped when no memory is asked for
+    account_keyword = "account"  # what the Job class calls the account ("project" on some)
 
     job_class: type  # dask-jobqueue's Job of the system
 
     def job_kwargs(self, pool: PoolSpec, gpus: int) -> dict[str, Any]:
+        return {
+            "queue": pool.queue, self.account_keyword: pool.account, "walltime": pool.walltime,
+            "job_extra_directives": self.extra_directives(pool, gpus),
+        }
+
+    def extra_directives(self, pool: PoolSpec, gpus: int) -> list[str]:
+        """The pool's extra directives, and the GPU request when the template has GPUs."""
         lines = list(pool.job_extra)
         if gpus:
             lines.append((pool.gpu_directive or self.gpu_directive).format(gpus=gpus))
-        return {
-            "queue": pool.queue, "account": pool.account, "walltime": pool.walltime,
-            "job_extra_directives": lines,
-        }
+        return lines
 
     def gone(self, returncode: int, output: str) -> bool:
-        state = output.strip().upper()
+        state = self.state_of(output)
         return returncode != 0 or not state or state in self.finished_states
+
+    def state_of(self, output: str) -> str:
+        """The job's state in the status command's output."""
+        return output.strip().upper()
 
 
 class Slurm(BatchSystem):
@@ -205,12 +214,8 @@ class SGE(BatchSystem):
     name = "sge"
     gpu_directive = "-l gpu={gpus}"
     status_command = "qstat -j {job_id}"
+    account_keyword = "project"
     job_class = SGEJob
-
-    def job_kwargs(self, pool: PoolSpec, gpus: int) -> dict[str, Any]:
-        kwargs = super().job_kwargs(pool, gpus)
-        kwargs["project"] = kwargs.pop("account")
-        return kwargs
 
 
 class LSF(BatchSystem):
@@ -219,11 +224,11 @@ class LSF(BatchSystem):
     status_command = "bjobs -noheader -o stat {job_id}"
     finished_states = ("DONE", "EXIT")
     memory_directives = ("-M ",)
+    account_keyword = "project"
     job_class = LSFJob
 
     def job_kwargs(self, pool: PoolSpec, gpus: int) -> dict[str, Any]:
         kwargs = super().job_kwargs(pool, gpus)
-        kwargs["project"] = kwargs.pop("account")
         hours, rest = divmod(walltime_seconds(pool.walltime) // 60, 60)
         kwargs["walltime"] = f"{hours:02d}:{rest:02d}"  # LSF's -W takes [HH:]MM
         kwargs["lsf_units"] = "MB"  # no probing of lsf.conf on the submit host
@@ -239,9 +244,7 @@ class HTCondor(BatchSystem):
     job_class = HTCondorJob
 
     def job_kwargs(self, pool: PoolSpec, gpus: int) -> dict[str, Any]:
-        lines = list(pool.job_extra)
-        if gpus:
-            lines.append((pool.gpu_directive or self.gpu_directive).format(gpus=gpus))
+        lines = self.extra_directives(pool, gpus)
         if pool.account:
             lines.append(f"accounting_group = {pool.account}")
         # HTCondor has no walltime request; the worker still leaves at its lifetime.
@@ -259,17 +262,16 @@ class OAR(BatchSystem):
     gpu_directive = "-p gpu_count>={gpus}"
     status_command = "oarstat -s -j {job_id}"
     finished_states = ("TERMINATED", "ERROR")
+    account_keyword = "project"
     job_class = OARJob
 
     def job_kwargs(self, pool: PoolSpec, gpus: int) -> dict[str, Any]:
         kwargs = super().job_kwargs(pool, gpus)
-        kwargs["project"] = kwargs.pop("account")
         kwargs["memory_per_core_property_name"] = "not_applicable"
         return kwargs
 
-    def gone(self, returncode: int, output: str) -> bool:
-        state = output.strip().rsplit(":", 1)[-1].strip().upper()  # "<id>: Running"
-        return returncode != 0 or not state or state in self.finished_states
+    def state_of(self, output: str) -> str:
+        return output.strip().rsplit(":", 1)[-1].strip().upper()  # "<id>: Running"
 
 
 SYSTEMS: dict[str, BatchSystem] = {s.name: s for s in (Slurm(), PBS(), SGE(), LSF(), HTCondor(), OAR())}
