@@ -108,7 +108,7 @@ class ExecutorSettings(ExecutorSettingsBase):
         None,
         "How a worker job asks for its template's GPUs, with {gpus} for their number. "
         "Defaults: slurm --gres=gpu:{gpus}, pbs -l ngpus={gpus}, sge -l gpu={gpus}, "
-        "lsf -gpu num={gpus}, htcondor request_gpus={gpus}, oar -l gpu={gpus}.",
+        "lsf -gpu \"num={gpus}\", htcondor request_gpus={gpus}, oar -p gpu_count>={gpus}.",
     )
     prologue: Optional[str] = option(
         None,
