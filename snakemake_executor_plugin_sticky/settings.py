@@ -5,6 +5,8 @@ from typing import Any, Optional
 
 from snakemake_interface_executor_plugins.settings import ExecutorSettingsBase
 
+from . import forkserver
+
 
 # where workers run: embedded, or the batch systems of backends/jobqueue.py
 CLUSTERS = ("local", "slurm", "pbs", "sge", "lsf", "htcondor", "oar")
@@ -130,3 +132,9 @@ class ExecutorSettings(ExecutorSettingsBase):
         "Executor plugin for jobs that are not sticky (e.g. 'slurm' or 'cluster-generic'). "
         "Default: they run on this machine, as under the local executor.",
     )
+
+    def __post_init__(self) -> None:
+        # Local workers are forked from a forkserver: starting it now, while Snakemake parses the
+        # workflow on one core, makes the workers ready sooner (see forkserver.py).
+        if self.cluster == "local" and not self.scheduler and forkserver.available():
+            forkserver.start_forkserver()

@@ -2,8 +2,9 @@
 and Nanny-supervised worker processes, one per GPU (or one CPU worker), per template.
 
 Scheduler and Nannies live on one event loop in a thread of the Snakemake process; the Nannies
-spawn the worker processes (spawn, not fork) and restart one that dies. Worker processes watch
-their parent and exit when it goes away, so nothing outlives Snakemake.
+start the worker processes (forked from a clean forkserver, never from this process: see
+forkserver.py) and restart one that dies. Worker processes watch their Nanny and exit when it
+goes away, so nothing outlives Snakemake.
 """
 
 from __future__ import annotations
@@ -14,7 +15,6 @@ import logging
 import os
 import shutil
 import subprocess
-import sys
 import threading
 from typing import Any, Coroutine, Optional
 
@@ -22,6 +22,7 @@ import dask
 from distributed import Client, Nanny, Scheduler
 from snakemake_interface_common.exceptions import WorkflowError
 
+from .. import forkserver
 from ..settings import ExecutorSettings
 from ..templates import TemplateSpec
 from .base import DaskBackend, OnEvent, worker_plugin
@@ -53,31 +54,6 @@ def visible_gpus() -> list[str]:
     except (OSError, subprocess.SubprocessError):
         return []
     return [line.strip() for line in listing.splitlines() if line.strip()]
-
-
-def spawn_without_snakemake_cli() -> None:
-    """Worker processes are spawned, and a spawned process re-imports its parent's `__main__`.
-    Under the `snakemake` console script that is all of snakemake.cli (about 0.7 s of CPU per
-    worker, taken from the cores the workers need for their setup), and the worker uses none of
-    it. Only when `__main__` is that script, spawned processes skip it."""
-    import multiprocessing.spawn
-
-    main = sys.modules.get("__main__")
-    if getattr(main, "__spec__", None) is not None or getattr(main, "__file__", None) is None:
-        return  # `python -m snakemake`: spawn skips a `__main__` module by name already
-    from snakemake.cli import main as snakemake_main
-
-    original = multiprocessing.spawn.get_preparation_data
-    if getattr(main, "main", None) is not snakemake_main or getattr(original, "sticky", False):
-        return
-
-    def preparation_data(name: str) -> dict[str, Any]:
-        data = original(name)
-        data.pop("init_main_from_path", None)
-        return data
-
-    preparation_data.sticky = True  # type: ignore[attr-defined]
-    multiprocessing.spawn.get_preparation_data = preparation_data
 
 
 class GpuPlan:
@@ -205,7 +181,11 @@ class EmbeddedBackend(HostedScheduler):
     def __init__(self, workdir: str, settings: ExecutorSettings, log: Any, on_event: OnEvent):
         self.workdir = workdir
         self.gpu_plan = GpuPlan(visible_gpus(), log)
-        spawn_without_snakemake_cli()
+        if forkserver.available():
+            forkserver.start_forkserver()  # already running when the settings started it
+            dask.config.set({"distributed.worker.multiprocessing-method": "forkserver"})
+        else:
+            forkserver.skip_snakemake_cli_in_children()
         self._pools: dict[str, list[Nanny]] = {}
         super().__init__(settings, log, on_event)
 
