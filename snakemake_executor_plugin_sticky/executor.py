@@ -27,7 +27,7 @@ from snakemake_interface_executor_plugins.settings import ExecMode
 
 from .completions import CompletionBatcher
 from .invocation import Invocation, InvocationResult, build_invocation, local_script_path
-from .report import RunReport, warm_up_plotting
+from .report import RunReport
 from .settings import CLUSTERS, ExecutorSettings
 from .templates import CONFIG_SECTION, RESOURCE, TemplateSpec, parse_templates
 
@@ -197,6 +197,7 @@ class Executor(RealExecutor):
         started = self.backend.start_pool(template)
         if started:
             self.report.workers_requested(template, started)
+            self.report.start_painter()
         if template.name not in self._slots:
             self._slots[template.name] = self.backend.workers_for(template) * template.slots
 
@@ -233,8 +234,6 @@ class Executor(RealExecutor):
         if self._backend is None:
             return
         self.report.closing = True
-        if status is not None:
-            warm_up_plotting()
         for name, count in self.report.workers_alive().items():
             self.logger.info(f"Sticky template '{name}': retiring {count} worker(s).")
         try:
@@ -242,6 +241,8 @@ class Executor(RealExecutor):
         finally:
             if status is not None:
                 self.report.write(status)
+            else:
+                self.report.dismiss_painter()
 
     # -- jobs ---------------------------------------------------------------------------------
 

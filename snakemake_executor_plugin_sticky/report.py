@@ -17,10 +17,12 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Optional
 
+from . import forkserver
 from .invocation import Invocation, InvocationResult
 from .templates import TemplateSpec
 
 REPORT_VERSION = 1
+PAINT_TIMEOUT_S = 120.0
 
 
 @dataclass
@@ -74,8 +76,19 @@ class RunReport:
         self.invocations: list[InvocationRecord] = []
         self.tally: dict[str, TemplateTally] = {name: TemplateTally() for name in templates}
         self.closing = False
+        self.painter: Optional[TimelinePainter] = None  # see start_painter
         self._incarnations: dict[str, int] = {}
         self._lock = threading.Lock()
+
+    def start_painter(self) -> None:
+        """Get timeline.png's painter going: once workers start, a report will be written."""
+        if self.painter is None:
+            self.painter = TimelinePainter()
+
+    def dismiss_painter(self) -> None:
+        if self.painter is not None:
+            self.painter.close()
+            self.painter = None
 
     # -- events ---------------------------------------------------------------------------------
 
@@ -300,13 +313,18 @@ class RunReport:
         """Write report.json and timeline.png; log the summary. Returns the report."""
         report = self.as_dict(status)
         if not report["templates"]:
+            self.dismiss_painter()
             return None
         self.folder.mkdir(parents=True, exist_ok=True)
         (self.folder / "report.json").write_text(json.dumps(report, indent=2) + "\n")
         with self._lock:
             invocations = list(self.invocations)
+        painter, self.painter = self.painter, None
         try:
-            draw_timeline(report, invocations, self.started, self.folder / "timeline.png")
+            if painter is not None:
+                painter.draw(report, invocations, self.started, self.folder / "timeline.png")
+            else:
+                draw_timeline(report, invocations, self.started, self.folder / "timeline.png")
         except Exception as e:  # the picture must not cost the run its report
             self.log.warning(f"Sticky report: could not draw timeline.png: {type(e).__name__}: {e}")
         for line in self.summary_lines(report):
@@ -335,11 +353,63 @@ def natural(text: str) -> list[Any]:
     return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", text)]
 
 
-def warm_up_plotting() -> None:
-    """Import matplotlib in the background while the workers retire (this process mostly waits
-    for them then), so drawing the timeline afterwards costs little. Any earlier, it would take
-    CPU from the workers' start-up or invocations."""
-    threading.Thread(target=_import_pyplot, name="sticky-plot-import", daemon=True).start()
+class TimelinePainter:
+    """Draws timeline.png in a process of its own, started with the workers. It loads matplotlib
+    (about 0.5 s of CPU) at the lowest CPU priority, on cycles the workers leave idle, instead of
+    in this process after the last invocation, where every second adds to the makespan. Forked
+    from the workers' forkserver where there is one (cheap, no CUDA, no copy of this process)."""
+
+    def __init__(self) -> None:
+        import multiprocessing
+
+        method = "forkserver" if forkserver.available() else "spawn"
+        context = multiprocessing.get_context(method)
+        self._conn, child = context.Pipe()
+        self._process = context.Process(target=paint_when_asked, args=(child,), name="sticky-timeline", daemon=True)
+        self._process.start()
+        child.close()
+
+    def draw(self, report: dict[str, Any], invocations: list["InvocationRecord"], origin: float, path: Path) -> None:
+        """Hand the run over and wait for the picture; the painter exits after it."""
+        try:
+            self._conn.send((report, invocations, origin, path))
+            if not self._conn.poll(PAINT_TIMEOUT_S):
+                raise TimeoutError(f"the painter process took more than {PAINT_TIMEOUT_S:.0f} s")
+            error = self._conn.recv()
+        finally:
+            self.close()
+        if error is not None:
+            raise RuntimeError(error)
+
+    def close(self) -> None:
+        """Dismiss the painter (it exits when its pipe closes) and reap it."""
+        self._conn.close()
+        self._process.join(timeout=5)
+        if self._process.is_alive():
+            self._process.kill()
+            self._process.join()
+
+
+def paint_when_asked(conn: Any) -> None:
+    """The painter process: load matplotlib now, draw one timeline when the run is over."""
+    import os
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is for Snakemake, which then asks for the picture
+    os.nice(19)
+    try:
+        _import_pyplot()
+    except Exception:
+        pass  # drawing below fails with the cause, which goes back to the Snakemake process
+    try:
+        report, invocations, origin, path = conn.recv()
+    except (EOFError, OSError):
+        return  # dismissed: no report this run
+    try:
+        draw_timeline(report, invocations, origin, path)
+        conn.send(None)
+    except Exception as e:
+        conn.send(f"{type(e).__name__}: {e}")
 
 
 def _import_pyplot() -> Any:
