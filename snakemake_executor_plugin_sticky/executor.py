@@ -308,8 +308,9 @@ class Executor(RealExecutor):
             self.logger.warning(f"Sticky report: invocation of rule '{invocation.rule}' not recorded: {e!r}")
         with self._count_lock:
             self._in_flight -= 1
-            # Snakemake must hear now when the workers are about to run out of queued invocations
-            running_low = self._in_flight <= sum(self._slots.values())
+            # Snakemake must hear now when the workers are about to run out of queued invocations:
+            # fewer than one waiting behind each running one
+            running_low = self._in_flight <= 2 * sum(self._slots.values())
         ok = isinstance(outcome, InvocationResult) and outcome.ok
         self.completions.add(partial(self.tell_snakemake, job_info, invocation, outcome), urgent=running_low or not ok)
 
