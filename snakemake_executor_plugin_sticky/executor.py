@@ -57,7 +57,7 @@ class Executor(RealExecutor):
         self._in_flight = 0  # invocations sent to workers and not back yet
         self._slots: dict[str, int] = {}  # invocation slots of each template's workers
         self.report = RunReport(self.templates, Path(self.workflow.persistence.path) / "sticky", self.logger)
-        skip_final_collection()
+        collect_less()
         used = self.templates_in_dag()
         if self.settings.cluster != "local" and not self.settings.scheduler:
             from .backends import jobqueue  # noqa: F401  (imported in the main thread: see there)
@@ -68,6 +68,7 @@ class Executor(RealExecutor):
             # Snakemake never calls shutdown() for an executor that failed to start.
             self.completions.close(deliver=False)
             self.close_backend()
+            collect_normally()
             raise
         self.warn_if_cores_limit(used)
 
@@ -360,6 +361,7 @@ class Executor(RealExecutor):
         finally:
             self.close_backend("failed" if self._errors else "success")
             cancel_pending_reevaluations()
+            collect_normally()
 
     def cancel(self) -> None:
         self._cancelled = True
@@ -369,6 +371,7 @@ class Executor(RealExecutor):
             self.local.cancel()
         finally:
             self.close_backend("cancelled", cancel=True)
+            collect_normally()
 
     # -- RealExecutor -------------------------------------------------------------------------
 
@@ -405,13 +408,21 @@ def cancel_pending_reevaluations() -> None:
             thread.cancel()
 
 
-def skip_final_collection() -> None:
-    """At interpreter exit, Python's last garbage collection walks every object that Snakemake,
-    Dask and matplotlib made: about 0.4 s after the run is over, which is all the exit costs.
-    Objects are frozen out of it at exit (not before: a process that runs more workflows through
-    the API keeps collecting). Files, workers and logs are closed before then, not by the collector."""
+def collect_less() -> None:
+    """Python's full garbage collections walk every object Snakemake made before the run (the
+    workflow, the DAG): one took 64 ms mid-run in the demo, a stall of every thread here, the Dask
+    scheduler's included. Those objects are frozen out of collections while the run lasts
+    (`collect_normally` puts them back). At interpreter exit they are frozen again, which skips
+    the last collection: about 0.4 s after the run is over. Files, workers and logs are closed
+    before then, not by the collector."""
+    gc.freeze()
     atexit.unregister(gc.freeze)
     atexit.register(gc.freeze)
+
+
+def collect_normally() -> None:
+    """After the run: a process that runs more workflows through the API collects this one's."""
+    gc.unfreeze()
 
 
 def make_backend(workdir: str, settings: ExecutorSettings, log: Any, on_event: Any) -> "Backend":
