@@ -56,6 +56,9 @@ class Executor(RealExecutor):
         self._count_lock = threading.Lock()
         self._in_flight = 0  # invocations sent to workers and not back yet
         self._slots: dict[str, int] = {}  # invocation slots of each template's workers
+        self._jobs_left: dict[str, int] = {}  # sticky jobs of each template not done yet
+        # A checkpoint may add sticky jobs to the DAG later: then pools last until the run ends.
+        self._retire_early = not any(rule.is_checkpoint for rule in self.workflow.rules)
         self.report = RunReport(self.templates, Path(self.workflow.persistence.path) / "sticky", self.logger)
         collect_less()
         used = self.templates_in_dag()
@@ -105,12 +108,14 @@ class Executor(RealExecutor):
     # -- declarations -------------------------------------------------------------------------
 
     def templates_in_dag(self) -> dict[str, TemplateSpec]:
-        """Check every sticky job that will run; return the templates they use."""
+        """Check every sticky job that will run; return the templates they use, and count each
+        template's jobs (see job_done)."""
         used = {}
         for job in self.dag.needrun_jobs():
             template = self.template_for(job)
             if template is not None:
                 used[template.name] = template
+                self._jobs_left[template.name] = self._jobs_left.get(template.name, 0) + 1
         return used
 
     def templates_ready_now(self, used: dict[str, TemplateSpec]) -> list[TemplateSpec]:
@@ -199,8 +204,23 @@ class Executor(RealExecutor):
         if started:
             self.report.workers_requested(template, started)
             self.report.start_painter()
-        if template.name not in self._slots:
-            self._slots[template.name] = self.backend.workers_for(template) * template.slots
+        with self._count_lock:
+            if template.name not in self._slots:
+                self._slots[template.name] = self.backend.workers_for(template) * template.slots
+
+    def job_done(self, template: TemplateSpec) -> None:
+        """When the last job of a template is done, its workers retire at once rather than at the
+        end of the run: their memory and GPUs go back while the rest of the workflow runs (and
+        their teardown overlaps it). A failed job is not done: its retry needs the workers."""
+        with self._count_lock:
+            left = self._jobs_left[template.name] = self._jobs_left.get(template.name, 0) - 1
+            if left != 0 or not self._retire_early:
+                return
+            self._slots.pop(template.name, None)
+        self.report.retiring(template.name)
+        count = self.backend.retire_pool(template)
+        if count:
+            self.logger.info(f"Sticky template '{template.name}': all its jobs are done; retiring {count} worker(s).")
 
     def worker_event(self, message: dict) -> None:
         """Engine events: feed the report; replace workers of hung invocations; keep the loss budget."""
@@ -343,6 +363,7 @@ class Executor(RealExecutor):
             sys.stderr.flush()
         if outcome.ok:
             self.report_job_success(job_info)
+            self.job_done(self.templates[invocation.template])
         else:
             self.report_job_error(
                 job_info,

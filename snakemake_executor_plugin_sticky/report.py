@@ -78,6 +78,7 @@ class RunReport:
         self.closing = False
         self.painter: Optional[TimelinePainter] = None  # see start_painter
         self._incarnations: dict[str, int] = {}
+        self._retiring: set[str] = set()  # templates whose workers are being ended on purpose
         self._lock = threading.Lock()
 
     def start_painter(self) -> None:
@@ -95,12 +96,22 @@ class RunReport:
     def workers_requested(self, template: TemplateSpec, count: int) -> None:
         with self._lock:
             self.tally[template.name].requested += count
+            self._retiring.discard(template.name)
 
     def expect_removal(self, address: str) -> None:
         """The engine is about to replace this worker on purpose: its removal is no loss."""
         with self._lock:
             if address in self.workers:
                 self.workers[address].retired = True
+
+    def retiring(self, template: str) -> None:
+        """The template's workers are being ended on purpose: their removals are no loss (also
+        of those whose first event is still on its way)."""
+        with self._lock:
+            self._retiring.add(template)
+            for worker in self.workers.values():
+                if worker.template == template and worker.gone_at is None:
+                    worker.retired = True
 
     def worker_event(self, message: dict[str, Any]) -> Optional[WorkerRecord]:
         """A worker-side event (setup-start, ready, setup-failed, poisoned, preempted) or a
@@ -112,6 +123,7 @@ class RunReport:
                 if record is None or record.gone_at is not None:
                     return None
                 record.gone_at = message["time"]
+                record.retired = record.retired or record.template in self._retiring
                 record.lost = not (self.closing or record.retired or record.preempted or message.get("graceful"))
                 record.retired = not record.lost
                 text = (

@@ -169,6 +169,49 @@ def test_mixed_rules_two_templates_and_what_the_script_sees(workflow: Workflow):
     assert workflow.leftover_processes() == []
 
 
+def test_a_template_retires_when_its_last_job_is_done(workflow: Workflow):
+    sticky_workflow(
+        workflow,
+        """
+        configfile: "config.yaml"
+        rule all:
+            input: expand("second/{i}.json", i=range(3))
+        rule first:
+            output: "first/{i}.json"
+            params: sleep=0
+            resources: sticky="alpha"
+            script: "scripts/record.py"
+        rule second:
+            input: expand("first/{i}.json", i=range(3))
+            output: "second/{i}.json"
+            params: sleep=0
+            resources: sticky="beta"
+            script: "scripts/record.py"
+        """,
+        """
+        sticky:
+          alpha:
+            setup: templates/counting.py
+            kwargs: {name: alpha}
+          beta:
+            setup: templates/counting.py
+            kwargs: {name: beta, delay: 1.0}
+        """,
+    )
+    run = workflow.run("--sticky-workers", "2")
+    assert run.returncode == 0, run.output
+    assert "Sticky template 'alpha': all its jobs are done; retiring 2 worker(s)." in run.output, run.output
+    # alpha's workers tore down their state while the run went on, before beta's jobs ran
+    assert len(workflow.lines("teardowns-alpha.txt")) == 2
+    torn_down = (workflow.root / "teardowns-alpha.txt").stat().st_mtime
+    assert torn_down < min(r["started"] for r in outputs(workflow, "second/*.json"))
+    report = json.loads(workflow.read(".snakemake/sticky/report.json"))
+    assert report["templates"]["alpha"]["workers_lost"] == 0
+    assert all(w["retired"] for w in report["templates"]["alpha"]["workers"])
+    assert "lose already computed" not in run.output
+    assert workflow.leftover_processes() == []
+
+
 def test_failing_invocation_fails_its_job_only_and_state_survives(workflow: Workflow):
     sticky_workflow(workflow, ONE_TEMPLATE_SNAKEFILE, LLM_TEMPLATE)
     workflow.write(

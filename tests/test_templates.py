@@ -74,6 +74,16 @@ def test_templates_sharing_gpus_are_warned_about(tmp_path: Path):
     assert log.warnings and "shares GPUs" in log.warnings[0]
 
 
+def test_gpus_of_a_retired_pool_go_to_the_next_template_unshared(tmp_path: Path):
+    first = templates(tmp_path, "def setup():\n    return 1\n", gpus=1)["llm"]
+    log = Log()
+    plan = GpuPlan(["0", "1"], log)
+    taken = [plan.take(first) for _ in range(2)]
+    assert taken == [["0"], ["1"]]
+    plan.release(taken[0] + taken[1])
+    assert [plan.take(first) for _ in range(2)] == [["0"], ["1"]] and not log.warnings
+
+
 def test_rule_runtime_sets_the_invocation_timeout():
     from snakemake_executor_plugin_sticky.invocation import invocation_timeout
 

@@ -75,6 +75,12 @@ class Backend(ABC):
     def fail_pool(self, template: TemplateSpec, reason: str) -> None:
         """The template can no longer be served: fail its waiting and future invocations."""
 
+    def retire_pool(self, template: TemplateSpec) -> int:
+        """No job needs the template any more: end its workers before the run ends (returns how
+        many). Batch pools keep theirs (idle batch jobs leave by themselves), and attached
+        workers are not ours."""
+        return 0
+
     @abstractmethod
     def close(self) -> None:
         """End every worker (each runs its template's teardown) and the engine itself."""

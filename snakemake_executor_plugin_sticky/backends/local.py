@@ -29,6 +29,7 @@ from .base import DaskBackend, OnEvent, worker_plugin
 
 LOOPBACK = "127.0.0.1"
 CLOSE_TIMEOUT_S = 6.0
+RELEASE_WAIT_S = 2
 START_ATTEMPTS = 3
 
 
@@ -57,12 +58,14 @@ def visible_gpus() -> list[str]:
 
 
 class GpuPlan:
-    """Hands out GPU ids to workers, template after template, sharing only when asked for more."""
+    """Hands out GPU ids to workers, template after template, sharing only when asked for more,
+    and takes them back from a retired pool."""
 
     def __init__(self, gpus: list[str], log: Any):
         self.gpus = gpus
         self.log = log
-        self._next = 0
+        self._users = {gpu: 0 for gpu in gpus}  # workers pinned to each GPU
+        self._warned: set[str] = set()
 
     def worker_count(self, template: TemplateSpec, default_workers: Optional[int]) -> int:
         workers = template.workers or default_workers
@@ -81,15 +84,21 @@ class GpuPlan:
     def take(self, template: TemplateSpec) -> list[str]:
         if not template.gpus:
             return []
-        if self._next + template.gpus > len(self.gpus):
+        least_used = sorted(self.gpus, key=lambda gpu: (self._users[gpu], self.gpus.index(gpu)))
+        taken = sorted(least_used[: template.gpus], key=self.gpus.index)
+        if any(self._users[gpu] for gpu in taken) and template.name not in self._warned:
+            self._warned.add(template.name)
             self.log.warning(
                 f"Sticky template '{template.name}' shares GPUs with other templates: more GPUs "
                 f"are asked for in total than the {len(self.gpus)} visible."
             )
-            self._next = 0
-        taken = self.gpus[self._next : self._next + template.gpus]
-        self._next += template.gpus
+        for gpu in taken:
+            self._users[gpu] += 1
         return taken
+
+    def release(self, gpus: list[str]) -> None:
+        for gpu in gpus:
+            self._users[gpu] -= 1
 
 
 class HostedScheduler(DaskBackend):
@@ -187,6 +196,8 @@ class EmbeddedBackend(HostedScheduler):
         else:
             forkserver.skip_snakemake_cli_in_children()
         self._pools: dict[str, list[Nanny]] = {}
+        self._pool_gpus: dict[str, list[str]] = {}  # GPU ids taken by each pool's workers
+        self._retiring: list[Any] = []  # futures of pools closing before the run ends
         super().__init__(settings, log, on_event)
 
     def workers_for(self, template: TemplateSpec) -> int:
@@ -199,8 +210,10 @@ class EmbeddedBackend(HostedScheduler):
         first_pool = not self._pools
         self._pools[template.identity] = []
         starting = []
+        self._pool_gpus[template.identity] = []
         for index in range(count):
             gpus = self.gpu_plan.take(template)
+            self._pool_gpus[template.identity] += gpus
             self.log.info(
                 f"Sticky template '{template.name}': starting worker {index + 1}/{count}"
                 + (f" on GPU(s) {','.join(gpus)}." if gpus else ".")
@@ -250,6 +263,30 @@ class EmbeddedBackend(HostedScheduler):
             silence_logs=logging.WARNING,
         )
 
+    def retire_pool(self, template: TemplateSpec) -> int:
+        """End the template's workers now (each runs its teardown), without waiting for them;
+        their GPUs go back to the plan. An invocation that comes later starts a new pool."""
+        pool = self._pools.pop(template.identity, None)
+        if not pool:
+            return 0
+        self.gpu_plan.release(self._pool_gpus.pop(template.identity, []))
+        self._retiring.append(asyncio.run_coroutine_threadsafe(self._retire(template, pool), self._loop))
+        return len(pool)
+
+    async def _retire(self, template: TemplateSpec, pool: list[Nanny]) -> None:
+        # Results are fetched and released before the last job is reported done; the scheduler
+        # learns of the release a moment later. Until then it would count them lost with the
+        # workers (and say so in a warning).
+        for _ in range(RELEASE_WAIT_S * 100):
+            if not any(template.tag in (ts.resource_restrictions or {}) for ts in self._scheduler.tasks.values()):
+                break
+            await asyncio.sleep(0.01)
+        await self._close_nannies(pool)
+
     async def _close_workers(self) -> None:
-        nannies = [n for pool in self._pools.values() for n in pool]
+        await self._close_nannies([n for pool in self._pools.values() for n in pool])
+        await asyncio.gather(*(asyncio.wrap_future(f) for f in self._retiring), return_exceptions=True)
+
+    @staticmethod
+    async def _close_nannies(nannies: list[Nanny]) -> None:
         await asyncio.gather(*(n.close(timeout=CLOSE_TIMEOUT_S) for n in nannies), return_exceptions=True)
