@@ -46,6 +46,10 @@ LARGE_RUN_FLAGS = [
 # Invocations in flight per worker (--cores = WINDOW x workers): a deep window lets each Snakemake
 # scheduling round start many invocations at once.
 WINDOW = 16
+# The demo's window: 4 per worker keeps one invocation queued behind each running one while a
+# finished one goes through Snakemake's scheduling round (about 30-50 ms here, longer than one
+# 25 ms invocation).
+DEMO_WINDOW = 4
 
 
 @dataclass
@@ -127,7 +131,7 @@ def reset_demo(folder: Path) -> None:
 
 def makespan(folder: Path, invocations: int, per_invocation: int, workers: int, repeats: int) -> dict:
     config = prepare_demo(folder, invocations * per_invocation, per_invocation, workers)
-    sticky_cmd = [SNAKEMAKE, "--executor", "sticky", "--cores", str(2 * workers), "--sticky-workers", str(workers), *config]
+    sticky_cmd = [SNAKEMAKE, "--executor", "sticky", "--cores", str(DEMO_WINDOW * workers), "--sticky-workers", str(workers), *config]
     local_cmd = [SNAKEMAKE, "--executor", "local", "--cores", str(workers), *config]
     pairs = []
     for repeat in range(repeats):
