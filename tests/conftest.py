@@ -89,8 +89,10 @@ class Workflow:
         cores: int = 4,
         timeout: float = RUN_TIMEOUT_S,
         env: Optional[dict[str, str]] = None,
+        unset: tuple[str, ...] = (),
     ) -> Run:
         started = time.monotonic()
+        environment = {k: v for k, v in {**test_env(), **(env or {})}.items() if k not in unset}
         proc = subprocess.run(
             self.command(*args, executor=executor, cores=cores),
             cwd=self.root,
@@ -98,7 +100,7 @@ class Workflow:
             stderr=subprocess.STDOUT,
             text=True,
             timeout=timeout,
-            env={**test_env(), **(env or {})},
+            env=environment,
         )
         return Run(proc.returncode, proc.stdout, time.monotonic() - started)
 

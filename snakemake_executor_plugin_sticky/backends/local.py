@@ -190,7 +190,8 @@ class EmbeddedBackend(HostedScheduler):
     def __init__(self, workdir: str, settings: ExecutorSettings, log: Any, on_event: OnEvent):
         self.workdir = workdir
         self.gpu_plan = GpuPlan(visible_gpus(), log)
-        if forkserver.available():
+        self.forked = forkserver.available()
+        if self.forked:
             forkserver.start_forkserver()  # already running when the settings started it
             dask.config.set({"distributed.worker.multiprocessing-method": "forkserver"})
         else:
@@ -248,7 +249,7 @@ class EmbeddedBackend(HostedScheduler):
 
     def _nanny(self, template: TemplateSpec, index: int, gpus: list[str]) -> Nanny:
         plugin = worker_plugin(template, self.workdir, self.settings)
-        return Nanny(
+        nanny = Nanny(
             self._scheduler.address,
             name=f"{template.name}-{index}",
             host=LOOPBACK,
@@ -262,6 +263,12 @@ class EmbeddedBackend(HostedScheduler):
             dashboard=False,
             silence_logs=logging.WARNING,
         )
+        if self.forked:
+            # A spawning Nanny sets Dask's pre-spawn environment (OMP_NUM_THREADS=1, ...) in this
+            # process before each start, and every job that is not sticky would inherit it. The
+            # forkserver holds it already: this process keeps the user's environment.
+            nanny.pre_spawn_env = {}
+        return nanny
 
     def retire_pool(self, template: TemplateSpec) -> int:
         """End the template's workers now (each runs its teardown), without waiting for them;
