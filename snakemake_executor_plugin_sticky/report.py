@@ -374,8 +374,11 @@ class TimelinePainter:
     def __init__(self) -> None:
         import multiprocessing
 
-        method = "forkserver" if forkserver.available() else "spawn"
-        context = multiprocessing.get_context(method)
+        if forkserver.available():
+            forkserver.start_forkserver()  # running already, unless the workers are batch jobs
+            context = multiprocessing.get_context("forkserver")
+        else:
+            context = multiprocessing.get_context("spawn")
         self._conn, child = context.Pipe()
         self._process = context.Process(target=paint_when_asked, args=(child,), name="sticky-timeline", daemon=True)
         self._process.start()

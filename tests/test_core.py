@@ -402,3 +402,28 @@ def test_template_may_read_what_upstream_jobs_write(workflow: Workflow):
     assert run.returncode == 0, run.output
     assert [workflow.read(f"out/{i}.txt") for i in range(3)] == ["7"] * 3
     assert run.output.index("rule weights") < run.output.index("starting worker 1/1")
+
+
+def test_workers_are_forked_from_a_forkserver_that_leaves_with_snakemake(workflow: Workflow):
+    sticky_workflow(workflow, ONE_TEMPLATE_SNAKEFILE, LLM_TEMPLATE)
+    workflow.write(
+        "scripts/record.py",
+        """
+        import json, os
+        import psutil
+        from snakemake_executor_plugin_sticky import sticky_state
+        sticky_state(snakemake)
+        parent = psutil.Process(os.getppid())
+        with open(snakemake.output[0], "w") as f:
+            json.dump({"parent": parent.cmdline(), "grandparent": parent.parent().pid}, f)
+        """,
+    )
+    proc = workflow.popen("--sticky-workers", "2", "--config", "count=4")
+    output, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0, output
+    results = outputs(workflow, "out/*.json")
+    # forked from multiprocessing's forkserver, itself a child of Snakemake, not from Snakemake
+    assert all("forkserver" in " ".join(r["parent"]) for r in results)
+    assert {r["grandparent"] for r in results} == {proc.pid}
+    # it leaves at once with Snakemake (holding Snakemake's output open a moment longer otherwise)
+    assert workflow.leftover_processes(wait_s=1.0) == []
