@@ -4,9 +4,8 @@ executor's settings, while it still parses the workflow and builds the DAG on on
 Every worker process needs Dask, about 0.4 s of CPU to import. The forkserver imports it once,
 on a core that is idle at that point, and each worker is then a fork of it: on 2 cores a worker
 builds its state 0.16 s after its start instead of 0.65-0.75 s, and N workers cost one import
-instead of N. The forkserver
-imports nothing of any template (so no worker is forked after CUDA was initialised), ignores
-Ctrl-C, and exits when the Snakemake process does.
+instead of N. The forkserver imports nothing of any template (so no worker is forked after CUDA
+was initialised), ignores Ctrl-C, and exits when the Snakemake process does.
 
 This module stays light: Snakemake imports the plugin (and its settings) whenever it lists
 executors.

@@ -264,9 +264,9 @@ class EmbeddedBackend(HostedScheduler):
             silence_logs=logging.WARNING,
         )
         if self.forked:
-            # A spawning Nanny sets Dask's pre-spawn environment (OMP_NUM_THREADS=1, ...) in this
-            # process before each start, and every job that is not sticky would inherit it. The
-            # forkserver holds it already: this process keeps the user's environment.
+            # A spawning Nanny sets Dask's pre-spawn environment (malloc trimming, one BLAS thread,
+            # a hash seed) in this process before each start, and every job that is not sticky
+            # would inherit it. The forkserver holds it already: this process keeps the user's.
             nanny.pre_spawn_env = {}
         return nanny
 
