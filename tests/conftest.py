@@ -18,6 +18,12 @@ import pytest
 SNAKEMAKE = str(Path(sys.executable).with_name("snakemake"))
 RUN_TIMEOUT_S = 240
 
+# A shell starts background jobs (`make test &`) with SIGINT ignored, and every process started
+# from them inherits that: the Ctrl-C tests could not interrupt snakemake. A handler of our own is
+# reset to the default in each child.
+if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+
 
 @dataclass
 class Run:
