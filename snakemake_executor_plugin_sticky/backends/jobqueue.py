@@ -27,9 +27,8 @@ import subprocess
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Optional
+from typing import Any, Optional
 
-from distributed import Scheduler
 from distributed.security import Security
 from snakemake_interface_common.exceptions import WorkflowError
 
@@ -38,6 +37,7 @@ from ..templates import TemplateSpec
 from ..worker import LIFETIME_ENV
 from .base import OnEvent, worker_plugin
 from .local import CLOSE_TIMEOUT_S, HostedScheduler
+
 
 def import_dask_jobqueue() -> None:
     """dask_jobqueue installs a SIGINT handler when imported (its runner module); Snakemake's own
