@@ -198,9 +198,12 @@ def test_a_template_retires_when_its_last_job_is_done(workflow: Workflow):
             kwargs: {name: beta, delay: 1.0}
         """,
     )
-    run = workflow.run("--sticky-workers", "2")
+    run = workflow.run("--sticky-workers", "2", "--sticky-dashboard-address", "127.0.0.1:0")
     assert run.returncode == 0, run.output
     assert "Sticky template 'alpha': all its jobs are done; retiring 2 worker(s)." in run.output, run.output
+    # the dashboard is attached once, though beta's pool starts after alpha's is gone
+    assert run.output.count("Dask dashboard of the sticky workers") == 1, run.output
+    assert "dashboard could not start" not in run.output
     # alpha's workers tore down their state while the run went on, before beta's jobs ran
     assert len(workflow.lines("teardowns-alpha.txt")) == 2
     torn_down = (workflow.root / "teardowns-alpha.txt").stat().st_mtime

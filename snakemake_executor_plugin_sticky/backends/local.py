@@ -199,6 +199,7 @@ class EmbeddedBackend(HostedScheduler):
         self._pools: dict[str, list[Nanny]] = {}
         self._pool_gpus: dict[str, list[str]] = {}  # GPU ids taken by each pool's workers
         self._retiring: list[Any] = []  # futures of pools closing before the run ends
+        self._dashboard_attached = False
         super().__init__(settings, log, on_event)
 
     def workers_for(self, template: TemplateSpec) -> int:
@@ -208,7 +209,6 @@ class EmbeddedBackend(HostedScheduler):
         if template.identity in self._pools:
             return 0
         count = self.workers_for(template)
-        first_pool = not self._pools
         self._pools[template.identity] = []
         starting = []
         self._pool_gpus[template.identity] = []
@@ -220,7 +220,8 @@ class EmbeddedBackend(HostedScheduler):
                 + (f" on GPU(s) {','.join(gpus)}." if gpus else ".")
             )
             starting.append(asyncio.run_coroutine_threadsafe(self._start_worker(template, index, gpus), self._loop))
-        if first_pool and self.dashboard:
+        if self.dashboard and not self._dashboard_attached:  # with the first pool, not with each
+            self._dashboard_attached = True
             asyncio.run_coroutine_threadsafe(
                 self._attach_dashboard([asyncio.wrap_future(f, loop=self._loop) for f in starting]), self._loop
             )
