@@ -29,6 +29,8 @@ OnDone = Callable[[Invocation, Outcome], None]
 OnEvent = Callable[[dict[str, Any]], None]
 # stimulus ids of Dask's orderly removals: Scheduler.retire_workers and Worker.close_gracefully
 GRACEFUL_REMOVALS = ("retire-workers", "worker-close-gracefully")
+# The longest a fetched result stays held when no submission comes to carry its release.
+RELEASE_DELAY_S = 0.02
 
 
 class WorkerRemovalPlugin(SchedulerPlugin):
@@ -102,6 +104,7 @@ class DaskBackend(Backend):
         # Event handlers may call the (synchronous) client: never on the client's own loop thread.
         self._event_thread = ThreadPoolExecutor(1, thread_name_prefix="sticky-events")
         self._finished: queue.SimpleQueue[Optional[tuple[Invocation, Future, OnDone]]] = queue.SimpleQueue()
+        self._spent: list[Future] = []  # results fetched and not released yet: see release_spent
         threading.Thread(target=self._collect_results, name="sticky-results", daemon=True).start()
 
     @property
@@ -139,12 +142,27 @@ class DaskBackend(Backend):
                     self._futures[invocation.key] = (invocation, future)
             for (invocation, on_done), future in zip(items, futures):
                 future.add_done_callback(lambda f, i=invocation, d=on_done: self._finished.put((i, f, d)))
+        self.release_spent()
+
+    def release_spent(self) -> None:
+        """Release the fetched results. Done right after a submission, not as each result comes:
+        Dask batches what a client sends (10 ms) and what the scheduler sends a worker (5 ms), so
+        a release sent just before the next invocations held those back for up to that long."""
+        with self._lock:
+            spent, self._spent = self._spent, []
+        for future in spent:
+            future.release()
 
     def _collect_results(self) -> None:
         """Fetch the results of finished invocations many at a time: fetching each on its own
         costs a round trip through the scheduler per invocation."""
         while True:
-            batch = [self._finished.get()]
+            try:  # with results held, wait only briefly for the submission that releases them
+                first = self._finished.get(timeout=RELEASE_DELAY_S if self._spent else None)
+            except queue.Empty:
+                self.release_spent()
+                continue
+            batch = [first]
             while not self._finished.empty():
                 batch.append(self._finished.get())
             if None in batch:  # closed
@@ -172,7 +190,8 @@ class DaskBackend(Backend):
                 failure = self._abandoned.pop(invocation.key, None) or self._failed_pools.get(invocation.identity)
             outcome = RuntimeError(failure) if failure is not None else e
         finally:
-            future.release()
+            with self._lock:
+                self._spent.append(future)
         on_done(invocation, outcome)
 
     def fail_pool(self, template: TemplateSpec, reason: str) -> None:
@@ -194,6 +213,7 @@ class DaskBackend(Backend):
         self.client.restart_workers([worker], raise_for_error=False)
 
     def close_events(self) -> None:
+        self.release_spent()
         self._event_thread.shutdown(wait=False, cancel_futures=True)
         self._finished.put(None)
 

@@ -278,12 +278,13 @@ class EmbeddedBackend(HostedScheduler):
         if not pool:
             return 0
         self.gpu_plan.release(self._pool_gpus.pop(template.identity, []))
+        self.release_spent()
         self._retiring.append(asyncio.run_coroutine_threadsafe(self._retire(template, pool), self._loop))
         return len(pool)
 
     async def _retire(self, template: TemplateSpec, pool: list[Nanny]) -> None:
-        # Results are fetched and released before the last job is reported done; the scheduler
-        # learns of the release a moment later. Until then it would count them lost with the
+        # Results are fetched before the last job is reported done and released just now; the
+        # scheduler learns of the release a moment later. Until then it would count them lost with the
         # workers (and say so in a warning).
         for _ in range(RELEASE_WAIT_S * 100):
             if not any(template.tag in (ts.resource_restrictions or {}) for ts in self._scheduler.tasks.values()):
