@@ -217,10 +217,13 @@ class Executor(RealExecutor):
             if left != 0 or not self._retire_early:
                 return
             self._slots.pop(template.name, None)
+            all_done = not any(self._jobs_left.values())
         self.report.retiring(template.name)
         count = self.backend.retire_pool(template)
         if count:
             self.logger.info(f"Sticky template '{template.name}': all its jobs are done; retiring {count} worker(s).")
+        if all_done:
+            self.report.sticky_jobs_done()
 
     def worker_event(self, message: dict) -> None:
         """Engine events: feed the report; replace workers of hung invocations; keep the loss budget."""

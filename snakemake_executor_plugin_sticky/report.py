@@ -23,6 +23,8 @@ from .templates import TemplateSpec
 
 REPORT_VERSION = 1
 PAINT_TIMEOUT_S = 120.0
+# The timeline's status when it is drawn before the run ends (see RunReport.sticky_jobs_done).
+STICKY_DONE = "all sticky jobs done"
 
 
 @dataclass
@@ -83,8 +85,21 @@ class RunReport:
 
     def start_painter(self) -> None:
         """Get timeline.png's painter going: once workers start, a report will be written."""
+        if self.painter is not None and self.painter.drawing:
+            self.dismiss_painter()  # drawn too early: workers start again after all
         if self.painter is None:
             self.painter = TimelinePainter()
+
+    def sticky_jobs_done(self) -> None:
+        """Every sticky job of the run is done: the painter draws timeline.png now, while the
+        jobs after them run, rather than after the last one."""
+        if self.painter is None or self.painter.drawing:
+            return
+        report = self.as_dict(STICKY_DONE)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        with self._lock:
+            invocations = list(self.invocations)
+        self.painter.start_drawing(report, invocations, self.started, self.folder / "timeline.png")
 
     def dismiss_painter(self) -> None:
         if self.painter is not None:
@@ -334,7 +349,9 @@ class RunReport:
         painter, self.painter = self.painter, None
         try:
             if painter is not None:
-                painter.draw(report, invocations, self.started, self.folder / "timeline.png")
+                if not painter.drawing:
+                    painter.start_drawing(report, invocations, self.started, self.folder / "timeline.png")
+                painter.finish_drawing()
             else:
                 draw_timeline(report, invocations, self.started, self.folder / "timeline.png")
         except Exception as e:  # the picture must not cost the run its report
@@ -383,11 +400,19 @@ class TimelinePainter:
         self._process = context.Process(target=paint_when_asked, args=(child,), name="sticky-timeline", daemon=True)
         self._process.start()
         child.close()
+        self.drawing = False
 
-    def draw(self, report: dict[str, Any], invocations: list["InvocationRecord"], origin: float, path: Path) -> None:
-        """Hand the run over and wait for the picture; the painter exits after it."""
+    def start_drawing(self, report: dict[str, Any], invocations: list["InvocationRecord"], origin: float, path: Path) -> None:
+        """Hand the run over; the picture comes with `finish_drawing`."""
+        self.drawing = True
         try:
             self._conn.send((report, invocations, origin, path))
+        except OSError:
+            pass  # the painter is gone: finish_drawing says so
+
+    def finish_drawing(self) -> None:
+        """Wait for the picture; the painter exits after it."""
+        try:
             if not self._conn.poll(PAINT_TIMEOUT_S):
                 raise TimeoutError(f"the painter process took more than {PAINT_TIMEOUT_S:.0f} s")
             error = self._conn.recv()
@@ -474,7 +499,8 @@ def draw_timeline(report: dict[str, Any], invocations: list[InvocationRecord], o
     ax.invert_yaxis()
     ax.set_xlim(0, max(report["wall_s"], 1e-3))
     ax.set_xlabel("seconds since the run started")
-    ax.set_title(f"Sticky workers: state setup and invocations (run {report['status']})", loc="left", fontsize=10)
+    state = report["status"] if report["status"] == STICKY_DONE else f"run {report['status']}"
+    ax.set_title(f"Sticky workers: state setup and invocations ({state})", loc="left", fontsize=10)
     handles = [Patch(facecolor=c, label=f"invocations of '{n}'") for n, c in colors.items()]
     handles += [Patch(facecolor="white", edgecolor="grey", hatch="////", label="setup")]
     if failed:
