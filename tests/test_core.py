@@ -175,7 +175,7 @@ def test_a_template_retires_when_its_last_job_is_done(workflow: Workflow):
         """
         configfile: "config.yaml"
         rule all:
-            input: expand("second/{i}.json", i=range(3))
+            input: "timeline-seen.txt"
         rule first:
             output: "first/{i}.json"
             params: sleep=0
@@ -187,6 +187,10 @@ def test_a_template_retires_when_its_last_job_is_done(workflow: Workflow):
             params: sleep=0
             resources: sticky="beta"
             script: "scripts/record.py"
+        rule after_the_sticky_jobs:  # a local job: by its time the timeline is drawn
+            input: expand("second/{i}.json", i=range(3))
+            output: "timeline-seen.txt"
+            shell: "for i in $(seq 100); do test -s .snakemake/sticky/timeline.png && break; sleep 0.1; done; test -s .snakemake/sticky/timeline.png && touch {output}"
         """,
         """
         sticky:
