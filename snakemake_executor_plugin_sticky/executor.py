@@ -31,6 +31,9 @@ from .report import RunReport
 from .settings import CLUSTERS, ExecutorSettings
 from .templates import CONFIG_SECTION, RESOURCE, TemplateSpec, parse_templates
 
+# The window that keeps short invocations flowing: this many jobs in flight per invocation slot.
+QUEUED_PER_SLOT = 4
+
 if TYPE_CHECKING:  # Dask loads with the engine, not whenever Snakemake lists its plugins
     from .backends.base import Backend
 
@@ -186,6 +189,13 @@ class Executor(RealExecutor):
             self.logger.warning(
                 f"Sticky workers offer {slots} invocation slots but {flag} {limit} lets Snakemake "
                 f"run at most {limit} jobs at once; raise {flag} to keep every worker busy."
+            )
+        elif limit is not None and limit < QUEUED_PER_SLOT * slots:
+            self.logger.info(
+                f"Sticky workers offer {slots} invocation slots and {flag} {limit} lets Snakemake run "
+                f"{limit} jobs at once: a worker waits through a Snakemake scheduling round (10-30 ms) "
+                f"between invocations. If they are short, {flag} {QUEUED_PER_SLOT * slots} keeps "
+                f"invocations queued behind the running ones (docs/further.md, Concurrency)."
             )
 
     # -- engine -------------------------------------------------------------------------------

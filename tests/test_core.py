@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import time
 
 
@@ -217,6 +218,23 @@ def test_a_template_retires_when_its_last_job_is_done(workflow: Workflow):
     assert all(w["retired"] for w in report["templates"]["alpha"]["workers"])
     assert "lose already computed" not in run.output
     assert workflow.leftover_processes() == []
+
+
+def test_the_executor_says_when_the_window_leaves_workers_waiting(workflow: Workflow):
+    sticky_workflow(workflow, ONE_TEMPLATE_SNAKEFILE, LLM_TEMPLATE.replace("delay: 1.0", "delay: 0"))
+    expected = {
+        1: ["Sticky workers offer 2 invocation slots but --cores 1 lets Snakemake run at most 1 jobs"],
+        2: ["Sticky workers offer 2 invocation slots and --cores 2 lets Snakemake run 2 jobs at once",
+            "--cores 8 keeps invocations queued behind the running ones"],
+        8: [],
+    }
+    for cores, messages in expected.items():
+        shutil.rmtree(workflow.root / "out", ignore_errors=True)
+        run = workflow.run("--sticky-workers", "2", "--config", "count=2", cores=cores)
+        assert run.returncode == 0, run.output
+        assert all(m in run.output for m in messages), run.output
+        if not messages:
+            assert "Sticky workers offer" not in run.output, run.output
 
 
 def test_failing_invocation_fails_its_job_only_and_state_survives(workflow: Workflow):
