@@ -1,10 +1,12 @@
 """`make bench`: what stickiness buys, how close it comes to the ideal, what it costs at scale.
 
-Three measurements, each a real `snakemake` run in a temporary folder:
+Four measurements, each a real `snakemake` run in a temporary folder:
 
 - makespan: the demo workflow (48 invocations of 8 claims) under `--executor sticky` with W workers
   against Snakemake's local executor with the same parallelism, alternated A B A B ..., plus the
-  ideal makespan (slowest setup + total invocation compute / W, from the plugin's report.json);
+  ideal makespan (slowest setup + total invocation compute / W, from the plugin's report.json) and
+  Snakemake alone on the same DAG (`--executor touch`);
+- models: the same workflow with larger models (sticky only): how efficiency grows with the ideal;
 - dispatch: K no-op invocations through the sticky executor against Snakemake's own floor for the
   same DAG (`--executor touch`), in ms per invocation;
 - scale: 1k / 5k / 20k no-op invocations end to end with the recommended large-run settings: wall
@@ -112,9 +114,9 @@ def spread(values: list[float]) -> dict[str, float]:
 # -- makespan -----------------------------------------------------------------------------------
 
 
-def prepare_demo(folder: Path, claims: int, per_invocation: int, workers: int) -> list[str]:
+def prepare_demo(folder: Path, claims: int, per_invocation: int, workers: int, extra: tuple[str, ...] = ()) -> list[str]:
     shutil.copytree(ROOT / "workflow", folder, ignore=shutil.ignore_patterns("results", ".snakemake"))
-    config = ["--config", f"claims={claims}", f"claims_per_invocation={per_invocation}"]
+    config = ["--config", f"claims={claims}", f"claims_per_invocation={per_invocation}", *extra]
     # model, claims and shards once, outside the measurement
     run([SNAKEMAKE, "--executor", "local", "--cores", str(workers), "results/model/tiny-llama", "results/shards/00000.jsonl", *config], folder)
     return config
@@ -133,35 +135,77 @@ def makespan(folder: Path, invocations: int, per_invocation: int, workers: int, 
     config = prepare_demo(folder, invocations * per_invocation, per_invocation, workers)
     sticky_cmd = [SNAKEMAKE, "--executor", "sticky", "--cores", str(DEMO_WINDOW * workers), "--sticky-workers", str(workers), *config]
     local_cmd = [SNAKEMAKE, "--executor", "local", "--cores", str(workers), *config]
+    # Snakemake alone on the same DAG, every job only touched: its start, DAG, rounds and exit.
+    touch_cmd = [SNAKEMAKE, "--executor", "touch", "--cores", str(DEMO_WINDOW * workers), *config]
     pairs = []
     for repeat in range(repeats):
         reset_demo(folder)
         sticky = run(sticky_cmd, folder)
         reset_demo(folder)
         local = run(local_cmd, folder)
-        llm = sticky.report["templates"]["llm"]
-        ideal = llm["setup_s"]["max"] + llm["invocation_s"]["total"] / workers
+        reset_demo(folder)
+        touch = run(touch_cmd, folder)
+        ideal = ideal_makespan(sticky, workers)
         pairs.append({
             "sticky_s": sticky.wall_s,
             "local_s": local.wall_s,
+            "touch_s": touch.wall_s,
             "speedup": local.wall_s / sticky.wall_s,
             "ideal_s": ideal,
             "efficiency": ideal / sticky.wall_s,
-            "setup_s_max": llm["setup_s"]["max"],
-            "invocation_s_median": llm["invocation_s"]["median"],
-            "model_loads": llm["state_builds"],
+            "setup_s_max": sticky.report["templates"]["llm"]["setup_s"]["max"],
+            "invocation_s_median": sticky.report["templates"]["llm"]["invocation_s"]["median"],
+            "model_loads": sticky.report["templates"]["llm"]["state_builds"],
         })
         print(f"  makespan pair {repeat + 1}/{repeats}: sticky {sticky.wall_s:.2f} s, local {local.wall_s:.2f} s, "
-              f"ideal {ideal:.2f} s, efficiency {ideal / sticky.wall_s:.2f}", flush=True)
+              f"Snakemake alone {touch.wall_s:.2f} s, ideal {ideal:.2f} s, efficiency {ideal / sticky.wall_s:.2f}", flush=True)
     return {
         "invocations": invocations,
         "claims_per_invocation": per_invocation,
         "workers": workers,
         "sticky_cmd": " ".join(sticky_cmd[1:]),
         "local_cmd": " ".join(local_cmd[1:]),
+        "touch_cmd": " ".join(touch_cmd[1:]),
         "pairs": pairs,
-        **{key: spread([p[key] for p in pairs]) for key in ("sticky_s", "local_s", "speedup", "ideal_s", "efficiency")},
+        **{key: spread([p[key] for p in pairs]) for key in ("sticky_s", "local_s", "touch_s", "speedup", "ideal_s", "efficiency")},
     }
+
+
+def ideal_makespan(sticky: Measured, workers: int) -> float:
+    """Slowest setup + total invocation compute / W, from the plugin's report.json."""
+    llm = sticky.report["templates"]["llm"]
+    return llm["setup_s"]["max"] + llm["invocation_s"]["total"] / workers
+
+
+# Larger models of the demo's shape: the fixed costs stay, the ideal grows.
+MODEL_SIZES = {
+    "hidden 256, 4 layers": "{hidden_size: 256, intermediate_size: 688, layers: 4, heads: 4, vocab_size: 2000}",
+    "hidden 512, 8 layers": "{hidden_size: 512, intermediate_size: 1376, layers: 8, heads: 8, vocab_size: 2000}",
+}
+
+
+def by_model(folder: Path, invocations: int, per_invocation: int, workers: int, repeats: int) -> dict:
+    """Efficiency of the sticky run of the demo with larger models (sticky only)."""
+    rows = []
+    for name, size in MODEL_SIZES.items():
+        target = folder / name.replace(" ", "").replace(",", "-")
+        config = prepare_demo(target, invocations * per_invocation, per_invocation, workers, [f"model_size={size}"])
+        cmd = [SNAKEMAKE, "--executor", "sticky", "--cores", str(DEMO_WINDOW * workers), "--sticky-workers", str(workers), *config]
+        runs = []
+        for _ in range(repeats):
+            reset_demo(target)
+            sticky = run(cmd, target)
+            ideal = ideal_makespan(sticky, workers)
+            llm = sticky.report["templates"]["llm"]
+            runs.append({"sticky_s": sticky.wall_s, "ideal_s": ideal, "efficiency": ideal / sticky.wall_s,
+                         "overhead_s": sticky.wall_s - ideal, "invocation_s_median": llm["invocation_s"]["median"],
+                         "setup_s_max": llm["setup_s"]["max"], "model_loads": llm["state_builds"]})
+        row = {"model": name, "model_size": size, "runs": runs,
+               **{key: spread([r[key] for r in runs]) for key in ("sticky_s", "ideal_s", "efficiency", "overhead_s", "invocation_s_median")}}
+        rows.append(row)
+        print(f"  model {name}: sticky {row['sticky_s']['median']:.2f} s, ideal {row['ideal_s']['median']:.2f} s, "
+              f"efficiency {row['efficiency']['median']:.2f}", flush=True)
+    return {"invocations": invocations, "claims_per_invocation": per_invocation, "workers": workers, "rows": rows}
 
 
 # -- dispatch and scale -------------------------------------------------------------------------
@@ -268,11 +312,26 @@ def markdown(results: dict) -> str:
         lines += [
             f"**Makespan**, demo workflow, {r['invocations']} invocations × {r['claims_per_invocation']} claims, W = {r['workers']}:",
             "",
-            "| sticky | local (create-destroy) | speedup | ideal | efficiency (ideal ÷ sticky) |",
-            "|---|---|---|---|---|",
-            f"| {fmt(r['sticky_s'], ' s')} | {fmt(r['local_s'], ' s')} | {fmt(r['speedup'], '×')} | {fmt(r['ideal_s'], ' s')} | {fmt(r['efficiency'])} |",
+            "| sticky | local (create-destroy) | speedup | ideal | efficiency (ideal ÷ sticky) | Snakemake alone (`--executor touch`) |",
+            "|---|---|---|---|---|---|",
+            f"| {fmt(r['sticky_s'], ' s')} | {fmt(r['local_s'], ' s')} | {fmt(r['speedup'], '×')} | {fmt(r['ideal_s'], ' s')} "
+            f"| {fmt(r['efficiency'])} | {fmt(r['touch_s'], ' s') if 'touch_s' in r else 'n/a'} |",
             "",
         ]
+    if "models" in results:
+        r = results["models"]
+        lines += [f"**Larger models**, the same workflow and settings (sticky only; the fixed costs stay, the ideal grows):", "",
+                  "| model | invocation (median) | sticky | ideal | sticky − ideal | efficiency |", "|---|---|---|---|---|---|"]
+        if "makespan" in results:
+            m = results["makespan"]
+            demo_invocation = statistics.median(p["invocation_s_median"] for p in m["pairs"])
+            overhead = [p["sticky_s"] - p["ideal_s"] for p in m["pairs"]]
+            lines.append(f"| demo: hidden 64, 2 layers | {demo_invocation:.3f} s | {fmt(m['sticky_s'], ' s')} | {fmt(m['ideal_s'], ' s')} "
+                         f"| {fmt(spread(overhead), ' s')} | {fmt(m['efficiency'])} |")
+        for row in r["rows"]:
+            lines.append(f"| {row['model']} | {row['invocation_s_median']['median']:.3f} s | {fmt(row['sticky_s'], ' s')} "
+                         f"| {fmt(row['ideal_s'], ' s')} | {fmt(row['overhead_s'], ' s')} | {fmt(row['efficiency'])} |")
+        lines.append("")
     if "dispatch" in results:
         d = results["dispatch"]
         lines += [f"**Dispatch**, no-op invocations, W = {d['workers']}, sticky vs `--executor touch` (Snakemake's floor), "
@@ -332,12 +391,12 @@ def plot(results: dict, path: Path) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="a short version (make bench-quick)")
-    parser.add_argument("--only", choices=["makespan", "dispatch", "scale"], action="append")
+    parser.add_argument("--only", choices=["makespan", "models", "dispatch", "scale"], action="append")
     parser.add_argument("--dispatch", type=int, nargs="+", help="invocation counts K of the dispatch section")
     parser.add_argument("--scale", type=int, nargs="+", help="invocation counts N of the scale section")
     parser.add_argument("--settings-at", type=int, help="N at which the scale section compares Snakemake settings")
     args = parser.parse_args()
-    sections = args.only or ["makespan", "dispatch", "scale"]
+    sections = args.only or ["makespan", "models", "dispatch", "scale"]
     repeats = 3
     results = {"date": datetime.datetime.now().isoformat(timespec="seconds"), "machine": machine(),
                "quick": args.quick, "repeats": repeats, "command": " ".join(sys.argv[1:])}
@@ -346,6 +405,9 @@ def main() -> None:
         if "makespan" in sections:
             print("makespan: demo workflow, sticky vs local executor", flush=True)
             results["makespan"] = makespan(tmp / "demo", 12 if args.quick else 48, 8, 2, repeats)
+        if "models" in sections and not args.quick:
+            print("models: the demo with larger models, sticky only", flush=True)
+            results["models"] = by_model(tmp / "models", 48, 8, 2, repeats)
         if "dispatch" in sections:
             print("dispatch: no-op invocations vs --executor touch", flush=True)
             ks = args.dispatch or ([100, 1000] if args.quick else [100, 1000, 5000])
