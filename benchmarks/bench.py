@@ -320,7 +320,7 @@ def markdown(results: dict) -> str:
         ]
     if "models" in results:
         r = results["models"]
-        lines += [f"**Larger models**, the same workflow and settings (sticky only; the fixed costs stay, the ideal grows):", "",
+        lines += ["**Larger models**, the same workflow and settings (sticky only; the fixed costs stay, the ideal grows):", "",
                   "| model | invocation (median) | sticky | ideal | sticky − ideal | efficiency |", "|---|---|---|---|---|---|"]
         if "makespan" in results:
             m = results["makespan"]
