@@ -284,8 +284,8 @@ class EmbeddedBackend(HostedScheduler):
 
     async def _retire(self, template: TemplateSpec, pool: list[Nanny]) -> None:
         # Results are fetched before the last job is reported done and released just now; the
-        # scheduler learns of the release a moment later. Until then it would count them lost with the
-        # workers (and say so in a warning).
+        # scheduler learns of the release a moment later. Until then it would count them lost
+        # with the workers (and say so in a warning).
         for _ in range(RELEASE_WAIT_S * 100):
             if not any(template.tag in (ts.resource_restrictions or {}) for ts in self._scheduler.tasks.values()):
                 break
