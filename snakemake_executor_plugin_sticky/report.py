@@ -402,7 +402,9 @@ class TimelinePainter:
         child.close()
         self.drawing = False
 
-    def start_drawing(self, report: dict[str, Any], invocations: list["InvocationRecord"], origin: float, path: Path) -> None:
+    def start_drawing(
+        self, report: dict[str, Any], invocations: list["InvocationRecord"], origin: float, path: Path
+    ) -> None:
         """Hand the run over; the picture comes with `finish_drawing`."""
         self.drawing = True
         try:
