@@ -359,7 +359,7 @@ def plot(results: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    panels = [key for key in ("makespan", "dispatch", "scale") if key in results]
+    panels = [key for key in ("makespan", "models", "dispatch", "scale") if key in results]
     fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4), squeeze=False)
     for ax, key in zip(axes[0], panels):
         r = results[key]
@@ -369,6 +369,19 @@ def plot(results: dict, path: Path) -> None:
             ax.bar(names, values, color=["tab:blue", "tab:orange", "tab:gray"])
             ax.set_ylabel("makespan (s)")
             ax.set_title(f"{r['invocations']} invocations, W={r['workers']}: {r['speedup']['median']:.1f}× faster")
+        elif key == "models":
+            rows = [(row["model"], row["ideal_s"]["median"], row["efficiency"]["median"]) for row in r["rows"]]
+            if "makespan" in results:
+                m = results["makespan"]
+                rows.insert(0, ("demo", m["ideal_s"]["median"], m["efficiency"]["median"]))
+            ax.plot([x for _, x, _ in rows], [y for _, _, y in rows], marker="o")
+            for name, x, y in rows:
+                ax.annotate(name, (x, y), textcoords="offset points", xytext=(4, -10), fontsize=7)
+            ax.set_ylim(0, 1)
+            ax.margins(x=0.25)  # room for the labels
+            ax.set_xlabel("ideal makespan (s)")
+            ax.set_ylabel("efficiency (ideal ÷ sticky)")
+            ax.set_title("larger models: the same fixed costs")
         elif key == "dispatch":
             ks = [row["k"] for row in r["rows"]]
             ax.plot(ks, [row["overhead_ms"]["median"] for row in r["rows"]], marker="o")
