@@ -8,7 +8,8 @@ as safetensors (no network needed), then measures:
 - sticky vs create-destroy makespan of the demo workflow on that model (1 GPU worker).
 
 Needs a single-GPU Linux machine with torch, transformers, snakemake and this package installed.
-Results go to benchmarks/results/<date>-<host>-gpu.json and a Markdown table.
+Results go to benchmarks/results/<date>-<host>-gpu.json and a Markdown table. `--smoke` runs the
+same steps on the CPU with a tiny model of the same architecture (a check of this script, no GPU).
 """
 
 from __future__ import annotations
@@ -29,27 +30,31 @@ from bench import RESULTS, SNAKEMAKE, reset_demo, run, spread  # noqa: E402
 
 SMOLLM2_1_7B = dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=24, num_attention_heads=32,
                     num_key_value_heads=32, vocab_size=49152, max_position_embeddings=2048, rope_theta=130000.0)
+# --smoke: the same architecture, small enough for a CPU.
+SMOKE_SHAPE = dict(SMOLLM2_1_7B, hidden_size=64, intermediate_size=172, num_hidden_layers=2, num_attention_heads=4,
+                   num_key_value_heads=4)
 
 
-def build_model(folder: Path, tokenizer_from: Path) -> Path:
+def build_model(folder: Path, tokenizer_from: Path, shape: dict, device: str) -> Path:
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_from)
-    config = LlamaConfig(**SMOLLM2_1_7B, tie_word_embeddings=True, torch_dtype="bfloat16",
+    config = LlamaConfig(**shape, tie_word_embeddings=True, torch_dtype="bfloat16",
                          bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
                          pad_token_id=tokenizer.pad_token_id)
-    with torch.device("cuda"):
+    with torch.device(device):
         model = LlamaForCausalLM(config).to(torch.bfloat16)
     model.save_pretrained(folder, safe_serialization=True)
     tokenizer.save_pretrained(folder)
     del model
-    torch.cuda.empty_cache()
+    if device == "cuda":
+        torch.cuda.empty_cache()
     return folder
 
 
-def setup_split(model_dir: Path, repeats: int) -> dict:
+def setup_split(model_dir: Path, repeats: int, device: str) -> dict:
     """disk -> CPU and CPU -> GPU, each in a fresh process so no cache of this one helps."""
     code = (
         "import time, torch, json\n"
@@ -57,7 +62,8 @@ def setup_split(model_dir: Path, repeats: int) -> dict:
         "t0 = time.perf_counter()\n"
         f"m = AutoModelForCausalLM.from_pretrained({str(model_dir)!r}, dtype=torch.bfloat16)\n"
         "t1 = time.perf_counter()\n"
-        "m.to('cuda'); torch.cuda.synchronize()\n"
+        f"m.to({device!r})\n"
+        "torch.cuda.synchronize() if torch.cuda.is_available() else None\n"
         "t2 = time.perf_counter()\n"
         "print(json.dumps({'disk_to_cpu_s': t1 - t0, 'cpu_to_gpu_s': t2 - t1}))\n"
     )
@@ -70,25 +76,32 @@ def setup_split(model_dir: Path, repeats: int) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--invocations", type=int, default=24)
+    # The create-destroy side loads the 3.4 GB model once per invocation: 16 keep a whole run of
+    # 3 alternated pairs within minutes.
+    parser.add_argument("--invocations", type=int, default=16)
     parser.add_argument("--claims-per-invocation", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--smoke", action="store_true", help="check this script on the CPU with a tiny model")
+    parser.add_argument("--results", type=Path, default=RESULTS, help="folder for the JSON and Markdown results")
     args = parser.parse_args()
 
     import torch
 
-    if not torch.cuda.is_available():
-        sys.exit("bench-gpu needs a CUDA GPU")
-    gpu = torch.cuda.get_device_name(0)
+    if args.smoke:
+        device, shape, gpus, gpu = "cpu", SMOKE_SHAPE, 0, "none (--smoke: CPU, tiny model)"
+    elif torch.cuda.is_available():
+        device, shape, gpus, gpu = "cuda", SMOLLM2_1_7B, 1, torch.cuda.get_device_name(0)
+    else:
+        sys.exit("bench-gpu needs a CUDA GPU (--smoke checks this script on the CPU)")
     with tempfile.TemporaryDirectory(prefix="sticky-bench-gpu-") as tmp:
         demo = Path(tmp) / "demo"
         shutil.copytree(ROOT / "workflow", demo, ignore=shutil.ignore_patterns("results", ".snakemake"))
         claims = args.invocations * args.claims_per_invocation
         config = ["--config", f"claims={claims}", f"claims_per_invocation={args.claims_per_invocation}", "batch_size=16"]
         run([SNAKEMAKE, "--executor", "local", "--cores", "2", "results/model/tiny-llama", "results/shards/00000.jsonl", *config], demo)
-        model_dir = build_model(Path(tmp) / "smollm2-1.7b-shape", demo / "results/model/tiny-llama")
-        split = setup_split(model_dir, args.repeats)
-        gpu_config = [*config, f"model={model_dir}", "gpus=1"]
+        model_dir = build_model(Path(tmp) / "smollm2-1.7b-shape", demo / "results/model/tiny-llama", shape, device)
+        split = setup_split(model_dir, args.repeats, device)
+        gpu_config = [*config, f"model={model_dir}", f"gpus={gpus}"]
         sticky_cmd = [SNAKEMAKE, "--executor", "sticky", "--cores", "2", "--sticky-workers", "1", *gpu_config]
         local_cmd = [SNAKEMAKE, "--executor", "local", "--cores", "1", *gpu_config]
         pairs = []
@@ -105,16 +118,16 @@ def main() -> None:
         "date": datetime.datetime.now().isoformat(timespec="seconds"),
         "gpu": gpu,
         "host": socket.gethostname(),
-        "model": "Llama, SmolLM2-1.7B shape, random bf16 weights, safetensors",
+        "model": "Llama, " + ("a tiny shape" if args.smoke else "SmolLM2-1.7B shape") + ", random bf16 weights, safetensors",
         "invocations": args.invocations,
         "claims_per_invocation": args.claims_per_invocation,
         "setup_split": split,
         "pairs": pairs,
         **{key: spread([p[key] for p in pairs]) for key in ("sticky_s", "local_s", "speedup", "setup_s", "invocation_s")},
     }
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    stem = f"{datetime.date.today().isoformat()}-{socket.gethostname()}-gpu"
-    (RESULTS / f"{stem}.json").write_text(json.dumps(results, indent=2) + "\n")
+    args.results.mkdir(parents=True, exist_ok=True)
+    stem = f"{datetime.date.today().isoformat()}-{socket.gethostname()}-gpu" + ("-smoke" if args.smoke else "")
+    (args.results / f"{stem}.json").write_text(json.dumps(results, indent=2) + "\n")
     s = results
     table = "\n".join([
         f"GPU: {gpu}; {s['model']}; {s['invocations']} invocations × {s['claims_per_invocation']} claims; median (min–max) of {args.repeats}.",
@@ -124,7 +137,7 @@ def main() -> None:
         f"| {split['disk_to_cpu_s']['median']:.2f} s | {split['cpu_to_gpu_s']['median']:.2f} s | {s['setup_s']['median']:.2f} s | "
         f"{s['invocation_s']['median']:.3f} s | {s['sticky_s']['median']:.1f} s | {s['local_s']['median']:.1f} s | {s['speedup']['median']:.1f}× |",
     ])
-    (RESULTS / f"{stem}.md").write_text(table + "\n")
+    (args.results / f"{stem}.md").write_text(table + "\n")
     print("\n" + table)
 
 
