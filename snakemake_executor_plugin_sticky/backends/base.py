@@ -105,6 +105,7 @@ class DaskBackend(Backend):
         self._event_thread = ThreadPoolExecutor(1, thread_name_prefix="sticky-events")
         self._finished: queue.SimpleQueue[Optional[tuple[Invocation, Future, OnDone]]] = queue.SimpleQueue()
         self._spent: list[Future] = []  # results fetched and not released yet: see release_spent
+        self._spent_since = 0.0  # when the oldest of them was fetched
         threading.Thread(target=self._collect_results, name="sticky-results", daemon=True).start()
 
     @property
@@ -157,8 +158,14 @@ class DaskBackend(Backend):
         """Fetch the results of finished invocations many at a time: fetching each on its own
         costs a round trip through the scheduler per invocation."""
         while True:
-            try:  # with results held, wait only briefly for the submission that releases them
-                first = self._finished.get(timeout=RELEASE_DELAY_S if self._spent else None)
+            wait = None  # with results held, only until they are due for release
+            if self._spent:
+                wait = self._spent_since + RELEASE_DELAY_S - time.monotonic()
+                if wait <= 0:
+                    self.release_spent()
+                    wait = None
+            try:
+                first = self._finished.get(timeout=wait)
             except queue.Empty:
                 self.release_spent()
                 continue
@@ -191,6 +198,8 @@ class DaskBackend(Backend):
             outcome = RuntimeError(failure) if failure is not None else e
         finally:
             with self._lock:
+                if not self._spent:
+                    self._spent_since = time.monotonic()
                 self._spent.append(future)
         on_done(invocation, outcome)
 
