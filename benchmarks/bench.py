@@ -38,7 +38,11 @@ import psutil
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
+# The snakemake of this Python's environment, else the first on PATH (packages installed elsewhere
+# with pip's --target, as on a machine without network).
 SNAKEMAKE = str(Path(sys.executable).with_name("snakemake"))
+if not Path(SNAKEMAKE).exists():
+    SNAKEMAKE = shutil.which("snakemake") or SNAKEMAKE
 
 # What a user should pass for runs of thousands of invocations (measured in the scale section).
 LARGE_RUN_FLAGS = [
