@@ -181,7 +181,7 @@ class Executor(RealExecutor):
         return self.templates[name]
 
     def warn_if_cores_limit(self, used: dict[str, TemplateSpec]) -> None:
-        slots = sum(self.backend.workers_for(t) * t.slots for t in used.values()) if used else 0
+        slots = sum(self.slots_of(t) for t in used.values()) if used else 0
         # With --jobs, Snakemake counts jobs in flight and no longer cores, as on any cluster.
         jobs = self.workflow.resource_settings.nodes
         limit, flag = (jobs, "--jobs") if jobs is not None else (self.workflow.resource_settings.cores, "--cores")
@@ -216,7 +216,11 @@ class Executor(RealExecutor):
             self.report.start_painter()
         with self._count_lock:
             if template.name not in self._slots:
-                self._slots[template.name] = self.backend.workers_for(template) * template.slots
+                self._slots[template.name] = self.slots_of(template)
+
+    def slots_of(self, template: TemplateSpec) -> int:
+        """Invocations the template's workers run at once."""
+        return self.backend.workers_for(template) * template.slots
 
     def job_done(self, template: TemplateSpec) -> None:
         """When the last job of a template is done, its workers retire at once rather than at the
