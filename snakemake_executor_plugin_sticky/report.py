@@ -95,11 +95,16 @@ class RunReport:
         jobs after them run, rather than after the last one."""
         if self.painter is None or self.painter.drawing:
             return
-        report = self.as_dict(STICKY_DONE)
         self.folder.mkdir(parents=True, exist_ok=True)
+        self.painter.start_drawing(self.as_dict(STICKY_DONE), self.invocations_so_far(), self.started, self.timeline)
+
+    @property
+    def timeline(self) -> Path:
+        return self.folder / "timeline.png"
+
+    def invocations_so_far(self) -> list[InvocationRecord]:
         with self._lock:
-            invocations = list(self.invocations)
-        self.painter.start_drawing(report, invocations, self.started, self.folder / "timeline.png")
+            return list(self.invocations)
 
     def dismiss_painter(self) -> None:
         if self.painter is not None:
@@ -344,21 +349,20 @@ class RunReport:
             return None
         self.folder.mkdir(parents=True, exist_ok=True)
         (self.folder / "report.json").write_text(json.dumps(report, indent=2) + "\n")
-        with self._lock:
-            invocations = list(self.invocations)
+        invocations = self.invocations_so_far()
         painter, self.painter = self.painter, None
         try:
             if painter is not None:
                 if not painter.drawing:
-                    painter.start_drawing(report, invocations, self.started, self.folder / "timeline.png")
+                    painter.start_drawing(report, invocations, self.started, self.timeline)
                 painter.finish_drawing()
             else:
-                draw_timeline(report, invocations, self.started, self.folder / "timeline.png")
+                draw_timeline(report, invocations, self.started, self.timeline)
         except Exception as e:  # the picture must not cost the run its report
             self.log.warning(f"Sticky report: could not draw timeline.png: {type(e).__name__}: {e}")
         for line in self.summary_lines(report):
             self.log.info(line)
-        self.log.info(f"Sticky report: {self.folder / 'report.json'}, timeline: {self.folder / 'timeline.png'}")
+        self.log.info(f"Sticky report: {self.folder / 'report.json'}, timeline: {self.timeline}")
         return report
 
 
@@ -433,7 +437,8 @@ class TimelinePainter:
 
 
 def paint_when_asked(conn: Any) -> None:
-    """The painter process: load matplotlib now, draw one timeline when the run is over."""
+    """The painter process: load matplotlib now, draw one timeline when asked (once every sticky
+    job is done, or when the run is over)."""
     import os
     import signal
 
