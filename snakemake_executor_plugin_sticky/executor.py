@@ -33,6 +33,10 @@ from .templates import CONFIG_SECTION, RESOURCE, TemplateSpec, parse_templates
 
 # The window that keeps short invocations flowing: this many jobs in flight per invocation slot.
 QUEUED_PER_SLOT = 4
+# From this many sticky jobs on, Snakemake's default scheduler costs more than the invocations
+# (480 invocations of the demo: efficiency 0.65-0.69 with the defaults, 0.80-0.83 with the flags
+# of README "Large runs").
+MANY_STICKY_JOBS = 200
 
 if TYPE_CHECKING:  # Dask loads with the engine, not whenever Snakemake lists its plugins
     from .backends.base import Backend
@@ -77,6 +81,7 @@ class Executor(RealExecutor):
             collect_normally()
             raise
         self.warn_if_cores_limit(used)
+        self.suggest_large_run_flags()
 
     def executor_for_other_jobs(self) -> Any:
         """Snakemake's local executor, or the plugin named by --sticky-other-executor with its
@@ -196,6 +201,19 @@ class Executor(RealExecutor):
                 f"{limit} jobs at once: a worker waits through a Snakemake scheduling round (10-30 ms) "
                 f"between invocations. If they are short, {flag} {QUEUED_PER_SLOT * slots} keeps "
                 f"invocations queued behind the running ones (docs/further.md, Concurrency)."
+            )
+
+    def suggest_large_run_flags(self) -> None:
+        """Snakemake's default ILP scheduler solves a problem over every ready job in each round
+        (25-80 ms with hundreds of them here), and a worker waits while it does."""
+        sticky = sum(self._jobs_left.values())
+        scheduling = self.workflow.scheduling_settings
+        if sticky >= MANY_STICKY_JOBS and scheduling is not None and scheduling.scheduler == "ilp":
+            self.logger.info(
+                f"{sticky} sticky jobs under Snakemake's default ILP scheduler, which solves a problem "
+                f"over all ready jobs in every round while the workers wait. For runs this large, use "
+                f"the flags of the README's 'Large runs': --scheduler greedy (or firstfit), "
+                f"--max-jobs-per-timespan 100000/1s, --cores about 16 x workers x slots."
             )
 
     # -- engine -------------------------------------------------------------------------------
