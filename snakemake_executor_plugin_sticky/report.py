@@ -500,23 +500,34 @@ def draw_timeline(report: dict[str, Any], invocations: list[InvocationRecord], o
         if worker["lost"]:
             ax.plot([worker["gone_at"]], [i], marker="X", color="red", markersize=9, zorder=5)
     step = max(1, len(rows) // 60)
+    labels = [rows[i]["id"] for i in range(0, len(rows), step)]
+    label_size = 8 if len(rows) < 30 else 6
     ax.set_yticks(range(0, len(rows), step))
-    ax.set_yticklabels([rows[i]["id"] for i in range(0, len(rows), step)], fontsize=8 if len(rows) < 30 else 6)
+    ax.set_yticklabels(labels, fontsize=label_size)
     ax.set_ylim(-0.7, len(rows) - 0.3)
     ax.invert_yaxis()
     ax.set_xlim(0, max(report["wall_s"], 1e-3))
     ax.set_xlabel("seconds since the run started")
     state = report["status"] if report["status"] == STICKY_DONE else f"run {report['status']}"
-    ax.set_title(f"Sticky workers: state setup and invocations ({state})", loc="left", fontsize=10)
     handles = [Patch(facecolor=c, label=f"invocations of '{n}'") for n, c in colors.items()]
     handles += [Patch(facecolor="white", edgecolor="grey", hatch="////", label="setup")]
     if failed:
         handles.append(Patch(facecolor="black", label="failed invocation"))
     if any(w["lost"] for w in rows):
         handles.append(plt.Line2D([], [], marker="X", color="red", linestyle="", label="worker lost"))
-    ax.legend(handles=handles, loc="lower right", bbox_to_anchor=(1.0, 1.0), ncol=len(handles), fontsize=8,
+    # The legend in rows of 4 between the title and the plot, so long template names overlap nothing.
+    columns = min(len(handles), 4)
+    legend_rows = -(-len(handles) // columns)
+    ax.legend(handles=handles, loc="lower left", bbox_to_anchor=(0.0, 1.0), ncol=columns, fontsize=8,
               frameon=False, borderaxespad=0.2)
+    ax.set_title(f"Sticky workers: state setup and invocations ({state})", loc="left", fontsize=10,
+                 pad=6 + 13 * legend_rows)
     ax.grid(axis="x", alpha=0.3)
-    fig.tight_layout()
+    # Margins from the label lengths: tight_layout measures every text by drawing the figure
+    # once more, a third of the drawing time, which the run's exit waits for.
+    label_width = max(len(label) for label in labels) * label_size * 0.62 / 72 + 0.25
+    width, height = fig.get_size_inches()
+    top = 0.3 + 0.19 * legend_rows
+    fig.subplots_adjust(left=label_width / width, right=1 - 0.2 / width, bottom=0.6 / height, top=1 - top / height)
     fig.savefig(path, dpi=110)
     plt.close(fig)
