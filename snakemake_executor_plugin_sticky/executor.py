@@ -33,9 +33,9 @@ from .templates import CONFIG_SECTION, RESOURCE, TemplateSpec, parse_templates
 
 # The window that keeps short invocations flowing: this many jobs in flight per invocation slot.
 QUEUED_PER_SLOT = 4
-# From this many sticky jobs on, Snakemake's default scheduler costs more than the invocations
-# (480 invocations of the demo: efficiency 0.65-0.69 with the defaults, 0.80-0.83 with the flags
-# of README "Large runs").
+# From this many sticky jobs on, Snakemake's default scheduling rounds hold the workers up (480
+# invocations of the demo: efficiency 0.65-0.69 with the defaults, 0.80-0.83 with the flags of
+# README "Large runs").
 MANY_STICKY_JOBS = 200
 
 if TYPE_CHECKING:  # Dask loads with the engine, not whenever Snakemake lists its plugins
