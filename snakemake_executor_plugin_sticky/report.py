@@ -525,7 +525,7 @@ def draw_timeline(report: dict[str, Any], invocations: list[InvocationRecord], o
     ax.grid(axis="x", alpha=0.3)
     # Margins from the label lengths: tight_layout measures every text by drawing the figure
     # once more, a third of the drawing time, which the run's exit waits for.
-    label_width = max(len(label) for label in labels) * label_size * 0.62 / 72 + 0.25
+    label_width = max((len(label) for label in labels), default=0) * label_size * 0.62 / 72 + 0.25
     width, height = fig.get_size_inches()
     top = 0.3 + 0.19 * legend_rows
     fig.subplots_adjust(left=label_width / width, right=1 - 0.2 / width, bottom=0.6 / height, top=1 - top / height)

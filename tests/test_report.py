@@ -103,6 +103,12 @@ def test_timeline_stays_readable_with_many_workers(tmp_path: Path):
     assert (tmp_path / "timeline.png").stat().st_size > 20000
 
 
+def test_timeline_is_drawn_for_a_run_whose_workers_never_came(tmp_path: Path):
+    report = {"status": "failed", "wall_s": 3.0, "templates": {"llm": {"workers": []}}}
+    draw_timeline(report, [], 0.0, tmp_path / "timeline.png")
+    assert (tmp_path / "timeline.png").read_bytes().startswith(PNG)
+
+
 def test_dashboard_address_is_logged_and_served_on_loopback(workflow: Workflow):
     import re
     import urllib.request
