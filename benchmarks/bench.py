@@ -149,20 +149,12 @@ def makespan(folder: Path, invocations: int, per_invocation: int, workers: int, 
         local = run(local_cmd, folder)
         reset_demo(folder)
         touch = run(touch_cmd, folder)
-        ideal = ideal_makespan(sticky, workers)
-        pairs.append({
-            "sticky_s": sticky.wall_s,
-            "local_s": local.wall_s,
-            "touch_s": touch.wall_s,
-            "speedup": local.wall_s / sticky.wall_s,
-            "ideal_s": ideal,
-            "efficiency": ideal / sticky.wall_s,
-            "setup_s_max": sticky.report["templates"]["llm"]["setup_s"]["max"],
-            "invocation_s_median": sticky.report["templates"]["llm"]["invocation_s"]["median"],
-            "model_loads": sticky.report["templates"]["llm"]["state_builds"],
-        })
+        pair = {**sticky_measures(sticky, workers), "local_s": local.wall_s, "touch_s": touch.wall_s,
+                "speedup": local.wall_s / sticky.wall_s}
+        pairs.append(pair)
         print(f"  makespan pair {repeat + 1}/{repeats}: sticky {sticky.wall_s:.2f} s, local {local.wall_s:.2f} s, "
-              f"Snakemake alone {touch.wall_s:.2f} s, ideal {ideal:.2f} s, efficiency {ideal / sticky.wall_s:.2f}", flush=True)
+              f"Snakemake alone {touch.wall_s:.2f} s, ideal {pair['ideal_s']:.2f} s, "
+              f"efficiency {pair['efficiency']:.2f}", flush=True)
     return {
         "invocations": invocations,
         "claims_per_invocation": per_invocation,
@@ -175,10 +167,14 @@ def makespan(folder: Path, invocations: int, per_invocation: int, workers: int, 
     }
 
 
-def ideal_makespan(sticky: Measured, workers: int) -> float:
-    """Slowest setup + total invocation compute / W, from the plugin's report.json."""
+def sticky_measures(sticky: Measured, workers: int) -> dict:
+    """A sticky run of the demo against its ideal: slowest setup + total invocation compute / W,
+    from the plugin's report.json."""
     llm = sticky.report["templates"]["llm"]
-    return llm["setup_s"]["max"] + llm["invocation_s"]["total"] / workers
+    ideal = llm["setup_s"]["max"] + llm["invocation_s"]["total"] / workers
+    return {"sticky_s": sticky.wall_s, "ideal_s": ideal, "efficiency": ideal / sticky.wall_s,
+            "overhead_s": sticky.wall_s - ideal, "setup_s_max": llm["setup_s"]["max"],
+            "invocation_s_median": llm["invocation_s"]["median"], "model_loads": llm["state_builds"]}
 
 
 # Larger models of the demo's shape: the fixed costs stay, the ideal grows.
@@ -198,12 +194,7 @@ def by_model(folder: Path, invocations: int, per_invocation: int, workers: int, 
         runs = []
         for _ in range(repeats):
             reset_demo(target)
-            sticky = run(cmd, target)
-            ideal = ideal_makespan(sticky, workers)
-            llm = sticky.report["templates"]["llm"]
-            runs.append({"sticky_s": sticky.wall_s, "ideal_s": ideal, "efficiency": ideal / sticky.wall_s,
-                         "overhead_s": sticky.wall_s - ideal, "invocation_s_median": llm["invocation_s"]["median"],
-                         "setup_s_max": llm["setup_s"]["max"], "model_loads": llm["state_builds"]})
+            runs.append(sticky_measures(run(cmd, target), workers))
         row = {"model": name, "model_size": size, "runs": runs,
                **{key: spread([r[key] for r in runs]) for key in ("sticky_s", "ideal_s", "efficiency", "overhead_s", "invocation_s_median")}}
         rows.append(row)

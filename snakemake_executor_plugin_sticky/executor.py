@@ -186,7 +186,7 @@ class Executor(RealExecutor):
         return self.templates[name]
 
     def warn_if_cores_limit(self, used: dict[str, TemplateSpec]) -> None:
-        slots = sum(self.slots_of(t) for t in used.values()) if used else 0
+        slots = sum(self.slots_of(t) for t in used.values())
         # With --jobs, Snakemake counts jobs in flight and no longer cores, as on any cluster.
         jobs = self.workflow.resource_settings.nodes
         limit, flag = (jobs, "--jobs") if jobs is not None else (self.workflow.resource_settings.cores, "--cores")
