@@ -194,7 +194,9 @@ class StickyWorkerPlugin(WorkerPlugin):
         self.announce({"event": reason, "grace_s": self.preempt_grace})
         worker.status = Status.paused  # the scheduler sends no more work; queued work stays put
         deadline = time.monotonic() + self.preempt_grace
-        while worker.state.executing_count and time.monotonic() < deadline:
+        # Finished results stay until the client has fetched and released them: a result that
+        # leaves with its worker is lost, and the scheduler would run the invocation again.
+        while (worker.state.executing_count or worker.data) and time.monotonic() < deadline:
             await asyncio.sleep(0.1)
         await worker.close(nanny=False, reason="sticky-worker-preempted")
 

@@ -28,6 +28,7 @@ with open(snakemake.output[0], "w") as out:
     if i == victim and not os.path.exists(f"victim-ran-{i}"):
         open(f"victim-ran-{i}", "w").write(str(os.getpid()))
         time.sleep(float(snakemake.config.get("victim_sleep", 60)))
+        open(f"victim-ending-{i}", "w").close()
     time.sleep(float(snakemake.params.get("sleep", 0)))
     out.write(f"end {i} {state['pid']}\\n")
 """
@@ -93,10 +94,18 @@ def test_preempted_worker_finishes_its_invocation_tears_down_and_leaves(workflow
     workflow.write("scripts/record.py", CAREFUL)
     proc = workflow.popen("--sticky-workers", "2", "--config", "count=8", "sleep=0.5", "victim=1", "victim_sleep=3")
     victim = strike(workflow, 1, signal.SIGTERM)
+    # Hold the Snakemake process (scheduler and client) still while the invocation ends, as a
+    # busy one may be: the worker must not leave with a result that was not fetched yet.
+    wait_for(lambda: (workflow.root / "victim-ending-1").exists())
+    os.kill(proc.pid, signal.SIGSTOP)
+    try:
+        time.sleep(2)
+    finally:
+        os.kill(proc.pid, signal.SIGCONT)
     output, _ = proc.communicate(timeout=240)
     assert proc.returncode == 0, output
     assert complete_outputs(workflow, 8)
-    assert f"end 1 {victim}" in workflow.read("out/1.json"), "the running invocation finished within the grace"
+    assert f"end 1 {victim}" in workflow.read("out/1.json"), "the running invocation finished within the grace, its result fetched before the worker left"
     assert str(victim) in workflow.lines("teardowns-llm.txt"), "teardown ran in the preempted worker"
     assert "got SIGTERM (preempted)" in output
     preempted = [w for w in report_of(workflow)["workers"] if w["preempted"]]
