@@ -105,7 +105,9 @@ def test_preempted_worker_finishes_its_invocation_tears_down_and_leaves(workflow
     output, _ = proc.communicate(timeout=240)
     assert proc.returncode == 0, output
     assert complete_outputs(workflow, 8)
-    assert f"end 1 {victim}" in workflow.read("out/1.json"), "the running invocation finished within the grace, its result fetched before the worker left"
+    assert f"end 1 {victim}" in workflow.read("out/1.json"), (
+        "the running invocation finished within the grace, its result fetched before the worker left"
+    )
     assert str(victim) in workflow.lines("teardowns-llm.txt"), "teardown ran in the preempted worker"
     assert "got SIGTERM (preempted)" in output
     preempted = [w for w in report_of(workflow)["workers"] if w["preempted"]]
