@@ -527,6 +527,8 @@ def check_settings(settings: ExecutorSettings) -> None:
         raise WorkflowError(f"--sticky-invocation-timeout must be positive, got {settings.invocation_timeout}.")
     if settings.preempt_grace < 0:
         raise WorkflowError(f"--sticky-preempt-grace must not be negative, got {settings.preempt_grace}.")
+    if settings.teardown_grace < 0:
+        raise WorkflowError(f"--sticky-teardown-grace must not be negative, got {settings.teardown_grace}.")
     if settings.status_interval < 0:
         raise WorkflowError(f"--sticky-status-interval must not be negative, got {settings.status_interval}.")
     if settings.setup_retry_delay < 0:

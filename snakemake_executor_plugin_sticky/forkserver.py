@@ -21,7 +21,7 @@ from typing import Any
 PRELOAD = [
     "distributed",
     "snakemake_executor_plugin_sticky.worker",
-    "snakemake_executor_plugin_sticky.forkserver_exit",
+    "snakemake_executor_plugin_sticky.forkserver_reaper",
 ]
 
 

@@ -191,10 +191,13 @@ class RunReport:
                     record.setup_finished = message["time"]
                     record.error = message["error"]
                     text = f"Sticky worker {record.id}: template '{record.template}' failed to set up."
+                elif kind == "warning":
+                    text = f"Sticky worker {record.id} (pid {record.pid}): {message['text']}"
                 else:
                     return
         if text:
-            (self.log.warning if kind in ("removed", "setup-failed", "poisoned", "preempted") else self.log.info)(text)
+            warn = kind in ("removed", "setup-failed", "poisoned", "preempted", "warning")
+            (self.log.warning if warn else self.log.info)(text)
         return record if kind == "removed" and record.lost else None
 
     def _worker_record(self, message: dict[str, Any]) -> WorkerRecord:

@@ -46,6 +46,13 @@ class ExecutorSettings(ExecutorSettingsBase):
         "Seconds a worker that gets SIGTERM (as batch systems send before a kill) "
         "lets its running invocations finish; then it hands them back, tears down and exits.",
     )
+    teardown_grace: float = option(
+        10.0,
+        "Seconds a retiring worker gives its template's teardown() and the processes the template "
+        "started to end (they get SIGTERM after teardown); then they are killed with SIGKILL and "
+        "the worker exits, even if threads of the template never end. Snakemake's exit waits at "
+        "most about this long for its workers.",
+    )
     status_interval: float = option(
         30.0,
         "Seconds between the compact status lines (workers starting/ready, "

@@ -10,9 +10,12 @@ from __future__ import annotations
 
 import ast
 import hashlib
+import importlib
 import importlib.util
 import json
+import os
 import sys
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
@@ -170,18 +173,49 @@ def check_setup_source(code: bytes, path: Path, kwargs: dict[str, Any], where: s
 
 
 def load_template_module(spec: TemplateSpec) -> ModuleType:
-    """Import the setup file as a module of its own (in the process that will hold the state)."""
+    """Import the setup file as a module of its own (in the process that will hold the state).
+
+    The module's name is importable by the processes the template starts with spawn or
+    forkserver (vLLM's engine core, a process pool): they unpickle the template's functions by
+    that name. A small loader module of that name, in a folder of this user's, is on sys.path.
+    """
     module_name = f"sticky_template_{spec.name}_{spec.identity[:12]}".replace("-", "_")
     if module_name in sys.modules:
         return sys.modules[module_name]
-    loader_spec = importlib.util.spec_from_file_location(module_name, spec.setup)
-    if loader_spec is None or loader_spec.loader is None:
-        raise ImportError(f"cannot load template file {spec.setup}")
-    module = importlib.util.module_from_spec(loader_spec)
-    sys.modules[module_name] = module
+    loaders = template_loaders_folder()
+    write_loader(loaders / f"{module_name}.py", spec.setup)
+    if str(loaders) not in sys.path:
+        sys.path.append(str(loaders))
     try:
-        loader_spec.loader.exec_module(module)
+        return importlib.import_module(module_name)
     except BaseException:
-        del sys.modules[module_name]
+        sys.modules.pop(module_name, None)
         raise
-    return module
+
+
+LOADER = """# Loads a sticky template under the name its functions carry (snakemake-executor-plugin-sticky).
+import importlib.util as _util, sys as _sys
+_spec = _util.spec_from_file_location(__name__, {path!r})
+_module = _util.module_from_spec(_spec)
+_sys.modules[__name__] = _module
+_spec.loader.exec_module(_module)
+"""
+
+
+def template_loaders_folder() -> Path:
+    """This user's folder of template loaders, on this machine, readable by the user alone."""
+    folder = Path(tempfile.gettempdir()) / f"sticky-templates-{os.getuid()}"
+    folder.mkdir(mode=0o700, exist_ok=True)
+    info = folder.stat()
+    if info.st_uid != os.getuid() or info.st_mode & 0o077:
+        raise PermissionError(f"{folder} must belong to this user and be private to them (chmod 700).")
+    return folder
+
+
+def write_loader(path: Path, setup: Path) -> None:
+    text = LOADER.format(path=str(setup))
+    if path.exists() and path.read_text() == text:
+        return
+    partial = path.with_name(f".{path.name}.{os.getpid()}")
+    partial.write_text(text)
+    os.replace(partial, path)  # workers starting side by side never read half a loader

@@ -12,6 +12,7 @@ import asyncio
 import atexit
 import builtins
 import io
+import multiprocessing
 import os
 import shutil
 import signal
@@ -26,23 +27,35 @@ from typing import Any, Callable, Iterator, Optional
 from distributed import WorkerPlugin, get_worker
 from distributed.core import Status
 
+from . import processes
 from .invocation import EVENT_TOPIC, Invocation, InvocationResult
 from .state import register_resident, teardown_state
 from .templates import TemplateSpec, load_template_module
 
 _holders: dict[str, "ResidentState"] = {}
-TEARDOWN_WAIT_S = 3.0
+# At retirement, a state build in progress gets this long to finish (then torn down too).
+BUILD_WAIT_S = 3.0
+# A worker of ours that has not exited this long after its teardown leaves through os._exit: a
+# thread of the template that never ends would hold Python's exit, and Dask's close would wait
+# for invocations that were given up.
+EXIT_AFTER_TEARDOWN_S = 2.0
 # seconds after its start at which a batch-job worker leaves (set in its job script)
 LIFETIME_ENV = "STICKY_WORKER_LIFETIME_S"
 
 
 class TemplateSetupError(RuntimeError):
-    """The template's setup failed on every attempt; its invocations cannot run on this worker."""
+    """The template's state is not available on this worker: its setup failed on every attempt,
+    or the worker is retiring."""
 
 
 class ResidentState:
     """One template's state in this process: built once (with bounded retries), rebuilt only when
-    an invocation raised an exception the template declares as poisoning it, torn down once."""
+    an invocation raised an exception the template declares as poisoning it, torn down once.
+
+    Invocations hold the state while they run (`use`). A rebuild waits until every invocation
+    holding the poisoned state has finished, then tears it down and builds it again; invocations
+    that come meanwhile wait for the new state. No invocation sees a state that was torn down.
+    """
 
     def __init__(self, spec: TemplateSpec, attempts: int, retry_delay: float, announce: Callable[[dict], None]):
         self.spec = spec
@@ -53,14 +66,19 @@ class ResidentState:
         self.error: Optional[str] = None
         self.setup_s: Optional[float] = None
         self.poisoned_by: tuple[Any, ...] = ()  # exception classes or their (dotted) names
-        self._ready = threading.Event()
+        self.generation = 0  # states built so far
+        self._phase = "building"  # building, ready, failed, draining (for a rebuild), closed
+        self._users = 0  # invocations holding the state
+        self._changed = threading.Condition()
         self._closing = threading.Event()
-        self._lock = threading.Lock()
 
     def start(self) -> None:
         threading.Thread(target=self.build, name="sticky-setup", daemon=True).start()
 
     def build(self) -> None:
+        if self._closing.is_set():
+            self._set_phase("closed")
+            return
         delay = self.retry_delay
         failures = []
         began = time.time()
@@ -70,29 +88,69 @@ class ResidentState:
             try:
                 module = load_template_module(self.spec)
                 self.poisoned_by = tuple(getattr(module, "poisoned_by", ()) or ())
-                self.state = module.setup(**self.spec.kwargs)
+                state = module.setup(**self.spec.kwargs)
             except Exception:
                 failures.append(f"attempt {attempt}:\n{traceback.format_exc()}")
                 if attempt < self.attempts and not self._closing.wait(delay):
                     delay *= 2
                     continue
-                self.error = (
+                error = (
                     f"Sticky template '{self.spec.name}' ({self.spec.setup}) could not be set up "
                     f"after {attempt} attempt(s):\n" + "\n".join(failures)
                 )
-                self.announce({"event": "setup-failed", "error": self.error, "setup_started": began})
-                break
+                with self._changed:
+                    self.error = error
+                    if self._phase != "closed":
+                        self._phase = "failed"
+                    self._changed.notify_all()
+                self.announce({"event": "setup-failed", "error": error, "setup_started": began})
+                return
+            setup_s = time.monotonic() - started
+            with self._changed:
+                late = self._phase == "closed"  # the worker retired while this build ran
+                if not late:
+                    self.state, self.setup_s = state, setup_s
+                    self.generation += 1
+                    self._phase = "ready"
+                    self._changed.notify_all()
+            if late:
+                self._teardown(state)
             else:
-                self.setup_s = time.monotonic() - started
-                self.announce({"event": "ready", "setup_s": self.setup_s, "setup_started": began})
-                break
-        self._ready.set()
+                self.announce({"event": "ready", "setup_s": setup_s, "setup_started": began})
+            return
+
+    def _set_phase(self, phase: str) -> None:
+        with self._changed:
+            self._phase = phase
+            self._changed.notify_all()
+
+    @contextmanager
+    def use(self) -> Iterator[int]:
+        """Hold the state for one invocation (waiting for it to be built); yields its generation."""
+        with self._changed:
+            self._changed.wait_for(lambda: self._phase in ("ready", "failed", "closed"))
+            self._raise_if_unavailable()
+            self._users += 1
+            generation = self.generation
+        try:
+            yield generation
+        finally:
+            with self._changed:
+                self._users -= 1
+                self._changed.notify_all()
 
     def get(self) -> Any:
-        self._ready.wait()
-        if self.error is not None:
+        """The state, for `sticky_state` in an invocation (which holds it)."""
+        with self._changed:
+            self._changed.wait_for(lambda: self._phase != "building")
+            self._raise_if_unavailable()
+            return self.state
+
+    def _raise_if_unavailable(self) -> None:
+        if self._phase == "failed":
             raise TemplateSetupError(self.error)
-        return self.state
+        if self._phase == "closed":
+            raise TemplateSetupError(f"Sticky template '{self.spec.name}': this worker is retiring.")
 
     def poisons(self, error: BaseException) -> bool:
         """Whether the template declared this exception as one that leaves the state unusable."""
@@ -105,54 +163,133 @@ class ResidentState:
             {"event": "invocation-timeout", "key": invocation.key, "rule": invocation.rule, "timeout_s": invocation.timeout_s}
         )
 
-    def rebuild(self, cause: str) -> None:
-        """Tear the poisoned state down and build it again; invocations wait meanwhile."""
-        with self._lock:
-            if not self._ready.is_set():
-                return  # another invocation already started the rebuild
-            self._ready.clear()
+    def rebuild(self, cause: str, generation: int) -> None:
+        """The state of `generation` is poisoned: once the invocations holding it have finished,
+        tear it down and build it again. New invocations wait for the new state."""
+        with self._changed:
+            if self._phase != "ready" or generation != self.generation:
+                return  # another invocation of the same state started the rebuild already
+            self._phase = "draining"
         self.announce({"event": "poisoned", "cause": cause})
-        try:
-            teardown_state(self.spec, self.state)
-        finally:
-            self.state, self.setup_s = None, None
-            self.start()
+        threading.Thread(target=self._rebuild, name="sticky-rebuild", daemon=True).start()
 
-    def teardown(self) -> None:
+    def _rebuild(self) -> None:
+        with self._changed:
+            self._changed.wait_for(lambda: self._users == 0)
+            state, self.state, self.setup_s = self.state, None, None
+            if self._phase == "draining":
+                self._phase = "building"
+        self._teardown(state)
+        self.build()
+
+    def close(self, deadline: float) -> bool:
+        """Retirement: a build in progress gets a moment to finish (its state is torn down too),
+        then the state is torn down and later invocations are refused. Invocations still running
+        now were given up (the run was cancelled, they hung, or a preempted worker handed them
+        back): they are not waited for. Returns False when teardown() did not return by the deadline."""
         self._closing.set()
-        # A (re)build in progress gets a moment to finish, so its state is torn down too.
-        self._ready.wait(TEARDOWN_WAIT_S)
-        if self._ready.is_set() and self.error is None and self.state is not None:
-            teardown_state(self.spec, self.state)
-            self.state = None
+        building_until = min(deadline, time.monotonic() + BUILD_WAIT_S)
+        with self._changed:
+            while self._phase == "building" and time.monotonic() < building_until:
+                self._changed.wait(building_until - time.monotonic())
+            state = self.state if self._phase in ("ready", "draining") else None
+            self.state, self._phase = None, "closed"
+            self._changed.notify_all()
+        return within(deadline, lambda: self._teardown(state))
+
+    def _teardown(self, state: Any) -> None:
+        if state is None:
+            return
+        try:
+            teardown_state(self.spec, state)
+        except Exception:
+            print(f"Sticky template '{self.spec.name}': teardown() failed:", file=sys.stderr)
+            traceback.print_exc()
+
+
+def within(deadline: float, work: Callable[[], None]) -> bool:
+    """Run `work` in a thread of its own; False if it has not returned by the deadline (it is
+    left running: a thread cannot be stopped, the worker's exit ends it)."""
+    thread = threading.Thread(target=work, name="sticky-teardown", daemon=True)
+    thread.start()
+    thread.join(max(0.0, deadline - time.monotonic()))
+    return not thread.is_alive()
+
+
+class ProcessChanges:
+    """What a resident worker changes in its process, and how to put it back for a worker that
+    is not ours (attach mode) once the template leaves it."""
+
+    def __init__(self) -> None:
+        self._undo: list[Callable[[], None]] = []
+
+    def apply(self, workdir: str, owned: bool, on_sigterm: Callable[[], None]) -> None:
+        if threading.current_thread() is threading.main_thread():
+            previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+            # Ctrl-C reaches the whole process group; the Snakemake process shuts workers down.
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
+            # Batch systems send SIGTERM before they kill a preempted job.
+            signal.signal(signal.SIGTERM, lambda *_: on_sigterm())
+            self._undo.append(lambda: [signal.signal(s, h) for s, h in previous.items()])
+        cwd = os.getcwd()
+        os.chdir(workdir)
+        self._undo.append(lambda: os.chdir(cwd))
+        streams = sys.stdout, sys.stderr
+        install_output_capture()
+        self._undo.append(lambda: (setattr(sys, "stdout", streams[0]), setattr(sys, "stderr", streams[1])))
+        # Dask starts worker processes as daemons, and a daemon may not start processes: the
+        # template's may (the tree ends with the worker, see processes.py).
+        process = multiprocessing.current_process()
+        if process.daemon:
+            process.daemon = False
+            self._undo.append(lambda: setattr(process, "daemon", True))
+        if not processes.is_subreaper() and processes.set_subreaper():
+            self._undo.append(lambda: processes.set_subreaper(False))
+        if owned:
+            # Runs first at interpreter exit (after Dask's own shutdown of this process is done):
+            # the state is torn down by then, and finalizing torch's modules would take a second.
+            atexit.register(os._exit, 0)
+
+    def undo(self) -> None:
+        while self._undo:
+            self._undo.pop()()
 
 
 class StickyWorkerPlugin(WorkerPlugin):
     """Makes a Dask worker a resident worker of one template: the workers that offer the
     template's resource tag. Registered with a scheduler, it reaches every worker that joins
-    (batch jobs, hand-started workers) and stays inactive on those that offer other tags."""
+    (batch jobs, hand-started workers) and stays inactive on those that offer other tags.
 
-    def __init__(self, spec: TemplateSpec, workdir: str, setup_attempts: int, setup_retry_delay: float, preempt_grace: float):
+    `owned` workers (embedded and batch-job ones) end with the template; a worker of attach mode
+    is the user's, and gets back what the template changed in it."""
+
+    def __init__(
+        self,
+        spec: TemplateSpec,
+        workdir: str,
+        setup_attempts: int,
+        setup_retry_delay: float,
+        preempt_grace: float,
+        teardown_grace: float,
+        owned: bool,
+    ):
         self.spec = spec
         self.name = f"sticky-template-{spec.name}"
         self.workdir = workdir
         self.setup_attempts = setup_attempts
         self.setup_retry_delay = setup_retry_delay
         self.preempt_grace = preempt_grace
+        self.teardown_grace = teardown_grace
+        self.owned = owned
+        self._leaving = False
 
     def setup(self, worker: Any) -> None:
         if self.spec.tag not in worker.state.total_resources:
             return
-        if threading.current_thread() is threading.main_thread():
-            # Ctrl-C reaches the whole process group; the Snakemake process shuts workers down.
-            signal.signal(signal.SIGINT, signal.SIG_IGN)
-            # Batch systems send SIGTERM before they kill a preempted job.
-            signal.signal(signal.SIGTERM, lambda *_: worker.loop.add_callback(self.leave, worker, "preempted"))
-        os.chdir(self.workdir)
-        install_output_capture()
-        # Runs first at interpreter exit (after Dask's own shutdown of this process is done): the
-        # state is torn down by then, and finalizing torch's modules would take about a second.
-        atexit.register(os._exit, 0)
+        self.changes = ProcessChanges()
+        self.changes.apply(
+            self.workdir, self.owned, lambda: worker.loop.add_callback(self.leave, worker, "preempted")
+        )
         identity = {
             "template": self.spec.name,
             "name": str(worker.name),
@@ -177,6 +314,13 @@ class StickyWorkerPlugin(WorkerPlugin):
             worker.loop.add_callback(flush)
 
         self.announce = announce
+        if not processes.guarded_by_reaper():
+            announce({
+                "event": "warning",
+                "text": "no reaper guards this worker: should it die abruptly (SIGKILL, a crash), the "
+                "processes its template started would outlive it. Start it under the keeper: python -m "
+                "snakemake_executor_plugin_sticky.keeper dask worker ... (docs/further.md, Attach mode).",
+            })
         lifetime = os.environ.get(LIFETIME_ENV)
         if lifetime:  # a batch job: leave in good order before the walltime ends
             worker.loop.call_later(float(lifetime), lambda: worker.loop.add_callback(self.leave, worker, "walltime"))
@@ -189,8 +333,9 @@ class StickyWorkerPlugin(WorkerPlugin):
         """SIGTERM ("preempted") or the job's walltime near ("walltime"): take no new
         invocations, let running ones finish within the grace period, then leave (the scheduler
         hands what is left to other workers) and tear down."""
-        if worker.status not in (Status.running, Status.paused):
+        if self._leaving or worker.status not in (Status.running, Status.paused):
             return
+        self._leaving = True
         self.announce({"event": reason, "grace_s": self.preempt_grace})
         worker.status = Status.paused  # the scheduler sends no more work; queued work stays put
         deadline = time.monotonic() + self.preempt_grace
@@ -200,12 +345,48 @@ class StickyWorkerPlugin(WorkerPlugin):
             await asyncio.sleep(0.1)
         await worker.close(nanny=False, reason="sticky-worker-preempted")
 
-    def teardown(self, worker: Any) -> None:
+    async def teardown(self, worker: Any) -> None:
+        """The worker retires (or the run ends, in attach mode): the state is torn down and every
+        process the template started is ended, within --sticky-teardown-grace."""
         holder = _holders.pop(self.spec.identity, None)
-        if holder is not None:
-            holder.teardown()
+        if holder is None:
+            return
+        await asyncio.to_thread(self.end, holder)
+        if self.owned:
+            threading.Thread(target=exit_soon, name="sticky-exit", daemon=True).start()
+        else:
+            self.changes.undo()
+
+    def end(self, holder: ResidentState) -> None:
+        grace = self.teardown_grace
+        deadline = time.monotonic() + grace
+        if not holder.close(deadline):
+            self.announce({
+                "event": "warning",
+                "text": f"teardown() of template '{self.spec.name}' did not return within "
+                f"--sticky-teardown-grace {grace:g} s; the worker ends its processes anyway.",
+            })
+        # The template's processes get what is left of the grace (at least a moment) after SIGTERM.
+        stuck = processes.end_tree(
+            os.getpid(), max(deadline - time.monotonic(), 1.0), spare=processes.multiprocessing_helpers
+        )
+        if stuck:
+            self.announce({
+                "event": "warning",
+                "text": f"process(es) of template '{self.spec.name}' did not end after SIGKILL: "
+                + ", ".join(map(str, stuck)),
+            })
         sys.stdout.flush()
         sys.stderr.flush()
+
+
+def exit_soon() -> None:
+    """A worker of ours leaves shortly after its teardown, even if a thread that the template
+    started never ends (an engine's loop): Python's exit would wait for it forever."""
+    time.sleep(EXIT_AFTER_TEARDOWN_S)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def run_invocation(invocation: Invocation) -> InvocationResult:
@@ -222,6 +403,7 @@ def run_invocation(invocation: Invocation) -> InvocationResult:
     )
     holder = _holders.get(invocation.identity)
     watchdog = None
+    generation = None
     with captured_output() as (out, err):
         try:
             if holder is None:
@@ -229,15 +411,15 @@ def run_invocation(invocation: Invocation) -> InvocationResult:
                     f"This worker does not hold sticky template '{invocation.template}' "
                     f"({invocation.identity[:12]})."
                 )
-            holder.get()
-            result.started = time.time()  # the invocation proper, after any wait for the state
-            result.extra["setup_s"] = holder.setup_s
-            if invocation.timeout_s is not None:
-                watchdog = threading.Timer(invocation.timeout_s, holder.announce_timeout, (invocation,))
-                watchdog.daemon = True
-                watchdog.start()
-            clear_outputs(invocation.snakemake.output)
-            run_script(invocation)
+            with holder.use() as generation:
+                result.started = time.time()  # the invocation proper, after any wait for the state
+                result.extra["setup_s"] = holder.setup_s
+                if invocation.timeout_s is not None:
+                    watchdog = threading.Timer(invocation.timeout_s, holder.announce_timeout, (invocation,))
+                    watchdog.daemon = True
+                    watchdog.start()
+                clear_outputs(invocation.snakemake.output)
+                run_script(invocation)
         except TemplateSetupError as e:
             result.error = str(e)
         except SystemExit as e:
@@ -245,9 +427,9 @@ def run_invocation(invocation: Invocation) -> InvocationResult:
                 result.error = f"Script {invocation.script} exited with status {e.code}."
         except BaseException as e:
             result.error = format_script_error(e)
-            if holder is not None and holder.poisons(e):
+            if holder is not None and generation is not None and holder.poisons(e):
                 result.extra["poisoned"] = True
-                holder.rebuild(f"{type(e).__name__} in rule {invocation.rule}")
+                holder.rebuild(f"{type(e).__name__} in rule {invocation.rule}", generation)
         finally:
             if watchdog is not None:
                 watchdog.cancel()

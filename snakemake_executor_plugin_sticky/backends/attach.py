@@ -66,7 +66,7 @@ class AttachedBackend(DaskBackend):
     def start_pool(self, template: TemplateSpec) -> int:
         if template.identity in self._plugins:
             return 0
-        plugin = worker_plugin(template, self.workdir, self.settings)
+        plugin = worker_plugin(template, self.workdir, self.settings, owned=False)
         self._client.register_plugin(plugin)
         self._plugins[template.identity] = plugin.name
         self.log.info(

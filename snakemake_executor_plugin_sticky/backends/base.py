@@ -46,10 +46,12 @@ class WorkerRemovalPlugin(SchedulerPlugin):
         )
 
 
-def worker_plugin(template: TemplateSpec, workdir: str, settings: ExecutorSettings) -> StickyWorkerPlugin:
-    """What makes a Dask worker that offers the template's tag one of its resident workers."""
+def worker_plugin(template: TemplateSpec, workdir: str, settings: ExecutorSettings, owned: bool) -> StickyWorkerPlugin:
+    """What makes a Dask worker that offers the template's tag one of its resident workers;
+    `owned` when the engine started the worker (it then ends with the template)."""
     return StickyWorkerPlugin(
-        template, workdir, settings.setup_attempts, settings.setup_retry_delay, settings.preempt_grace
+        template, workdir, settings.setup_attempts, settings.setup_retry_delay, settings.preempt_grace,
+        settings.teardown_grace, owned,
     )
 
 

@@ -36,7 +36,7 @@ from ..settings import ExecutorSettings
 from ..templates import TemplateSpec
 from ..worker import LIFETIME_ENV
 from .base import OnEvent, worker_plugin
-from .local import CLOSE_TIMEOUT_S, HostedScheduler
+from .local import HostedScheduler, worker_close_s
 
 
 def import_dask_jobqueue() -> None:
@@ -57,6 +57,7 @@ from dask_jobqueue.pbs import PBSJob  # noqa: E402
 from dask_jobqueue.sge import SGEJob  # noqa: E402
 from dask_jobqueue.slurm import SLURMJob  # noqa: E402
 
+KEEPER = "snakemake_executor_plugin_sticky.keeper"
 SCALE_PERIOD_S = 1.0
 STATUS_POLL_S = 15.0
 FAILED_STARTS = 3  # jobs in a row that end before their worker connects: the pool fails
@@ -294,6 +295,9 @@ def job_for(
         processes=1,
         nanny=False,
         python=pool.python,
+        # the keeper (keeper.py) runs the worker: nothing the worker starts outlives it, and
+        # the job ends with the worker's real exit status
+        worker_command=f"{KEEPER} -m distributed.cli.dask_worker",
         security=security,
         interface=interface,
         death_timeout=DEATH_TIMEOUT_S,
@@ -301,6 +305,7 @@ def job_for(
         # the worker leaves in good order before the walltime (see StickyWorkerPlugin.leave)
         job_script_prologue=[*pool.prologue, f"export {LIFETIME_ENV}={lifetime_seconds(pool.walltime)}"],
         worker_extra_args=[
+            "--no-nanny",
             "--resources", f"{template.tag}={template.slots}",
             "--nthreads", str(template.slots),
             "--memory-limit", "0",  # a resident model is meant to stay: the batch system caps memory
@@ -409,7 +414,7 @@ class BatchBackend(HostedScheduler):
         if template.identity in self._templates:
             return 0
         pools = pools_of(template, self.settings)
-        self._client.register_plugin(worker_plugin(template, self.workdir, self.settings))
+        self._client.register_plugin(worker_plugin(template, self.workdir, self.settings, owned=True))
         self._pools[template.identity] = pools
         self._templates[template.identity] = template
         return 0
@@ -555,7 +560,7 @@ class BatchBackend(HostedScheduler):
             try:
                 await asyncio.wait_for(
                     self._scheduler.retire_workers(workers=connected, close_workers=True, remove=True),
-                    CLOSE_TIMEOUT_S,
+                    worker_close_s(self.settings),
                 )
             except asyncio.TimeoutError:
                 pass

@@ -29,9 +29,16 @@ from .base import DaskBackend, OnEvent, worker_plugin
 
 LOOPBACK = "127.0.0.1"
 CLOSE_TIMEOUT_S = 6.0
+# A worker's own closing around its template's teardown, and its exit (see worker.py).
+WORKER_EXIT_MARGIN_S = 4.0
 RELEASE_WAIT_S = 2
 START_ATTEMPTS = 3
 
+
+
+def worker_close_s(settings: ExecutorSettings) -> float:
+    """How long a worker may take to close: its template's teardown grace and a margin."""
+    return settings.teardown_grace + WORKER_EXIT_MARGIN_S
 
 
 def dashboard_available() -> bool:
@@ -172,7 +179,8 @@ class HostedScheduler(DaskBackend):
         try:
             self._client.close(timeout=CLOSE_TIMEOUT_S)
         finally:
-            self._run(self._close_servers(), timeout=CLOSE_TIMEOUT_S + 4)
+            # a Nanny that asked its worker to close kills it after its timeout and waits as long again
+            self._run(self._close_servers(), timeout=2 * worker_close_s(self.settings) / 0.8 + 4)
             self._loop.call_soon_threadsafe(self._loop.stop)
             self._thread.join(timeout=2)
 
@@ -199,6 +207,8 @@ class EmbeddedBackend(HostedScheduler):
         self._pools: dict[str, list[Nanny]] = {}
         self._pool_gpus: dict[str, list[str]] = {}  # GPU ids taken by each pool's workers
         self._retiring: list[Any] = []  # futures of pools closing before the run ends
+        # GPU id -> (template, future) of a retiring pool whose worker on that GPU is closing
+        self._freeing: dict[str, tuple[str, Any]] = {}
         self._dashboard_attached = False
         super().__init__(settings, log, on_event)
 
@@ -228,7 +238,19 @@ class EmbeddedBackend(HostedScheduler):
         return count
 
     async def _start_worker(self, template: TemplateSpec, index: int, gpus: list[str]) -> None:
-        """Start one Nanny (which keeps its worker process alive), retrying a failed start."""
+        """Start one Nanny (which keeps its worker process alive), retrying a failed start; on
+        a GPU that a retiring worker still holds, only once that worker and its processes are gone."""
+        waits = {}
+        for gpu in gpus:
+            name, future = self._freeing.get(gpu, ("", None))
+            if future is not None and not future.done():
+                waits[name] = future
+        if waits:
+            self.log.info(
+                f"Sticky template '{template.name}': worker {index + 1} waits for GPU(s) {','.join(gpus)} "
+                f"until the retiring workers of template(s) {', '.join(sorted(waits))} and their processes are gone."
+            )
+            await asyncio.gather(*(asyncio.wrap_future(f) for f in waits.values()), return_exceptions=True)
         pool = self._pools[template.identity]
         for attempt in range(1, START_ATTEMPTS + 1):
             nanny = self._nanny(template, index, gpus)
@@ -249,7 +271,7 @@ class EmbeddedBackend(HostedScheduler):
             self.fail_pool(template, f"No worker of sticky template '{template.name}' could start: {failure}")
 
     def _nanny(self, template: TemplateSpec, index: int, gpus: list[str]) -> Nanny:
-        plugin = worker_plugin(template, self.workdir, self.settings)
+        plugin = worker_plugin(template, self.workdir, self.settings, owned=True)
         nanny = Nanny(
             self._scheduler.address,
             name=f"{template.name}-{index}",
@@ -277,9 +299,12 @@ class EmbeddedBackend(HostedScheduler):
         pool = self._pools.pop(template.identity, None)
         if not pool:
             return 0
-        self.gpu_plan.release(self._pool_gpus.pop(template.identity, []))
+        gpus = self._pool_gpus.pop(template.identity, [])
+        self.gpu_plan.release(gpus)
         self.release_spent()
-        self._retiring.append(asyncio.run_coroutine_threadsafe(self._retire(template, pool), self._loop))
+        retiring = asyncio.run_coroutine_threadsafe(self._retire(template, pool), self._loop)
+        self._retiring.append(retiring)
+        self._freeing.update({gpu: (template.name, retiring) for gpu in gpus})
         return len(pool)
 
     async def _retire(self, template: TemplateSpec, pool: list[Nanny]) -> None:
@@ -296,6 +321,7 @@ class EmbeddedBackend(HostedScheduler):
         await self._close_nannies([n for pool in self._pools.values() for n in pool])
         await asyncio.gather(*(asyncio.wrap_future(f) for f in self._retiring), return_exceptions=True)
 
-    @staticmethod
-    async def _close_nannies(nannies: list[Nanny]) -> None:
-        await asyncio.gather(*(n.close(timeout=CLOSE_TIMEOUT_S) for n in nannies), return_exceptions=True)
+    async def _close_nannies(self, nannies: list[Nanny]) -> None:
+        # A Nanny asks its worker to close and kills it (SIGKILL) after 0.8 of the timeout.
+        timeout = worker_close_s(self.settings) / 0.8
+        await asyncio.gather(*(n.close(timeout=timeout) for n in nannies), return_exceptions=True)

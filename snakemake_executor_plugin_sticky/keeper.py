@@ -1,0 +1,91 @@
+"""`python -m snakemake_executor_plugin_sticky.keeper COMMAND [ARGS...]`: run a worker so that
+nothing it starts outlives it, and exit with the worker's real status.
+
+Batch-job workers run under it (`-m distributed.cli.dask_worker ...`), and so can the workers of
+attach mode (`... keeper dask worker tls://host:8786 ...`). The keeper is the worker's parent and
+a `Reaper` (processes.py): a process the worker's tree leaves behind while the worker runs, or
+the whole tree once the worker has ended, is adopted by the keeper and ended. Signals the batch
+system sends (SIGTERM before a preemption, SIGINT, SIGHUP, SIGUSR1/2) are passed on to the worker.
+
+The exit status is the worker's: its exit code, or 128 + the signal that killed it, so a crashed
+worker's job shows as failed, never as completed.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import sys
+import time
+
+from .processes import POLL_S, REAPER_ENV, Reaper, descendants, end_tree
+
+FORWARDED = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2)
+# After the worker ends: what it left gets SIGTERM, this long to go, then SIGKILL.
+LEFTOVER_GRACE_S = 5.0
+USAGE = "usage: python -m snakemake_executor_plugin_sticky.keeper COMMAND [ARGS...]  (or -m MODULE [ARGS...])"
+
+
+def say(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def command_of(argv: list[str]) -> list[str]:
+    """`-m MODULE ...` runs MODULE with this Python; anything else is a command on PATH."""
+    if argv[0] == "-m":
+        return [sys.executable, *argv]
+    found = shutil.which(argv[0])
+    if found is None:
+        raise SystemExit(f"keeper: command not found: {argv[0]}\n{USAGE}")
+    return [found, *argv[1:]]
+
+
+def exit_status(status: int) -> int:
+    if os.WIFSIGNALED(status):
+        return 128 + os.WTERMSIG(status)
+    return os.waitstatus_to_exitcode(status)
+
+
+def keep(argv: list[str]) -> int:
+    if not argv:
+        raise SystemExit(USAGE)
+    command = command_of(argv)
+    reaper = Reaper(say)
+    worker = os.posix_spawn(command[0], command, {**os.environ, REAPER_ENV: str(os.getpid())})
+    reaper.workers.add(worker)
+
+    def forward(sig: int, _frame: object) -> None:
+        try:
+            os.kill(worker, sig)
+        except ProcessLookupError:
+            pass
+
+    for sig in FORWARDED:
+        signal.signal(sig, forward)
+    status = None
+    while status is None:
+        # Collect whatever ended (the worker, or orphans adopted here), then end new orphans:
+        # they come from a process of the worker's tree that has died.
+        while True:
+            try:
+                pid, raw = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                pid = 0
+            if pid == 0:
+                break
+            if pid == worker:
+                status = raw
+        if status is None:
+            if reaper.has_orphans():
+                reaper.end_orphans("a process of the worker, which has ended,")
+            time.sleep(10 * POLL_S)
+    reaper.workers.clear()
+    if descendants(os.getpid()):
+        end_tree(os.getpid(), LEFTOVER_GRACE_S)
+        reaper.end_orphans(f"worker process {worker}, which has ended,")
+    return exit_status(status)
+
+
+if __name__ == "__main__":
+    sys.exit(keep(sys.argv[1:]))
