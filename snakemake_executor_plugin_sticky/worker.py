@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import atexit
 import builtins
+import concurrent.futures
 import io
 import multiprocessing
 import os
@@ -39,6 +40,8 @@ BUILD_WAIT_S = 3.0
 # thread of the template that never ends would hold Python's exit, and Dask's close would wait
 # for invocations that were given up.
 EXIT_AFTER_TEARDOWN_S = 2.0
+# How long a thread waits for the worker's main thread to install a signal handler for it.
+SIGNAL_RELAY_TIMEOUT_S = 30.0
 # seconds after its start at which a batch-job worker leaves (set in its job script)
 LIFETIME_ENV = "STICKY_WORKER_LIFETIME_S"
 
@@ -223,7 +226,8 @@ class ProcessChanges:
     def __init__(self) -> None:
         self._undo: list[Callable[[], None]] = []
 
-    def apply(self, workdir: str, owned: bool, on_sigterm: Callable[[], None]) -> None:
+    def apply(self, workdir: str, owned: bool, loop: Any, on_sigterm: Callable[[], None]) -> None:
+        self._undo.append(relay_signal_handlers(loop))
         if threading.current_thread() is threading.main_thread():
             previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
             # Ctrl-C reaches the whole process group; the Snakemake process shuts workers down.
@@ -243,6 +247,11 @@ class ProcessChanges:
         if process.daemon:
             process.daemon = False
             self._undo.append(lambda: setattr(process, "daemon", True))
+        # A process started by multiprocessing (a Nanny's worker) has its parent's start method
+        # as its default; the template gets the platform's, as in a script run by Snakemake.
+        method = multiprocessing.get_start_method(allow_none=True)
+        multiprocessing.set_start_method(multiprocessing.get_all_start_methods()[0], force=True)
+        self._undo.append(lambda: multiprocessing.set_start_method(method, force=True))
         if not processes.is_subreaper() and processes.set_subreaper():
             self._undo.append(lambda: processes.set_subreaper(False))
         if owned:
@@ -288,7 +297,7 @@ class StickyWorkerPlugin(WorkerPlugin):
             return
         self.changes = ProcessChanges()
         self.changes.apply(
-            self.workdir, self.owned, lambda: worker.loop.add_callback(self.leave, worker, "preempted")
+            self.workdir, self.owned, worker.loop, lambda: worker.loop.add_callback(self.leave, worker, "preempted")
         )
         identity = {
             "template": self.spec.name,
@@ -378,6 +387,31 @@ class StickyWorkerPlugin(WorkerPlugin):
             })
         sys.stdout.flush()
         sys.stderr.flush()
+
+
+def relay_signal_handlers(loop: Any) -> Callable[[], None]:
+    """Python installs signal handlers from the main thread only, but a template's setup and its
+    invocations run in other threads, and engines install handlers as they start (SGLang's
+    Engine does). In a resident worker, `signal.signal` called from another thread is carried out
+    by the main thread, which runs the worker's event loop. Returns the undo."""
+    original = signal.signal
+
+    def relayed(signum: int, handler: Any) -> Any:
+        if threading.current_thread() is threading.main_thread():
+            return original(signum, handler)
+        done: concurrent.futures.Future = concurrent.futures.Future()
+
+        def install() -> None:
+            try:
+                done.set_result(original(signum, handler))
+            except BaseException as e:
+                done.set_exception(e)
+
+        loop.add_callback(install)
+        return done.result(timeout=SIGNAL_RELAY_TIMEOUT_S)
+
+    signal.signal = relayed  # type: ignore[assignment]
+    return lambda: setattr(signal, "signal", original)
 
 
 def exit_soon() -> None:

@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,15 +35,38 @@ class Run:
 
 class Background(subprocess.Popen):
     """A snakemake run in the background whose output goes to a file. A pipe that the test does
-    not read while it waits would fill up and block snakemake, and every thread of it that logs."""
+    not read while it waits would fill up and block snakemake, and every thread of it that logs.
 
-    def __init__(self, command: list[str], log: Path, **kwargs: Any):
+    With `pipe=True` the output goes through a pipe that a thread copies to the file, as in
+    `snakemake ... | tee run.log`: `communicate` then also waits for the pipe's end, which a
+    process that outlived snakemake would hold open."""
+
+    def __init__(self, command: list[str], log: Path, pipe: bool = False, **kwargs: Any):
         self.log = log
-        with open(log, "w") as sink:
-            super().__init__(command, stdout=sink, stderr=subprocess.STDOUT, **kwargs)
+        self._copier: Optional[threading.Thread] = None
+        if not pipe:
+            with open(log, "w") as sink:
+                super().__init__(command, stdout=sink, stderr=subprocess.STDOUT, **kwargs)
+            return
+        super().__init__(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, **kwargs)
+        self._copier = threading.Thread(target=self._copy, daemon=True)
+        self._copier.start()
+
+    def _copy(self) -> None:
+        assert self.stdout is not None
+        with open(self.log, "wb", buffering=0) as sink:
+            for chunk in iter(lambda: self.stdout.read1(65536), b""):
+                sink.write(chunk)
 
     def communicate(self, input: Any = None, timeout: Optional[float] = None) -> tuple[str, None]:
+        started = time.monotonic()
         self.wait(timeout)
+        if self._copier is not None:
+            left = None if timeout is None else max(1.0, timeout - (time.monotonic() - started))
+            self._copier.join(left)
+            assert not self._copier.is_alive(), (
+                "snakemake has exited but its output pipe is still open: a process it started outlived it"
+            )
         return self.log.read_text(), None
 
     def follow(self) -> Iterator[str]:
@@ -61,8 +85,6 @@ class Background(subprocess.Popen):
                     return
                 elif not chunk:
                     time.sleep(0.05)
-
-
 class Workflow:
     """A workflow folder: files are written dedented; `run` calls the snakemake CLI in it."""
 
@@ -110,11 +132,12 @@ class Workflow:
         )
         return Run(proc.returncode, proc.stdout, time.monotonic() - started)
 
-    def popen(self, *args: str, executor: Optional[str] = "sticky", cores: int = 4) -> Background:
+    def popen(self, *args: str, executor: Optional[str] = "sticky", cores: int = 4, pipe: bool = False) -> Background:
         """Start snakemake in its own process group, as a terminal would run it."""
         return Background(
             self.command(*args, executor=executor, cores=cores),
             log=self.root / "snakemake.log",
+            pipe=pipe,
             cwd=self.root,
             env=test_env(),
             start_new_session=True,

@@ -62,7 +62,11 @@ def test_job_script_asks_for_the_templates_gpus_and_starts_one_tagged_worker(tmp
     for expected in EXPECTED[system]:
         assert expected in lines or (system == "htcondor" and expected in text), (expected, text)
     command = next(line for line in lines if "distributed.cli.dask_worker" in line)
-    assert f"/opt/venv/bin/python -m distributed.cli.dask_worker {SCHEDULER} --name llm-1-7" in command
+    # the keeper runs the worker: what it starts ends with it, and the job gets its exit status
+    assert (
+        f"/opt/venv/bin/python -m snakemake_executor_plugin_sticky.keeper -m distributed.cli.dask_worker "
+        f"{SCHEDULER} --name llm-1-7"
+    ) in command
     assert "--resources sticky-llm=2" in command and "export STICKY_WORKER_LIFETIME_S=6600" in text
     assert "--no-nanny" in command  # the batch system supervises; the job ends with its worker
     # the prologue runs before the worker, in the job

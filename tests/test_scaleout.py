@@ -24,6 +24,7 @@ from snakemake_executor_plugin_sticky.settings import ExecutorSettings
 
 from conftest import Workflow
 from conftest import test_env as snakemake_env
+from test_engines import all_helpers, engine_workflow, helpers, results, running, wait_for, wait_until_gone
 
 JOBCOMP_LOG = Path("/var/log/slurm/jobcomp.log")
 
@@ -291,11 +292,78 @@ def test_attach_mode_uses_hand_started_workers_and_leaves_them_running(workflow:
             time.sleep(0.2)
         assert workflow.lines("torn-down.txt") == [str(worker.pid)]
         assert worker.poll() is None and scheduler.poll() is None
+        assert "no reaper guards this worker" in run.output, "a worker not under the keeper is named"
     finally:
         for process in (worker, scheduler):
             if process is not None:
                 os.killpg(process.pid, signal.SIGTERM)
                 process.wait(timeout=30)
+
+
+def start_scheduler(workflow: Workflow) -> tuple[subprocess.Popen, Path]:
+    scheduler_file = workflow.root / "scheduler.json"
+    dask = str(Path(sys.executable).with_name("dask"))
+    scheduler = subprocess.Popen(
+        [dask, "scheduler", "--host", "127.0.0.1", "--port", "0", "--scheduler-file", str(scheduler_file),
+         "--no-dashboard"],
+        cwd=workflow.root, env=snakemake_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    deadline = time.monotonic() + 30
+    while not scheduler_file.exists() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    return scheduler, scheduler_file
+
+
+def test_attach_mode_worker_under_the_keeper_takes_a_template_with_processes(workflow: Workflow):
+    """A hand-started worker with a Nanny (a daemon process, as Dask starts them) under the keeper:
+    the template's pool runs in it, and the run's end ends the pool but leaves the worker."""
+    engine_workflow(workflow)
+    scheduler, scheduler_file = start_scheduler(workflow)
+    worker = None
+    try:
+        worker = subprocess.Popen(
+            [sys.executable, "-m", "snakemake_executor_plugin_sticky.keeper", str(Path(sys.executable).with_name("dask")), "worker",
+             "--scheduler-file", str(scheduler_file), "--resources", "sticky-engine=1", "--nthreads", "1",
+             "--memory-limit", "0", "--no-dashboard"],
+            cwd=workflow.root, env=snakemake_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+        run = workflow.run("--sticky-scheduler", str(scheduler_file), "--config", "count=4", cores=1)
+        assert run.returncode == 0, run.output
+        assert "no reaper guards" not in run.output
+        (worker_pid,) = helpers(workflow)
+        assert all(r["worker"] == worker_pid and r["pool"][0]["ppid"] == worker_pid for r in results(workflow))
+        assert wait_until_gone(all_helpers(workflow)) == [], "the template's processes ended with the run"
+        assert running([worker_pid]) == [worker_pid] and worker.poll() is None, "the user's worker still runs"
+    finally:
+        for process in (worker, scheduler):
+            if process is not None:
+                os.killpg(process.pid, signal.SIGTERM)
+                process.wait(timeout=30)
+
+
+def test_slurm_worker_killed_takes_its_helpers_along_and_its_job_fails(workflow: Workflow, slurm: None):
+    engine_workflow(workflow)
+    proc = workflow.popen(
+        "--sticky-cluster", "slurm", "--sticky-max-workers", "2", "--sticky-memory", "1GB", "--jobs", "2",
+        "--sticky-teardown-grace", "2", "--config", "count=8", "victim=2", cores=1, pipe=True,
+    )
+    wait_for(lambda: (workflow.root / "victim-ran").exists())
+    victim = int(workflow.read("victim-ran"))
+    theirs = helpers(workflow)[victim]
+    job = subprocess.run(["cat", f"/proc/{victim}/environ"], capture_output=True).stdout.split(b"\0")
+    job_id = next(v.split(b"=", 1)[1].decode() for v in job if v.startswith(b"SLURM_JOB_ID="))
+    os.kill(victim, signal.SIGKILL)
+    assert wait_until_gone(theirs) == [], "the keeper ended the killed worker's pool, server and daemon"
+    output, _ = proc.communicate(timeout=240)
+    assert proc.returncode == 0, output
+    assert len(results(workflow)) == 8
+    record = recorded_by_slurm(job_id)
+    assert "JobState=FAILED" in record and "ExitCode=137" in record, record
+    assert wait_until_gone(all_helpers(workflow)) == []
+    assert slurm_jobs_in_queue(set(submitted_jobs(output))) == []
+    assert not workflow.leftover_processes()
 
 
 def test_other_executor_runs_the_jobs_that_are_not_sticky_as_slurm_jobs(workflow: Workflow, slurm: None):

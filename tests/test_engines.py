@@ -1,0 +1,393 @@
+"""Templates that own processes and threads, as inference engines do (vLLM's engine core,
+DataLoader workers, a model server binary): they run in resident workers, and nothing they start
+outlives its worker. Real Snakemake (CLI, its output through a pipe), real Dask, real torch.
+
+Bound checked here: every helper is gone within GONE_S of the event that ends its worker
+(retirement, Ctrl-C, SIGKILL of the worker or of Snakemake), with a teardown grace of 2 s.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from conftest import Workflow, interrupt
+
+GONE_S = 15.0
+GRACE = ("--sticky-teardown-grace", "2")
+
+# A template that owns what an engine owns: a spawned process pool, a server started in a
+# session of its own that does not watch its parent, a daemon that double-forks (its parent
+# ends at once, so it is adopted), and optionally a thread that never ends and a server that
+# ignores SIGTERM. Each helper's pid goes to helpers/<worker pid>.txt. A setup also notes any
+# helper of an ended worker that still runs: a replacement must start after the old tree is gone.
+ENGINE = '''
+import glob, multiprocessing, os, signal, subprocess, sys, threading, time
+
+SERVER = """
+import signal, sys, time
+if sys.argv[1] == "stubborn":
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+while True:
+    time.sleep(0.5)
+"""
+
+DAEMON = """
+import os, sys, time
+if os.fork() == 0:
+    os.setsid()
+    if os.fork() == 0:
+        open(sys.argv[1], "a").write(f"daemon {os.getpid()}\\\\n")
+        while True:
+            time.sleep(0.5)
+    os._exit(0)
+"""
+
+
+def work(x):
+    return {"pid": os.getpid(), "ppid": os.getppid(), "gpus": os.environ.get("CUDA_VISIBLE_DEVICES", ""), "x": x * x}
+
+
+def running(pid):
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def setup(stubborn=False, endless_thread=False):
+    os.makedirs("helpers", exist_ok=True)
+    for path in glob.glob("helpers/*.txt"):
+        if not running(int(os.path.basename(path)[:-4])):
+            left = [int(line.split()[1]) for line in open(path) if running(int(line.split()[1]))]
+            open("seen-alive-at-setup.txt", "a").write("".join(f"{pid}\\n" for pid in left))
+    record = f"helpers/{os.getpid()}.txt"
+    pool = multiprocessing.get_context("spawn").Pool(2)
+    server = subprocess.Popen(
+        [sys.executable, "-c", SERVER, "stubborn" if stubborn else "plain"], start_new_session=True
+    )
+    subprocess.run([sys.executable, "-c", DAEMON, record], check=True)
+    with open(record, "a") as f:
+        f.write("".join(f"pool {p.pid}\\n" for p in pool._pool) + f"server {server.pid}\\n")
+    if endless_thread:
+        threading.Thread(target=lambda: [time.sleep(0.2) for _ in iter(int, 1)], daemon=False).start()
+    return {"pool": pool, "server": server, "work": work}
+
+
+def teardown(state):
+    state["pool"].terminate()
+'''
+
+USE = """
+import json, os, time
+from snakemake_executor_plugin_sticky import sticky_state
+
+state = sticky_state(snakemake)
+i = int(snakemake.wildcards.i)
+results = state["pool"].map(state["work"], range(4))
+if i == int(snakemake.config.get("victim", -1)) and not os.path.exists("victim-ran"):
+    open("victim-ran", "w").write(str(os.getpid()))
+    time.sleep(600)
+time.sleep(float(snakemake.config.get("sleep", 0)))
+with open(snakemake.output[0], "w") as f:
+    json.dump({"worker": os.getpid(), "pool": results, "server": state["server"].pid}, f)
+"""
+
+SNAKEFILE = """
+configfile: "config.yaml"
+rule all:
+    input: expand("out/{i}.json", i=range(int(config.get("count", 8))))
+rule infer:
+    output: "out/{i}.json"
+    resources: sticky="engine"
+    script: "scripts/use.py"
+"""
+
+
+def engine_workflow(workflow: Workflow, kwargs: str = "{}", extra: str = "") -> Workflow:
+    workflow.write("Snakefile", SNAKEFILE)
+    workflow.write("templates/engine.py", ENGINE)
+    workflow.write("scripts/use.py", USE)
+    workflow.write("config.yaml", f"""
+        sticky:
+          engine:
+            setup: templates/engine.py
+            kwargs: {kwargs}
+            {extra}
+    """)
+    return workflow
+
+
+def helpers(workflow: Workflow) -> dict[int, list[int]]:
+    """Helper pids by worker pid, as the setups recorded them."""
+    found = {}
+    for path in (workflow.root / "helpers").glob("*.txt"):
+        found[int(path.stem)] = [int(line.split()[1]) for line in path.read_text().splitlines()]
+    return found
+
+
+def running(pids: list[int]) -> list[int]:
+    alive = []
+    for pid in pids:
+        try:
+            if psutil.Process(pid).status() != psutil.STATUS_ZOMBIE:
+                alive.append(pid)
+        except psutil.NoSuchProcess:
+            pass
+    return alive
+
+
+def wait_until_gone(pids: list[int], within: float = GONE_S) -> list[int]:
+    deadline = time.monotonic() + within
+    while running(pids) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return running(pids)
+
+
+def wait_for(predicate, timeout: float = 120.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "timed out waiting"
+        time.sleep(0.1)
+
+
+def results(workflow: Workflow) -> list[dict]:
+    return [json.loads(p.read_text()) for p in sorted((workflow.root / "out").glob("*.json"))]
+
+
+def all_helpers(workflow: Workflow) -> list[int]:
+    return [pid for pids in helpers(workflow).values() for pid in pids]
+
+
+def test_template_owns_a_spawned_pool_that_every_invocation_uses(workflow: Workflow):
+    engine_workflow(workflow)
+    # output through a pipe, read to its end: a helper that outlived snakemake would hold it
+    run = workflow.run("--sticky-workers", "2", *GRACE, "--config", "count=8", cores=2)
+    assert run.returncode == 0, run.output
+    found = helpers(workflow)
+    assert len(found) == 2, "each worker built its state once"
+    for result in results(workflow):
+        own = found[result["worker"]]
+        assert all(r["pid"] != result["worker"] and r["ppid"] == result["worker"] for r in result["pool"]), (
+            "the pool ran in child processes of the worker"
+        )
+        assert {r["pid"] for r in result["pool"]} <= set(own) and result["server"] in own
+        assert [r["x"] for r in result["pool"]] == [0, 1, 4, 9]
+    assert wait_until_gone(all_helpers(workflow)) == []
+    assert "no reaper guards" not in run.output
+    assert workflow.leftover_processes() == []
+
+
+def test_invocation_iterates_a_dataloader_with_two_worker_processes(workflow: Workflow):
+    workflow.write("Snakefile", SNAKEFILE.replace("scripts/use.py", "scripts/load.py"))
+    workflow.write("config.yaml", "sticky:\n  engine:\n    setup: templates/plain.py\n")
+    workflow.write("templates/plain.py", "import os\ndef setup():\n    return {'pid': os.getpid()}\n")
+    workflow.write("scripts/load.py", """
+        import json, os
+        import torch
+        from torch.utils.data import DataLoader, Dataset
+        from snakemake_executor_plugin_sticky import sticky_state
+
+        class Items(Dataset):
+            def __len__(self):
+                return 8
+            def __getitem__(self, i):
+                return torch.tensor([i, os.getpid()])
+
+        state = sticky_state(snakemake)
+        batches = list(DataLoader(Items(), batch_size=2, num_workers=2))
+        rows = torch.cat(batches).tolist()
+        with open(snakemake.output[0], "w") as f:
+            json.dump({"worker": state["pid"], "items": [r[0] for r in rows], "loaders": sorted({r[1] for r in rows})}, f)
+    """)
+    run = workflow.run("--sticky-workers", "1", *GRACE, "--config", "count=3", cores=2)
+    assert run.returncode == 0, run.output
+    for result in results(workflow):
+        assert result["items"] == list(range(8))
+        assert len(result["loaders"]) == 2 and result["worker"] not in result["loaders"]
+    assert workflow.leftover_processes() == []
+
+
+def test_worker_killed_mid_run_takes_its_helpers_along(workflow: Workflow):
+    engine_workflow(workflow)
+    proc = workflow.popen("--sticky-workers", "2", *GRACE, "--config", "count=12", "sleep=0.5", "victim=3", pipe=True)
+    wait_for(lambda: (workflow.root / "victim-ran").exists())
+    victim = int(workflow.read("victim-ran"))
+    theirs = helpers(workflow)[victim]
+    assert len(running(theirs)) == 4  # two pool processes, the server, the daemon
+    os.kill(victim, signal.SIGKILL)
+    assert wait_until_gone(theirs) == [], "the killed worker's pool, server and daemon went with it"
+    output, _ = proc.communicate(timeout=240)
+    assert proc.returncode == 0, output
+    assert len(results(workflow)) == 12
+    assert len(helpers(workflow)) == 3, "the lost worker was replaced"
+    assert workflow.lines("seen-alive-at-setup.txt") == [], "the replacement started after the old tree was gone"
+    assert wait_until_gone(all_helpers(workflow)) == []
+    assert workflow.leftover_processes() == []
+
+
+@pytest.mark.parametrize("end", ["retirement", "ctrl-c", "ctrl-c-twice", "snakemake-sigkill"])
+def test_the_whole_tree_is_gone_when_the_run_ends(workflow: Workflow, end: str):
+    engine_workflow(workflow, kwargs="{stubborn: true, endless_thread: true}")
+    sleep = "0" if end == "retirement" else "600"
+    proc = workflow.popen("--sticky-workers", "2", *GRACE, "--config", "count=4", f"sleep={sleep}", pipe=True)
+    wait_for(lambda: len(helpers(workflow)) == 2 and all(len(h) == 4 for h in helpers(workflow).values()))
+    if end != "retirement":
+        wait_for(lambda: "rule infer" in proc.log.read_text())
+        time.sleep(1)
+    if end.startswith("ctrl-c"):
+        interrupt(proc)
+        if end == "ctrl-c-twice":
+            time.sleep(0.3)
+            interrupt(proc)
+    elif end == "snakemake-sigkill":
+        os.kill(proc.pid, signal.SIGKILL)
+    output, _ = proc.communicate(timeout=240)
+    assert (proc.returncode == 0) == (end == "retirement"), output
+    workers = list(helpers(workflow))
+    assert wait_until_gone(workers + all_helpers(workflow)) == [], "workers, pools, servers and daemons are gone"
+    assert workflow.leftover_processes() == []
+
+
+def test_rebuild_with_four_slots_waits_for_the_invocations_holding_the_poisoned_state(workflow: Workflow):
+    workflow.write("Snakefile", """
+        configfile: "config.yaml"
+        rule all:
+            input: expand("out/{i}.json", i=range(40))
+        rule infer:
+            output: "out/{i}.json"
+            resources: sticky="engine"
+            script: "scripts/poison.py"
+    """)
+    workflow.write("config.yaml", "sticky:\n  engine:\n    setup: templates/model.py\n    slots: 4\n")
+    workflow.write("templates/model.py", """
+        import os, time
+        poisoned_by = ["CorruptedModel"]
+
+        class CorruptedModel(RuntimeError):
+            pass
+
+        def setup():
+            generation = len(open("builds.txt").read().split()) + 1 if os.path.exists("builds.txt") else 1
+            open("builds.txt", "a").write(f"{generation}\\n")
+            return {"alive": True, "generation": generation, "error": CorruptedModel}
+
+        def teardown(state):
+            state["alive"] = False
+            open("teardowns.txt", "a").write(f"{state['generation']} {time.time()}\\n")
+    """)
+    workflow.write("scripts/poison.py", """
+        import json, os, time
+        from snakemake_executor_plugin_sticky import sticky_state
+
+        state = sticky_state(snakemake)
+        began, seen = time.time(), []
+        for _ in range(10):  # 0.3 s of work that looks at the state all along
+            seen.append(state["alive"])
+            time.sleep(0.03)
+        if snakemake.wildcards.i == "13" and not os.path.exists("poisoned"):
+            open("poisoned", "w").close()
+            raise state["error"]("the model is corrupted")
+        with open(snakemake.output[0], "w") as f:
+            json.dump({"generation": state["generation"], "seen": seen, "began": began, "ended": time.time()}, f)
+    """)
+    run = workflow.run("--sticky-workers", "1", "--retries", "1", cores=8)
+    assert run.returncode == 0, run.output
+    assert "poisoned its state" in run.output
+    assert workflow.lines("builds.txt") == ["1", "2"], "rebuilt once"
+    done = results(workflow)
+    assert len(done) == 40
+    assert all(all(r["seen"]) for r in done), "no invocation ever saw a torn-down state"
+    torn = dict(line.split() for line in workflow.read("teardowns.txt").splitlines())
+    first_torn = float(torn["1"])
+    assert all(r["ended"] <= first_torn for r in done if r["generation"] == 1), "teardown waited for them"
+    assert all(r["began"] >= first_torn for r in done if r["generation"] == 2)
+    assert workflow.leftover_processes() == []
+
+
+def test_children_inherit_their_workers_gpus(workflow: Workflow):
+    engine_workflow(workflow, extra="gpus: 2")
+    # four GPU ids on a machine with no GPU: only their hand-out is checked
+    run = workflow.run(
+        "--sticky-workers", "2", *GRACE, "--config", "count=6", cores=2, env={"CUDA_VISIBLE_DEVICES": "0,1,2,3"}
+    )
+    assert run.returncode == 0, run.output
+    by_worker = {}
+    for result in results(workflow):
+        by_worker.setdefault(result["worker"], set()).update(r["gpus"] for r in result["pool"])
+    assert sorted(gpus for seen in by_worker.values() for gpus in seen) == ["0,1", "2,3"]
+    assert all(len(seen) == 1 for seen in by_worker.values())
+    assert workflow.leftover_processes() == []
+
+
+def test_forkserver_reaper_is_not_installed_outside_the_forkserver():
+    import os as os_module
+
+    from snakemake_executor_plugin_sticky import forkserver_reaper
+
+    assert forkserver_reaper.reaper is None
+    assert os_module.fork is not forkserver_reaper.fork and os_module.waitpid is not forkserver_reaper.waitpid
+
+
+def test_keeper_ends_what_its_worker_leaves_and_exits_with_its_status(tmp_path: Path):
+    import subprocess
+    import sys
+
+    script = tmp_path / "worker.py"
+    script.write_text(
+        "import os, subprocess, sys, time\n"
+        "child = subprocess.Popen([sys.executable, '-c', 'import time\\nwhile True: time.sleep(0.5)'], start_new_session=True)\n"
+        f"open({str(tmp_path / 'pids')!r}, 'w').write(f'{{os.getpid()}} {{child.pid}}')\n"
+        "time.sleep(600)\n"
+    )
+    keeper = subprocess.Popen([sys.executable, "-m", "snakemake_executor_plugin_sticky.keeper", sys.executable, str(script)])
+    wait_for(lambda: (tmp_path / "pids").exists() and len((tmp_path / "pids").read_text().split()) == 2, 60)
+    worker, child = map(int, (tmp_path / "pids").read_text().split())
+    os.kill(worker, signal.SIGKILL)
+    assert keeper.wait(timeout=60) == 128 + signal.SIGKILL, "a killed worker's status is passed on"
+    assert running([child]) == []
+    plain = subprocess.run([sys.executable, "-m", "snakemake_executor_plugin_sticky.keeper", "-m", "json.tool", "--help"],
+                           capture_output=True)
+    assert plain.returncode == 0
+    missing = subprocess.run([sys.executable, "-m", "snakemake_executor_plugin_sticky.keeper", "no-such-command"],
+                             capture_output=True, text=True)
+    assert missing.returncode != 0 and "command not found: no-such-command" in missing.stderr
+
+
+def test_a_template_may_install_signal_handlers_from_its_setup_thread(workflow: Workflow):
+    """Engines install handlers as they start (SGLang's Engine does), though setup runs in a thread."""
+    workflow.write("Snakefile", SNAKEFILE.replace("scripts/use.py", "scripts/signal.py"))
+    workflow.write("config.yaml", "sticky:\n  engine:\n    setup: templates/handler.py\n")
+    workflow.write("templates/handler.py", """
+        import os, signal, threading
+
+        def setup():
+            caught = []
+            signal.signal(signal.SIGUSR1, lambda signum, frame: caught.append(threading.current_thread().name))
+            return {"caught": caught, "setup_thread": threading.current_thread().name}
+    """)
+    workflow.write("scripts/signal.py", """
+        import json, os, signal, time
+        from snakemake_executor_plugin_sticky import sticky_state
+
+        state = sticky_state(snakemake)
+        before = len(state["caught"])
+        os.kill(os.getpid(), signal.SIGUSR1)
+        for _ in range(100):
+            if len(state["caught"]) > before:
+                break
+            time.sleep(0.05)
+        with open(snakemake.output[0], "w") as f:
+            json.dump({"caught": state["caught"][before:], "setup_thread": state["setup_thread"]}, f)
+    """)
+    run = workflow.run("--sticky-workers", "1", "--config", "count=2", cores=2)
+    assert run.returncode == 0, run.output
+    for result in results(workflow):
+        assert result["caught"] == ["MainThread"] and result["setup_thread"] == "sticky-setup"
