@@ -215,21 +215,79 @@ def test_invocation_iterates_a_dataloader_with_two_worker_processes(workflow: Wo
     assert workflow.leftover_processes() == []
 
 
-def test_worker_killed_mid_run_takes_its_helpers_along(workflow: Workflow):
+@pytest.mark.parametrize("how", ["sigkill", "preempted", "timed-out"])
+def test_a_worker_that_ends_mid_run_takes_its_helpers_along(workflow: Workflow, how: str):
     engine_workflow(workflow)
-    proc = workflow.popen("--sticky-workers", "2", *GRACE, "--config", "count=12", "sleep=0.5", "victim=3", pipe=True)
+    flags = {"timed-out": ("--sticky-invocation-timeout", "6", "--retries", "1")}.get(how, ())
+    proc = workflow.popen(
+        "--sticky-workers", "2", *GRACE, "--sticky-preempt-grace", "1", *flags,
+        "--config", "count=24", "sleep=0.5", "victim=3", pipe=True,
+    )
     wait_for(lambda: (workflow.root / "victim-ran").exists())
     victim = int(workflow.read("victim-ran"))
     theirs = helpers(workflow)[victim]
     assert len(running(theirs)) == 4  # two pool processes, the server, the daemon
-    os.kill(victim, signal.SIGKILL)
-    assert wait_until_gone(theirs) == [], "the killed worker's pool, server and daemon went with it"
+    if how != "timed-out":  # else its Nanny kills the worker of the hung invocation
+        os.kill(victim, signal.SIGKILL if how == "sigkill" else signal.SIGTERM)
+    assert wait_until_gone(theirs, within=GONE_S + 6) == [], "the worker's pool, server and daemon went with it"
     output, _ = proc.communicate(timeout=240)
     assert proc.returncode == 0, output
-    assert len(results(workflow)) == 12
-    assert len(helpers(workflow)) == 3, "the lost worker was replaced"
+    assert len(results(workflow)) == 24
+    assert len(helpers(workflow)) == 3, "the worker was replaced"
     assert workflow.lines("seen-alive-at-setup.txt") == [], "the replacement started after the old tree was gone"
     assert wait_until_gone(all_helpers(workflow)) == []
+    assert workflow.leftover_processes() == []
+
+
+def test_a_gpu_goes_to_the_next_template_once_the_last_ones_processes_are_gone(workflow: Workflow):
+    workflow.write("Snakefile", """
+        configfile: "config.yaml"
+        rule all:
+            input: expand("second/{i}.txt", i=range(2))
+        rule first:
+            output: "first/{i}.txt"
+            resources: sticky="first"
+            script: "scripts/note.py"
+        rule second:
+            input: expand("first/{i}.txt", i=range(2))
+            output: "second/{i}.txt"
+            resources: sticky="second"
+            script: "scripts/note.py"
+    """)
+    workflow.write("config.yaml", """
+        sticky:
+          first: {setup: templates/holder.py, kwargs: {name: first}, gpus: 1}
+          second: {setup: templates/holder.py, kwargs: {name: second}, gpus: 1}
+    """)
+    # The first template's server ignores SIGTERM: it holds "the GPU" until SIGKILL at the grace.
+    workflow.write("templates/holder.py", """
+        import glob, os, subprocess, sys
+
+        def running(pid):
+            try:
+                with open(f"/proc/{pid}/stat") as f:
+                    return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+            except OSError:
+                return False
+
+        def setup(name):
+            others = [int(p) for path in glob.glob("holders/*.txt") for p in open(path).read().split()]
+            os.makedirs("holders", exist_ok=True)
+            open(f"alive-at-setup-of-{name}.txt", "w").write(" ".join(str(p) for p in others if running(p)))
+            code = "import signal, time\\nsignal.signal(signal.SIGTERM, signal.SIG_IGN)\\nwhile True: time.sleep(0.5)"
+            server = subprocess.Popen([sys.executable, "-c", code])
+            open(f"holders/{name}.txt", "w").write(f"{os.getpid()} {server.pid}")
+            return {"gpus": os.environ["CUDA_VISIBLE_DEVICES"]}
+    """)
+    workflow.write("scripts/note.py", """
+        from snakemake_executor_plugin_sticky import sticky_state
+        open(snakemake.output[0], "w").write(sticky_state(snakemake)["gpus"])
+    """)
+    run = workflow.run(*GRACE, cores=2, env={"CUDA_VISIBLE_DEVICES": "0"})
+    assert run.returncode == 0, run.output
+    assert workflow.read("second/0.txt") == "0", "both templates ran on GPU 0"
+    assert "waits for GPU(s) 0 until the retiring workers of template(s) first" in run.output
+    assert workflow.read("alive-at-setup-of-second.txt") == "", "the first template's worker and server were gone"
     assert workflow.leftover_processes() == []
 
 
