@@ -26,7 +26,7 @@ from snakemake_interface_executor_plugins.jobs import JobExecutorInterface
 from snakemake_interface_executor_plugins.settings import ExecMode
 
 from .completions import CompletionBatcher
-from .invocation import Invocation, InvocationResult, build_invocation, local_script_path
+from .invocation import Invocation, InvocationCrashedWorkers, InvocationResult, build_invocation, local_script_path
 from .report import RunReport
 from .settings import CLUSTERS, ExecutorSettings
 from .templates import CONFIG_SECTION, RESOURCE, TemplateSpec, parse_templates
@@ -40,6 +40,7 @@ MANY_STICKY_JOBS = 200
 
 if TYPE_CHECKING:  # Dask loads with the engine, not whenever Snakemake lists its plugins
     from .backends.base import Backend
+
 
 
 class Executor(RealExecutor):
@@ -258,25 +259,44 @@ class Executor(RealExecutor):
             self.report.sticky_jobs_done()
 
     def worker_event(self, message: dict) -> None:
-        """Engine events: feed the report; replace workers of hung invocations; keep the loss budget."""
+        """Engine events: feed the report; replace workers of hung invocations; charge a lost
+        worker to the invocations it was running, or else to its template's loss budget."""
         lost = self.report.worker_event(message)
         if message.get("event") == "invocation-timeout":
-            reason = (
-                f"Invocation of rule '{message['rule']}' timed out after {message['timeout_s']:g} s "
-                f"(--sticky-invocation-timeout, or the rule's runtime resource); its worker "
-                f"{message['name']} is replaced, as the hung invocation cannot be stopped otherwise."
+            self.invocation_timed_out(message)
+        if lost is None:
+            return
+        running = message.get("running") or []
+        if running:
+            self.backend.worker_lost(message["address"], running)
+            return
+        losses = self._losses[lost.template] = self._losses.get(lost.template, 0) + 1
+        if losses > self.settings.max_worker_losses:
+            self.backend.fail_pool(
+                self.templates[lost.template],
+                f"Sticky template '{lost.template}' lost {losses} workers while no invocation ran on "
+                f"them, more than --sticky-max-worker-losses {self.settings.max_worker_losses}; its "
+                "invocations fail.",
             )
-            self.logger.warning(reason)
+
+    def invocation_timed_out(self, message: dict) -> None:
+        limit = (
+            f"Invocation of rule '{message['rule']}' timed out after {message['timeout_s']:g} s "
+            f"(--sticky-invocation-timeout, or the rule's runtime resource)"
+        )
+        if self.backend.replaces_hung_workers:
+            reason = (
+                f"{limit}; its worker {message['name']} is replaced, as the hung invocation cannot be "
+                "stopped otherwise."
+            )
             self.report.expect_removal(message["address"])
-            self.backend.abandon(message["key"], reason, message["address"])
-        if lost is not None:
-            losses = self._losses[lost.template] = self._losses.get(lost.template, 0) + 1
-            if losses > self.settings.max_worker_losses:
-                self.backend.fail_pool(
-                    self.templates[lost.template],
-                    f"Sticky template '{lost.template}' lost {losses} workers, more than "
-                    f"--sticky-max-worker-losses {self.settings.max_worker_losses}; its invocations fail.",
-                )
+        else:
+            reason = (
+                f"{limit}. Its worker {message['name']} ({message['address']}, pid {message['pid']}) is "
+                "yours (attach mode) and is left as it is, the hung invocation's thread still running in it."
+            )
+        self.logger.warning(reason)
+        self.backend.abandon(message["key"], reason, message["address"])
 
     def log_status(self) -> None:
         while not self._stop_status.wait(self.settings.status_interval):
@@ -377,10 +397,20 @@ class Executor(RealExecutor):
         """Hand the invocation's output to Snakemake's log and report the job done or failed."""
         if self._cancelled:
             return  # Ctrl-C: Snakemake is already tearing down, as with the local executor
+        if isinstance(outcome, InvocationCrashedWorkers):
+            deaths = "; ".join(self.report.describe_worker(address) for address in outcome.workers)
+            self.report_job_error(
+                job_info,
+                msg=f"Sticky invocation of rule '{invocation.rule}' (template '{invocation.template}') "
+                f"crashed its worker {len(outcome.workers)} times: it was running each time a worker "
+                f"died ({deaths}). It fails alone; the other invocations go on. A native crash (a "
+                "segfault, a CUDA abort) or the OOM killer ends a worker so. "
+                f"--sticky-invocation-crashes ({self.settings.invocation_crashes}) sets how many times.",
+            )
+            return
         if not isinstance(outcome, InvocationResult):
             hint = (
-                f" It was caught in more than --sticky-max-worker-losses "
-                f"({self.settings.max_worker_losses}) lost workers."
+                " It was running on too many workers that died (Dask's distributed.scheduler.allowed-failures)."
                 if type(outcome).__name__ == "KilledWorker"
                 else ""
             )
@@ -523,6 +553,8 @@ def check_settings(settings: ExecutorSettings) -> None:
         raise WorkflowError(f"--sticky-setup-attempts must be at least 1, got {settings.setup_attempts}.")
     if settings.max_worker_losses < 0:
         raise WorkflowError(f"--sticky-max-worker-losses must not be negative, got {settings.max_worker_losses}.")
+    if settings.invocation_crashes < 1:
+        raise WorkflowError(f"--sticky-invocation-crashes must be at least 1, got {settings.invocation_crashes}.")
     if settings.invocation_timeout is not None and settings.invocation_timeout <= 0:
         raise WorkflowError(f"--sticky-invocation-timeout must be positive, got {settings.invocation_timeout}.")
     if settings.preempt_grace < 0:

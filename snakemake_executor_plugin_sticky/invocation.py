@@ -19,6 +19,7 @@ from snakemake_interface_common.exceptions import WorkflowError
 from .templates import TemplateSpec
 
 EVENT_TOPIC = "sticky"  # Dask event topic of worker announcements (setup-start, ready, ...)
+RUNNING_TOPIC = "sticky-running"  # invocations starting and ending, for the scheduler plugin alone
 
 
 @dataclass
@@ -32,6 +33,7 @@ class Invocation:
     script: str
     snakemake: Snakemake
     timeout_s: Optional[float] = None
+    slots: int = 1  # invocation slots of the template's workers (an invocation run alone takes all)
 
 
 @dataclass
@@ -52,6 +54,14 @@ class InvocationResult:
     @property
     def ok(self) -> bool:
         return self.error is None
+
+
+class InvocationCrashedWorkers(RuntimeError):
+    """The invocation was running on a worker each time one died, as many times as allowed."""
+
+    def __init__(self, workers: list[str]):
+        super().__init__(f"it was running on {len(workers)} worker(s) that died")
+        self.workers = workers  # addresses, in the order they died
 
 
 def local_script_path(job: Any) -> str:
@@ -77,17 +87,17 @@ def build_invocation(
     job: Any, template: TemplateSpec, script: str, config: dict[str, Any], default_timeout_s: Optional[float] = None
 ) -> Invocation:
     snakemake = Snakemake(
-        job.input,
-        job.output,
-        job.params,
-        job.wildcards,
-        job.threads,
-        job.resources,
-        job.log,
-        config,
-        job.rule.name,
-        None,
-        os.path.dirname(script),
+        input_=job.input,
+        output=job.output,
+        params=job.params,
+        wildcards=job.wildcards,
+        threads=job.threads,
+        resources=job.resources,
+        log=job.log,
+        config=config,
+        rulename=job.rule.name,
+        bench_iteration=None,
+        scriptdir=os.path.dirname(script),
     )
     return Invocation(
         key=f"sticky-{job.rule.name}-{job.jobid}-{uuid.uuid4().hex[:8]}",
@@ -99,4 +109,5 @@ def build_invocation(
         script=script,
         snakemake=snakemake,
         timeout_s=invocation_timeout(job.resources, default_timeout_s),
+        slots=template.slots,
     )

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import re
+import signal
 import statistics
 import threading
 import time
@@ -47,6 +48,18 @@ class WorkerRecord:
     preempted: bool = False
     rebuilds: int = 0
     gone_at: Optional[float] = None
+    exit: Optional[str] = None  # how its process ended, where known ("killed by signal 11 (SIGSEGV)")
+
+
+def exit_description(exitcode: int) -> str:
+    """A process's exit as multiprocessing reports it: a negative code is the killing signal."""
+    if exitcode < 0:
+        try:
+            name = signal.Signals(-exitcode).name
+        except ValueError:
+            name = "unknown"
+        return f"killed by signal {-exitcode} ({name})"
+    return f"exited with status {exitcode}"
 
 
 @dataclass
@@ -154,6 +167,11 @@ class RunReport:
                 )
             elif kind == "invocation-timeout":
                 return None
+            elif kind == "worker-exit":
+                record = self.workers.get(message["address"])
+                if record is not None:
+                    record.exit = exit_description(message["exitcode"])
+                return None
             else:
                 record = self._worker_record(message)
                 record.setup_started = record.setup_started or message.get("setup_started")
@@ -199,6 +217,14 @@ class RunReport:
             warn = kind in ("removed", "setup-failed", "poisoned", "preempted", "warning")
             (self.log.warning if warn else self.log.info)(text)
         return record if kind == "removed" and record.lost else None
+
+    def describe_worker(self, address: str) -> str:
+        """A worker as the log names it, with how it ended where known."""
+        with self._lock:
+            record = self.workers.get(address)
+        if record is None:
+            return f"worker {address}"
+        return f"worker {record.id}, pid {record.pid}" + (f", {record.exit}" if record.exit else "")
 
     def _worker_record(self, message: dict[str, Any]) -> WorkerRecord:
         address = message["address"]

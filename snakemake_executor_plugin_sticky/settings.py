@@ -32,9 +32,16 @@ class ExecutorSettings(ExecutorSettingsBase):
     )
     max_worker_losses: int = option(
         50,
-        "Worker losses (killed, crashed, preempted) tolerated per template before its "
-        "invocations fail; an invocation caught in a lost worker runs again elsewhere, up to "
-        "this many times. Losses are not job errors and do not use up --retries.",
+        "Worker losses that no invocation is blamed for (a worker killed or crashed while no "
+        "invocation ran on it, in its setup say) tolerated per template before its invocations "
+        "fail. Losses are not job errors and do not use up --retries.",
+    )
+    invocation_crashes: int = option(
+        3,
+        "How many times one invocation may be running on a worker that dies (a segfault, a CUDA "
+        "abort, the OOM killer) before it fails alone, saying so; the other invocations go on. "
+        "Until then it runs again on another worker, alone on it when it had run beside others "
+        "(slots above 1), so that a next death blames it alone.",
     )
     invocation_timeout: Optional[float] = option(
         None,

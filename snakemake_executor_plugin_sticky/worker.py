@@ -29,7 +29,7 @@ from distributed import WorkerPlugin, get_worker
 from distributed.core import Status
 
 from . import processes
-from .invocation import EVENT_TOPIC, Invocation, InvocationResult
+from .invocation import EVENT_TOPIC, RUNNING_TOPIC, Invocation, InvocationResult
 from .state import register_resident, teardown_state
 from .templates import TemplateSpec, load_template_module
 
@@ -295,6 +295,9 @@ class StickyWorkerPlugin(WorkerPlugin):
     def setup(self, worker: Any) -> None:
         if self.spec.tag not in worker.state.total_resources:
             return
+        if self.owned and getattr(worker, "http_server", None) is not None:
+            # Dask serves HTTP (health, metrics) with no authentication; a worker of ours needs none.
+            worker.http_server.stop()
         self.changes = ProcessChanges()
         self.changes.apply(
             self.workdir, self.owned, worker.loop, lambda: worker.loop.add_callback(self.leave, worker, "preempted")
@@ -445,7 +448,7 @@ def run_invocation(invocation: Invocation) -> InvocationResult:
                     f"This worker does not hold sticky template '{invocation.template}' "
                     f"({invocation.identity[:12]})."
                 )
-            with holder.use() as generation:
+            with holder.use() as generation, running_on(worker):
                 result.started = time.time()  # the invocation proper, after any wait for the state
                 result.extra["setup_s"] = holder.setup_s
                 if invocation.timeout_s is not None:
@@ -470,6 +473,18 @@ def run_invocation(invocation: Invocation) -> InvocationResult:
     result.stdout, result.stderr = out.getvalue(), err.getvalue()
     result.finished = time.time()
     return result
+
+
+@contextmanager
+def running_on(worker: Any) -> Iterator[None]:
+    """Tell the scheduler that this task runs with its state now, and when it stops: should the
+    worker die meanwhile, the invocation was running there (see WorkerRemovalPlugin)."""
+    key = worker.get_current_task()
+    worker.log_event(RUNNING_TOPIC, {"worker": worker.address, "key": key, "running": True})
+    try:
+        yield
+    finally:
+        worker.log_event(RUNNING_TOPIC, {"worker": worker.address, "key": key, "running": False})
 
 
 def clear_outputs(paths: Any) -> None:

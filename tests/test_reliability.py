@@ -79,13 +79,44 @@ def test_worker_killed_mid_invocation(workflow: Workflow):
     assert workflow.leftover_processes() == []
 
 
-def test_losses_beyond_the_budget_fail_the_invocation(workflow: Workflow):
+def test_losses_beyond_the_budget_fail_the_template(workflow: Workflow):
+    """A worker that dies while it builds the state (a native crash in setup) is no invocation's
+    fault: such losses count against the template's budget."""
     sticky_workflow(workflow, ONE_TEMPLATE_SNAKEFILE, LLM_TEMPLATE)
-    workflow.write("scripts/record.py", "import os, time\ntime.sleep(1)\nos.kill(os.getpid(), 9)\n")
-    run = workflow.run("--sticky-workers", "1", "--sticky-max-worker-losses", "1", "--config", "count=1", timeout=120)
+    workflow.write("templates/counting.py", """
+        import os, signal, time
+        def setup(name, delay=0.0):
+            open(f"setups-{name}.txt", "a").write(f"{os.getpid()}\\n")
+            time.sleep(1)  # the worker is up, and the invocations wait for the state
+            os.kill(os.getpid(), signal.SIGKILL)
+    """)
+    run = workflow.run("--sticky-workers", "1", "--sticky-max-worker-losses", "1", "--config", "count=2", timeout=120)
     assert run.returncode != 0
-    assert "Error in rule infer" in run.output and "--sticky-max-worker-losses" in run.output, run.output
+    assert "Error in rule infer" in run.output and "more than --sticky-max-worker-losses 1" in run.output, run.output
+    assert "crashed its worker" not in run.output, "the waiting invocations are not blamed"
     assert len(workflow.lines("setups-llm.txt")) >= 2, "one loss was tolerated, the second was one too many"
+    assert workflow.leftover_processes() == []
+
+
+@pytest.mark.parametrize("workers, slots", [(2, 1), (1, 4)])
+def test_an_invocation_that_crashes_its_worker_every_time_fails_alone(workflow: Workflow, workers: int, slots: int):
+    sticky_workflow(workflow, ONE_TEMPLATE_SNAKEFILE, LLM_TEMPLATE.replace("delay: 1.0}", f"delay: 0.2}}\n    slots: {slots}"))
+    # invocation 5 dies of a segfault, as a native crash in a model would, on every attempt
+    workflow.write(
+        "scripts/record.py",
+        "import ctypes, time\nif snakemake.wildcards.i == '5':\n    time.sleep(0.5)\n    ctypes.string_at(0)\n"
+        + workflow.read("scripts/record.py"),
+    )
+    run = workflow.run(
+        "--sticky-workers", str(workers), "--keep-going", "--config", "count=12", "sleep=0.3", cores=4, timeout=240
+    )
+    assert run.returncode != 0
+    done = sorted(int(p.stem) for p in workflow.root.glob("out/*.json"))
+    assert done == [i for i in range(12) if i != 5], "the other invocations completed"
+    assert "crashed its worker 3 times" in run.output and "signal 11 (SIGSEGV)" in run.output, run.output
+    assert run.output.count("Error in rule infer") == 1
+    assert len(workflow.lines("setups-llm.txt")) <= workers + 3, "a handful of state builds"
+    assert "cannot schedule new futures" not in run.output
     assert workflow.leftover_processes() == []
 
 

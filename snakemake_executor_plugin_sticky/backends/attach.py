@@ -31,7 +31,7 @@ class AttachedBackend(DaskBackend):
     """A client of a scheduler that is not ours: plugins in, invocations through, nothing owned."""
 
     def __init__(self, workdir: str, settings: ExecutorSettings, log: Any, on_event: OnEvent):
-        super().__init__(on_event)
+        super().__init__(on_event, crash_limit=settings.invocation_crashes)
         self.workdir = workdir
         self.settings = settings
         self.log = log

@@ -19,7 +19,7 @@ from typing import Any, Callable, Optional, Sequence, Union
 from distributed import Client, Future
 from distributed.diagnostics.plugin import SchedulerPlugin
 
-from ..invocation import EVENT_TOPIC, Invocation, InvocationResult
+from ..invocation import EVENT_TOPIC, RUNNING_TOPIC, Invocation, InvocationCrashedWorkers, InvocationResult
 from ..templates import TemplateSpec
 from ..settings import ExecutorSettings
 from ..worker import StickyWorkerPlugin, run_invocation
@@ -34,15 +34,29 @@ RELEASE_DELAY_S = 0.02
 
 
 class WorkerRemovalPlugin(SchedulerPlugin):
-    """Runs in the scheduler: announces every worker that leaves, lost or retired."""
+    """Runs in the scheduler: announces every worker that leaves, lost or retired, with the
+    invocations that were running on it (the evidence against an invocation that crashes its
+    workers). Workers say when an invocation starts and ends running with its state (topic
+    RUNNING_TOPIC); invocations waiting for a state being built are not running."""
 
     name = "sticky-worker-removals"
+
+    def __init__(self) -> None:
+        self.running: dict[str, set[str]] = {}  # worker address -> Dask keys
+
+    def log_event(self, topic: str, msg: Any) -> None:
+        if topic != RUNNING_TOPIC or not isinstance(msg, dict):
+            return
+        keys = self.running.setdefault(msg["worker"], set())
+        (keys.add if msg["running"] else keys.discard)(msg["key"])
 
     def remove_worker(self, scheduler: Any, worker: str, *, stimulus_id: str, **kwargs: Any) -> None:
         # Retired on purpose (idle, walltime near, end of run): not a loss.
         graceful = stimulus_id.startswith(GRACEFUL_REMOVALS)
+        running = sorted(self.running.pop(worker, ()))
         scheduler.log_event(
-            EVENT_TOPIC, {"event": "removed", "address": worker, "graceful": graceful, "time": time.time()}
+            EVENT_TOPIC,
+            {"event": "removed", "address": worker, "graceful": graceful, "running": running, "time": time.time()},
         )
 
 
@@ -97,12 +111,19 @@ class Backend(ABC):
 class DaskBackend(Backend):
     """Submission and completion through a Dask client; subclasses own scheduler and workers."""
 
-    def __init__(self, on_event: OnEvent) -> None:
+    def __init__(self, on_event: OnEvent, crash_limit: int) -> None:
         self._futures: dict[str, tuple[Invocation, Future]] = {}
+        self._on_done: dict[str, OnDone] = {}
+        self._invocation_of: dict[str, str] = {}  # Dask key -> invocation key (a rerun alone has its own)
+        self._strikes: dict[str, list[str]] = {}  # invocation key -> workers that died running it
+        self._crashed: dict[str, list[str]] = {}
+        self._superseded: set[str] = set()  # Dask keys replaced by a rerun alone
         self._failed_pools: dict[str, str] = {}
         self._abandoned: dict[str, str] = {}
         self._lock = threading.Lock()
         self._on_event = on_event
+        self.crash_limit = crash_limit
+        self._events_closed = False
         # Event handlers may call the (synchronous) client: never on the client's own loop thread.
         self._event_thread = ThreadPoolExecutor(1, thread_name_prefix="sticky-events")
         self._finished: queue.SimpleQueue[Optional[tuple[Invocation, Future, OnDone]]] = queue.SimpleQueue()
@@ -116,8 +137,12 @@ class DaskBackend(Backend):
 
     def watch_workers(self) -> None:
         """Forward worker announcements and removals to `on_event` (call once the client is up)."""
-        self.client.subscribe_topic(EVENT_TOPIC, lambda event: self._event_thread.submit(self._on_event, event[1]))
+        self.client.subscribe_topic(EVENT_TOPIC, self._forward_event)
         self.client.register_plugin(WorkerRemovalPlugin())
+
+    def _forward_event(self, event: tuple[float, dict[str, Any]]) -> None:
+        if not self._events_closed:  # events that come as the run closes have no one to go to
+            self._event_thread.submit(self._on_event, event[1])
 
     def submit(self, batch: Sequence[tuple[Invocation, OnDone]]) -> None:
         """One graph update per template for the whole batch: the scheduler's cost of an update
@@ -141,11 +166,59 @@ class DaskBackend(Backend):
                     on_done(invocation, e)
                 continue
             with self._lock:
-                for invocation, future in zip(invocations, futures):
-                    self._futures[invocation.key] = (invocation, future)
+                for (invocation, on_done), future in zip(items, futures):
+                    self._track(invocation, future, on_done)
             for (invocation, on_done), future in zip(items, futures):
-                future.add_done_callback(lambda f, i=invocation, d=on_done: self._finished.put((i, f, d)))
+                self._when_done(invocation, future, on_done)
         self.release_spent()
+
+    def _track(self, invocation: Invocation, future: Future, on_done: OnDone) -> None:
+        self._futures[invocation.key] = (invocation, future)
+        self._on_done[invocation.key] = on_done
+        self._invocation_of[future.key] = invocation.key
+
+    def _when_done(self, invocation: Invocation, future: Future, on_done: OnDone) -> None:
+        future.add_done_callback(lambda f: self._finished.put((invocation, f, on_done)))
+
+    def worker_lost(self, address: str, running: Sequence[str]) -> None:
+        """A worker died while running these tasks. Each of their invocations was running there
+        once more when a worker died; one that has been `crash_limit` times fails alone. The
+        others run again, and where they ran beside other invocations (slots above 1), alone on
+        a worker: should that one die too, the evidence points at them alone."""
+        with self._lock:
+            entries = []
+            for dask_key in running:
+                key = self._invocation_of.get(dask_key)
+                if key is None or key not in self._futures:
+                    continue
+                strikes = self._strikes.setdefault(key, [])
+                strikes.append(address)
+                invocation, future = self._futures[key]
+                if len(strikes) >= self.crash_limit:
+                    self._crashed[key] = list(strikes)
+                    entries.append((invocation, future, None))
+                elif len(running) > 1:
+                    entries.append((invocation, future, self._on_done[key]))
+        for invocation, future, on_done in entries:
+            if on_done is None:
+                future.cancel(msg="it crashed its workers")
+            else:
+                self._rerun_alone(invocation, future, on_done)
+
+    def _rerun_alone(self, invocation: Invocation, future: Future, on_done: OnDone) -> None:
+        attempt = len(self._strikes.get(invocation.key, ()))
+        try:
+            alone = self.client.submit(
+                run_invocation, invocation, key=f"{invocation.key}-alone-{attempt}", pure=False,
+                resources={invocation.tag: invocation.slots},
+            )
+        except Exception:  # the client is closing: the first attempt stands
+            return
+        with self._lock:
+            self._superseded.add(future.key)
+            self._track(invocation, alone, on_done)
+        self._when_done(invocation, alone, on_done)
+        future.cancel()
 
     def release_spent(self) -> None:
         """Release the fetched results. Done right after a submission, not as each result comes:
@@ -191,18 +264,26 @@ class DaskBackend(Backend):
 
     def _complete(self, invocation: Invocation, future: Future, on_done: OnDone, fetched: Optional[Outcome]) -> None:
         with self._lock:
+            if not self._spent:
+                self._spent_since = time.monotonic()
+            self._spent.append(future)
+            self._invocation_of.pop(future.key, None)
+            if future.key in self._superseded:  # a rerun alone took its place
+                self._superseded.discard(future.key)
+                return
             self._futures.pop(invocation.key, None)
+            self._on_done.pop(invocation.key, None)
+            self._strikes.pop(invocation.key, None)
+            crashed = self._crashed.pop(invocation.key, None)
         try:
             outcome: Outcome = fetched if fetched is not None else future.result()
         except BaseException as e:  # cancelled, hung, lost workers, or the pool failed
             with self._lock:
                 failure = self._abandoned.pop(invocation.key, None) or self._failed_pools.get(invocation.identity)
-            outcome = RuntimeError(failure) if failure is not None else e
-        finally:
-            with self._lock:
-                if not self._spent:
-                    self._spent_since = time.monotonic()
-                self._spent.append(future)
+            if crashed is not None:
+                outcome = InvocationCrashedWorkers(crashed)
+            else:
+                outcome = RuntimeError(failure) if failure is not None else e
         on_done(invocation, outcome)
 
     def fail_pool(self, template: TemplateSpec, reason: str) -> None:
@@ -215,16 +296,27 @@ class DaskBackend(Backend):
 
     def abandon(self, key: str, reason: str, worker: str) -> None:
         with self._lock:
+            key = self._invocation_of.get(key, key)
             entry = self._futures.get(key)
             if entry is None:
                 return
             self._abandoned[key] = reason
         entry[1].cancel(msg=reason)
-        # A hung thread cannot be stopped: replace its process, which builds the state anew.
-        self.client.restart_workers([worker], raise_for_error=False)
+        self.replace_worker(worker)
+
+    def replace_worker(self, worker: str) -> None:
+        """A hung thread cannot be stopped: end the worker (address) that runs it; a new one
+        builds the state anew. Only for workers of ours; see `replaces_hung_workers`."""
+
+    replaces_hung_workers = False
 
     def close_events(self) -> None:
+        self._events_closed = True
         self.release_spent()
+        try:
+            self.client.unsubscribe_topic(EVENT_TOPIC)
+        except Exception:  # the client is gone already: no more events come
+            pass
         self._event_thread.shutdown(wait=False, cancel_futures=True)
         self._finished.put(None)
 

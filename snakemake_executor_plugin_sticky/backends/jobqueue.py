@@ -32,6 +32,7 @@ from typing import Any, Optional
 from distributed.security import Security
 from snakemake_interface_common.exceptions import WorkflowError
 
+from ..security import run_credentials, write_credentials
 from ..settings import ExecutorSettings
 from ..templates import TemplateSpec
 from ..worker import LIFETIME_ENV
@@ -334,30 +335,6 @@ def cancel(job: Any) -> None:
         )
 
 
-def run_credentials(directory: Path) -> Security:
-    """TLS credentials made for this run: a fresh self-signed certificate and key that the
-    scheduler, this client and every worker present and require. Written to files readable by
-    the user only, on the shared file system the job scripts read them from."""
-    temporary = Security.temporary()  # in-memory PEM: certificate (its own CA) and key
-    directory.mkdir(parents=True, exist_ok=True, mode=0o700)
-    os.chmod(directory, 0o700)
-    paths = {}
-    for name, pem in (("cert.pem", temporary.tls_ca_file), ("key.pem", temporary.tls_client_key)):
-        path = directory / name
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as f:
-            f.write(pem)
-        paths[name] = str(path)
-    cert, key = paths["cert.pem"], paths["key.pem"]
-    return Security(
-        tls_ca_file=cert,
-        tls_client_cert=cert, tls_client_key=key,
-        tls_scheduler_cert=cert, tls_scheduler_key=key,
-        tls_worker_cert=cert, tls_worker_key=key,
-        require_encryption=True,
-    )
-
-
 def network_host(interface: Optional[str]) -> str:
     """The address the workers reach this host at (not loopback unless that is all there is)."""
     if interface:
@@ -384,6 +361,8 @@ class BatchJob:
 class BatchBackend(HostedScheduler):
     """Workers as batch jobs of one batch system; the scheduler here, TLS on the network."""
 
+    replaces_hung_workers = True
+
     def __init__(self, workdir: str, settings: ExecutorSettings, log: Any, on_event: OnEvent):
         self.workdir = workdir
         self.system = SYSTEMS[settings.cluster]
@@ -398,12 +377,16 @@ class BatchBackend(HostedScheduler):
         self._names = itertools.count(1)
         self._closing = False
         self._last_poll = 0.0
-        super().__init__(settings, log, on_event, security=run_credentials(self.credentials))
+        super().__init__(settings, log, on_event, security=write_credentials(run_credentials(), self.credentials))
         self._scaler = asyncio.run_coroutine_threadsafe(self._scale_forever(), self._loop)
         log.info(
             f"Sticky workers run as {self.system.name} jobs; scheduler at {self._scheduler.address} "
             f"(TLS, credentials of this run in {self.credentials}); job logs in {self.log_directory}."
         )
+
+    def replace_worker(self, worker: str) -> None:
+        """Close it: its job ends, and the pool submits another while work remains."""
+        self._loop.call_soon_threadsafe(self._scheduler.close_worker, worker)
 
     def workers_for(self, template: TemplateSpec) -> int:
         pools = self._pools.get(template.identity) or pools_of(template, self.settings)

@@ -4,7 +4,8 @@ and Nanny-supervised worker processes, one per GPU (or one CPU worker), per temp
 Scheduler and Nannies live on one event loop in a thread of the Snakemake process; the Nannies
 start the worker processes (forked from a clean forkserver, never from this process: see
 forkserver.py) and restart one that dies. Worker processes watch their Nanny and exit when it
-goes away, so nothing outlives Snakemake.
+goes away, so nothing outlives Snakemake. Every connection is TLS with the run's credentials
+(security.py), loopback included: other users of the machine can reach loopback ports too.
 """
 
 from __future__ import annotations
@@ -20,9 +21,12 @@ from typing import Any, Coroutine, Optional
 
 import dask
 from distributed import Client, Nanny, Scheduler
+from distributed.security import Security
 from snakemake_interface_common.exceptions import WorkflowError
 
 from .. import forkserver
+from ..invocation import EVENT_TOPIC
+from ..security import run_credentials
 from ..settings import ExecutorSettings
 from ..templates import TemplateSpec
 from .base import DaskBackend, OnEvent, worker_plugin
@@ -109,13 +113,14 @@ class GpuPlan:
 
 
 class HostedScheduler(DaskBackend):
-    """A Dask scheduler on an event loop in a thread of the Snakemake process, and a client of it.
-    Subclasses say where it listens (`host`, `security`) and how workers come to it."""
+    """A Dask scheduler on an event loop in a thread of the Snakemake process, and a client of it,
+    both with the run's TLS credentials. Subclasses say where it listens (`host`) and how workers
+    come to it."""
 
     host = LOOPBACK
 
-    def __init__(self, settings: ExecutorSettings, log: Any, on_event: OnEvent, security: Any = None):
-        super().__init__(on_event)
+    def __init__(self, settings: ExecutorSettings, log: Any, on_event: OnEvent, security: Security):
+        super().__init__(on_event, crash_limit=settings.invocation_crashes)
         self.log = log
         self.settings = settings
         self.security = security
@@ -143,21 +148,24 @@ class HostedScheduler(DaskBackend):
         return asyncio.run_coroutine_threadsafe(coroutine, self._loop).result(timeout)
 
     async def _start_scheduler(self) -> Scheduler:
-        # The scheduler always serves HTTP (health, metrics; the dashboard is added later).
         address = self.settings.dashboard_address if self.dashboard else f"{LOOPBACK}:0"
-        if self.dashboard and not str(address).startswith((LOOPBACK, "localhost")):
+        if self.dashboard:
             self.log.warning(
-                f"The Dask dashboard listens on {address}, beyond loopback, without authentication: "
-                "anyone who reaches it can watch this run. Prefer an SSH tunnel to 127.0.0.1."
+                f"The Dask dashboard listens on {address} without authentication: anyone who reaches "
+                "it can watch this run (but not send it work). Keep it on 127.0.0.1 and use an SSH tunnel."
             )
-        # Each loss of the worker running an invocation counts once; past this the invocation fails.
-        dask.config.set({"distributed.scheduler.allowed-failures": self.settings.max_worker_losses})
-        protocol = "tls" if self.security is not None else "tcp"
+        # The plugin stops an invocation that crashes its workers itself (DaskBackend.worker_lost);
+        # Dask's own limit, one above, is the safety net.
+        dask.config.set({"distributed.scheduler.allowed-failures": self.settings.invocation_crashes})
         scheduler = Scheduler(
-            host=self.host, port=0, protocol=protocol, security=self.security,
+            host=self.host, port=0, protocol="tls", security=self.security,
             dashboard=False, dashboard_address=address,
         )
         await scheduler
+        if not self.dashboard:
+            # Dask always serves HTTP (health, metrics, task and worker listings) with no
+            # authentication: nothing of it is needed here, so nothing of it listens.
+            scheduler.http_server.stop()
         return scheduler
 
     async def _attach_dashboard(self, starting: list[Any]) -> None:
@@ -192,8 +200,21 @@ class HostedScheduler(DaskBackend):
         """End every worker (each runs its teardown) before the scheduler goes."""
 
 
+class StickyNanny(Nanny):
+    """A Nanny that says how its worker process ended (its exit status or signal), so that a
+    crash is reported with its cause."""
+
+    async def _on_worker_exit(self, exitcode: int) -> None:
+        address = getattr(self.process, "worker_address", None)
+        if address:
+            self.log_event(EVENT_TOPIC, {"event": "worker-exit", "address": address, "exitcode": exitcode})
+        await super()._on_worker_exit(exitcode)
+
+
 class EmbeddedBackend(HostedScheduler):
     """Scheduler in this process on 127.0.0.1, Nanny workers as child processes."""
+
+    replaces_hung_workers = True
 
     def __init__(self, workdir: str, settings: ExecutorSettings, log: Any, on_event: OnEvent):
         self.workdir = workdir
@@ -210,7 +231,7 @@ class EmbeddedBackend(HostedScheduler):
         # GPU id -> (template, future) of a retiring pool whose worker on that GPU is closing
         self._freeing: dict[str, tuple[str, Any]] = {}
         self._dashboard_attached = False
-        super().__init__(settings, log, on_event)
+        super().__init__(settings, log, on_event, security=run_credentials())
 
     def workers_for(self, template: TemplateSpec) -> int:
         return self.gpu_plan.worker_count(template, self.settings.workers)
@@ -272,8 +293,9 @@ class EmbeddedBackend(HostedScheduler):
 
     def _nanny(self, template: TemplateSpec, index: int, gpus: list[str]) -> Nanny:
         plugin = worker_plugin(template, self.workdir, self.settings, owned=True)
-        nanny = Nanny(
+        nanny = StickyNanny(
             self._scheduler.address,
+            security=self.security,
             name=f"{template.name}-{index}",
             host=LOOPBACK,
             nthreads=template.slots,
@@ -292,6 +314,9 @@ class EmbeddedBackend(HostedScheduler):
             # would inherit it. The forkserver holds it already: this process keeps the user's.
             nanny.pre_spawn_env = {}
         return nanny
+
+    def replace_worker(self, worker: str) -> None:
+        self.client.restart_workers([worker], raise_for_error=False)
 
     def retire_pool(self, template: TemplateSpec) -> int:
         """End the template's workers now (each runs its teardown), without waiting for them;
