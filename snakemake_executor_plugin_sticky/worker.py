@@ -12,6 +12,7 @@ import asyncio
 import atexit
 import builtins
 import concurrent.futures
+import importlib.metadata
 import io
 import multiprocessing
 import os
@@ -33,6 +34,7 @@ from .invocation import EVENT_TOPIC, RUNNING_TOPIC, Invocation, InvocationResult
 from .state import register_resident, teardown_state
 from .templates import TemplateSpec, load_template_module
 
+PACKAGE = "snakemake-executor-plugin-sticky"
 _holders: dict[str, "ResidentState"] = {}
 # At retirement, a state build in progress gets this long to finish (then torn down too).
 BUILD_WAIT_S = 3.0
@@ -290,10 +292,23 @@ class StickyWorkerPlugin(WorkerPlugin):
         self.preempt_grace = preempt_grace
         self.teardown_grace = teardown_grace
         self.owned = owned
+        self.version = package_version()
         self._leaving = False
 
     def setup(self, worker: Any) -> None:
         if self.spec.tag not in worker.state.total_resources:
+            return
+        if package_version() != self.version:
+            # A worker that joins later with another version of this package takes none of
+            # the template's invocations: its own code might not run what this run sends.
+            worker.loop.add_callback(worker.set_resources, **{self.spec.tag: 0})
+            worker.log_event(EVENT_TOPIC, {
+                "event": "warning", "template": self.spec.name, "name": str(worker.name),
+                "address": worker.address, "host": socket.gethostname(), "pid": os.getpid(), "gpus": [],
+                "time": time.time(),
+                "text": f"it has {PACKAGE} {package_version()} and this run {self.version}: it takes "
+                f"none of template '{self.spec.name}''s invocations. Install {PACKAGE}=={self.version} there.",
+            })
             return
         if self.owned and getattr(worker, "http_server", None) is not None:
             # Dask serves HTTP (health, metrics) with no authentication; a worker of ours needs none.
@@ -415,6 +430,13 @@ def relay_signal_handlers(loop: Any) -> Callable[[], None]:
 
     signal.signal = relayed  # type: ignore[assignment]
     return lambda: setattr(signal, "signal", original)
+
+
+def package_version() -> Optional[str]:
+    try:
+        return importlib.metadata.version(PACKAGE)
+    except importlib.metadata.PackageNotFoundError:
+        return None
 
 
 def exit_soon() -> None:

@@ -343,6 +343,94 @@ def test_attach_mode_worker_under_the_keeper_takes_a_template_with_processes(wor
                 process.wait(timeout=30)
 
 
+def worker_condition(client: Client) -> dict:
+    """What a template may change in a worker process, as the worker sees it."""
+
+    def look() -> dict:
+        import multiprocessing
+
+        return {
+            "cwd": os.getcwd(), "stdout": type(sys.stdout).__name__, "stderr": type(sys.stderr).__name__,
+            "sigterm": repr(signal.getsignal(signal.SIGTERM)), "sigint": repr(signal.getsignal(signal.SIGINT)),
+            "signal.signal": signal.signal.__name__, "start method": multiprocessing.get_start_method(allow_none=True),
+            "daemon": multiprocessing.current_process().daemon,
+        }
+
+    (condition,) = client.run(look).values()
+    return condition
+
+
+def test_attach_mode_leaves_the_users_worker_and_scheduler_as_they_were(workflow: Workflow):
+    """A hung invocation fails and names the worker, which is neither restarted nor closed;
+    what the template changed in the worker is put back, and the scheduler plugin removed."""
+    write_sleeper(workflow, count=3)
+    workflow.write("scripts/work.py", """
+        import time
+        from snakemake_executor_plugin_sticky import sticky_state
+
+        state = sticky_state(snakemake)
+        if snakemake.wildcards.i == "1":
+            time.sleep(600)
+        open(snakemake.output[0], "w").write(f"{state['pid']} {state['job']} 0 0\\n")
+    """)
+    scheduler, scheduler_file = start_scheduler(workflow)
+    worker = None
+    try:
+        worker = subprocess.Popen(
+            [str(Path(sys.executable).with_name("dask")), "worker", "--scheduler-file", str(scheduler_file),
+             "--resources", "sticky-sleeper=2", "--nthreads", "2", "--memory-limit", "0", "--no-dashboard"],
+            cwd="/", env=snakemake_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+        with Client(scheduler_file=str(scheduler_file), timeout="30s", set_as_default=False) as client:
+            client.wait_for_workers(1, timeout=60)
+            (worker_pid,) = client.run(os.getpid).values()
+            before = worker_condition(client)
+            run = workflow.run("--sticky-scheduler", str(scheduler_file), "--sticky-invocation-timeout", "4",
+                               "--keep-going", cores=2)
+            assert run.returncode != 0
+            assert "timed out after 4 s" in run.output and "is yours (attach mode) and is left as it is" in run.output
+            assert f"pid {worker_pid}" in run.output, "the message names the hung worker"
+            assert sorted(p.name for p in (workflow.root / "out").iterdir()) == ["0.txt", "2.txt"]
+            assert worker.poll() is None and list(client.run(os.getpid).values()) == [worker_pid], "not restarted"
+            assert worker_condition(client) == before, "the worker got back what the template changed"
+            plugins = client.run_on_scheduler(lambda dask_scheduler: sorted(dask_scheduler.plugins))
+            assert not [p for p in plugins if p.startswith("sticky")], plugins
+    finally:
+        for process in (worker, scheduler):
+            if process is not None:
+                os.killpg(process.pid, signal.SIGKILL)
+                process.wait(timeout=30)
+
+
+def test_attach_mode_refuses_a_plain_tcp_scheduler_beyond_loopback(workflow: Workflow):
+    write_sleeper(workflow, count=1)
+    run = workflow.run("--sticky-scheduler", "tcp://10.11.12.13:8786")
+    assert run.returncode != 0
+    assert "a plain TCP scheduler beyond this machine is refused" in run.output
+    assert "tls://10.11.12.13:8786" in run.output, "the message shows the TLS form"
+
+
+def test_attach_mode_names_the_package_whose_versions_differ(workflow: Workflow):
+    from snakemake_executor_plugin_sticky.backends.attach import version_problems
+
+    scheduler, scheduler_file = start_scheduler(workflow)
+    try:
+        with Client(scheduler_file=str(scheduler_file), timeout="30s", set_as_default=False) as client:
+            versions = client.get_versions(check=False, packages=["snakemake-executor-plugin-sticky"])
+        address = versions["scheduler"]["host"].get("address", "tcp://x")
+        assert version_problems(versions, address) == []
+        versions["scheduler"]["packages"]["snakemake-executor-plugin-sticky"] = "0.0.1"
+        versions["scheduler"]["packages"]["distributed"] = None
+        (first, second) = version_problems(versions, "tcp://s:1")
+        mine = versions["client"]["packages"]
+        assert first == f"snakemake-executor-plugin-sticky {mine['snakemake-executor-plugin-sticky']} here, 0.0.1 on the scheduler (tcp://s:1)"
+        assert second == f"distributed {mine['distributed']} here, not installed on the scheduler (tcp://s:1)"
+    finally:
+        os.killpg(scheduler.pid, signal.SIGKILL)
+        scheduler.wait(timeout=30)
+
+
 def test_slurm_worker_killed_takes_its_helpers_along_and_its_job_fails(workflow: Workflow, slurm: None):
     engine_workflow(workflow)
     proc = workflow.popen(
