@@ -14,6 +14,7 @@ import time
 from typing import Callable
 
 Report = Callable[[], None]
+Fallback = Callable[[BaseException], None]
 
 HOLD_S = 0.1  # the longest a report waits for company
 
@@ -24,7 +25,7 @@ class CompletionBatcher:
     def __init__(self, on_error: Callable[[BaseException], None], hold_s: float = HOLD_S):
         self.on_error = on_error
         self.hold_s = hold_s
-        self._pending: list[Report] = []
+        self._pending: list[tuple[Report, Fallback]] = []
         self._first_at = 0.0
         self._urgent = False
         self._closed = False
@@ -32,12 +33,14 @@ class CompletionBatcher:
         self._thread = threading.Thread(target=self._deliver_forever, name="sticky-completions", daemon=True)
         self._thread.start()
 
-    def add(self, report: Report, urgent: bool) -> None:
-        """Queue a report; `urgent` sends it and all before it now (the workers run low)."""
+    def add(self, report: Report, urgent: bool, fallback: Fallback) -> None:
+        """Queue a report; `urgent` sends it and all before it now (the workers run low).
+        Should the report fail, `fallback` gets the error: the job must end somehow, or Snakemake
+        would wait for it forever."""
         with self._changed:
             if not self._pending:
                 self._first_at = time.monotonic()
-            self._pending.append(report)
+            self._pending.append((report, fallback))
             self._urgent = self._urgent or urgent
             self._changed.notify()
 
@@ -61,10 +64,13 @@ class CompletionBatcher:
                     self._changed.wait(left)
                 batch, self._pending, self._urgent = self._pending, [], False
                 finished = self._closed
-            for report in batch:
+            for report, fallback in batch:
                 try:
                     report()
                 except Exception as e:  # one failed report must not stop the ones after it
-                    self.on_error(e)
+                    try:
+                        fallback(e)
+                    except Exception as again:
+                        self.on_error(again)
             if finished and not batch:
                 return

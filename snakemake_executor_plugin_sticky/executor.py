@@ -13,7 +13,7 @@ import gc
 import os
 import sys
 import threading
-from concurrent.futures import ThreadPoolExecutor
+import traceback
 from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional
@@ -58,8 +58,6 @@ class Executor(RealExecutor):
         self._stop_status = threading.Event()
         self._checked: dict[tuple[str, str], TemplateSpec] = {}
         self._scripts: dict[str, str] = {}
-        # prepare, register and submit sticky jobs beside Snakemake's scheduler thread, in order
-        self._dispatcher = ThreadPoolExecutor(1, thread_name_prefix="sticky-dispatch")
         self.completions = CompletionBatcher(on_error=self.report_failed)
         self._count_lock = threading.Lock()
         self._in_flight = 0  # invocations sent to workers and not back yet
@@ -331,12 +329,12 @@ class Executor(RealExecutor):
             if routed is not None:
                 sticky.append(routed)
         if sticky:
-            self._dispatcher.submit(self.dispatch, sticky)
+            self.dispatch(sticky)
 
     def run_job(self, job: JobExecutorInterface) -> None:
         routed = self.route(job)
         if routed is not None:
-            self._dispatcher.submit(self.dispatch, [routed])
+            self.dispatch([routed])
 
     def route(self, job: JobExecutorInterface) -> Optional[tuple[JobExecutorInterface, TemplateSpec]]:
         """Hand a job that is not sticky to the other executor; a sticky one comes back with its
@@ -355,7 +353,10 @@ class Executor(RealExecutor):
         return job, template
 
     def dispatch(self, jobs: list[tuple[JobExecutorInterface, TemplateSpec]]) -> None:
-        """Prepare each job as the local executor does, mark it started, send the batch to the workers."""
+        """Prepare each job as the local executor does, mark it started, send the batch to the
+        workers. This runs in Snakemake's scheduler thread, as the local executor's preparation
+        does: `job.prepare()` and the job's params read and change Snakemake's state (the DAG,
+        the I/O cache, input functions), which that thread also changes."""
         if self._cancelled:
             return
         batch = []
@@ -388,7 +389,20 @@ class Executor(RealExecutor):
             # fewer than one waiting behind each running one
             running_low = self._in_flight <= 2 * sum(self._slots.values())
         ok = isinstance(outcome, InvocationResult) and outcome.ok
-        self.completions.add(partial(self.tell_snakemake, job_info, invocation, outcome), urgent=running_low or not ok)
+        self.completions.add(
+            partial(self.tell_snakemake, job_info, invocation, outcome),
+            urgent=running_low or not ok,
+            fallback=partial(self.report_undeliverable, job_info, invocation),
+        )
+
+    def report_undeliverable(self, job_info: SubmittedJobInfo, invocation: Invocation, error: BaseException) -> None:
+        """The invocation's outcome could not be handed to Snakemake: its job fails with why."""
+        traceback.print_exception(error)
+        self.report_job_error(
+            job_info,
+            msg=f"Sticky invocation of rule '{invocation.rule}' finished, but its outcome could not be "
+            f"handed to Snakemake: {type(error).__name__}: {error}",
+        )
 
     def report_failed(self, error: BaseException) -> None:
         self.logger.error(f"Sticky: a finished invocation could not be reported to Snakemake: {error!r}")
@@ -440,7 +454,6 @@ class Executor(RealExecutor):
         self._errors += 1
 
     def shutdown(self) -> None:
-        self._dispatcher.shutdown(wait=True)
         self.completions.close()
         try:
             self.local.shutdown()
@@ -451,7 +464,6 @@ class Executor(RealExecutor):
 
     def cancel(self) -> None:
         self._cancelled = True
-        self._dispatcher.shutdown(wait=False, cancel_futures=True)
         self.completions.close(deliver=False)
         try:
             self.local.cancel()

@@ -124,6 +124,7 @@ class DaskBackend(Backend):
         self._on_event = on_event
         self.crash_limit = crash_limit
         self._events_closed = False
+        self._broken: Optional[str] = None
         # Event handlers may call the (synchronous) client: never on the client's own loop thread.
         self._event_thread = ThreadPoolExecutor(1, thread_name_prefix="sticky-events")
         self._finished: queue.SimpleQueue[Optional[tuple[Invocation, Future, OnDone]]] = queue.SimpleQueue()
@@ -142,7 +143,26 @@ class DaskBackend(Backend):
 
     def _forward_event(self, event: tuple[float, dict[str, Any]]) -> None:
         if not self._events_closed:  # events that come as the run closes have no one to go to
-            self._event_thread.submit(self._on_event, event[1])
+            self._event_thread.submit(self._handle_event, event[1])
+
+    def _handle_event(self, message: dict[str, Any]) -> None:
+        try:
+            self._on_event(message)
+        except Exception as e:  # an event lost could be a hung invocation never replaced: stop
+            traceback.print_exc()
+            self.break_down(f"handling the engine event '{message.get('event')}' failed: {type(e).__name__}: {e}")
+
+    def break_down(self, reason: str) -> None:
+        """Something the engine relies on failed: every invocation in flight and to come fails
+        with the reason, so that Snakemake ends the run with it rather than wait forever."""
+        reason = f"The sticky engine cannot go on: {reason}"
+        with self._lock:
+            self._broken = self._broken or reason
+            entries = list(self._futures.items())
+            for key, _ in entries:
+                self._abandoned.setdefault(key, reason)
+        for _, (_, future) in entries:
+            future.cancel(msg=reason)
 
     def submit(self, batch: Sequence[tuple[Invocation, OnDone]]) -> None:
         """One graph update per template for the whole batch: the scheduler's cost of an update
@@ -150,7 +170,7 @@ class DaskBackend(Backend):
         by_tag: dict[str, list[tuple[Invocation, OnDone]]] = {}
         for invocation, on_done in batch:
             with self._lock:
-                failure = self._failed_pools.get(invocation.identity)
+                failure = self._broken or self._failed_pools.get(invocation.identity)
             if failure is not None:
                 on_done(invocation, RuntimeError(failure))
             else:
@@ -170,7 +190,10 @@ class DaskBackend(Backend):
                     self._track(invocation, future, on_done)
             for (invocation, on_done), future in zip(items, futures):
                 self._when_done(invocation, future, on_done)
-        self.release_spent()
+        try:
+            self.release_spent()
+        except Exception:  # a release lost holds a result in a worker a little longer
+            traceback.print_exc()
 
     def _track(self, invocation: Invocation, future: Future, on_done: OnDone) -> None:
         self._futures[invocation.key] = (invocation, future)
@@ -231,36 +254,49 @@ class DaskBackend(Backend):
 
     def _collect_results(self) -> None:
         """Fetch the results of finished invocations many at a time: fetching each on its own
-        costs a round trip through the scheduler per invocation."""
+        costs a round trip through the scheduler per invocation. Nothing may stop this thread:
+        every later result depends on it, and Snakemake waits for each."""
         while True:
-            wait = None  # with results held, only until they are due for release
-            if self._spent:
-                wait = self._spent_since + RELEASE_DELAY_S - time.monotonic()
-                if wait <= 0:
-                    self.release_spent()
-                    wait = None
             try:
-                first = self._finished.get(timeout=wait)
-            except queue.Empty:
+                if self._collect_some():
+                    return
+            except Exception as e:
+                traceback.print_exc()
+                self.break_down(f"collecting the invocations' results failed: {type(e).__name__}: {e}")
+                time.sleep(0.1)  # no tight loop should the failure repeat
+
+    def _collect_some(self) -> bool:
+        """One batch of finished invocations; True once the backend is closed."""
+        wait = None  # with results held, only until they are due for release
+        if self._spent:
+            wait = self._spent_since + RELEASE_DELAY_S - time.monotonic()
+            if wait <= 0:
                 self.release_spent()
-                continue
-            batch = [first]
-            while not self._finished.empty():
-                batch.append(self._finished.get())
-            if None in batch:  # closed
-                return
-            done = [(i, f, d) for i, f, d in batch if f.status == "finished"]
+                wait = None
+        try:
+            first = self._finished.get(timeout=wait)
+        except queue.Empty:
+            self.release_spent()
+            return False
+        batch = [first]
+        while not self._finished.empty():
+            batch.append(self._finished.get())
+        if None in batch:  # closed
+            return True
+        done = [(i, f, d) for i, f, d in batch if f.status == "finished"]
+        try:
+            values = self.client.gather([f for _, f, _ in done]) if done else []
+        except BaseException:  # a worker went with its results: take them one by one
+            values = [None] * len(done)
+            done = []
+        fetched = {i.key: v for (i, _, _), v in zip(done, values)}
+        for invocation, future, on_done in batch:
             try:
-                values = self.client.gather([f for _, f, _ in done]) if done else []
-            except BaseException:  # a worker went with its results: take them one by one
-                values = [None] * len(done)
-                done = []
-            fetched = {i.key: v for (i, _, _), v in zip(done, values)}
-            for invocation, future, on_done in batch:
-                try:
-                    self._complete(invocation, future, on_done, fetched.get(invocation.key))
-                except Exception:  # this thread must go on: every later result depends on it
-                    traceback.print_exc()
+                self._complete(invocation, future, on_done, fetched.get(invocation.key))
+            except Exception as e:  # this invocation's job fails with the cause; the others go on
+                traceback.print_exc()
+                on_done(invocation, RuntimeError(f"its result could not be collected: {type(e).__name__}: {e}"))
+        return False
 
     def _complete(self, invocation: Invocation, future: Future, on_done: OnDone, fetched: Optional[Outcome]) -> None:
         with self._lock:
@@ -279,7 +315,11 @@ class DaskBackend(Backend):
             outcome: Outcome = fetched if fetched is not None else future.result()
         except BaseException as e:  # cancelled, hung, lost workers, or the pool failed
             with self._lock:
-                failure = self._abandoned.pop(invocation.key, None) or self._failed_pools.get(invocation.identity)
+                failure = (
+                    self._abandoned.pop(invocation.key, None)
+                    or self._failed_pools.get(invocation.identity)
+                    or self._broken
+                )
             if crashed is not None:
                 outcome = InvocationCrashedWorkers(crashed)
             else:

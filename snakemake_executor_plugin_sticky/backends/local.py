@@ -17,6 +17,7 @@ import os
 import shutil
 import subprocess
 import threading
+import traceback
 from typing import Any, Coroutine, Optional
 
 import dask
@@ -260,7 +261,16 @@ class EmbeddedBackend(HostedScheduler):
 
     async def _start_worker(self, template: TemplateSpec, index: int, gpus: list[str]) -> None:
         """Start one Nanny (which keeps its worker process alive), retrying a failed start; on
-        a GPU that a retiring worker still holds, only once that worker and its processes are gone."""
+        a GPU that a retiring worker still holds, only once that worker and its processes are gone.
+        Whatever fails here fails the pool with the cause: nobody waits on this coroutine."""
+        try:
+            await self._wait_for_gpus(template, index, gpus)
+            await self._start_nanny(template, index, gpus)
+        except Exception as e:
+            traceback.print_exc()
+            self.fail_pool(template, f"Sticky template '{template.name}': worker {index + 1} could not start: {type(e).__name__}: {e}")
+
+    async def _wait_for_gpus(self, template: TemplateSpec, index: int, gpus: list[str]) -> None:
         waits = {}
         for gpu in gpus:
             name, future = self._freeing.get(gpu, ("", None))
@@ -272,7 +282,10 @@ class EmbeddedBackend(HostedScheduler):
                 f"until the retiring workers of template(s) {', '.join(sorted(waits))} and their processes are gone."
             )
             await asyncio.gather(*(asyncio.wrap_future(f) for f in waits.values()), return_exceptions=True)
+
+    async def _start_nanny(self, template: TemplateSpec, index: int, gpus: list[str]) -> None:
         pool = self._pools[template.identity]
+        failure: Optional[Exception] = None
         for attempt in range(1, START_ATTEMPTS + 1):
             nanny = self._nanny(template, index, gpus)
             pool.append(nanny)
