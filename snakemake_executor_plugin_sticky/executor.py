@@ -69,7 +69,9 @@ class Executor(RealExecutor):
         collect_less()
         used = self.templates_in_dag()
         if self.settings.cluster != "local" and not self.settings.scheduler:
-            from .backends import jobqueue  # noqa: F401  (imported in the main thread: see there)
+            from .backends import jobqueue  # imported in the main thread: see there
+
+            jobqueue.check_pools(list(used.values()), self.settings)
         try:
             for template in self.templates_ready_now(used):
                 self.start_pool(template)

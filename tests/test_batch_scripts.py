@@ -3,9 +3,11 @@ template and the --sticky-* settings. Pure units: nothing is submitted."""
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -14,8 +16,9 @@ from distributed.security import Security
 from snakemake_interface_common.exceptions import WorkflowError
 
 from snakemake_executor_plugin_sticky.backends.jobqueue import (
-    SYSTEMS, job_for, lifetime_seconds, pools_of, walltime_seconds,
+    SYSTEMS, check_pools, job_for, lifetime_seconds, network_host, pools_of, walltime_seconds,
 )
+from snakemake_executor_plugin_sticky.runs import RunFolder, clean_stale_runs
 from snakemake_executor_plugin_sticky.settings import ExecutorSettings
 from snakemake_executor_plugin_sticky.templates import parse_templates
 
@@ -31,7 +34,7 @@ def script(system: str, spec, settings: ExecutorSettings, security=None, pool: i
     pool_spec = pools_of(spec, settings)[pool]
     return job_for(
         SYSTEMS[system], spec, pool_spec, scheduler=SCHEDULER, name="llm-1-7",
-        security=security, interface=None, log_directory=None,
+        security=security, interface=None, log_directory=None, run_id="5eed1e55",
     ).job_script()
 
 
@@ -41,15 +44,15 @@ SETTINGS = ExecutorSettings(
 )
 
 EXPECTED = {
-    "slurm": ["#SBATCH -J sticky-llm", "#SBATCH -p gpuq", "#SBATCH -A proj42", "#SBATCH -t 02:00:00",
+    "slurm": ["#SBATCH -J sticky-llm-5eed1e55", "#SBATCH -p gpuq", "#SBATCH -A proj42", "#SBATCH -t 02:00:00",
               "#SBATCH --gres=gpu:2", "#SBATCH --cpus-per-task=2"],
-    "pbs": ["#PBS -N sticky-llm", "#PBS -q gpuq", "#PBS -A proj42", "#PBS -l walltime=02:00:00",
+    "pbs": ["#PBS -N sticky-llm-5eed1e55", "#PBS -q gpuq", "#PBS -A proj42", "#PBS -l walltime=02:00:00",
             "#PBS -l ngpus=2", "#PBS -l select=1:ncpus=2:mem=30GB"],
-    "sge": ["#$ -N sticky-llm", "#$ -q gpuq", "#$ -P proj42", "#$ -l h_rt=02:00:00", "#$ -l gpu=2"],
-    "lsf": ["#BSUB -J sticky-llm", "#BSUB -q gpuq", '#BSUB -P "proj42"', "#BSUB -W 02:00",
+    "sge": ["#$ -N sticky-llm-5eed1e55", "#$ -q gpuq", "#$ -P proj42", "#$ -l h_rt=02:00:00", "#$ -l gpu=2"],
+    "lsf": ["#BSUB -J sticky-llm-5eed1e55", "#BSUB -q gpuq", '#BSUB -P "proj42"', "#BSUB -W 02:00",
             '#BSUB -gpu "num=2"', "#BSUB -n 2"],
     "htcondor": ["request_gpus = 2", "accounting_group = proj42", "MY.DaskWorkerCores = 2"],
-    "oar": ["#OAR -n sticky-llm", "#OAR -q gpuq", "#OAR --project proj42",
+    "oar": ["#OAR -n sticky-llm-5eed1e55", "#OAR -q gpuq", "#OAR --project proj42",
             "#OAR -l /nodes=1/core=2,walltime=02:00:00", "#OAR -p gpu_count>=2"],
 }
 
@@ -76,7 +79,7 @@ def test_job_script_asks_for_the_templates_gpus_and_starts_one_tagged_worker(tmp
 @pytest.mark.parametrize("system", sorted(SYSTEMS))
 def test_cpu_template_asks_for_no_gpu(tmp_path: Path, system: str):
     text = script(system, template(tmp_path), ExecutorSettings())
-    assert "gpu" not in text.lower().replace("sticky-llm", "")
+    assert "gpu" not in text.lower().replace("sticky-llm-5eed1e55", "")
 
 
 def test_tls_credentials_reach_the_worker_as_files(tmp_path: Path):
@@ -175,3 +178,64 @@ def test_every_cluster_choice_but_local_is_a_batch_system():
     from snakemake_executor_plugin_sticky.settings import CLUSTERS
 
     assert set(SYSTEMS) == set(CLUSTERS) - {"local"}
+
+
+@pytest.mark.parametrize(
+    "system, entry, settings, culprit",
+    [
+        ("slurm", {}, {"memory": "lots"}, "--sticky-memory (template 'llm') 'lots' is not a size"),
+        ("slurm", {"cluster": {"memory": "64 gigs"}}, {}, "Sticky template 'llm', cluster pool 1: 'memory' '64 gigs'"),
+        ("slurm", {"gpus": 1}, {"gpu_directive": "--gres=gpu:{gpu}"}, "--sticky-gpu-directive (template 'llm') '--gres=gpu:{gpu}' cannot be filled in"),
+        ("htcondor", {}, {"job_extra": "+WantGPU True"}, "--sticky-job-extra (template 'llm'): HTCondor job directive '+WantGPU True' must look like key = value"),
+        ("pbs", {"cluster": [{}, {"walltime": "soon"}]}, {}, "Sticky template 'llm', cluster pool 2: walltime must look like HH:MM:SS"),
+    ],
+)
+def test_bad_batch_settings_fail_before_any_job_naming_the_setting(tmp_path: Path, system, entry, settings, culprit):
+    spec = template(tmp_path, **entry)
+    with pytest.raises(WorkflowError) as error:
+        check_pools([spec], ExecutorSettings(cluster=system, **settings))
+    assert culprit in str(error.value)
+
+
+def test_good_batch_settings_pass_the_check(tmp_path: Path):
+    for system in SYSTEMS:
+        check_pools([template(tmp_path, gpus=2, cluster=[{"memory": "8GB"}, {"queue": "b"}])], replace(SETTINGS, cluster=system))
+
+
+def test_an_address_other_nodes_cannot_reach_is_refused_naming_the_interface_setting(monkeypatch):
+    # a default Debian hosts file: the host's name is 127.0.1.1
+    monkeypatch.setattr("socket.gethostbyname", lambda name: "127.0.1.1")
+    with pytest.raises(WorkflowError) as error:
+        network_host(None)
+    message = str(error.value)
+    assert "127.0.1.1" in message and "loopback" in message and "--sticky-interface" in message and "lo " in message
+    assert network_host("lo") == "127.0.0.1", "a loopback interface named on purpose (one-node cluster)"
+    with pytest.raises(WorkflowError, match="--sticky-interface no-such-if"):
+        network_host("no-such-if")
+
+
+def test_the_next_run_cancels_the_jobs_a_dead_run_left(tmp_path: Path):
+    runs = tmp_path / "runs"
+    cancelled = tmp_path / "cancelled.txt"
+    cancel = tmp_path / "fake-scancel"
+    cancel.write_text(f"#!/bin/sh\necho \"$@\" >> {cancelled}\n")
+    cancel.chmod(0o755)
+    dead = RunFolder.create(runs, "slurm", str(cancel))
+    dead.job_submitted("101")
+    dead.job_submitted("102")
+    dead.credentials.mkdir()
+    owner = json.loads((dead.path / "owner.json").read_text())
+    owner["pid"], owner["started"] = 999_999_999, "0"  # a process that is gone
+    (dead.path / "owner.json").write_text(json.dumps(owner))
+    alive = RunFolder.create(runs, "slurm", str(cancel))  # this process: a run going on (--nolock)
+    messages = []
+
+    class Log:
+        def info(self, text: str) -> None:
+            messages.append(text)
+
+    clean_stale_runs(runs, Log())
+    assert cancelled.read_text().split() == ["101", "102"]
+    assert not dead.path.exists(), "its folder and credentials are gone"
+    assert alive.path.exists()
+    assert f"run {dead.run_id}" in messages[0] and "cancelled its 2 slurm job(s) 101, 102" in messages[0]

@@ -129,7 +129,7 @@ def recorded_by_slurm(job_id: str) -> str:
 def test_slurm_workers_run_invocations_two_at_a_time_and_leave_no_job(workflow: Workflow, slurm: None):
     write_sleeper(workflow)
     # the command line of the issue, with the batch system's default memory
-    run = workflow.run("--sticky-cluster", "slurm", "--sticky-max-workers", "2", "--jobs", "2", cores=1)
+    run = workflow.run("--sticky-cluster", "slurm", "--sticky-interface", "lo", "--sticky-max-workers", "2", "--jobs", "2", cores=1)
     assert run.returncode == 0, run.output
     rows = invocations(workflow)
     assert len(rows) == 12
@@ -168,7 +168,7 @@ def test_slurm_pool_retires_idle_workers_and_grows_again(workflow: Workflow, slu
         """,
     )
     run = workflow.run(
-        "--sticky-cluster", "slurm", "--sticky-max-workers", "2", "--sticky-memory", "1GB",
+        "--sticky-cluster", "slurm", "--sticky-interface", "lo", "--sticky-max-workers", "2", "--sticky-memory", "1GB",
         "--sticky-idle-timeout", "2", "--jobs", "3", cores=1,
     )
     assert run.returncode == 0, run.output
@@ -185,7 +185,7 @@ def test_slurm_worker_job_cancelled_mid_run_is_replaced(workflow: Workflow, slur
     # the replacement job to start (a few seconds) and take a share, even on a loaded machine
     write_sleeper(workflow, count=20)
     proc = workflow.popen(
-        "--sticky-cluster", "slurm", "--sticky-max-workers", "2", "--sticky-memory", "1GB",
+        "--sticky-cluster", "slurm", "--sticky-interface", "lo", "--sticky-max-workers", "2", "--sticky-memory", "1GB",
         "--jobs", "2", cores=1,
     )
     deadline = time.monotonic() + 60
@@ -210,7 +210,7 @@ def test_network_scheduler_refuses_clients_without_the_run_credentials(tmp_path:
         def info(self, msg: str) -> None: ...
         def warning(self, msg: str) -> None: ...
 
-    backend = BatchBackend(str(tmp_path), ExecutorSettings(cluster="pbs"), Log(), lambda event: None)
+    backend = BatchBackend(str(tmp_path), ExecutorSettings(cluster="pbs", interface="lo"), Log(), lambda event: None)
     try:
         address = backend.client.scheduler.address
         assert address.startswith("tls://")
@@ -434,7 +434,7 @@ def test_attach_mode_names_the_package_whose_versions_differ(workflow: Workflow)
 def test_slurm_worker_killed_takes_its_helpers_along_and_its_job_fails(workflow: Workflow, slurm: None):
     engine_workflow(workflow)
     proc = workflow.popen(
-        "--sticky-cluster", "slurm", "--sticky-max-workers", "2", "--sticky-memory", "1GB", "--jobs", "2",
+        "--sticky-cluster", "slurm", "--sticky-interface", "lo", "--sticky-max-workers", "2", "--sticky-memory", "1GB", "--jobs", "2",
         "--sticky-teardown-grace", "2", "--config", "count=8", "victim=2", cores=1, pipe=True,
     )
     wait_for(lambda: (workflow.root / "victim-ran").exists())
@@ -486,7 +486,7 @@ def test_slurm_workers_near_their_walltime_retire_and_are_replaced(workflow: Wor
     # would kill it (Slurm counts whole minutes), and new jobs take over the remaining invocations
     write_sleeper(workflow, count=24)
     run = workflow.run(
-        "--sticky-cluster", "slurm", "--sticky-max-workers", "2", "--sticky-walltime", "00:00:10",
+        "--sticky-cluster", "slurm", "--sticky-interface", "lo", "--sticky-max-workers", "2", "--sticky-walltime", "00:00:10",
         "--jobs", "2", cores=1,
     )
     assert run.returncode == 0, run.output

@@ -17,10 +17,9 @@ import asyncio
 import itertools
 import math
 import os
+import ipaddress
 import re
-import secrets
 import shlex
-import shutil
 import signal
 import socket
 import subprocess
@@ -29,9 +28,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
+from dask.utils import parse_bytes
 from distributed.security import Security
 from snakemake_interface_common.exceptions import WorkflowError
 
+from ..runs import RunFolder, clean_stale_runs
 from ..security import run_credentials, write_credentials
 from ..settings import ExecutorSettings
 from ..templates import TemplateSpec
@@ -281,14 +282,15 @@ SYSTEMS: dict[str, BatchSystem] = {s.name: s for s in (Slurm(), PBS(), SGE(), LS
 
 def job_for(
     system: BatchSystem, template: TemplateSpec, pool: PoolSpec, *, scheduler: str, name: str,
-    security: Optional[Security], interface: Optional[str], log_directory: Optional[str],
+    security: Optional[Security], interface: Optional[str], log_directory: Optional[str], run_id: str,
 ) -> Any:
     """The dask-jobqueue Job of one worker of the template: one process offering the template's
-    tag with `slots` threads, no memory limit, retiring itself before the walltime."""
+    tag with `slots` threads, no memory limit, retiring itself before the walltime. The job's
+    name carries the run's id, so the jobs of a run can be found (and cancelled) by name."""
     return system.job_class(
         scheduler=scheduler,
         name=name,
-        job_name=f"sticky-{template.name}",
+        job_name=f"sticky-{template.name}-{run_id}",
         cores=pool.cores,
         # dask-jobqueue needs a figure; without one the job asks for none (memory_directives)
         memory=pool.memory or NOMINAL_MEMORY,
@@ -336,15 +338,82 @@ def cancel(job: Any) -> None:
 
 
 def network_host(interface: Optional[str]) -> str:
-    """The address the workers reach this host at (not loopback unless that is all there is)."""
+    """The address the workers reach this host at: the interface's, or else that of this host's
+    name, which must not be a loopback address (a Debian hosts file maps the name to 127.0.1.1)."""
     if interface:
         from distributed.utils import get_ip_interface
 
-        return get_ip_interface(interface)
+        try:
+            return get_ip_interface(interface)
+        except ValueError as e:
+            raise WorkflowError(f"--sticky-interface {interface}: {e} Interfaces here: {interfaces()}.") from e
+    name = socket.getfqdn()
     try:
-        return socket.gethostbyname(socket.getfqdn())
+        address = socket.gethostbyname(name)
     except OSError:
-        return socket.gethostbyname(socket.gethostname())
+        name = socket.gethostname()
+        address = socket.gethostbyname(name)
+    if ipaddress.ip_address(address).is_loopback:
+        raise WorkflowError(
+            f"The scheduler would listen on {address}, the address of this host's name {name!r} "
+            f"(/etc/hosts), a loopback address that batch jobs on other nodes cannot reach. Name the "
+            f"network interface the compute nodes reach this host through with --sticky-interface "
+            f"(interfaces here: {interfaces()}); on a one-node cluster, --sticky-interface lo."
+        )
+    return address
+
+
+def interfaces() -> str:
+    import psutil  # a dependency of distributed
+
+    found = []
+    for name, addresses in psutil.net_if_addrs().items():
+        ipv4 = [a.address for a in addresses if a.family == socket.AF_INET]
+        found.append(f"{name} {ipv4[0]}" if ipv4 else name)
+    return ", ".join(found) or "none found"
+
+
+def check_pools(templates: list[TemplateSpec], settings: ExecutorSettings) -> None:
+    """Build every pool's job once, before any job is submitted, so that a bad setting fails the
+    run at once, naming it, rather than after the first jobs."""
+    system = SYSTEMS[settings.cluster]
+    for template in templates:
+        for index, pool in enumerate(pools_of(template, settings), start=1):
+            entry = template.pools[index - 1] if template.pools else {}
+
+            def where(key: str, flag: str) -> str:
+                return (
+                    f"Sticky template '{template.name}', cluster pool {index}: '{key}'"
+                    if key in entry
+                    else f"--sticky-{flag} (template '{template.name}')"
+                )
+
+            if pool.memory is not None:
+                try:
+                    parse_bytes(str(pool.memory))
+                except (ValueError, TypeError) as e:
+                    raise WorkflowError(f"{where('memory', 'memory')} {pool.memory!r} is not a size such as 64GB ({e}).") from e
+            if template.gpus:
+                directive = pool.gpu_directive or system.gpu_directive
+                try:
+                    directive.format(gpus=template.gpus)
+                except (KeyError, IndexError, ValueError) as e:
+                    raise WorkflowError(
+                        f"{where('gpu-directive', 'gpu-directive')} {directive!r} cannot be filled in: it may "
+                        f"hold {{gpus}} and no other braces ({type(e).__name__}: {e})."
+                    ) from e
+            try:
+                job_for(
+                    system, template, pool, scheduler="tls://127.0.0.1:1", name="check", security=None,
+                    interface=None, log_directory=None, run_id="check",
+                )
+            except WorkflowError as e:
+                raise WorkflowError(f"{where('job-extra', 'job-extra')}: {e}") from e
+            except Exception as e:
+                raise WorkflowError(
+                    f"Sticky template '{template.name}', cluster pool {index}: its {system.name} job cannot be "
+                    f"written ({type(e).__name__}: {e}). Check its settings: {pool}."
+                ) from e
 
 
 @dataclass
@@ -367,9 +436,11 @@ class BatchBackend(HostedScheduler):
         self.workdir = workdir
         self.system = SYSTEMS[settings.cluster]
         self.run_dir = Path(workdir, ".snakemake", "sticky")
-        self.credentials = self.run_dir / f"tls-{secrets.token_hex(4)}"
-        self.log_directory = str(self.run_dir / "jobs")
         self.host = network_host(settings.interface)
+        clean_stale_runs(self.run_dir / "runs", log)
+        self.run = RunFolder.create(self.run_dir / "runs", self.system.name, self.system.job_class.cancel_command)
+        self.credentials = self.run.credentials
+        self.log_directory = str(self.run_dir / "jobs")
         self._templates: dict[str, TemplateSpec] = {}
         self._pools: dict[str, list[PoolSpec]] = {}
         self._jobs: list[BatchJob] = []
@@ -380,8 +451,9 @@ class BatchBackend(HostedScheduler):
         super().__init__(settings, log, on_event, security=write_credentials(run_credentials(), self.credentials))
         self._scaler = asyncio.run_coroutine_threadsafe(self._scale_forever(), self._loop)
         log.info(
-            f"Sticky workers run as {self.system.name} jobs; scheduler at {self._scheduler.address} "
-            f"(TLS, credentials of this run in {self.credentials}); job logs in {self.log_directory}."
+            f"Sticky workers run as {self.system.name} jobs named sticky-<template>-{self.run.run_id}; "
+            f"scheduler at {self._scheduler.address} (TLS, credentials of this run in {self.credentials}); "
+            f"job logs in {self.log_directory}."
         )
 
     def replace_worker(self, worker: str) -> None:
@@ -471,6 +543,7 @@ class BatchBackend(HostedScheduler):
             job = job_for(
                 self.system, template, pool, scheduler=self._scheduler.address, name=name,
                 security=self.security, interface=self.settings.interface, log_directory=self.log_directory,
+                run_id=self.run.run_id,
             )
             try:
                 await asyncio.to_thread(submit, job)
@@ -478,6 +551,7 @@ class BatchBackend(HostedScheduler):
                 self._start_failed(template, f"{self.system.name} refused the worker job: {e}")
                 return
             self._jobs.append(BatchJob(job, template.identity, pool.name, time.time()))
+            self.run.job_submitted(job.job_id)
             live += 1
             self.log.info(
                 f"Sticky template '{template.name}': {outstanding} invocation(s) outstanding, "
@@ -534,10 +608,13 @@ class BatchBackend(HostedScheduler):
             )
 
     async def _close_workers(self) -> None:
-        """Retire every worker (each tears its state down), then cancel every job still known
-        to the batch system, so nothing stays queued or running after the workflow."""
+        """Retire every worker (each tears its state down; its job then ends by itself), then
+        cancel the jobs that still wait in the queue or whose worker did not retire, so nothing
+        stays queued or running after the workflow. A job whose worker has left already ends
+        with it: its keeper exits with the worker's status, which a cancel would overwrite."""
         self._closing = True
         self._scaler.cancel()
+        self._track_workers(time.time())
         connected = list(self._scheduler.workers)
         if connected:
             try:
@@ -547,13 +624,14 @@ class BatchBackend(HostedScheduler):
                 )
             except asyncio.TimeoutError:
                 pass
-        jobs = [j.job for j in self._jobs]
+        still = {str(ws.name) for ws in self._scheduler.workers.values()}
+        jobs = [j.job for j in self._jobs if not j.ended and (j.address is None or j.job.name in still)]
         if jobs:
-            self.log.info(f"Sticky: ending {len(jobs)} {self.system.name} worker job(s).")
+            self.log.info(f"Sticky: cancelling {len(jobs)} {self.system.name} worker job(s) still queued or running.")
         await asyncio.gather(*(asyncio.to_thread(cancel, job) for job in jobs), return_exceptions=True)
 
     def close(self) -> None:
         try:
             super().close()
         finally:
-            shutil.rmtree(self.credentials, ignore_errors=True)
+            self.run.remove()
