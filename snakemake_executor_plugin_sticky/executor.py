@@ -18,7 +18,6 @@ from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional
 
-from snakemake.executors.local import Executor as LocalExecutor
 from snakemake_interface_common.exceptions import WorkflowError
 from snakemake_interface_executor_plugins.executors.base import SubmittedJobInfo
 from snakemake_interface_executor_plugins.executors.real import RealExecutor
@@ -26,6 +25,7 @@ from snakemake_interface_executor_plugins.jobs import JobExecutorInterface
 from snakemake_interface_executor_plugins.settings import ExecMode
 
 from .completions import CompletionBatcher
+from .delegate import Delegate
 from .invocation import Invocation, InvocationCrashedWorkers, InvocationResult, build_invocation, local_script_path
 from .report import RunReport
 from .settings import CLUSTERS, ExecutorSettings
@@ -49,7 +49,7 @@ class Executor(RealExecutor):
         check_settings(self.settings)
         self.workdir = os.getcwd()
         self.templates = parse_templates(self.workflow.config, Path(self.workdir))
-        self.local = self.executor_for_other_jobs()
+        self.delegate = Delegate(self.workflow, self.logger, self.settings)
         self._backend: Optional["Backend"] = None
         self._backend_lock = threading.Lock()
         self._cancelled = False
@@ -83,36 +83,6 @@ class Executor(RealExecutor):
             raise
         self.warn_if_cores_limit(used)
         self.suggest_large_run_flags()
-
-    def executor_for_other_jobs(self) -> Any:
-        """Snakemake's local executor, or the plugin named by --sticky-other-executor with its
-        own --<name>-* settings from this command line."""
-        name = self.settings.other_executor
-        if not name:
-            return LocalExecutor(self.workflow, self.logger)
-        from snakemake_interface_executor_plugins.registry import ExecutorPluginRegistry
-
-        registry = ExecutorPluginRegistry()
-        if name == "sticky" or not registry.is_installed(name):
-            raise WorkflowError(
-                f"--sticky-other-executor {name}: no such executor plugin is installed "
-                f"(pip install snakemake-executor-plugin-{name}), or it is this one."
-            )
-        plugin = registry.get_plugin(name)
-        settings = None
-        if plugin.settings_cls is not None:
-            from snakemake.cli import parse_args
-
-            try:
-                _, args = parse_args(sys.argv[1:])
-                settings = plugin.get_settings(args)
-            except (Exception, SystemExit) as e:
-                raise WorkflowError(
-                    f"--sticky-other-executor {name}: its --{name}-* settings could not be read from "
-                    f"this command line ({type(e).__name__}: {e})."
-                ) from e
-        self.logger.info(f"Jobs that are not sticky go to the '{name}' executor.")
-        return plugin.executor(WorkflowView(self.workflow, settings), self.logger)
 
     # -- declarations -------------------------------------------------------------------------
 
@@ -349,7 +319,7 @@ class Executor(RealExecutor):
         else:
             template = self.template_for(job)
         if template is None:
-            self.local.run_job(job)
+            self.delegate.run_job(job)
             return None
         self.start_pool(template)
         return job, template
@@ -452,13 +422,19 @@ class Executor(RealExecutor):
                 f"(template '{invocation.template}', pid {outcome.pid}):\n{outcome.error}",
             )
 
+    def handle_job_success(self, job: JobExecutorInterface) -> None:
+        if not is_sticky(job):
+            self.delegate.handle_job_success(job)
+
     def handle_job_error(self, job: JobExecutorInterface) -> None:
         self._errors += 1
+        if not is_sticky(job):
+            self.delegate.handle_job_error(job)
 
     def shutdown(self) -> None:
         self.completions.close()
         try:
-            self.local.shutdown()
+            self.delegate.shutdown()
         finally:
             self.close_backend("failed" if self._errors else "success")
             cancel_pending_reevaluations()
@@ -468,7 +444,7 @@ class Executor(RealExecutor):
         self._cancelled = True
         self.completions.close(deliver=False)
         try:
-            self.local.cancel()
+            self.delegate.cancel()
         finally:
             self.close_backend("cancelled", cancel=True)
             collect_normally()
@@ -484,17 +460,6 @@ class Executor(RealExecutor):
 
     def get_python_executable(self) -> str:
         return sys.executable
-
-
-class WorkflowView:
-    """The workflow as another executor plugin must see it: with that plugin's own settings."""
-
-    def __init__(self, workflow: Any, executor_settings: Any):
-        self._workflow = workflow
-        self.executor_settings = executor_settings
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._workflow, name)
 
 
 def cancel_pending_reevaluations() -> None:
@@ -538,6 +503,10 @@ def make_backend(workdir: str, settings: ExecutorSettings, log: Any, on_event: A
     from .backends.local import EmbeddedBackend
 
     return EmbeddedBackend(workdir, settings, log, on_event)
+
+
+def is_sticky(job: JobExecutorInterface) -> bool:
+    return not job.is_group() and job.resources.get(RESOURCE) is not None
 
 
 def body_kind(job: JobExecutorInterface) -> str:

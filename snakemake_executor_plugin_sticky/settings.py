@@ -143,8 +143,15 @@ class ExecutorSettings(ExecutorSettingsBase):
     )
     other_executor: Optional[str] = option(
         None,
-        "Executor plugin for jobs that are not sticky (e.g. 'slurm' or 'cluster-generic'). "
-        "Default: they run on this machine, as under the local executor.",
+        "Executor plugin for jobs that are not sticky (e.g. 'slurm' or 'cluster-generic'), "
+        "with its own --NAME-* flags on the same command line; localrules still run on this "
+        "machine. Default: they all run on this machine, as under the local executor.",
+    )
+    other_executor_args: Optional[str] = option(
+        None,
+        "The other executor's own settings as its command-line flags, e.g. "
+        "\"--slurm-status-command squeue\", for runs driven from Python, where there is no "
+        "Snakemake command line to read them from.",
     )
 
     def __post_init__(self) -> None:

@@ -454,24 +454,66 @@ def test_slurm_worker_killed_takes_its_helpers_along_and_its_job_fails(workflow:
     assert not workflow.leftover_processes()
 
 
-def test_other_executor_runs_the_jobs_that_are_not_sticky_as_slurm_jobs(workflow: Workflow, slurm: None):
-    write_sleeper(
-        workflow, count=3, inputs=', "plain.txt"',
-        extra_rules="""
+OTHER_EXECUTOR_RULES = """
+        localrules: on_the_head_node
         rule plain:
             output: "plain.txt"
             shell: "echo ${{SLURM_JOB_ID:-none}} > {output}"
-        """,
-    )
+        rule on_the_head_node:
+            output: "local.txt"
+            shell: "echo ${{SLURM_JOB_ID:-none}} > {output}"
+"""
+
+
+@pytest.mark.parametrize("other", ["cluster-generic", "slurm"])
+def test_other_executor_runs_the_jobs_that_are_not_sticky_as_slurm_jobs(workflow: Workflow, slurm: None, other: str):
+    write_sleeper(workflow, count=3, inputs=', "plain.txt", "local.txt"', extra_rules=OTHER_EXECUTOR_RULES)
+    flags = {
+        "cluster-generic": ["--cluster-generic-submit-cmd", "sbatch --parsable -c 1 --mem 1G"],
+        # CI's Slurm keeps no accounting (sacct); squeue remembers finished jobs for MinJobAge
+        "slurm": ["--slurm-status-command", "squeue", "--default-resources", "mem_mb=1000"],
+    }[other]
     run = workflow.run(
-        "--sticky-other-executor", "cluster-generic",
-        "--cluster-generic-submit-cmd", "sbatch --parsable -c 1 --mem 1G",
-        "--seconds-between-status-checks", "1", "--jobs", "4", cores=2,
+        "--sticky-other-executor", other, *flags, "--seconds-between-status-checks", "1", "--jobs", "4", cores=2,
     )
     assert run.returncode == 0, run.output
     job_id = workflow.read("plain.txt").strip()
-    assert job_id.isdigit() and "Name=snakejob.plain" in recorded_by_slurm(job_id), job_id
+    assert job_id.isdigit() and "plain" in recorded_by_slurm(job_id), job_id
+    assert workflow.read("local.txt").strip() == "none", "localrules ran on the head node"
     assert len(invocations(workflow)) == 3  # sticky jobs still ran on the resident worker
+
+
+def test_other_executor_from_python_takes_its_settings_from_other_executor_args(workflow: Workflow, slurm: None):
+    """Driven through Snakemake's API there is no command line to read the other executor's flags from."""
+    write_sleeper(workflow, count=2, inputs=', "plain.txt", "local.txt"', extra_rules=OTHER_EXECUTOR_RULES)
+    workflow.write("drive.py", """
+        import sys
+        from pathlib import Path
+        from snakemake.api import SnakemakeApi
+        from snakemake.settings.types import ConfigSettings, OutputSettings, ResourceSettings
+        from snakemake_executor_plugin_sticky import ExecutorSettings
+
+        if __name__ == "__main__":  # worker processes start from this file's folder as any multiprocessing child
+            settings = ExecutorSettings(
+                other_executor="cluster-generic",
+                other_executor_args="--cluster-generic-submit-cmd 'sbatch --parsable -c 1 --mem 1G'",
+            )
+            with SnakemakeApi(OutputSettings()) as api:
+                workflow = api.workflow(
+                    resource_settings=ResourceSettings(cores=2, nodes=4),
+                    config_settings=ConfigSettings(configfiles=[Path("config.yaml")]),
+                    snakefile=Path("Snakefile"),
+                )
+                workflow.dag().execute_workflow(executor="sticky", executor_settings=settings)
+    """)
+    run = subprocess.run(
+        [sys.executable, "drive.py", "--unrelated", "flags", "of", "the", "host", "program"],
+        cwd=workflow.root, env=snakemake_env(), capture_output=True, text=True, timeout=240,
+    )
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert workflow.read("plain.txt").strip().isdigit(), "the plain job ran as a Slurm job"
+    assert workflow.read("local.txt").strip() == "none"
+    assert len(invocations(workflow)) == 2
 
 
 def test_unknown_other_executor_is_named(workflow: Workflow):
