@@ -10,7 +10,9 @@ Four measurements, each a real `snakemake` run in a temporary folder:
 - dispatch: K no-op invocations through the sticky executor against Snakemake's own floor for the
   same DAG (`--executor touch`), in ms per invocation;
 - scale: 1k / 5k / 20k no-op invocations end to end with the recommended large-run settings: wall
-  time and peak memory of the Snakemake process and of a worker.
+  time and peak memory of the Snakemake process and of a worker;
+- tls: what the run's TLS credentials cost in Dask itself, with and without them alternated: a
+  Nanny worker's start, and 1,000 no-op tasks one after another and all at once.
 
 Results go to benchmarks/results/<date>-<host>.json, a Markdown table and a PNG plot.
 """
@@ -280,6 +282,57 @@ def scale(folder: Path, ns: list[int], workers: int, compare_at: int) -> dict:
     return {"workers": workers, "rows": rows, "settings_at": compare_at, "settings": settings}
 
 
+# -- tls ----------------------------------------------------------------------------------------
+
+
+def _noop(i: int) -> int:
+    return i
+
+
+async def _tls_once(secure: bool, tasks: int) -> dict:
+    """One scheduler and one Nanny worker on loopback, as the embedded engine runs them (with the
+    run's credentials, or plain TCP): the worker's start, then tasks one by one and all at once."""
+    import logging
+
+    from distributed import Client, Nanny, Scheduler
+
+    sys.path.insert(0, str(ROOT))
+    from snakemake_executor_plugin_sticky.security import run_credentials
+
+    logging.getLogger("distributed").setLevel(logging.ERROR)
+    security = run_credentials() if secure else None
+    protocol = "tls" if secure else "tcp"
+    async with Scheduler(host="127.0.0.1", port=0, protocol=protocol, security=security, dashboard=False) as scheduler:
+        started = time.perf_counter()
+        async with Nanny(scheduler.address, host="127.0.0.1", nthreads=1, security=security, dashboard=False):
+            start_s = time.perf_counter() - started
+            async with Client(scheduler.address, security=security, asynchronous=True) as client:
+                await client.submit(_noop, -1, pure=False)  # the client's connections to the worker
+                began = time.perf_counter()
+                for i in range(tasks):
+                    await client.submit(_noop, i, pure=False)
+                one_by_one = (time.perf_counter() - began) / tasks
+                began = time.perf_counter()
+                await client.gather(client.map(_noop, range(tasks), pure=False))
+                all_at_once = (time.perf_counter() - began) / tasks
+    return {"worker_start_s": start_s, "one_by_one_ms": 1000 * one_by_one, "all_at_once_ms": 1000 * all_at_once}
+
+
+def tls_cost(repeats: int, tasks: int) -> dict:
+    import asyncio
+
+    rows = {"tcp": [], "tls": []}
+    for _ in range(repeats):
+        for name in ("tls", "tcp"):
+            rows[name].append(asyncio.run(_tls_once(name == "tls", tasks)))
+    result = {"tasks": tasks, "runs": rows}
+    for name, runs in rows.items():
+        result[name] = {key: spread([r[key] for r in runs]) for key in runs[0]}
+    for key in ("worker_start_s", "one_by_one_ms", "all_at_once_ms"):
+        print(f"  tls {key}: TLS {result['tls'][key]['median']:.3f}, plain TCP {result['tcp'][key]['median']:.3f}", flush=True)
+    return result
+
+
 # -- output -------------------------------------------------------------------------------------
 
 
@@ -345,6 +398,16 @@ def markdown(results: dict) -> str:
         for row in results["scale"]["settings"]:
             lines.append(f"| {row['settings']} | {row['wall_s']:.1f} s |")
         lines.append("")
+    if "tls" in results:
+        t = results["tls"]
+        lines += [f"**TLS**, Dask scheduler and one Nanny worker on loopback, with the run's credentials and without, "
+                  f"{t['tasks']:,} no-op tasks:", "",
+                  "| | worker start | per task, one after another | per task, all at once |", "|---|---|---|---|"]
+        for name, label in (("tls", "TLS (the default, always)"), ("tcp", "plain TCP (for comparison only)")):
+            row = t[name]
+            lines.append(f"| {label} | {fmt(row['worker_start_s'], ' s')} | {fmt(row['one_by_one_ms'], ' ms')} "
+                         f"| {fmt(row['all_at_once_ms'], ' ms', 3)} |")
+        lines.append("")
     return "\n".join(lines)
 
 
@@ -399,12 +462,12 @@ def plot(results: dict, path: Path) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="a short version (make bench-quick)")
-    parser.add_argument("--only", choices=["makespan", "models", "dispatch", "scale"], action="append")
+    parser.add_argument("--only", choices=["makespan", "models", "dispatch", "scale", "tls"], action="append")
     parser.add_argument("--dispatch", type=int, nargs="+", help="invocation counts K of the dispatch section")
     parser.add_argument("--scale", type=int, nargs="+", help="invocation counts N of the scale section")
     parser.add_argument("--settings-at", type=int, help="N at which the scale section compares Snakemake settings")
     args = parser.parse_args()
-    sections = args.only or ["makespan", "models", "dispatch", "scale"]
+    sections = args.only or ["makespan", "models", "dispatch", "scale", "tls"]
     repeats = 3
     results = {"date": datetime.datetime.now().isoformat(timespec="seconds"), "machine": machine(),
                "quick": args.quick, "repeats": repeats, "command": " ".join(sys.argv[1:])}
@@ -424,6 +487,9 @@ def main() -> None:
             print("scale: no-op invocations end to end", flush=True)
             ns = args.scale or ([1000, 2000] if args.quick else [1000, 5000, 20000])
             results["scale"] = scale(tmp / "scale", ns, 2, args.settings_at or (500 if args.quick else 2000))
+        if "tls" in sections:
+            print("tls: the run's credentials against plain TCP, in Dask itself", flush=True)
+            results["tls"] = tls_cost(repeats if args.quick else 5, 1000)
     RESULTS.mkdir(parents=True, exist_ok=True)
     stem = f"{datetime.date.today().isoformat()}-{socket.gethostname()}" + ("-quick" if args.quick else "")
     (RESULTS / f"{stem}.json").write_text(json.dumps(results, indent=2) + "\n")
