@@ -418,6 +418,8 @@ def plot(results: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     panels = [key for key in ("makespan", "models", "dispatch", "scale") if key in results]
+    if not panels:
+        return
     fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4), squeeze=False)
     for ax, key in zip(axes[0], panels):
         r = results[key]
