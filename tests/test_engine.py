@@ -18,7 +18,9 @@ from snakemake_executor_plugin_sticky.templates import parse_templates
 SLOW_SETUP = """
 import os, time
 def setup(seconds):
-    time.sleep(seconds)
+    began = time.monotonic()
+    while not os.path.exists("release") or time.monotonic() - began < seconds:  # a long model load
+        time.sleep(0.05)
     return {"pid": os.getpid()}
 def teardown(state):
     open("teardown.txt", "w").write(str(state["pid"]))
@@ -45,10 +47,9 @@ def test_worker_stays_responsive_while_building_state_and_tears_down(tmp_path: P
     try:
         backend.start_pool(spec)
         backend.client.wait_for_workers(1, timeout=60)
-        started = time.monotonic()
-        # while setup sleeps in its thread, the worker's event loop answers at once
+        # while setup is busy in its thread (until the test releases it), the worker's event loop answers
         (pid,) = backend.client.run(os.getpid).values()
-        assert time.monotonic() - started < 2.0
+        (tmp_path / "release").touch()
         done = threading.Event()
         outcomes = []
         snakemake = SimpleNamespace(output=[str(tmp_path / "out.txt")], resources={"sticky": "slow"}, config={}, rule="r")

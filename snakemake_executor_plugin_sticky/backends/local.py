@@ -11,10 +11,12 @@ goes away, so nothing outlives Snakemake. Every connection is TLS with the run's
 from __future__ import annotations
 
 import asyncio
+import atexit
 import importlib.util
 import logging
 import os
 import shutil
+import signal
 import subprocess
 import threading
 import traceback
@@ -229,10 +231,13 @@ class EmbeddedBackend(HostedScheduler):
         self._pools: dict[str, list[Nanny]] = {}
         self._pool_gpus: dict[str, list[str]] = {}  # GPU ids taken by each pool's workers
         self._retiring: list[Any] = []  # futures of pools closing before the run ends
+        self._retired: list[Nanny] = []  # their Nannies
         # GPU id -> (template, future) of a retiring pool whose worker on that GPU is closing
         self._freeing: dict[str, tuple[str, Any]] = {}
         self._dashboard_attached = False
         super().__init__(settings, log, on_event, security=run_credentials())
+        # Runs before multiprocessing's own exit handler, which would wait for every worker.
+        atexit.register(self.kill_workers)
 
     def workers_for(self, template: TemplateSpec) -> int:
         return self.gpu_plan.worker_count(template, self.settings.workers)
@@ -340,6 +345,7 @@ class EmbeddedBackend(HostedScheduler):
         gpus = self._pool_gpus.pop(template.identity, [])
         self.gpu_plan.release(gpus)
         self.release_spent()
+        self._retired += pool
         retiring = asyncio.run_coroutine_threadsafe(self._retire(template, pool), self._loop)
         self._retiring.append(retiring)
         self._freeing.update({gpu: (template.name, retiring) for gpu in gpus})
@@ -358,6 +364,19 @@ class EmbeddedBackend(HostedScheduler):
     async def _close_workers(self) -> None:
         await self._close_nannies([n for pool in self._pools.values() for n in pool])
         await asyncio.gather(*(asyncio.wrap_future(f) for f in self._retiring), return_exceptions=True)
+        atexit.unregister(self.kill_workers)
+
+    def kill_workers(self) -> None:
+        """Snakemake exits without having closed the workers (a second Ctrl-C, a crash): kill
+        them, or the interpreter's exit would wait for each to finish its teardown. The
+        forkserver then kills what their templates started."""
+        for nanny in [n for pool in self._pools.values() for n in pool] + self._retired:
+            pid = getattr(nanny.process, "pid", None)
+            if pid:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
 
     async def _close_nannies(self, nannies: list[Nanny]) -> None:
         # A Nanny asks its worker to close and kills it (SIGKILL) after 0.8 of the timeout.
