@@ -12,7 +12,10 @@ Four measurements, each a real `snakemake` run in a temporary folder:
 - scale: 1k / 5k / 20k no-op invocations end to end with the recommended large-run settings: wall
   time and peak memory of the Snakemake process and of a worker;
 - tls: what the run's TLS credentials cost in Dask itself, with and without them alternated: a
-  Nanny worker's start, and 1,000 no-op tasks one after another and all at once.
+  Nanny worker's start, and 1,000 no-op tasks one after another and all at once;
+- batching: the demo and the larger model at 1, 2, 8 and 16 claims per invocation on one worker
+  with 8 slots, with and without the template's Batcher: claims per second, mean batch size and
+  makespan.
 
 Results go to benchmarks/results/<date>-<host>.json, a Markdown table and a PNG plot.
 """
@@ -121,7 +124,7 @@ def spread(values: list[float]) -> dict[str, float]:
 
 
 def prepare_demo(folder: Path, claims: int, per_invocation: int, workers: int, extra: tuple[str, ...] = ()) -> list[str]:
-    shutil.copytree(ROOT / "workflow", folder, ignore=shutil.ignore_patterns("results", ".snakemake"))
+    shutil.copytree(ROOT / "workflow", folder, ignore=shutil.ignore_patterns("results", ".snakemake"), dirs_exist_ok=True)
     config = ["--config", f"claims={claims}", f"claims_per_invocation={per_invocation}", *extra]
     # model, claims and shards once, outside the measurement
     run([SNAKEMAKE, "--executor", "local", "--cores", str(workers), "results/model/tiny-llama", "results/shards/00000.jsonl", *config], folder)
@@ -282,6 +285,44 @@ def scale(folder: Path, ns: list[int], workers: int, compare_at: int) -> dict:
     return {"workers": workers, "rows": rows, "settings_at": compare_at, "settings": settings}
 
 
+# -- batching -----------------------------------------------------------------------------------
+
+BATCHING_SIZES = [1, 2, 8, 16]
+BATCHING_SLOTS = 8
+
+
+def batching(folder: Path, models: dict[str, tuple[Optional[str], int]], sizes: list[int], repeats: int) -> dict:
+    """Claims per second with the Batcher and without it, as the invocations get smaller: one
+    worker with 8 slots, so up to 8 invocations share each forward pass (batch_size 16 claims)."""
+    rows = []
+    for name, (size, claims) in models.items():
+        target = folder / name.split(":")[0].replace(" ", "-")
+        extra = [f"model_size={size}"] if size else []
+        for per_invocation in sizes:
+            config = prepare_demo(target, claims, per_invocation, 1, [*extra, f"slots={BATCHING_SLOTS}", "batch_size=16"])
+            cmd = [SNAKEMAKE, "--executor", "sticky", "--cores", str(DEMO_WINDOW * BATCHING_SLOTS), "--sticky-workers", "1", *config]
+            runs: dict[bool, list[dict]] = {True: [], False: []}
+            for _ in range(repeats):
+                for batched in (True, False):
+                    reset_demo(target)
+                    measured = run([*cmd, f"batcher={batched}"], target)
+                    calls = measured.report["templates"]["llm"]["model_calls"]
+                    runs[batched].append({
+                        "makespan_s": measured.wall_s,
+                        "claims_per_s": claims / measured.wall_s,
+                        "mean_batch": calls["mean_batch"] if calls else float(min(per_invocation, 16)),
+                    })
+            for batched, measured_runs in runs.items():
+                row = {"model": name, "claims": claims, "claims_per_invocation": per_invocation, "batcher": batched,
+                       "runs": measured_runs,
+                       **{key: spread([r[key] for r in measured_runs]) for key in ("makespan_s", "claims_per_s", "mean_batch")}}
+                rows.append(row)
+                print(f"  batching {name}, {per_invocation} claims/invocation, {'with' if batched else 'without'} the "
+                      f"Batcher: {row['claims_per_s']['median']:.1f} claims/s, mean batch {row['mean_batch']['median']:.1f}, "
+                      f"makespan {row['makespan_s']['median']:.1f} s", flush=True)
+    return {"slots": BATCHING_SLOTS, "workers": 1, "batch_size": 16, "rows": rows}
+
+
 # -- tls ----------------------------------------------------------------------------------------
 
 
@@ -398,6 +439,15 @@ def markdown(results: dict) -> str:
         for row in results["scale"]["settings"]:
             lines.append(f"| {row['settings']} | {row['wall_s']:.1f} s |")
         lines.append("")
+    if "batching" in results:
+        b = results["batching"]
+        lines += [f"**Batching**, the demo on one worker with {b['slots']} slots, at most {b['batch_size']} claims per "
+                  "forward pass, with the template's Batcher and without it (each invocation then scores its own claims):", "",
+                  "| model | claims per invocation | Batcher | claims/s | mean batch | makespan |", "|---|---|---|---|---|---|"]
+        for row in b["rows"]:
+            lines.append(f"| {row['model']} | {row['claims_per_invocation']} | {'yes' if row['batcher'] else 'no'} "
+                         f"| {fmt(row['claims_per_s'], '', 1)} | {fmt(row['mean_batch'], '', 1)} | {fmt(row['makespan_s'], ' s', 1)} |")
+        lines.append("")
     if "tls" in results:
         t = results["tls"]
         lines += [f"**TLS**, Dask scheduler and one Nanny worker on loopback, with the run's credentials and without, "
@@ -464,12 +514,12 @@ def plot(results: dict, path: Path) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="a short version (make bench-quick)")
-    parser.add_argument("--only", choices=["makespan", "models", "dispatch", "scale", "tls"], action="append")
+    parser.add_argument("--only", choices=["makespan", "models", "dispatch", "scale", "tls", "batching"], action="append")
     parser.add_argument("--dispatch", type=int, nargs="+", help="invocation counts K of the dispatch section")
     parser.add_argument("--scale", type=int, nargs="+", help="invocation counts N of the scale section")
     parser.add_argument("--settings-at", type=int, help="N at which the scale section compares Snakemake settings")
     args = parser.parse_args()
-    sections = args.only or ["makespan", "models", "dispatch", "scale", "tls"]
+    sections = args.only or ["makespan", "models", "dispatch", "scale", "tls", "batching"]
     repeats = 3
     results = {"date": datetime.datetime.now().isoformat(timespec="seconds"), "machine": machine(),
                "quick": args.quick, "repeats": repeats, "command": " ".join(sys.argv[1:])}
@@ -489,6 +539,12 @@ def main() -> None:
             print("scale: no-op invocations end to end", flush=True)
             ns = args.scale or ([1000, 2000] if args.quick else [1000, 5000, 20000])
             results["scale"] = scale(tmp / "scale", ns, 2, args.settings_at or (500 if args.quick else 2000))
+        if "batching" in sections:
+            print("batching: claims per second with and without the Batcher, by invocation size", flush=True)
+            models = {"demo: hidden 64, 2 layers": (None, 96 if args.quick else 384)}
+            if not args.quick:
+                models["hidden 512, 8 layers"] = (MODEL_SIZES["hidden 512, 8 layers"], 128)
+            results["batching"] = batching(tmp / "batching", models, [2, 16] if args.quick else BATCHING_SIZES, repeats)
         if "tls" in sections:
             print("tls: the run's credentials against plain TCP, in Dask itself", flush=True)
             results["tls"] = tls_cost(repeats if args.quick else 5, 1000)

@@ -69,6 +69,8 @@ class InvocationRecord:
     started: float
     finished: float
     ok: bool
+    # the worker's model calls (a Batcher's: start, end, items) reported with this invocation
+    calls: tuple[tuple[float, float, int], ...] = ()
 
 
 @dataclass
@@ -275,6 +277,7 @@ class RunReport:
                     outcome.started,
                     outcome.finished,
                     outcome.ok,
+                    tuple(tuple(call) for call in outcome.extra.get("model_calls", ())),
                 )
             )
 
@@ -338,6 +341,7 @@ class RunReport:
                     "setup_amortized_s_per_invocation": round(sum(setups) / served, 4) if served else None,
                     "create_destroy_setup_s": round(served * median_setup, 3) if median_setup is not None else None,
                     "estimated_saved_s": round(served * median_setup - sum(setups), 3) if median_setup is not None else None,
+                    "model_calls": model_calls([c for i in self.invocations if i.template == name for c in i.calls]),
                 }
         return {
             "version": REPORT_VERSION,
@@ -393,6 +397,20 @@ class RunReport:
             self.log.info(line)
         self.log.info(f"Sticky report: {self.folder / 'report.json'}, timeline: {self.timeline}")
         return report
+
+
+def model_calls(calls: list[tuple[float, float, int]]) -> Optional[dict[str, Any]]:
+    """The template's model calls through a Batcher: how many, their batch sizes, the device's busy time."""
+    if not calls:
+        return None
+    sizes = [items for _, _, items in calls]
+    return {
+        "calls": len(calls),
+        "items": sum(sizes),
+        "mean_batch": round(statistics.fmean(sizes), 2),
+        "max_batch": max(sizes),
+        "device_busy_s": round(sum(end - start for start, end, _ in calls), 3),
+    }
 
 
 def distribution(values: list[float]) -> Optional[dict[str, float]]:
@@ -512,11 +530,13 @@ def draw_timeline(report: dict[str, Any], invocations: list[InvocationRecord], o
     fig, ax = plt.subplots(figsize=(11, height))
     bars: dict[int, list[tuple[float, float]]] = {}
     failed: dict[int, list[tuple[float, float]]] = {}
+    calls: dict[int, list[tuple[float, float]]] = {}
     for inv in invocations:
         if inv.worker in index:
             (bars if inv.ok else failed).setdefault(index[inv.worker], []).append(
                 (inv.started - origin, inv.finished - inv.started)
             )
+            calls.setdefault(index[inv.worker], []).extend((start - origin, end - start) for start, end, _ in inv.calls)
     for i, worker in enumerate(rows):
         color = colors[worker["template"]]
         if worker["setup_started"] is not None:
@@ -526,6 +546,7 @@ def draw_timeline(report: dict[str, Any], invocations: list[InvocationRecord], o
         thin = 0.3 if len(invocations) < 2000 else 0
         ax.broken_barh(bars.get(i, []), (i - 0.35, 0.7), facecolors=color, edgecolors="white", linewidth=thin)
         ax.broken_barh(failed.get(i, []), (i - 0.35, 0.7), facecolors="black")
+        ax.broken_barh(calls.get(i, []), (i - 0.48, 0.12), facecolors="dimgrey")  # model calls
         if worker["lost"]:
             ax.plot([worker["gone_at"]], [i], marker="X", color="red", markersize=9, zorder=5)
     step = max(1, len(rows) // 60)
@@ -542,6 +563,8 @@ def draw_timeline(report: dict[str, Any], invocations: list[InvocationRecord], o
     handles += [Patch(facecolor="white", edgecolor="grey", hatch="////", label="setup")]
     if failed:
         handles.append(Patch(facecolor="black", label="failed invocation"))
+    if calls:
+        handles.append(Patch(facecolor="dimgrey", label="model call (Batcher)"))
     if any(w["lost"] for w in rows):
         handles.append(plt.Line2D([], [], marker="X", color="red", linestyle="", label="worker lost"))
     # The legend in rows of 4 between the title and the plot, so long template names overlap nothing.

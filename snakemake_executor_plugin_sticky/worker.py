@@ -29,7 +29,7 @@ from typing import Any, Callable, Iterator, Optional
 from distributed import WorkerPlugin, get_worker
 from distributed.core import Status
 
-from . import processes
+from . import batching, processes
 from .invocation import EVENT_TOPIC, RUNNING_TOPIC, Invocation, InvocationResult
 from .state import register_resident, teardown_state
 from .templates import TemplateSpec, load_template_module
@@ -76,6 +76,7 @@ class ResidentState:
         self._users = 0  # invocations holding the state
         self._changed = threading.Condition()
         self._closing = threading.Event()
+        batching.set_poisoning(self.poisons)  # a Batcher of the state passes these on unsplit
 
     def start(self) -> None:
         threading.Thread(target=self.build, name="sticky-setup", daemon=True).start()
@@ -210,6 +211,8 @@ class ResidentState:
         except Exception:
             print(f"Sticky template '{self.spec.name}': teardown() failed:", file=sys.stderr)
             traceback.print_exc()
+        finally:  # callers still waiting on a Batcher of the state must not wait forever
+            batching.close_all(f"the state of sticky template '{self.spec.name}' was torn down")
 
 
 def within(deadline: float, work: Callable[[], None]) -> bool:
@@ -494,6 +497,9 @@ def run_invocation(invocation: Invocation) -> InvocationResult:
                 watchdog.cancel()
     result.stdout, result.stderr = out.getvalue(), err.getvalue()
     result.finished = time.time()
+    calls = batching.drain_calls()
+    if calls:
+        result.extra["model_calls"] = calls
     return result
 
 

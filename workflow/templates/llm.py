@@ -1,4 +1,5 @@
-"""Sticky template: load a causal language model and its tokenizer once per worker.
+"""Sticky template: load a causal language model and its tokenizer once per worker, and score
+prompts with it through a Batcher, so that invocations running side by side share forward passes.
 
 `model` is a local directory or a hub id; anything `from_pretrained` accepts.
 """
@@ -7,9 +8,14 @@ import gc
 import os
 import sys
 import time
+from functools import partial
+
+from snakemake_executor_plugin_sticky import Batcher
+
+LABELS = ("SUPPORTS", "REFUTES", "NOT ENOUGH INFO")
 
 
-def setup(model, dtype="auto", device="auto"):
+def setup(model, dtype="auto", device="auto", batch_size=8, batcher=True, labels=LABELS):
     started = time.perf_counter()
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -32,9 +38,12 @@ def setup(model, dtype="auto", device="auto"):
         file=sys.stderr,
         flush=True,
     )
+    forward = partial(score_prompts, tokenizer, loaded, device, tuple(labels))
     return {
-        "tokenizer": tokenizer,
-        "model": loaded,
+        # prompts -> one log-likelihood per label each; batched across the invocations running
+        # side by side (batch_size prompts per forward pass at most), or per invocation
+        "score": Batcher(forward, max_batch=batch_size) if batcher else partial(in_batches, forward, batch_size),
+        "labels": tuple(labels),
         "device": device,
         "dtype": str(torch_dtype),
         "load_s": load_s,
@@ -45,9 +54,53 @@ def setup(model, dtype="auto", device="auto"):
 
 def teardown(state):
     device = state.get("device", "cpu")
+    score = state.get("score")
+    if isinstance(score, Batcher):
+        score.close("the template is torn down")
     state.clear()
     if str(device).startswith("cuda"):  # give the GPU memory back now (a full collection takes 0.4 s)
         import torch
 
         gc.collect()
         torch.cuda.empty_cache()
+
+
+def in_batches(forward, batch_size, prompts):
+    """Without a Batcher: the invocation's own prompts, batch_size per forward pass."""
+    scores = []
+    for first in range(0, len(prompts), batch_size):
+        scores += forward(prompts[first : first + batch_size])
+    return scores
+
+
+def score_prompts(tokenizer, model, device, labels, prompts):
+    """Log-likelihood of each label after each prompt, in one forward pass for all of them."""
+    import torch
+
+    options = [tokenizer(" " + label, add_special_tokens=False)["input_ids"] for label in labels]
+    max_len = int(getattr(model.config, "max_position_embeddings", 512) or 512)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+    sequences, spans = [], []
+    for prompt in prompts:
+        prompt_ids = tokenizer(prompt)["input_ids"]
+        for option in options:
+            kept = prompt_ids[-(max_len - len(option)) :]  # keep the claim's end if the evidence is long
+            sequences.append(kept + option)
+            spans.append((len(kept), len(kept) + len(option)))
+    width = max(map(len, sequences))
+    ids = torch.full((len(sequences), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    wanted = torch.zeros((len(sequences), width - 1), dtype=torch.bool)
+    for row, (sequence, (start, end)) in enumerate(zip(sequences, spans)):
+        ids[row, : len(sequence)] = torch.tensor(sequence)
+        mask[row, : len(sequence)] = 1
+        wanted[row, start - 1 : end - 1] = True  # logits at t predict token t + 1
+    with torch.inference_mode():
+        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits[:, :-1]
+        wanted = wanted.to(device)
+        picked = torch.log_softmax(logits[wanted].float(), dim=-1)
+        targets = ids[:, 1:].to(device)[wanted]
+        token_scores = picked.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+        rows = torch.arange(len(sequences), device=device).unsqueeze(1).expand_as(wanted)[wanted]
+        totals = torch.zeros(len(sequences), device=device).index_add_(0, rows, token_scores)
+    return totals.view(len(prompts), len(labels)).cpu().tolist()
