@@ -2,7 +2,7 @@
 built their template's state (a loaded model) once.
 
 Snakemake looks up `Executor`, `ExecutorSettings` and `common_settings` here. Scripts import
-`sticky_state`, templates `Batcher`; the executor (and Dask) load only when Snakemake asks for `Executor`, so a script
+`sticky_state`, templates `Batcher` and `stage`; the executor (and Dask) load only when Snakemake asks for `Executor`, so a script
 under another executor pays nothing for them.
 """
 
@@ -12,9 +12,10 @@ from snakemake_interface_executor_plugins.settings import CommonSettings
 
 from .batching import Batcher
 from .settings import ExecutorSettings
+from .staging import stage
 from .state import sticky_state
 
-__all__ = ["Batcher", "Executor", "ExecutorSettings", "common_settings", "sticky_state"]
+__all__ = ["Batcher", "Executor", "ExecutorSettings", "common_settings", "stage", "sticky_state"]
 
 # Same as Snakemake's local executor: jobs run on this machine with its file system, and jobs
 # that are not sticky are handed to the local executor itself.

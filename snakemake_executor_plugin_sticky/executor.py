@@ -544,6 +544,15 @@ def check_settings(settings: ExecutorSettings) -> None:
         raise WorkflowError(f"--sticky-preempt-grace must not be negative, got {settings.preempt_grace}.")
     if settings.teardown_grace < 0:
         raise WorkflowError(f"--sticky-teardown-grace must not be negative, got {settings.teardown_grace}.")
+    if settings.stage_readers < 1:
+        raise WorkflowError(f"--sticky-stage-readers must be at least 1, got {settings.stage_readers}.")
+    if settings.cache_size is not None:
+        from dask.utils import parse_bytes
+
+        try:
+            parse_bytes(settings.cache_size)
+        except (ValueError, TypeError) as e:
+            raise WorkflowError(f"--sticky-cache-size {settings.cache_size!r} is not a size such as 200GB ({e}).") from e
     if settings.status_interval < 0:
         raise WorkflowError(f"--sticky-status-interval must not be negative, got {settings.status_interval}.")
     if settings.setup_retry_delay < 0:

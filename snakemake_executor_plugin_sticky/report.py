@@ -14,7 +14,7 @@ import signal
 import statistics
 import threading
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
@@ -49,6 +49,8 @@ class WorkerRecord:
     rebuilds: int = 0
     gone_at: Optional[float] = None
     exit: Optional[str] = None  # how its process ended, where known ("killed by signal 11 (SIGSEGV)")
+    # stage() copies made or found in its setup: source, from (cache, shared, peer ...), bytes, seconds
+    stagings: list[dict[str, Any]] = field(default_factory=list)
 
 
 def exit_description(exitcode: int) -> str:
@@ -211,6 +213,12 @@ class RunReport:
                     record.setup_finished = message["time"]
                     record.error = message["error"]
                     text = f"Sticky worker {record.id}: template '{record.template}' failed to set up."
+                elif kind == "staged":
+                    record.stagings.append({key: message[key] for key in ("source", "from", "bytes", "seconds", "stage_started")})
+                    text = (
+                        f"Sticky worker {record.id} staged {message['source']} ({message['bytes'] / 1e6:.1f} MB) "
+                        f"from {message['from']} in {message['seconds']:.2f} s."
+                    )
                 elif kind == "warning":
                     text = f"Sticky worker {record.id} (pid {record.pid}): {message['text']}"
                 else:
@@ -358,6 +366,8 @@ class RunReport:
             if data[key] is not None:
                 data[key] = round(data[key] - self.started, 3)  # seconds since the run started
         data["busy_s"] = round(worker.busy_s, 3)
+        for staging in data["stagings"]:
+            staging["stage_started"] = round(staging["stage_started"] - self.started, 3)
         return data
 
     def summary_lines(self, report: dict[str, Any]) -> list[str]:
@@ -543,6 +553,9 @@ def draw_timeline(report: dict[str, Any], invocations: list[InvocationRecord], o
             end = worker["setup_finished"] if worker["setup_finished"] is not None else report["wall_s"]
             ax.broken_barh([(worker["setup_started"], end - worker["setup_started"])], (i - 0.4, 0.8),
                            facecolors="white", edgecolors=color, hatch="////", linewidth=0.8)
+        for staging in worker.get("stagings", ()):
+            ax.broken_barh([(staging["stage_started"], staging["seconds"])], (i - 0.4, 0.8),
+                           facecolors="whitesmoke", edgecolors="grey", hatch="....", linewidth=0.8)
         thin = 0.3 if len(invocations) < 2000 else 0
         ax.broken_barh(bars.get(i, []), (i - 0.35, 0.7), facecolors=color, edgecolors="white", linewidth=thin)
         ax.broken_barh(failed.get(i, []), (i - 0.35, 0.7), facecolors="black")
@@ -561,6 +574,8 @@ def draw_timeline(report: dict[str, Any], invocations: list[InvocationRecord], o
     state = report["status"] if report["status"] == STICKY_DONE else f"run {report['status']}"
     handles = [Patch(facecolor=c, label=f"invocations of '{n}'") for n, c in colors.items()]
     handles += [Patch(facecolor="white", edgecolor="grey", hatch="////", label="setup")]
+    if any(w.get("stagings") for w in rows):
+        handles.append(Patch(facecolor="whitesmoke", edgecolor="grey", hatch="....", label="staging (in setup)"))
     if failed:
         handles.append(Patch(facecolor="black", label="failed invocation"))
     if calls:

@@ -77,6 +77,22 @@ class ExecutorSettings(ExecutorSettingsBase):
         "Seconds a worker waits before retrying a failed template setup; the "
         "wait doubles after each further failure.",
     )
+    cache_dir: Optional[str] = option(
+        None,
+        "Node-local folder for the copies stage() makes (kept between runs), in a subfolder only "
+        "you can read; $VARIABLES and ~ are expanded on each node, e.g. '$TMPDIR' or "
+        "'/local/scratch/$USER'. Default: $TMPDIR, else the system's temporary folder.",
+    )
+    cache_size: Optional[str] = option(
+        None,
+        "Largest size of a node's cache of stage() copies, e.g. 200GB; beyond it the least "
+        "recently used copies that no worker uses are removed. Default: no limit.",
+    )
+    stage_readers: int = option(
+        1,
+        "How many nodes of the pool read the same source from the shared file system at once "
+        "(stage()); the others wait, then copy from a node that has it.",
+    )
     cluster: str = option(
         "local",
         "Where the resident workers run: 'local' (child processes of Snakemake on this machine) "

@@ -29,7 +29,7 @@ from typing import Any, Callable, Iterator, Optional
 from distributed import WorkerPlugin, get_worker
 from distributed.core import Status
 
-from . import batching, processes
+from . import batching, processes, staging
 from .invocation import EVENT_TOPIC, RUNNING_TOPIC, Invocation, InvocationResult
 from .state import register_resident, teardown_state
 from .templates import TemplateSpec, load_template_module
@@ -213,6 +213,7 @@ class ResidentState:
             traceback.print_exc()
         finally:  # callers still waiting on a Batcher of the state must not wait forever
             batching.close_all(f"the state of sticky template '{self.spec.name}' was torn down")
+            staging.release_all()  # its stage() copies may be evicted now
 
 
 def within(deadline: float, work: Callable[[], None]) -> bool:
@@ -264,6 +265,9 @@ class ProcessChanges:
             # the state is torn down by then, and finalizing torch's modules would take a second.
             atexit.register(os._exit, 0)
 
+    def on_undo(self, undo: Callable[[], Any]) -> None:
+        self._undo.append(undo)
+
     def undo(self) -> None:
         while self._undo:
             self._undo.pop()()
@@ -286,6 +290,7 @@ class StickyWorkerPlugin(WorkerPlugin):
         preempt_grace: float,
         teardown_grace: float,
         owned: bool,
+        stage_settings: Optional[dict[str, Any]] = None,
     ):
         self.spec = spec
         self.name = f"sticky-template-{spec.name}"
@@ -295,6 +300,7 @@ class StickyWorkerPlugin(WorkerPlugin):
         self.preempt_grace = preempt_grace
         self.teardown_grace = teardown_grace
         self.owned = owned
+        self.stage_settings = stage_settings or {}
         self.version = package_version()
         self._leaving = False
 
@@ -344,6 +350,7 @@ class StickyWorkerPlugin(WorkerPlugin):
             worker.loop.add_callback(flush)
 
         self.announce = announce
+        self.serve_stage_copies(worker, announce)
         if not processes.guarded_by_reaper():
             announce({
                 "event": "warning",
@@ -358,6 +365,21 @@ class StickyWorkerPlugin(WorkerPlugin):
         _holders[self.spec.identity] = holder
         register_resident(self.spec.name, holder.get)
         holder.start()
+
+    def serve_stage_copies(self, worker: Any, announce: Callable[[dict], None]) -> None:
+        """stage() in this worker uses the run's cache settings, and serves its copies to peers."""
+        from dask.utils import parse_bytes
+
+        size = self.stage_settings.get("cache_size")
+        staging.configure(
+            cache_dir=self.stage_settings.get("cache_dir"), cache_size=parse_bytes(size) if size else None,
+            readers=int(self.stage_settings.get("readers", 1)), worker=worker, announce=announce,
+        )
+        previous = worker.handlers.get("sticky_stage_read")
+        worker.handlers["sticky_stage_read"] = staging.serve_chunk
+        self.changes.on_undo(lambda: worker.handlers.__setitem__("sticky_stage_read", previous)
+                             if previous is not None else worker.handlers.pop("sticky_stage_read", None))
+        self.changes.on_undo(lambda: staging.configure())
 
     async def leave(self, worker: Any, reason: str) -> None:
         """SIGTERM ("preempted") or the job's walltime near ("walltime"): take no new

@@ -66,6 +66,7 @@ def worker_plugin(template: TemplateSpec, workdir: str, settings: ExecutorSettin
     return StickyWorkerPlugin(
         template, workdir, settings.setup_attempts, settings.setup_retry_delay, settings.preempt_grace,
         settings.teardown_grace, owned,
+        stage_settings={"cache_dir": settings.cache_dir, "cache_size": settings.cache_size, "readers": settings.stage_readers},
     )
 
 

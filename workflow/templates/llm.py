@@ -1,7 +1,8 @@
 """Sticky template: load a causal language model and its tokenizer once per worker, and score
 prompts with it through a Batcher, so that invocations running side by side share forward passes.
 
-`model` is a local directory or a hub id; anything `from_pretrained` accepts.
+`model` is a local directory (staged to node-local storage first) or a hub id; anything
+`from_pretrained` accepts.
 """
 
 import gc
@@ -10,7 +11,7 @@ import sys
 import time
 from functools import partial
 
-from snakemake_executor_plugin_sticky import Batcher
+from snakemake_executor_plugin_sticky import Batcher, stage
 
 LABELS = ("SUPPORTS", "REFUTES", "NOT ENOUGH INFO")
 
@@ -21,6 +22,9 @@ def setup(model, dtype="auto", device="auto", batch_size=8, batcher=True, labels
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     imported = time.perf_counter()
+    name, local = model, model
+    if os.path.isdir(model):  # a node-local copy, made once per node, instead of the shared file system
+        local = str(stage(model))
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if dtype == "auto":
@@ -28,12 +32,12 @@ def setup(model, dtype="auto", device="auto", batch_size=8, batcher=True, labels
         torch_dtype = torch.bfloat16 if use_bf16 else torch.float32
     else:
         torch_dtype = getattr(torch, dtype)
-    tokenizer = AutoTokenizer.from_pretrained(model)
-    loaded = AutoModelForCausalLM.from_pretrained(model, dtype=torch_dtype)
+    tokenizer = AutoTokenizer.from_pretrained(local)
+    loaded = AutoModelForCausalLM.from_pretrained(local, dtype=torch_dtype)
     loaded.to(device).eval()
     load_s = time.perf_counter() - started
     print(
-        f"[sticky template llm] loaded {model} on {device} ({torch_dtype}) in {load_s:.2f} s "
+        f"[sticky template llm] loaded {name} ({local}) on {device} ({torch_dtype}) in {load_s:.2f} s "
         f"(imports {imported - started:.2f} s), pid {os.getpid()}",
         file=sys.stderr,
         flush=True,
@@ -48,7 +52,7 @@ def setup(model, dtype="auto", device="auto", batch_size=8, batcher=True, labels
         "dtype": str(torch_dtype),
         "load_s": load_s,
         "pid": os.getpid(),
-        "name": model,
+        "name": name,
     }
 
 

@@ -1,0 +1,307 @@
+"""stage(): node-local copies of a template's files, once per node and content version, kept
+between runs, from a peer instead of the shared source. Real files, real processes, real
+Snakemake and Dask; "nodes" are cache folders (a node is a host and its cache folder).
+
+Opens of source files are counted with a Python audit hook that the template installs before it
+stages: every `open` of a file under the source is written to opens.txt.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import Workflow
+from conftest import test_env as snakemake_env
+from test_scaleout import start_scheduler
+
+from snakemake_executor_plugin_sticky import staging
+from snakemake_executor_plugin_sticky.staging import StageError, stage
+
+SIZE_MB = 8  # four files of 8 MB: a 32 MB model folder
+
+
+def make_model(folder: Path, files: int = 4, size_mb: int = SIZE_MB, seed: int = 0) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(files):
+        (folder / f"shard-{i}.bin").write_bytes(hashlib.sha256(f"{seed}-{i}".encode()).digest() * (size_mb * 2**15))
+    return folder
+
+
+@pytest.fixture
+def cache(tmp_path: Path):
+    staging.configure(cache_dir=str(tmp_path / "cache"))
+    yield tmp_path / "cache"
+    staging.release_all()
+    staging.configure()
+
+
+def test_a_copy_is_made_once_then_reused_and_made_again_when_the_content_changes(tmp_path: Path, cache: Path):
+    source = make_model(tmp_path / "model")
+    first = stage(source)
+    assert first.is_dir() and str(first).startswith(str(cache)) and first.name == "model"
+    assert sorted(p.name for p in first.iterdir()) == [f"shard-{i}.bin" for i in range(4)]
+    assert (first / "shard-2.bin").read_bytes() == (source / "shard-2.bin").read_bytes()
+    assert stage(source) == first, "the same version: the same copy"
+    (source / "shard-1.bin").write_bytes(b"new weights")
+    second = stage(source)
+    assert second != first and (second / "shard-1.bin").read_bytes() == b"new weights"
+    single = stage(source / "shard-3.bin")
+    assert single.is_file() and single.read_bytes() == (source / "shard-3.bin").read_bytes()
+
+
+def test_a_content_hash_names_the_version_by_content(tmp_path: Path, cache: Path):
+    a = make_model(tmp_path / "a" / "model", files=2, size_mb=1)
+    b = make_model(tmp_path / "b" / "model", files=2, size_mb=1)  # the same bytes elsewhere
+    assert stage(a, hash_content=True) == stage(b, hash_content=True)
+    assert stage(a) != stage(b), "by path, sizes and times, two sources are two versions"
+
+
+def test_a_missing_or_unusable_source_is_named(tmp_path: Path, cache: Path):
+    with pytest.raises(StageError, match=f"stage\\(\\): {tmp_path}/nowhere does not exist"):
+        stage(tmp_path / "nowhere")
+    os.mkfifo(tmp_path / "pipe")
+    with pytest.raises(StageError, match="pipe is neither a file nor a folder"):
+        stage(tmp_path / "pipe")
+
+
+def test_a_copy_killed_halfway_never_counts_as_done(tmp_path: Path):
+    source = make_model(tmp_path / "model", files=8, size_mb=64)
+    env = {**snakemake_env(), "STICKY_CACHE_DIR": str(tmp_path / "cache")}
+    code = "from snakemake_executor_plugin_sticky import stage; stage(%r)" % str(source)
+    copier = subprocess.Popen([sys.executable, "-c", code], env=env)
+    partial = tmp_path / "cache" / f"sticky-cache-{os.getuid()}" / "partial"
+    deadline = time.monotonic() + 60
+    while not (partial.exists() and any(p.is_dir() and any(p.rglob("*.bin")) for p in partial.iterdir())):
+        assert copier.poll() is None and time.monotonic() < deadline, "the copy ended before it could be killed"
+        time.sleep(0.001)
+    copier.send_signal(signal.SIGKILL)
+    copier.wait()
+    copies = partial.parent / "copies"
+    assert not list(copies.glob("*.json")), "no copy counts as done"
+    staging.configure(cache_dir=str(tmp_path / "cache"))
+    try:
+        done = stage(source)
+        assert all((done / f"shard-{i}.bin").stat().st_size == 64 * 2**20 for i in range(8))
+        assert not list(partial.iterdir()), "the half copy was cleared"
+    finally:
+        staging.release_all()
+        staging.configure()
+
+
+def test_eviction_removes_the_least_recently_used_copies_but_never_one_in_use(tmp_path: Path):
+    sources = [make_model(tmp_path / f"m{i}", files=1, size_mb=4, seed=i) for i in range(3)]
+    env = {**snakemake_env(), "STICKY_CACHE_DIR": str(tmp_path / "cache")}
+    # another process uses m0's copy and keeps running
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from snakemake_executor_plugin_sticky import stage; "
+         f"print(stage({str(sources[0])!r}), flush=True); time.sleep(600)"],
+        env=env, stdout=subprocess.PIPE, text=True,
+    )
+    try:
+        in_use = Path(holder.stdout.readline().strip())
+        staging.configure(cache_dir=str(tmp_path / "cache"), cache_size=6 * 2**20)  # room for one copy
+        try:
+            m1 = stage(sources[1])
+            assert in_use.exists(), "m0 is in use: never evicted"
+            staging.release_all()  # this process no longer uses m1
+            m2 = stage(sources[2])
+            assert in_use.exists() and not m1.exists() and m2.exists(), "m1, unused and least recent, went"
+        finally:
+            staging.release_all()
+            staging.configure()
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+# -- in workflows ---------------------------------------------------------------------------------
+
+TEMPLATE = """
+import hashlib, os, sys
+from snakemake_executor_plugin_sticky import stage
+
+SOURCE = {source!r}
+
+def count_opens(event, args):
+    if event == "open" and isinstance(args[0], (str, bytes, os.PathLike)):
+        path = os.fsdecode(args[0])
+        if path.startswith(SOURCE + os.sep):
+            with open("opens.txt", "a") as f:
+                f.write(path + "\\n")
+
+def setup():
+    sys.addaudithook(count_opens)
+    local = stage(SOURCE)
+    digest = hashlib.sha256()
+    for name in sorted(os.listdir(local)):
+        with open(os.path.join(local, name), "rb") as f:
+            digest.update(f.read())
+    with open("loaded.txt", "a") as f:
+        f.write(f"{{os.getpid()}} {{local}} {{digest.hexdigest()}}\\n")
+    return {{"local": str(local), "digest": digest.hexdigest()}}
+"""
+
+SNAKEFILE = """
+configfile: "config.yaml"
+rule all:
+    input: expand("out/{i}.txt", i=range(int(config.get("count", 8))))
+rule use:
+    output: "out/{i}.txt"
+    resources: sticky="model"
+    script: "scripts/use.py"
+"""
+
+USE = """
+import time
+from snakemake_executor_plugin_sticky import sticky_state
+state = sticky_state(snakemake)
+time.sleep(0.3)
+open(snakemake.output[0], "w").write(state["digest"])
+"""
+
+
+def staging_workflow(workflow: Workflow, source: Path) -> None:
+    workflow.write("Snakefile", SNAKEFILE)
+    workflow.write("config.yaml", "sticky:\n  model:\n    setup: templates/model.py\n")
+    workflow.write("templates/model.py", TEMPLATE.format(source=str(source)))
+    workflow.write("scripts/use.py", USE)
+
+
+def loaded(workflow: Workflow) -> list[tuple[str, str]]:
+    return [tuple(line.split()[1:]) for line in workflow.read("loaded.txt").splitlines()]
+
+
+def digest_of(folder: Path) -> str:
+    digest = hashlib.sha256()
+    for path in sorted(folder.iterdir()):
+        digest.update(path.read_bytes())
+    return digest.hexdigest()
+
+
+def stagings(workflow: Workflow) -> list[dict]:
+    report = json.loads(workflow.read(".snakemake/sticky/report.json"))
+    return [s for w in report["templates"]["model"]["workers"] for s in w["stagings"]]
+
+
+def test_two_workers_share_one_copy_kept_between_runs_and_renewed_when_a_file_changes(workflow: Workflow, tmp_path: Path):
+    source = make_model(tmp_path / "shared-fs" / "model")
+    scratch = tmp_path / "scratch"
+    staging_workflow(workflow, source)
+    run = workflow.run("--sticky-workers", "2", "--sticky-cache-dir", str(scratch), cores=4)
+    assert run.returncode == 0, run.output
+    first = loaded(workflow)
+    assert len(first) == 2 and len({local for local, _ in first}) == 1, "both workers loaded the same copy"
+    assert first[0][0].startswith(str(scratch) + os.sep)
+    opens = workflow.lines("opens.txt")
+    assert sorted(opens) == sorted(str(p) for p in source.iterdir()), "each source file opened once"
+    assert sorted(s["from"] for s in stagings(workflow)) == ["cache", "shared"]
+    assert "staged " in run.output and "from shared" in run.output
+
+    (workflow.root / "opens.txt").unlink()
+    (workflow.root / "loaded.txt").unlink()
+    again = workflow.run("--sticky-workers", "2", "--sticky-cache-dir", str(scratch), "--forceall", cores=4)
+    assert again.returncode == 0, again.output
+    assert not (workflow.root / "opens.txt").exists(), "the second run opened no source file"
+    assert [local for local, _ in loaded(workflow)] == [first[0][0]] * 2
+
+    (source / "shard-2.bin").write_bytes(b"retrained")
+    (workflow.root / "loaded.txt").unlink()
+    changed = workflow.run("--sticky-workers", "2", "--sticky-cache-dir", str(scratch), "--forceall", cores=4)
+    assert changed.returncode == 0, changed.output
+    assert {digest for _, digest in loaded(workflow)} == {digest_of(source)}, "the new content was loaded"
+    assert workflow.leftover_processes() == []
+
+
+def test_the_same_template_stages_under_the_local_executor(workflow: Workflow, tmp_path: Path):
+    source = make_model(tmp_path / "model", files=2, size_mb=1)
+    staging_workflow(workflow, source)
+    run = workflow.run("--config", "count=3", executor=None, cores=1, env={"STICKY_CACHE_DIR": str(tmp_path / "cache")})
+    assert run.returncode == 0, run.output
+    assert len(loaded(workflow)) == 3 and len({local for local, _ in loaded(workflow)}) == 1
+    assert len(workflow.lines("opens.txt")) == 2, "create-destroy processes reload from the node-local copy"
+
+
+def test_a_missing_source_fails_the_template_naming_the_path(workflow: Workflow, tmp_path: Path):
+    staging_workflow(workflow, tmp_path / "no-such-model")
+    run = workflow.run("--sticky-setup-attempts", "1", "--config", "count=1", timeout=120)
+    assert run.returncode != 0
+    assert f"stage(): {tmp_path}/no-such-model does not exist" in run.output
+
+
+def start_workers(workflow: Workflow, scheduler_file: Path, nodes: list[Path]) -> list[subprocess.Popen]:
+    """One worker per 'node': each with a cache folder of its own ($NODE_CACHE)."""
+    dask = str(Path(sys.executable).with_name("dask"))
+    workers = []
+    for node in nodes:
+        workers.append(subprocess.Popen(
+            [sys.executable, "-m", "snakemake_executor_plugin_sticky.keeper", dask, "worker",
+             "--scheduler-file", str(scheduler_file), "--resources", "sticky-model=1", "--nthreads", "1",
+             "--memory-limit", "0", "--no-nanny", "--no-dashboard"],
+            cwd=workflow.root, env={**snakemake_env(), "NODE_CACHE": str(node)},
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+        ))
+    return workers
+
+
+def stop(processes: list[subprocess.Popen]) -> None:
+    for process in processes:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait(timeout=30)
+
+
+def test_one_node_reads_the_shared_source_and_the_others_copy_from_it(workflow: Workflow, tmp_path: Path):
+    source = make_model(tmp_path / "shared-fs" / "model")
+    staging_workflow(workflow, source)
+    scheduler, scheduler_file = start_scheduler(workflow)
+    nodes = [tmp_path / f"node{i}" for i in range(3)]
+    workers = start_workers(workflow, scheduler_file, nodes)
+    try:
+        run = workflow.run(
+            "--sticky-scheduler", str(scheduler_file), "--sticky-cache-dir", "$NODE_CACHE",
+            "--sticky-stage-readers", "1", "--config", "count=12", cores=3,
+        )
+        assert run.returncode == 0, run.output
+        origins = sorted(s["from"].split()[0] for s in stagings(workflow))
+        assert origins == ["peer", "peer", "shared"], "one node read the shared source, two copied from a peer"
+        assert sorted(workflow.lines("opens.txt")) == sorted(str(p) for p in source.iterdir()), "read once in all"
+        copies = {local for local, _ in loaded(workflow)}
+        assert len(copies) == 3 and all(any(c.startswith(str(n)) for n in nodes) for c in copies), copies
+        assert {digest for _, digest in loaded(workflow)} == {digest_of(source)}
+    finally:
+        stop([*workers, scheduler])
+
+
+def test_a_peer_that_fails_is_left_for_the_shared_source(workflow: Workflow, tmp_path: Path):
+    source = make_model(tmp_path / "shared-fs" / "model")
+    staging_workflow(workflow, source)
+    workflow.write("scripts/use.py", USE.replace("time.sleep(0.3)", "time.sleep(1)"))
+    scheduler, scheduler_file = start_scheduler(workflow)
+    first, second = tmp_path / "node-a", tmp_path / "node-b"
+    workers = start_workers(workflow, scheduler_file, [first])
+    try:
+        proc = workflow.popen(
+            "--sticky-scheduler", str(scheduler_file), "--sticky-cache-dir", "$NODE_CACHE", "--config", "count=16",
+            cores=2,
+        )
+        deadline = time.monotonic() + 120
+        while not (workflow.root / "loaded.txt").exists():
+            assert time.monotonic() < deadline and proc.poll() is None, proc.log.read_text()
+            time.sleep(0.1)
+        next(first.rglob("shard-1.bin")).unlink()  # node a's copy breaks after it loaded it
+        workers += start_workers(workflow, scheduler_file, [second])  # node b joins mid-run
+        output, _ = proc.communicate(timeout=240)
+        assert proc.returncode == 0, output
+        assert sorted(s["from"] for s in stagings(workflow)) == ["shared", "shared"], stagings(workflow)
+        assert "is not asked again" in output, "node b tried node a, which failed, then the shared source"
+        assert {digest for _, digest in loaded(workflow)} == {digest_of(source)}
+    finally:
+        stop([*workers, scheduler])
