@@ -15,7 +15,13 @@ Four measurements, each a real `snakemake` run in a temporary folder:
   Nanny worker's start, and 1,000 no-op tasks one after another and all at once;
 - batching: the demo and the larger model at 1, 2, 8 and 16 claims per invocation on one worker
   with 8 slots, with and without the template's Batcher: claims per second, mean batch size and
-  makespan.
+  makespan;
+- staging (needs FUSE): the model on a "shared file system" whose reads share one bandwidth
+  (benchmarks/throttled_fs.py). The paper's three models on the demo with the larger model:
+  create-destroy (local executor, the model read from the source by every invocation), StickyI/O
+  (local executor, every invocation loads stage()'s node-local copy) and sticky; then the time
+  until 1, 2 and 4 "nodes" (workers with caches of their own) hold a copy, with one reader of the
+  source (the others copy from a peer) against as many readers as nodes.
 
 Results go to benchmarks/results/<date>-<host>.json, a Markdown table and a PNG plot.
 """
@@ -78,9 +84,9 @@ class Section:
     rows: list[dict] = field(default_factory=list)
 
 
-def run(cmd: list[str], cwd: Path, timeout: float = 3600) -> Measured:
+def run(cmd: list[str], cwd: Path, timeout: float = 3600, env: Optional[dict[str, str]] = None) -> Measured:
     """Run snakemake, timing it from start to exit and sampling peak memory of it and its workers."""
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    env = dict(os.environ, PYTHONUNBUFFERED="1", **(env or {}))
     env.pop("SNAKEMAKE_PROFILE", None)
     started = time.perf_counter()
     proc = subprocess.Popen(cmd, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
@@ -323,6 +329,155 @@ def batching(folder: Path, models: dict[str, tuple[Optional[str], int]], sizes: 
     return {"slots": BATCHING_SLOTS, "workers": 1, "batch_size": 16, "rows": rows}
 
 
+# -- staging ------------------------------------------------------------------------------------
+
+SOURCE_MB_PER_S = 40.0
+
+
+def fuse_available() -> Optional[str]:
+    """Why the staging section cannot run here, or None."""
+    if not Path("/dev/fuse").exists():
+        return "no /dev/fuse"
+    try:
+        import fuse  # noqa: F401  (fusepy)
+    except (ImportError, OSError) as e:
+        return f"no FUSE library ({e}); pip install fusepy, apt-get install libfuse2"
+    return None
+
+
+class ThrottledSource:
+    """`benchmarks/throttled_fs.py` mounted over a folder, for the length of a with-block."""
+
+    def __init__(self, source: Path, mountpoint: Path, mb_per_s: float):
+        self.source, self.mountpoint, self.mb_per_s = source, mountpoint, mb_per_s
+
+    def __enter__(self) -> Path:
+        self.mountpoint.mkdir(parents=True, exist_ok=True)
+        self.process = subprocess.Popen(
+            [sys.executable, str(ROOT / "benchmarks" / "throttled_fs.py"), str(self.source), str(self.mountpoint), str(self.mb_per_s)],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )
+        deadline = time.monotonic() + 30
+        while not os.path.ismount(self.mountpoint):
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"the throttled file system did not mount at {self.mountpoint}")
+            time.sleep(0.05)
+        return self.mountpoint
+
+    def __exit__(self, *_: object) -> None:
+        subprocess.run(["umount", str(self.mountpoint)], capture_output=True)
+        self.process.wait(timeout=30)
+
+
+def three_models(folder: Path, invocations: int, per_invocation: int, repeats: int) -> dict:
+    """The paper's comparison on the demo with the larger model, read from the throttled source."""
+    size = MODEL_SIZES["hidden 512, 8 layers"]
+    config = prepare_demo(folder, invocations * per_invocation, per_invocation, 1, [f"model_size={size}"])
+    shared = folder.parent / "shared-fs"
+    shutil.copytree(folder / "results/model/tiny-llama", shared / "model", dirs_exist_ok=True)
+    model_mb = sum(p.stat().st_size for p in (shared / "model").rglob("*") if p.is_file()) / 1e6
+    cache = folder.parent / "node-cache"
+    env_cache = {"STICKY_CACHE_DIR": str(cache)}
+    rows = {"create-destroy": [], "StickyI/O": [], "sticky": []}
+    with ThrottledSource(shared, folder.parent / "mnt", SOURCE_MB_PER_S) as mounted:
+        common = [*config, f"model={mounted / 'model'}"]
+        variants = {
+            "create-destroy": [SNAKEMAKE, "--executor", "local", "--cores", "1", *common, "stage=False"],
+            "StickyI/O": [SNAKEMAKE, "--executor", "local", "--cores", "1", *common, "stage=True"],
+            "sticky": [SNAKEMAKE, "--executor", "sticky", "--cores", str(DEMO_WINDOW), "--sticky-workers", "1", *common, "stage=True"],
+        }
+        reset_demo(folder)
+        run(variants["StickyI/O"], folder, env=env_cache)  # the node-local copy is made once: a warm cache
+        for _ in range(repeats):
+            for name, cmd in variants.items():
+                reset_demo(folder)
+                rows[name].append(run(cmd, folder, env=env_cache).wall_s)
+    for name, walls in rows.items():
+        print(f"  three models, {name}: {statistics.median(walls):.1f} s", flush=True)
+    return {"invocations": invocations, "claims_per_invocation": per_invocation, "model_mb": round(model_mb, 1),
+            "source_mb_per_s": SOURCE_MB_PER_S, "runs": rows, **{name: spread(walls) for name, walls in rows.items()}}
+
+
+STAGE_TEMPLATE = """
+from snakemake_executor_plugin_sticky import stage
+
+def setup(source):
+    return str(stage(source))
+"""
+
+
+def scale_out_staging(folder: Path, node_counts: list[int], repeats: int) -> dict:
+    """Time until every node holds a copy of a 64 MB model on the throttled source: one reader of
+    the source and peer copies, against every node reading the source."""
+    source = folder / "shared-fs" / "model"
+    source.mkdir(parents=True, exist_ok=True)
+    for i in range(4):
+        (source / f"shard-{i}.bin").write_bytes(os.urandom(16 * 2**20))
+    work = folder / "workflow"
+    work.mkdir(parents=True, exist_ok=True)
+    (work / "Snakefile").write_text(
+        'configfile: "config.yaml"\nrule all:\n    input: expand("o/{i}.txt", i=range(int(config["n"])))\n'
+        'rule use:\n    output: "o/{i}.txt"\n    resources: sticky="model"\n    script: "use.py"\n'
+    )
+    (work / "template.py").write_text(STAGE_TEMPLATE)
+    (work / "use.py").write_text(
+        "import time\nfrom snakemake_executor_plugin_sticky import sticky_state\nsticky_state(snakemake)\n"
+        "time.sleep(0.5)\nopen(snakemake.output[0], 'w').close()\n"
+    )
+    rows = []
+    with ThrottledSource(source.parent, folder / "mnt", SOURCE_MB_PER_S) as mounted:
+        (work / "config.yaml").write_text(f"sticky:\n  model:\n    setup: template.py\n    kwargs: {{source: {mounted / 'model'}}}\n")
+        for nodes in node_counts:
+            for readers in sorted({1, nodes}):
+                measured = []
+                for _ in range(repeats):
+                    measured.append(stage_on_nodes(work, folder, nodes, readers))
+                row = {"nodes": nodes, "readers": readers, "runs": measured,
+                       "all_staged_s": spread([m["all_staged_s"] for m in measured]),
+                       "shared_reads": max(m["shared_reads"] for m in measured)}
+                rows.append(row)
+                print(f"  staging on {nodes} node(s), {readers} reader(s) of the source: every node holds a copy after "
+                      f"{row['all_staged_s']['median']:.1f} s ({row['shared_reads']} read(s) of the source)", flush=True)
+    return {"model_mb": 64, "source_mb_per_s": SOURCE_MB_PER_S, "rows": rows}
+
+
+def stage_on_nodes(work: Path, folder: Path, nodes: int, readers: int) -> dict:
+    """One run in attach mode with `nodes` workers, each with a fresh cache folder of its own."""
+    dask = str(Path(SNAKEMAKE).with_name("dask"))
+    for old in (work / "o", work / ".snakemake"):
+        shutil.rmtree(old, ignore_errors=True)
+    caches = [folder / "caches" / f"node{i}" for i in range(nodes)]
+    for cache in caches:
+        shutil.rmtree(cache, ignore_errors=True)
+    scheduler_file = work / "scheduler.json"
+    scheduler_file.unlink(missing_ok=True)
+    env = dict(os.environ)
+    processes = [subprocess.Popen([dask, "scheduler", "--host", "127.0.0.1", "--port", "0", "--no-dashboard",
+                                   "--scheduler-file", str(scheduler_file)], cwd=work, env=env,
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)]
+    try:
+        deadline = time.monotonic() + 30
+        while not scheduler_file.exists() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        for cache in caches:
+            processes.append(subprocess.Popen(
+                [sys.executable, "-m", "snakemake_executor_plugin_sticky.keeper", dask, "worker", "--scheduler-file",
+                 str(scheduler_file), "--resources", "sticky-model=1", "--nthreads", "1", "--memory-limit", "0",
+                 "--no-nanny", "--no-dashboard"], cwd=work, env={**env, "NODE_CACHE": str(cache)},
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+        measured = run([SNAKEMAKE, "--executor", "sticky", "--cores", str(nodes), "--sticky-scheduler", str(scheduler_file),
+                        "--sticky-cache-dir", "$NODE_CACHE", "--sticky-stage-readers", str(readers),
+                        "--config", f"n={2 * nodes}"], work)
+    finally:
+        for process in processes:
+            process.kill()
+            process.wait()
+    stagings = [s for w in measured.report["templates"]["model"]["workers"] for s in w["stagings"]]
+    ends = [s["stage_started"] + s["seconds"] for s in stagings]
+    return {"all_staged_s": max(ends) - min(s["stage_started"] for s in stagings),
+            "shared_reads": sum(s["from"] == "shared" for s in stagings), "stagings": stagings}
+
+
 # -- tls ----------------------------------------------------------------------------------------
 
 
@@ -448,6 +603,20 @@ def markdown(results: dict) -> str:
             lines.append(f"| {row['model']} | {row['claims_per_invocation']} | {'yes' if row['batcher'] else 'no'} "
                          f"| {fmt(row['claims_per_s'], '', 1)} | {fmt(row['mean_batch'], '', 1)} | {fmt(row['makespan_s'], ' s', 1)} |")
         lines.append("")
+    if "staging" in results and "skipped" not in results["staging"]:
+        t = results["staging"]["three_models"]
+        lines += [f"**Three task models**, the demo with the larger model ({t['model_mb']:.0f} MB) read from a file system "
+                  f"that serves {t['source_mb_per_s']:.0f} MB/s in all, {t['invocations']} invocations × {t['claims_per_invocation']} claims:", "",
+                  "| create-destroy | StickyI/O (stage(), warm cache) | sticky |", "|---|---|---|",
+                  f"| {fmt(t['create-destroy'], ' s', 1)} | {fmt(t['StickyI/O'], ' s', 1)} | {fmt(t['sticky'], ' s', 1)} |", ""]
+        o = results["staging"]["scale_out"]
+        lines += [f"**Scale-out staging**, a {o['model_mb']} MB model on that file system, time until every node holds a copy:", "",
+                  "| nodes | readers of the source | every node staged | reads of the source |", "|---|---|---|---|"]
+        for row in o["rows"]:
+            lines.append(f"| {row['nodes']} | {row['readers']} | {fmt(row['all_staged_s'], ' s', 1)} | {row['shared_reads']} |")
+        lines.append("")
+    elif "staging" in results:
+        lines += [f"**Staging**: skipped ({results['staging']['skipped']}).", ""]
     if "tls" in results:
         t = results["tls"]
         lines += [f"**TLS**, Dask scheduler and one Nanny worker on loopback, with the run's credentials and without, "
@@ -514,12 +683,12 @@ def plot(results: dict, path: Path) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="a short version (make bench-quick)")
-    parser.add_argument("--only", choices=["makespan", "models", "dispatch", "scale", "tls", "batching"], action="append")
+    parser.add_argument("--only", choices=["makespan", "models", "dispatch", "scale", "tls", "batching", "staging"], action="append")
     parser.add_argument("--dispatch", type=int, nargs="+", help="invocation counts K of the dispatch section")
     parser.add_argument("--scale", type=int, nargs="+", help="invocation counts N of the scale section")
     parser.add_argument("--settings-at", type=int, help="N at which the scale section compares Snakemake settings")
     args = parser.parse_args()
-    sections = args.only or ["makespan", "models", "dispatch", "scale", "tls", "batching"]
+    sections = args.only or ["makespan", "models", "dispatch", "scale", "tls", "batching", "staging"]
     repeats = 3
     results = {"date": datetime.datetime.now().isoformat(timespec="seconds"), "machine": machine(),
                "quick": args.quick, "repeats": repeats, "command": " ".join(sys.argv[1:])}
@@ -545,6 +714,17 @@ def main() -> None:
             if not args.quick:
                 models["hidden 512, 8 layers"] = (MODEL_SIZES["hidden 512, 8 layers"], 128)
             results["batching"] = batching(tmp / "batching", models, [2, 16] if args.quick else BATCHING_SIZES, repeats)
+        if "staging" in sections:
+            why_not = fuse_available()
+            if why_not is not None:
+                print(f"staging: skipped ({why_not})", flush=True)
+                results["staging"] = {"skipped": why_not}
+            else:
+                print("staging: create-destroy, StickyI/O and sticky on a throttled source; scale-out staging", flush=True)
+                results["staging"] = {
+                    "three_models": three_models(tmp / "three" / "demo", 8 if args.quick else 16, 8, repeats),
+                    "scale_out": scale_out_staging(tmp / "scale-out", [1, 2] if args.quick else [1, 2, 4], repeats),
+                }
         if "tls" in sections:
             print("tls: the run's credentials against plain TCP, in Dask itself", flush=True)
             results["tls"] = tls_cost(repeats if args.quick else 5, 1000)

@@ -16,14 +16,14 @@ from snakemake_executor_plugin_sticky import Batcher, stage
 LABELS = ("SUPPORTS", "REFUTES", "NOT ENOUGH INFO")
 
 
-def setup(model, dtype="auto", device="auto", batch_size=8, batcher=True, labels=LABELS):
+def setup(model, dtype="auto", device="auto", batch_size=8, batcher=True, stage_model=True, labels=LABELS):
     started = time.perf_counter()
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     imported = time.perf_counter()
     name, local = model, model
-    if os.path.isdir(model):  # a node-local copy, made once per node, instead of the shared file system
+    if stage_model and os.path.isdir(model):  # a node-local copy, made once per node, not the shared file system
         local = str(stage(model))
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
