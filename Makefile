@@ -2,8 +2,10 @@
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
-# The CPU wheel first: an unpinned torch would pull several GB of CUDA wheels.
-TORCH := torch==2.13.0
+# The CPU wheel first: an unpinned torch would pull several GB of CUDA wheels. Override both to
+# pick another wheel, e.g. make test TORCH_INDEX=https://download.pytorch.org/whl/cpu
+TORCH ?= torch==2.13.0
+TORCH_INDEX ?=
 
 .PHONY: test demo bench bench-quick bench-gpu venv clean
 
@@ -12,11 +14,12 @@ venv: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet $(TORCH)
+	$(PY) -m pip install --quiet $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX)) $(TORCH)
 	$(PY) -m pip install --quiet -e '.[test,bench]'
 	touch $@
 
 test: venv
+	$(VENV)/bin/ruff check .
 	$(PY) -m pytest -q tests
 
 demo: venv
@@ -25,7 +28,7 @@ demo: venv
 	@echo "Demo results: workflow/results/summary.md, summary.json and verdicts/ (one file per invocation)."
 	@echo "Per-invocation logs, with the model load time: workflow/results/logs/verify/"
 
-# Benchmarks: results in benchmarks/results/<date>-<host>.{json,md,png}; the README holds the latest table.
+# Benchmarks: results in benchmarks/results/<date>-<host>.{json,md,png}; docs/benchmarks.md holds the latest.
 bench: venv
 	$(PY) benchmarks/bench.py
 

@@ -57,8 +57,15 @@ if not Path(SNAKEMAKE).exists():
 
 # What a user should pass for runs of thousands of invocations (measured in the scale section).
 LARGE_RUN_FLAGS = [
-    "--scheduler", "firstfit", "--scheduler-subsample", "256", "--max-jobs-per-timespan", "100000/1s",
-    "--drop-metadata", "--quiet", "rules",
+    "--scheduler",
+    "firstfit",
+    "--scheduler-subsample",
+    "256",
+    "--max-jobs-per-timespan",
+    "100000/1s",
+    "--drop-metadata",
+    "--quiet",
+    "rules",
 ]
 # Invocations in flight per worker (--cores = WINDOW x workers): a deep window lets each Snakemake
 # scheduling round start many invocations at once.
@@ -129,16 +136,38 @@ def spread(values: list[float]) -> dict[str, float]:
 # -- makespan -----------------------------------------------------------------------------------
 
 
-def prepare_demo(folder: Path, claims: int, per_invocation: int, workers: int, extra: tuple[str, ...] = ()) -> list[str]:
-    shutil.copytree(ROOT / "workflow", folder, ignore=shutil.ignore_patterns("results", ".snakemake"), dirs_exist_ok=True)
+def prepare_demo(
+    folder: Path, claims: int, per_invocation: int, workers: int, extra: tuple[str, ...] = ()
+) -> list[str]:
+    shutil.copytree(
+        ROOT / "workflow", folder, ignore=shutil.ignore_patterns("results", ".snakemake"), dirs_exist_ok=True
+    )
     config = ["--config", f"claims={claims}", f"claims_per_invocation={per_invocation}", *extra]
     # model, claims and shards once, outside the measurement
-    run([SNAKEMAKE, "--executor", "local", "--cores", str(workers), "results/model/tiny-llama", "results/shards/00000.jsonl", *config], folder)
+    run(
+        [
+            SNAKEMAKE,
+            "--executor",
+            "local",
+            "--cores",
+            str(workers),
+            "results/model/tiny-llama",
+            "results/shards/00000.jsonl",
+            *config,
+        ],
+        folder,
+    )
     return config
 
 
 def reset_demo(folder: Path) -> None:
-    for path in ("results/verdicts", "results/logs/verify", "results/summary.json", "results/summary.md", ".snakemake/incomplete"):
+    for path in (
+        "results/verdicts",
+        "results/logs/verify",
+        "results/summary.json",
+        "results/summary.md",
+        ".snakemake/incomplete",
+    ):
         target = folder / path
         if target.is_dir():
             shutil.rmtree(target)
@@ -148,7 +177,16 @@ def reset_demo(folder: Path) -> None:
 
 def makespan(folder: Path, invocations: int, per_invocation: int, workers: int, repeats: int) -> dict:
     config = prepare_demo(folder, invocations * per_invocation, per_invocation, workers)
-    sticky_cmd = [SNAKEMAKE, "--executor", "sticky", "--cores", str(DEMO_WINDOW * workers), "--sticky-workers", str(workers), *config]
+    sticky_cmd = [
+        SNAKEMAKE,
+        "--executor",
+        "sticky",
+        "--cores",
+        str(DEMO_WINDOW * workers),
+        "--sticky-workers",
+        str(workers),
+        *config,
+    ]
     local_cmd = [SNAKEMAKE, "--executor", "local", "--cores", str(workers), *config]
     # Snakemake alone on the same DAG, every job only touched: its start, DAG, rounds and exit.
     touch_cmd = [SNAKEMAKE, "--executor", "touch", "--cores", str(DEMO_WINDOW * workers), *config]
@@ -160,12 +198,19 @@ def makespan(folder: Path, invocations: int, per_invocation: int, workers: int, 
         local = run(local_cmd, folder)
         reset_demo(folder)
         touch = run(touch_cmd, folder)
-        pair = {**sticky_measures(sticky, workers), "local_s": local.wall_s, "touch_s": touch.wall_s,
-                "speedup": local.wall_s / sticky.wall_s}
+        pair = {
+            **sticky_measures(sticky, workers),
+            "local_s": local.wall_s,
+            "touch_s": touch.wall_s,
+            "speedup": local.wall_s / sticky.wall_s,
+        }
         pairs.append(pair)
-        print(f"  makespan pair {repeat + 1}/{repeats}: sticky {sticky.wall_s:.2f} s, local {local.wall_s:.2f} s, "
-              f"Snakemake alone {touch.wall_s:.2f} s, ideal {pair['ideal_s']:.2f} s, "
-              f"efficiency {pair['efficiency']:.2f}", flush=True)
+        print(
+            f"  makespan pair {repeat + 1}/{repeats}: sticky {sticky.wall_s:.2f} s, local {local.wall_s:.2f} s, "
+            f"Snakemake alone {touch.wall_s:.2f} s, ideal {pair['ideal_s']:.2f} s, "
+            f"efficiency {pair['efficiency']:.2f}",
+            flush=True,
+        )
     return {
         "invocations": invocations,
         "claims_per_invocation": per_invocation,
@@ -174,7 +219,10 @@ def makespan(folder: Path, invocations: int, per_invocation: int, workers: int, 
         "local_cmd": " ".join(local_cmd[1:]),
         "touch_cmd": " ".join(touch_cmd[1:]),
         "pairs": pairs,
-        **{key: spread([p[key] for p in pairs]) for key in ("sticky_s", "local_s", "touch_s", "speedup", "ideal_s", "efficiency")},
+        **{
+            key: spread([p[key] for p in pairs])
+            for key in ("sticky_s", "local_s", "touch_s", "speedup", "ideal_s", "efficiency")
+        },
     }
 
 
@@ -183,9 +231,15 @@ def sticky_measures(sticky: Measured, workers: int) -> dict:
     from the plugin's report.json."""
     llm = sticky.report["templates"]["llm"]
     ideal = llm["setup_s"]["max"] + llm["invocation_s"]["total"] / workers
-    return {"sticky_s": sticky.wall_s, "ideal_s": ideal, "efficiency": ideal / sticky.wall_s,
-            "overhead_s": sticky.wall_s - ideal, "setup_s_max": llm["setup_s"]["max"],
-            "invocation_s_median": llm["invocation_s"]["median"], "model_loads": llm["state_builds"]}
+    return {
+        "sticky_s": sticky.wall_s,
+        "ideal_s": ideal,
+        "efficiency": ideal / sticky.wall_s,
+        "overhead_s": sticky.wall_s - ideal,
+        "setup_s_max": llm["setup_s"]["max"],
+        "invocation_s_median": llm["invocation_s"]["median"],
+        "model_loads": llm["state_builds"],
+    }
 
 
 # Larger models of the demo's shape: the fixed costs stay, the ideal grows.
@@ -201,16 +255,35 @@ def by_model(folder: Path, invocations: int, per_invocation: int, workers: int, 
     for name, size in MODEL_SIZES.items():
         target = folder / name.replace(" ", "").replace(",", "-")
         config = prepare_demo(target, invocations * per_invocation, per_invocation, workers, [f"model_size={size}"])
-        cmd = [SNAKEMAKE, "--executor", "sticky", "--cores", str(DEMO_WINDOW * workers), "--sticky-workers", str(workers), *config]
+        cmd = [
+            SNAKEMAKE,
+            "--executor",
+            "sticky",
+            "--cores",
+            str(DEMO_WINDOW * workers),
+            "--sticky-workers",
+            str(workers),
+            *config,
+        ]
         runs = []
         for _ in range(repeats):
             reset_demo(target)
             runs.append(sticky_measures(run(cmd, target), workers))
-        row = {"model": name, "model_size": size, "runs": runs,
-               **{key: spread([r[key] for r in runs]) for key in ("sticky_s", "ideal_s", "efficiency", "overhead_s", "invocation_s_median")}}
+        row = {
+            "model": name,
+            "model_size": size,
+            "runs": runs,
+            **{
+                key: spread([r[key] for r in runs])
+                for key in ("sticky_s", "ideal_s", "efficiency", "overhead_s", "invocation_s_median")
+            },
+        }
         rows.append(row)
-        print(f"  model {name}: sticky {row['sticky_s']['median']:.2f} s, ideal {row['ideal_s']['median']:.2f} s, "
-              f"efficiency {row['efficiency']['median']:.2f}", flush=True)
+        print(
+            f"  model {name}: sticky {row['sticky_s']['median']:.2f} s, ideal {row['ideal_s']['median']:.2f} s, "
+            f"efficiency {row['efficiency']['median']:.2f}",
+            flush=True,
+        )
     return {"invocations": invocations, "claims_per_invocation": per_invocation, "workers": workers, "rows": rows}
 
 
@@ -257,12 +330,24 @@ def dispatch(folder: Path, ks: list[int], workers: int, repeats: int) -> dict:
         for _ in range(repeats):
             sticky = noop_run(folder, k, "sticky", workers, LARGE_RUN_FLAGS)
             floor = noop_run(folder, k, "touch", workers, LARGE_RUN_FLAGS)
-            pairs.append({"sticky_s": sticky.wall_s, "floor_s": floor.wall_s,
-                          "overhead_ms": 1000 * (sticky.wall_s - floor.wall_s) / k})
-        row = {"k": k, "pairs": pairs, **{key: spread([p[key] for p in pairs]) for key in ("sticky_s", "floor_s", "overhead_ms")}}
+            pairs.append(
+                {
+                    "sticky_s": sticky.wall_s,
+                    "floor_s": floor.wall_s,
+                    "overhead_ms": 1000 * (sticky.wall_s - floor.wall_s) / k,
+                }
+            )
+        row = {
+            "k": k,
+            "pairs": pairs,
+            **{key: spread([p[key] for p in pairs]) for key in ("sticky_s", "floor_s", "overhead_ms")},
+        }
         rows.append(row)
-        print(f"  dispatch K={k}: sticky {row['sticky_s']['median']:.2f} s, floor {row['floor_s']['median']:.2f} s, "
-              f"{row['overhead_ms']['median']:.2f} ms/invocation above the floor", flush=True)
+        print(
+            f"  dispatch K={k}: sticky {row['sticky_s']['median']:.2f} s, floor {row['floor_s']['median']:.2f} s, "
+            f"{row['overhead_ms']['median']:.2f} ms/invocation above the floor",
+            flush=True,
+        )
     return {"workers": workers, "cores": WINDOW * workers, "flags": " ".join(LARGE_RUN_FLAGS), "rows": rows}
 
 
@@ -271,17 +356,42 @@ def scale(folder: Path, ns: list[int], workers: int, compare_at: int) -> dict:
     rows = []
     for n in ns:
         measured = noop_run(folder, n, "sticky", workers, LARGE_RUN_FLAGS)
-        rows.append({"n": n, "wall_s": measured.wall_s, "per_invocation_ms": 1000 * measured.wall_s / n,
-                     "head_rss_mb": measured.head_rss_mb, "worker_rss_mb": measured.worker_rss_mb})
-        print(f"  scale N={n}: {measured.wall_s:.1f} s ({1000 * measured.wall_s / n:.2f} ms/invocation), "
-              f"Snakemake {measured.head_rss_mb:.0f} MB, worker {measured.worker_rss_mb:.0f} MB", flush=True)
+        rows.append(
+            {
+                "n": n,
+                "wall_s": measured.wall_s,
+                "per_invocation_ms": 1000 * measured.wall_s / n,
+                "head_rss_mb": measured.head_rss_mb,
+                "worker_rss_mb": measured.worker_rss_mb,
+            }
+        )
+        print(
+            f"  scale N={n}: {measured.wall_s:.1f} s ({1000 * measured.wall_s / n:.2f} ms/invocation), "
+            f"Snakemake {measured.head_rss_mb:.0f} MB, worker {measured.worker_rss_mb:.0f} MB",
+            flush=True,
+        )
     settings = []
     variants = {
         "Snakemake CLI defaults": ["--quiet", "rules"],
         "+ --max-jobs-per-timespan 100000/1s": ["--max-jobs-per-timespan", "100000/1s", "--quiet", "rules"],
         "+ --scheduler greedy": ["--scheduler", "greedy", "--max-jobs-per-timespan", "100000/1s", "--quiet", "rules"],
-        "+ --scheduler firstfit": ["--scheduler", "firstfit", "--max-jobs-per-timespan", "100000/1s", "--quiet", "rules"],
-        "+ --drop-metadata": ["--scheduler", "firstfit", "--max-jobs-per-timespan", "100000/1s", "--drop-metadata", "--quiet", "rules"],
+        "+ --scheduler firstfit": [
+            "--scheduler",
+            "firstfit",
+            "--max-jobs-per-timespan",
+            "100000/1s",
+            "--quiet",
+            "rules",
+        ],
+        "+ --drop-metadata": [
+            "--scheduler",
+            "firstfit",
+            "--max-jobs-per-timespan",
+            "100000/1s",
+            "--drop-metadata",
+            "--quiet",
+            "rules",
+        ],
         "+ --scheduler-subsample 256 (recommended)": LARGE_RUN_FLAGS,
     }
     for name, flags in variants.items():
@@ -305,27 +415,51 @@ def batching(folder: Path, models: dict[str, tuple[Optional[str], int]], sizes: 
         target = folder / name.split(":")[0].replace(" ", "-")
         extra = [f"model_size={size}"] if size else []
         for per_invocation in sizes:
-            config = prepare_demo(target, claims, per_invocation, 1, [*extra, f"slots={BATCHING_SLOTS}", "batch_size=16"])
-            cmd = [SNAKEMAKE, "--executor", "sticky", "--cores", str(DEMO_WINDOW * BATCHING_SLOTS), "--sticky-workers", "1", *config]
+            config = prepare_demo(
+                target, claims, per_invocation, 1, [*extra, f"slots={BATCHING_SLOTS}", "batch_size=16"]
+            )
+            cmd = [
+                SNAKEMAKE,
+                "--executor",
+                "sticky",
+                "--cores",
+                str(DEMO_WINDOW * BATCHING_SLOTS),
+                "--sticky-workers",
+                "1",
+                *config,
+            ]
             runs: dict[bool, list[dict]] = {True: [], False: []}
             for _ in range(repeats):
                 for batched in (True, False):
                     reset_demo(target)
                     measured = run([*cmd, f"batcher={batched}"], target)
                     calls = measured.report["templates"]["llm"]["model_calls"]
-                    runs[batched].append({
-                        "makespan_s": measured.wall_s,
-                        "claims_per_s": claims / measured.wall_s,
-                        "mean_batch": calls["mean_batch"] if calls else float(min(per_invocation, 16)),
-                    })
+                    runs[batched].append(
+                        {
+                            "makespan_s": measured.wall_s,
+                            "claims_per_s": claims / measured.wall_s,
+                            "mean_batch": calls["mean_batch"] if calls else float(min(per_invocation, 16)),
+                        }
+                    )
             for batched, measured_runs in runs.items():
-                row = {"model": name, "claims": claims, "claims_per_invocation": per_invocation, "batcher": batched,
-                       "runs": measured_runs,
-                       **{key: spread([r[key] for r in measured_runs]) for key in ("makespan_s", "claims_per_s", "mean_batch")}}
+                row = {
+                    "model": name,
+                    "claims": claims,
+                    "claims_per_invocation": per_invocation,
+                    "batcher": batched,
+                    "runs": measured_runs,
+                    **{
+                        key: spread([r[key] for r in measured_runs])
+                        for key in ("makespan_s", "claims_per_s", "mean_batch")
+                    },
+                }
                 rows.append(row)
-                print(f"  batching {name}, {per_invocation} claims/invocation, {'with' if batched else 'without'} the "
-                      f"Batcher: {row['claims_per_s']['median']:.1f} claims/s, mean batch {row['mean_batch']['median']:.1f}, "
-                      f"makespan {row['makespan_s']['median']:.1f} s", flush=True)
+                print(
+                    f"  batching {name}, {per_invocation} claims/invocation, {'with' if batched else 'without'} the "
+                    f"Batcher: {row['claims_per_s']['median']:.1f} claims/s, mean batch {row['mean_batch']['median']:.1f}, "
+                    f"makespan {row['makespan_s']['median']:.1f} s",
+                    flush=True,
+                )
     return {"slots": BATCHING_SLOTS, "workers": 1, "batch_size": 16, "rows": rows}
 
 
@@ -354,8 +488,15 @@ class ThrottledSource:
     def __enter__(self) -> Path:
         self.mountpoint.mkdir(parents=True, exist_ok=True)
         self.process = subprocess.Popen(
-            [sys.executable, str(ROOT / "benchmarks" / "throttled_fs.py"), str(self.source), str(self.mountpoint), str(self.mb_per_s)],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            [
+                sys.executable,
+                str(ROOT / "benchmarks" / "throttled_fs.py"),
+                str(self.source),
+                str(self.mountpoint),
+                str(self.mb_per_s),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
         )
         deadline = time.monotonic() + 30
         while not os.path.ismount(self.mountpoint):
@@ -384,7 +525,17 @@ def three_models(folder: Path, invocations: int, per_invocation: int, repeats: i
         variants = {
             "create-destroy": [SNAKEMAKE, "--executor", "local", "--cores", "1", *common, "stage=False"],
             "StickyI/O": [SNAKEMAKE, "--executor", "local", "--cores", "1", *common, "stage=True"],
-            "sticky": [SNAKEMAKE, "--executor", "sticky", "--cores", str(DEMO_WINDOW), "--sticky-workers", "1", *common, "stage=True"],
+            "sticky": [
+                SNAKEMAKE,
+                "--executor",
+                "sticky",
+                "--cores",
+                str(DEMO_WINDOW),
+                "--sticky-workers",
+                "1",
+                *common,
+                "stage=True",
+            ],
         }
         reset_demo(folder)
         run(variants["StickyI/O"], folder, env=env_cache)  # the node-local copy is made once: a warm cache
@@ -394,8 +545,14 @@ def three_models(folder: Path, invocations: int, per_invocation: int, repeats: i
                 rows[name].append(run(cmd, folder, env=env_cache).wall_s)
     for name, walls in rows.items():
         print(f"  three models, {name}: {statistics.median(walls):.1f} s", flush=True)
-    return {"invocations": invocations, "claims_per_invocation": per_invocation, "model_mb": round(model_mb, 1),
-            "source_mb_per_s": SOURCE_MB_PER_S, "runs": rows, **{name: spread(walls) for name, walls in rows.items()}}
+    return {
+        "invocations": invocations,
+        "claims_per_invocation": per_invocation,
+        "model_mb": round(model_mb, 1),
+        "source_mb_per_s": SOURCE_MB_PER_S,
+        "runs": rows,
+        **{name: spread(walls) for name, walls in rows.items()},
+    }
 
 
 STAGE_TEMPLATE = """
@@ -426,18 +583,27 @@ def scale_out_staging(folder: Path, node_counts: list[int], repeats: int) -> dic
     )
     rows = []
     with ThrottledSource(source.parent, folder / "mnt", SOURCE_MB_PER_S) as mounted:
-        (work / "config.yaml").write_text(f"sticky:\n  model:\n    setup: template.py\n    kwargs: {{source: {mounted / 'model'}}}\n")
+        (work / "config.yaml").write_text(
+            f"sticky:\n  model:\n    setup: template.py\n    kwargs: {{source: {mounted / 'model'}}}\n"
+        )
         for nodes in node_counts:
             for readers in sorted({1, nodes}):
                 measured = []
                 for _ in range(repeats):
                     measured.append(stage_on_nodes(work, folder, nodes, readers))
-                row = {"nodes": nodes, "readers": readers, "runs": measured,
-                       "all_staged_s": spread([m["all_staged_s"] for m in measured]),
-                       "shared_reads": max(m["shared_reads"] for m in measured)}
+                row = {
+                    "nodes": nodes,
+                    "readers": readers,
+                    "runs": measured,
+                    "all_staged_s": spread([m["all_staged_s"] for m in measured]),
+                    "shared_reads": max(m["shared_reads"] for m in measured),
+                }
                 rows.append(row)
-                print(f"  staging on {nodes} node(s), {readers} reader(s) of the source: every node holds a copy after "
-                      f"{row['all_staged_s']['median']:.1f} s ({row['shared_reads']} read(s) of the source)", flush=True)
+                print(
+                    f"  staging on {nodes} node(s), {readers} reader(s) of the source: every node holds a copy after "
+                    f"{row['all_staged_s']['median']:.1f} s ({row['shared_reads']} read(s) of the source)",
+                    flush=True,
+                )
     return {"model_mb": 64, "source_mb_per_s": SOURCE_MB_PER_S, "rows": rows}
 
 
@@ -452,30 +618,84 @@ def stage_on_nodes(work: Path, folder: Path, nodes: int, readers: int) -> dict:
     scheduler_file = work / "scheduler.json"
     scheduler_file.unlink(missing_ok=True)
     env = dict(os.environ)
-    processes = [subprocess.Popen([dask, "scheduler", "--host", "127.0.0.1", "--port", "0", "--no-dashboard",
-                                   "--scheduler-file", str(scheduler_file)], cwd=work, env=env,
-                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)]
+    processes = [
+        subprocess.Popen(
+            [
+                dask,
+                "scheduler",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                "0",
+                "--no-dashboard",
+                "--scheduler-file",
+                str(scheduler_file),
+            ],
+            cwd=work,
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+    ]
     try:
         deadline = time.monotonic() + 30
         while not scheduler_file.exists() and time.monotonic() < deadline:
             time.sleep(0.1)
         for cache in caches:
-            processes.append(subprocess.Popen(
-                [sys.executable, "-m", "snakemake_executor_plugin_sticky.keeper", dask, "worker", "--scheduler-file",
-                 str(scheduler_file), "--resources", "sticky-model=1", "--nthreads", "1", "--memory-limit", "0",
-                 "--no-nanny", "--no-dashboard"], cwd=work, env={**env, "NODE_CACHE": str(cache)},
-                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
-        measured = run([SNAKEMAKE, "--executor", "sticky", "--cores", str(nodes), "--sticky-scheduler", str(scheduler_file),
-                        "--sticky-cache-dir", "$NODE_CACHE", "--sticky-stage-readers", str(readers),
-                        "--config", f"n={2 * nodes}"], work)
+            processes.append(
+                subprocess.Popen(
+                    [
+                        sys.executable,
+                        "-m",
+                        "snakemake_executor_plugin_sticky.keeper",
+                        dask,
+                        "worker",
+                        "--scheduler-file",
+                        str(scheduler_file),
+                        "--resources",
+                        "sticky-model=1",
+                        "--nthreads",
+                        "1",
+                        "--memory-limit",
+                        "0",
+                        "--no-nanny",
+                        "--no-dashboard",
+                    ],
+                    cwd=work,
+                    env={**env, "NODE_CACHE": str(cache)},
+                    stdout=subprocess.DEVNULL,
+                    stderr=subprocess.DEVNULL,
+                )
+            )
+        measured = run(
+            [
+                SNAKEMAKE,
+                "--executor",
+                "sticky",
+                "--cores",
+                str(nodes),
+                "--sticky-scheduler",
+                str(scheduler_file),
+                "--sticky-cache-dir",
+                "$NODE_CACHE",
+                "--sticky-stage-readers",
+                str(readers),
+                "--config",
+                f"n={2 * nodes}",
+            ],
+            work,
+        )
     finally:
         for process in processes:
             process.kill()
             process.wait()
     stagings = [s for w in measured.report["templates"]["model"]["workers"] for s in w["stagings"]]
     ends = [s["stage_started"] + s["seconds"] for s in stagings]
-    return {"all_staged_s": max(ends) - min(s["stage_started"] for s in stagings),
-            "shared_reads": sum(s["from"] == "shared" for s in stagings), "stagings": stagings}
+    return {
+        "all_staged_s": max(ends) - min(s["stage_started"] for s in stagings),
+        "shared_reads": sum(s["from"] == "shared" for s in stagings),
+        "stagings": stagings,
+    }
 
 
 # -- tls ----------------------------------------------------------------------------------------
@@ -525,7 +745,10 @@ def tls_cost(repeats: int, tasks: int) -> dict:
     for name, runs in rows.items():
         result[name] = {key: spread([r[key] for r in runs]) for key in runs[0]}
     for key in ("worker_start_s", "one_by_one_ms", "all_at_once_ms"):
-        print(f"  tls {key}: TLS {result['tls'][key]['median']:.3f}, plain TCP {result['tcp'][key]['median']:.3f}", flush=True)
+        print(
+            f"  tls {key}: TLS {result['tls'][key]['median']:.3f}, plain TCP {result['tcp'][key]['median']:.3f}",
+            flush=True,
+        )
     return result
 
 
@@ -549,8 +772,11 @@ def fmt(s: dict, unit: str = "", digits: int = 2) -> str:
 
 def markdown(results: dict) -> str:
     m = results["machine"]
-    lines = [f"Machine: {m['cpus']} CPUs, {m['memory_gb']} GiB, no GPU, {m['platform']}, Python {m['python']}; "
-             f"{results['date']}. Median (min–max) of {results['repeats']} alternated runs.", ""]
+    lines = [
+        f"Machine: {m['cpus']} CPUs, {m['memory_gb']} GiB, no GPU, {m['platform']}, Python {m['python']}; "
+        f"{results['date']}. Median (min–max) of {results['repeats']} alternated runs.",
+        "",
+    ]
     if "makespan" in results:
         r = results["makespan"]
         lines += [
@@ -564,68 +790,111 @@ def markdown(results: dict) -> str:
         ]
     if "models" in results:
         r = results["models"]
-        lines += ["**Larger models**, the same workflow and settings (sticky only; the fixed costs stay, the ideal grows):", "",
-                  "| model | invocation (median) | sticky | ideal | sticky − ideal | efficiency |", "|---|---|---|---|---|---|"]
+        lines += [
+            "**Larger models**, the same workflow and settings (sticky only; the fixed costs stay, the ideal grows):",
+            "",
+            "| model | invocation (median) | sticky | ideal | sticky − ideal | efficiency |",
+            "|---|---|---|---|---|---|",
+        ]
         if "makespan" in results:
             m = results["makespan"]
             demo_invocation = statistics.median(p["invocation_s_median"] for p in m["pairs"])
             overhead = [p["sticky_s"] - p["ideal_s"] for p in m["pairs"]]
-            lines.append(f"| demo: hidden 64, 2 layers | {demo_invocation:.3f} s | {fmt(m['sticky_s'], ' s')} | {fmt(m['ideal_s'], ' s')} "
-                         f"| {fmt(spread(overhead), ' s')} | {fmt(m['efficiency'])} |")
+            lines.append(
+                f"| demo: hidden 64, 2 layers | {demo_invocation:.3f} s | {fmt(m['sticky_s'], ' s')} | {fmt(m['ideal_s'], ' s')} "
+                f"| {fmt(spread(overhead), ' s')} | {fmt(m['efficiency'])} |"
+            )
         for row in r["rows"]:
-            lines.append(f"| {row['model']} | {row['invocation_s_median']['median']:.3f} s | {fmt(row['sticky_s'], ' s')} "
-                         f"| {fmt(row['ideal_s'], ' s')} | {fmt(row['overhead_s'], ' s')} | {fmt(row['efficiency'])} |")
+            lines.append(
+                f"| {row['model']} | {row['invocation_s_median']['median']:.3f} s | {fmt(row['sticky_s'], ' s')} "
+                f"| {fmt(row['ideal_s'], ' s')} | {fmt(row['overhead_s'], ' s')} | {fmt(row['efficiency'])} |"
+            )
         lines.append("")
     if "dispatch" in results:
         d = results["dispatch"]
-        lines += [f"**Dispatch**, no-op invocations, W = {d['workers']}, sticky vs `--executor touch` (Snakemake's floor), "
-                  f"both with `--cores {d.get('cores', 4 * d['workers'])} {d['flags']}`:", "",
-                  "| K | sticky | floor | ms per invocation above the floor |", "|---|---|---|---|"]
+        lines += [
+            f"**Dispatch**, no-op invocations, W = {d['workers']}, sticky vs `--executor touch` (Snakemake's floor), "
+            f"both with `--cores {d.get('cores', 4 * d['workers'])} {d['flags']}`:",
+            "",
+            "| K | sticky | floor | ms per invocation above the floor |",
+            "|---|---|---|---|",
+        ]
         for row in results["dispatch"]["rows"]:
-            lines.append(f"| {row['k']:,} | {fmt(row['sticky_s'], ' s')} | {fmt(row['floor_s'], ' s')} | {fmt(row['overhead_ms'])} |")
+            lines.append(
+                f"| {row['k']:,} | {fmt(row['sticky_s'], ' s')} | {fmt(row['floor_s'], ' s')} | {fmt(row['overhead_ms'])} |"
+            )
         lines.append("")
     if "scale" in results:
-        lines += ["**Scale**, no-op invocations with the large-run flags:", "",
-                  "| N | wall | per invocation | Snakemake peak RSS | worker peak RSS |", "|---|---|---|---|---|"]
+        lines += [
+            "**Scale**, no-op invocations with the large-run flags:",
+            "",
+            "| N | wall | per invocation | Snakemake peak RSS | worker peak RSS |",
+            "|---|---|---|---|---|",
+        ]
         for row in results["scale"]["rows"]:
-            lines.append(f"| {row['n']:,} | {row['wall_s']:.1f} s | {row['per_invocation_ms']:.2f} ms | "
-                         f"{row['head_rss_mb']:.0f} MB | {row['worker_rss_mb']:.0f} MB |")
+            lines.append(
+                f"| {row['n']:,} | {row['wall_s']:.1f} s | {row['per_invocation_ms']:.2f} ms | "
+                f"{row['head_rss_mb']:.0f} MB | {row['worker_rss_mb']:.0f} MB |"
+            )
         lines += ["", f"Settings at N = {results['scale']['settings_at']:,}:", "", "| settings | wall |", "|---|---|"]
         for row in results["scale"]["settings"]:
             lines.append(f"| {row['settings']} | {row['wall_s']:.1f} s |")
         lines.append("")
     if "batching" in results:
         b = results["batching"]
-        lines += [f"**Batching**, the demo on one worker with {b['slots']} slots, at most {b['batch_size']} claims per "
-                  "forward pass, with the template's Batcher and without it (each invocation then scores its own claims):", "",
-                  "| model | claims per invocation | Batcher | claims/s | mean batch | makespan |", "|---|---|---|---|---|---|"]
+        lines += [
+            f"**Batching**, the demo on one worker with {b['slots']} slots, at most {b['batch_size']} claims per "
+            "forward pass, with the template's Batcher and without it (each invocation then scores its own claims):",
+            "",
+            "| model | claims per invocation | Batcher | claims/s | mean batch | makespan |",
+            "|---|---|---|---|---|---|",
+        ]
         for row in b["rows"]:
-            lines.append(f"| {row['model']} | {row['claims_per_invocation']} | {'yes' if row['batcher'] else 'no'} "
-                         f"| {fmt(row['claims_per_s'], '', 1)} | {fmt(row['mean_batch'], '', 1)} | {fmt(row['makespan_s'], ' s', 1)} |")
+            lines.append(
+                f"| {row['model']} | {row['claims_per_invocation']} | {'yes' if row['batcher'] else 'no'} "
+                f"| {fmt(row['claims_per_s'], '', 1)} | {fmt(row['mean_batch'], '', 1)} | {fmt(row['makespan_s'], ' s', 1)} |"
+            )
         lines.append("")
     if "staging" in results and "skipped" not in results["staging"]:
         t = results["staging"]["three_models"]
-        lines += [f"**Three task models**, the demo with the larger model ({t['model_mb']:.0f} MB) read from a file system "
-                  f"that serves {t['source_mb_per_s']:.0f} MB/s in all, {t['invocations']} invocations × {t['claims_per_invocation']} claims:", "",
-                  "| create-destroy | StickyI/O (stage(), warm cache) | sticky |", "|---|---|---|",
-                  f"| {fmt(t['create-destroy'], ' s', 1)} | {fmt(t['StickyI/O'], ' s', 1)} | {fmt(t['sticky'], ' s', 1)} |", ""]
+        lines += [
+            f"**Three task models**, the demo with the larger model ({t['model_mb']:.0f} MB) read from a file system "
+            f"that serves {t['source_mb_per_s']:.0f} MB/s in all, {t['invocations']} invocations × {t['claims_per_invocation']} claims:",
+            "",
+            "| create-destroy | StickyI/O (stage(), warm cache) | sticky |",
+            "|---|---|---|",
+            f"| {fmt(t['create-destroy'], ' s', 1)} | {fmt(t['StickyI/O'], ' s', 1)} | {fmt(t['sticky'], ' s', 1)} |",
+            "",
+        ]
         o = results["staging"]["scale_out"]
-        lines += [f"**Scale-out staging**, a {o['model_mb']} MB model on that file system, time until every node holds a copy:", "",
-                  "| nodes | readers of the source | every node staged | reads of the source |", "|---|---|---|---|"]
+        lines += [
+            f"**Scale-out staging**, a {o['model_mb']} MB model on that file system, time until every node holds a copy:",
+            "",
+            "| nodes | readers of the source | every node staged | reads of the source |",
+            "|---|---|---|---|",
+        ]
         for row in o["rows"]:
-            lines.append(f"| {row['nodes']} | {row['readers']} | {fmt(row['all_staged_s'], ' s', 1)} | {row['shared_reads']} |")
+            lines.append(
+                f"| {row['nodes']} | {row['readers']} | {fmt(row['all_staged_s'], ' s', 1)} | {row['shared_reads']} |"
+            )
         lines.append("")
     elif "staging" in results:
         lines += [f"**Staging**: skipped ({results['staging']['skipped']}).", ""]
     if "tls" in results:
         t = results["tls"]
-        lines += [f"**TLS**, Dask scheduler and one Nanny worker on loopback, with the run's credentials and without, "
-                  f"{t['tasks']:,} no-op tasks:", "",
-                  "| | worker start | per task, one after another | per task, all at once |", "|---|---|---|---|"]
+        lines += [
+            f"**TLS**, Dask scheduler and one Nanny worker on loopback, with the run's credentials and without, "
+            f"{t['tasks']:,} no-op tasks:",
+            "",
+            "| | worker start | per task, one after another | per task, all at once |",
+            "|---|---|---|---|",
+        ]
         for name, label in (("tls", "TLS (the default, always)"), ("tcp", "plain TCP (for comparison only)")):
             row = t[name]
-            lines.append(f"| {label} | {fmt(row['worker_start_s'], ' s')} | {fmt(row['one_by_one_ms'], ' ms')} "
-                         f"| {fmt(row['all_at_once_ms'], ' ms', 3)} |")
+            lines.append(
+                f"| {label} | {fmt(row['worker_start_s'], ' s')} | {fmt(row['one_by_one_ms'], ' ms')} "
+                f"| {fmt(row['all_at_once_ms'], ' ms', 3)} |"
+            )
         lines.append("")
     return "\n".join(lines)
 
@@ -683,15 +952,22 @@ def plot(results: dict, path: Path) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="a short version (make bench-quick)")
-    parser.add_argument("--only", choices=["makespan", "models", "dispatch", "scale", "tls", "batching", "staging"], action="append")
+    parser.add_argument(
+        "--only", choices=["makespan", "models", "dispatch", "scale", "tls", "batching", "staging"], action="append"
+    )
     parser.add_argument("--dispatch", type=int, nargs="+", help="invocation counts K of the dispatch section")
     parser.add_argument("--scale", type=int, nargs="+", help="invocation counts N of the scale section")
     parser.add_argument("--settings-at", type=int, help="N at which the scale section compares Snakemake settings")
     args = parser.parse_args()
     sections = args.only or ["makespan", "models", "dispatch", "scale", "tls", "batching", "staging"]
     repeats = 3
-    results = {"date": datetime.datetime.now().isoformat(timespec="seconds"), "machine": machine(),
-               "quick": args.quick, "repeats": repeats, "command": " ".join(sys.argv[1:])}
+    results = {
+        "date": datetime.datetime.now().isoformat(timespec="seconds"),
+        "machine": machine(),
+        "quick": args.quick,
+        "repeats": repeats,
+        "command": " ".join(sys.argv[1:]),
+    }
     with tempfile.TemporaryDirectory(prefix="sticky-bench-") as tmp:
         tmp = Path(tmp)
         if "makespan" in sections:
@@ -720,7 +996,9 @@ def main() -> None:
                 print(f"staging: skipped ({why_not})", flush=True)
                 results["staging"] = {"skipped": why_not}
             else:
-                print("staging: create-destroy, StickyI/O and sticky on a throttled source; scale-out staging", flush=True)
+                print(
+                    "staging: create-destroy, StickyI/O and sticky on a throttled source; scale-out staging", flush=True
+                )
                 results["staging"] = {
                     "three_models": three_models(tmp / "three" / "demo", 8 if args.quick else 16, 8, repeats),
                     "scale_out": scale_out_staging(tmp / "scale-out", [1, 2] if args.quick else [1, 2, 4], repeats),

@@ -28,11 +28,25 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from bench import RESULTS, SNAKEMAKE, reset_demo, run, spread  # noqa: E402
 
-SMOLLM2_1_7B = dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=24, num_attention_heads=32,
-                    num_key_value_heads=32, vocab_size=49152, max_position_embeddings=2048, rope_theta=130000.0)
+SMOLLM2_1_7B = dict(
+    hidden_size=2048,
+    intermediate_size=8192,
+    num_hidden_layers=24,
+    num_attention_heads=32,
+    num_key_value_heads=32,
+    vocab_size=49152,
+    max_position_embeddings=2048,
+    rope_theta=130000.0,
+)
 # --smoke: the same architecture, small enough for a CPU.
-SMOKE_SHAPE = dict(SMOLLM2_1_7B, hidden_size=64, intermediate_size=172, num_hidden_layers=2, num_attention_heads=4,
-                   num_key_value_heads=4)
+SMOKE_SHAPE = dict(
+    SMOLLM2_1_7B,
+    hidden_size=64,
+    intermediate_size=172,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=4,
+)
 
 
 def build_model(folder: Path, tokenizer_from: Path, shape: dict, device: str) -> Path:
@@ -41,9 +55,14 @@ def build_model(folder: Path, tokenizer_from: Path, shape: dict, device: str) ->
 
     torch.manual_seed(0)
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_from)
-    config = LlamaConfig(**shape, tie_word_embeddings=True, torch_dtype="bfloat16",
-                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                         pad_token_id=tokenizer.pad_token_id)
+    config = LlamaConfig(
+        **shape,
+        tie_word_embeddings=True,
+        torch_dtype="bfloat16",
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
     with torch.device(device):
         model = LlamaForCausalLM(config).to(torch.bfloat16)
     model.save_pretrained(folder, safe_serialization=True)
@@ -69,8 +88,10 @@ def setup_split(model_dir: Path, repeats: int, device: str) -> dict:
     )
     import subprocess
 
-    runs = [json.loads(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout)
-            for _ in range(repeats)]
+    runs = [
+        json.loads(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout)
+        for _ in range(repeats)
+    ]
     return {key: spread([r[key] for r in runs]) for key in ("disk_to_cpu_s", "cpu_to_gpu_s")}
 
 
@@ -97,8 +118,25 @@ def main() -> None:
         demo = Path(tmp) / "demo"
         shutil.copytree(ROOT / "workflow", demo, ignore=shutil.ignore_patterns("results", ".snakemake"))
         claims = args.invocations * args.claims_per_invocation
-        config = ["--config", f"claims={claims}", f"claims_per_invocation={args.claims_per_invocation}", "batch_size=16"]
-        run([SNAKEMAKE, "--executor", "local", "--cores", "2", "results/model/tiny-llama", "results/shards/00000.jsonl", *config], demo)
+        config = [
+            "--config",
+            f"claims={claims}",
+            f"claims_per_invocation={args.claims_per_invocation}",
+            "batch_size=16",
+        ]
+        run(
+            [
+                SNAKEMAKE,
+                "--executor",
+                "local",
+                "--cores",
+                "2",
+                "results/model/tiny-llama",
+                "results/shards/00000.jsonl",
+                *config,
+            ],
+            demo,
+        )
         model_dir = build_model(Path(tmp) / "smollm2-1.7b-shape", demo / "results/model/tiny-llama", shape, device)
         split = setup_split(model_dir, args.repeats, device)
         gpu_config = [*config, f"model={model_dir}", f"gpus={gpus}"]
@@ -111,32 +149,46 @@ def main() -> None:
             reset_demo(demo)
             local = run(local_cmd, demo)
             llm = sticky.report["templates"]["llm"]
-            pairs.append({"sticky_s": sticky.wall_s, "local_s": local.wall_s, "speedup": local.wall_s / sticky.wall_s,
-                          "setup_s": llm["setup_s"]["max"], "invocation_s": llm["invocation_s"]["median"]})
+            pairs.append(
+                {
+                    "sticky_s": sticky.wall_s,
+                    "local_s": local.wall_s,
+                    "speedup": local.wall_s / sticky.wall_s,
+                    "setup_s": llm["setup_s"]["max"],
+                    "invocation_s": llm["invocation_s"]["median"],
+                }
+            )
             print(f"  pair: sticky {sticky.wall_s:.1f} s, local {local.wall_s:.1f} s", flush=True)
     results = {
         "date": datetime.datetime.now().isoformat(timespec="seconds"),
         "gpu": gpu,
         "host": socket.gethostname(),
-        "model": "Llama, " + ("a tiny shape" if args.smoke else "SmolLM2-1.7B shape") + ", random bf16 weights, safetensors",
+        "model": "Llama, "
+        + ("a tiny shape" if args.smoke else "SmolLM2-1.7B shape")
+        + ", random bf16 weights, safetensors",
         "invocations": args.invocations,
         "claims_per_invocation": args.claims_per_invocation,
         "setup_split": split,
         "pairs": pairs,
-        **{key: spread([p[key] for p in pairs]) for key in ("sticky_s", "local_s", "speedup", "setup_s", "invocation_s")},
+        **{
+            key: spread([p[key] for p in pairs])
+            for key in ("sticky_s", "local_s", "speedup", "setup_s", "invocation_s")
+        },
     }
     args.results.mkdir(parents=True, exist_ok=True)
     stem = f"{datetime.date.today().isoformat()}-{socket.gethostname()}-gpu" + ("-smoke" if args.smoke else "")
     (args.results / f"{stem}.json").write_text(json.dumps(results, indent=2) + "\n")
     s = results
-    table = "\n".join([
-        f"GPU: {gpu}; {s['model']}; {s['invocations']} invocations × {s['claims_per_invocation']} claims; median (min–max) of {args.repeats}.",
-        "",
-        "| disk → CPU | CPU → GPU | setup (in worker) | per invocation | sticky | create-destroy | speedup |",
-        "|---|---|---|---|---|---|---|",
-        f"| {split['disk_to_cpu_s']['median']:.2f} s | {split['cpu_to_gpu_s']['median']:.2f} s | {s['setup_s']['median']:.2f} s | "
-        f"{s['invocation_s']['median']:.3f} s | {s['sticky_s']['median']:.1f} s | {s['local_s']['median']:.1f} s | {s['speedup']['median']:.1f}× |",
-    ])
+    table = "\n".join(
+        [
+            f"GPU: {gpu}; {s['model']}; {s['invocations']} invocations × {s['claims_per_invocation']} claims; median (min–max) of {args.repeats}.",
+            "",
+            "| disk → CPU | CPU → GPU | setup (in worker) | per invocation | sticky | create-destroy | speedup |",
+            "|---|---|---|---|---|---|---|",
+            f"| {split['disk_to_cpu_s']['median']:.2f} s | {split['cpu_to_gpu_s']['median']:.2f} s | {s['setup_s']['median']:.2f} s | "
+            f"{s['invocation_s']['median']:.3f} s | {s['sticky_s']['median']:.1f} s | {s['local_s']['median']:.1f} s | {s['speedup']['median']:.1f}× |",
+        ]
+    )
     (args.results / f"{stem}.md").write_text(table + "\n")
     print("\n" + table)
 

@@ -33,8 +33,10 @@ class Throttled(Operations):
 
     def getattr(self, path: str, fh: int = None) -> dict:
         st = os.lstat(self._path(path))
-        return {key: getattr(st, key) for key in (
-            "st_atime", "st_ctime", "st_gid", "st_mode", "st_mtime", "st_nlink", "st_size", "st_uid")}
+        return {
+            key: getattr(st, key)
+            for key in ("st_atime", "st_ctime", "st_gid", "st_mode", "st_mtime", "st_nlink", "st_size", "st_uid")
+        }
 
     def readdir(self, path: str, fh: int) -> list[str]:
         return [".", "..", *os.listdir(self._path(path))]
@@ -59,9 +61,21 @@ class Throttled(Operations):
 
     def statfs(self, path: str) -> dict:
         st = os.statvfs(self._path(path))
-        return {key: getattr(st, key) for key in (
-            "f_bavail", "f_bfree", "f_blocks", "f_bsize", "f_favail", "f_ffree", "f_files", "f_flag",
-            "f_frsize", "f_namemax")}
+        return {
+            key: getattr(st, key)
+            for key in (
+                "f_bavail",
+                "f_bfree",
+                "f_blocks",
+                "f_bsize",
+                "f_favail",
+                "f_ffree",
+                "f_files",
+                "f_flag",
+                "f_frsize",
+                "f_namemax",
+            )
+        }
 
 
 def main() -> None:

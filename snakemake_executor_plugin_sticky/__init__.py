@@ -2,8 +2,8 @@
 built their template's state (a loaded model) once.
 
 Snakemake looks up `Executor`, `ExecutorSettings` and `common_settings` here. Scripts import
-`sticky_state`, templates `Batcher` and `stage`; the executor (and Dask) load only when Snakemake asks for `Executor`, so a script
-under another executor pays nothing for them.
+`sticky_state`, templates `Batcher` and `stage`; the executor (and Dask) load only when Snakemake
+asks for `Executor`, so a script under another executor pays nothing for them.
 """
 
 from typing import Any

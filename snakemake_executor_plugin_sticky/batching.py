@@ -238,6 +238,7 @@ def split(batch: list[tuple[_Request, int, int]]) -> list[list[tuple[_Request, i
 
 
 def short(item: Any, width: int = 120) -> str:
+    """An item as a message may show it: its repr, cut to `width`."""
     text = repr(item)
     return text if len(text) <= width else text[: width - 3] + "..."
 
@@ -257,5 +258,6 @@ def close_all(reason: str) -> None:
 
 
 def set_poisoning(check: Optional[Callable[[BaseException], bool]]) -> None:
+    """Set by a resident worker: which exceptions poison its template's state."""
     global _poisons
     _poisons = check

@@ -48,20 +48,25 @@ class Delegate:
             logger.info(f"Jobs that are not sticky go to the '{name}' executor; localrules run here.")
 
     def executor_of(self, job: JobExecutorInterface) -> Any:
+        """The executor that runs the job: the local one for localrules, else the other."""
         if self.other is None or on_the_head_node(job, self.workflow):
             return self.local
         return self.other
 
     def run_job(self, job: JobExecutorInterface) -> None:
+        """Run a job that is not sticky."""
         self.executor_of(job).run_job(job)
 
     def handle_job_success(self, job: JobExecutorInterface) -> None:
+        """Hand a success on to the executor that ran the job."""
         self.executor_of(job).handle_job_success(job)
 
     def handle_job_error(self, job: JobExecutorInterface) -> None:
+        """Hand an error on to the executor that ran the job."""
         self.executor_of(job).handle_job_error(job)
 
     def shutdown(self) -> None:
+        """Wait for the jobs of both executors, then end them."""
         try:
             if self.other is not None:
                 self.other.shutdown()
@@ -69,6 +74,7 @@ class Delegate:
             self.local.shutdown()
 
     def cancel(self) -> None:
+        """Cancel the jobs of both executors."""
         try:
             if self.other is not None:
                 self.other.cancel()
@@ -88,6 +94,7 @@ def on_the_head_node(job: JobExecutorInterface, workflow: Any) -> bool:
 
 
 def other_plugin(name: str) -> Any:
+    """The installed executor plugin named by --sticky-other-executor."""
     from snakemake_interface_executor_plugins.registry import ExecutorPluginRegistry
 
     registry = ExecutorPluginRegistry()
@@ -133,6 +140,7 @@ def snakemake_command_line() -> Optional[Any]:
 
 
 def parse_plugin_args(plugin: Any, argv: list[str]) -> Any:
+    """The plugin's settings from flags of its own, with its environment variables."""
     import configargparse
 
     parser = configargparse.ArgumentParser(prog=f"--sticky-other-executor-args for {plugin.name}")

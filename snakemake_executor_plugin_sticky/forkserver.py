@@ -1,5 +1,5 @@
-"""Where local worker processes come from: a forkserver started as soon as Snakemake has read this
-executor's settings, while it still parses the workflow and builds the DAG on one core.
+"""Where local worker processes come from: a forkserver started first thing when the executor
+starts, while the Snakemake process does the rest of its start on the other core.
 
 Every worker process needs Dask, about 0.4 s of CPU to import. The forkserver imports it once,
 on a core that is idle at that point, and each worker is then a fork of it: on 2 cores a worker
@@ -16,7 +16,7 @@ from __future__ import annotations
 import multiprocessing
 import os
 import sys
-from typing import Any
+from typing import Any, Callable
 
 PRELOAD = [
     "distributed",
@@ -26,17 +26,19 @@ PRELOAD = [
 
 
 def available() -> bool:
+    """Whether this Python can start processes from a forkserver."""
     return "forkserver" in multiprocessing.get_all_start_methods()
 
 
-def start_forkserver() -> None:
+def start_forkserver() -> Callable[[], None]:
     """Start the forkserver unless it runs (idempotent). Its environment gets Dask's
     `distributed.nanny.pre-spawn-environ` (one thread per BLAS, malloc trimming), which a spawning
     Nanny would set in this process before starting each worker; here this process's own
-    environment is left as it is, so jobs that are not sticky see the user's."""
+    environment is left as it is, so jobs that are not sticky see the user's. Returns the undo of
+    what it changed in multiprocessing (the forkserver itself serves later runs too)."""
     import multiprocessing.forkserver
 
-    skip_snakemake_cli_in_children()
+    undo = skip_snakemake_cli_in_children()
     multiprocessing.set_forkserver_preload(PRELOAD)
     pre_spawn = {k: str(v) for k, v in pre_spawn_environ().items()}
     saved = {k: os.environ.get(k) for k in pre_spawn}
@@ -49,6 +51,7 @@ def start_forkserver() -> None:
                 os.environ.pop(key, None)
             else:
                 os.environ[key] = value
+    return undo
 
 
 def pre_spawn_environ() -> dict[str, Any]:
@@ -75,20 +78,20 @@ def pre_spawn_environ() -> dict[str, Any]:
     return {k: os.environ.get(k, str(v)) for k, v in environ.items() if v is not None}
 
 
-def skip_snakemake_cli_in_children() -> None:
+def skip_snakemake_cli_in_children() -> Callable[[], None]:
     """A spawned process (the forkserver too) re-imports its parent's `__main__`. Under the
     `snakemake` console script that is all of snakemake.cli (about 0.7 s of CPU), which no worker
-    uses. Only when `__main__` is that script, child processes skip it."""
+    uses. Only when `__main__` is that script, child processes skip it. Returns the undo."""
     import multiprocessing.spawn
 
     main = sys.modules.get("__main__")
     if getattr(main, "__spec__", None) is not None or getattr(main, "__file__", None) is None:
-        return  # `python -m snakemake`: spawn skips a `__main__` module by name already
+        return lambda: None  # `python -m snakemake`: spawn skips a `__main__` module by name already
     from snakemake.cli import main as snakemake_main
 
     original = multiprocessing.spawn.get_preparation_data
     if getattr(main, "main", None) is not snakemake_main or getattr(original, "sticky", False):
-        return
+        return lambda: None
 
     def preparation_data(name: str) -> dict[str, Any]:
         data = original(name)
@@ -97,3 +100,4 @@ def skip_snakemake_cli_in_children() -> None:
 
     preparation_data.sticky = True  # type: ignore[attr-defined]
     multiprocessing.spawn.get_preparation_data = preparation_data
+    return lambda: setattr(multiprocessing.spawn, "get_preparation_data", original)

@@ -27,6 +27,7 @@ from .processes import REAPER_ENV, Reaper, set_subreaper
 
 
 def say(message: str) -> None:
+    """A line on Snakemake's stderr, which the forkserver shares."""
     print(message, file=sys.stderr, flush=True)
 
 
@@ -44,6 +45,7 @@ reaper = Reaper(say) if in_forkserver() else None
 
 
 def fork() -> int:
+    """The forkserver's fork of a worker: recorded; the worker becomes a subreaper in a group of its own."""
     assert reaper is not None
     pid = _fork()
     if pid == 0:  # a worker process
@@ -57,6 +59,7 @@ def fork() -> int:
 
 
 def waitpid(pid: int, options: int) -> tuple[int, int]:
+    """The forkserver's collection of ended children: a worker's tree is ended first, orphans quietly."""
     assert reaper is not None
     while True:
         got, status = _waitpid(pid, options)

@@ -24,6 +24,8 @@ RUNNING_TOPIC = "sticky-running"  # invocations starting and ending, for the sch
 
 @dataclass
 class Invocation:
+    """One sticky job as a worker runs it: the script and the `snakemake` object it sees."""
+
     key: str
     template: str
     identity: str
@@ -53,6 +55,7 @@ class InvocationResult:
 
     @property
     def ok(self) -> bool:
+        """Whether the script ran to its end without an error."""
         return self.error is None
 
 
@@ -86,6 +89,7 @@ def invocation_timeout(resources: Any, default_s: Optional[float]) -> Optional[f
 def build_invocation(
     job: Any, template: TemplateSpec, script: str, config: dict[str, Any], default_timeout_s: Optional[float] = None
 ) -> Invocation:
+    """The invocation of a Snakemake job, with the `snakemake` object Snakemake's script preamble would give."""
     snakemake = Snakemake(
         input_=job.input,
         output=job.output,

@@ -28,6 +28,7 @@ USAGE = "usage: python -m snakemake_executor_plugin_sticky.keeper COMMAND [ARGS.
 
 
 def say(message: str) -> None:
+    """A line on the job's stderr."""
     print(message, file=sys.stderr, flush=True)
 
 
@@ -42,12 +43,14 @@ def command_of(argv: list[str]) -> list[str]:
 
 
 def exit_status(status: int) -> int:
+    """A wait status as a shell reports it: the exit code, or 128 + the signal."""
     if os.WIFSIGNALED(status):
         return 128 + os.WTERMSIG(status)
     return os.waitstatus_to_exitcode(status)
 
 
 def keep(argv: list[str]) -> int:
+    """Run the command as the keeper; return the exit status the keeper should end with."""
     if not argv:
         raise SystemExit(USAGE)
     command = command_of(argv)

@@ -62,6 +62,7 @@ def set_subreaper(on: bool = True) -> bool:
 
 
 def is_subreaper() -> bool:
+    """Whether this process adopts its orphaned descendants."""
     if not sys.platform.startswith("linux"):
         return False
     value = ctypes.c_int(0)
@@ -84,6 +85,7 @@ class Proc:
 
     @property
     def running(self) -> bool:
+        """Whether the process runs yet (it is not a zombie)."""
         return self.state not in ("Z", "X")
 
     def __str__(self) -> str:
@@ -141,6 +143,7 @@ def is_resource_tracker(proc: Proc) -> bool:
 
 
 def send(procs: Iterable[Proc], sig: int) -> None:
+    """Send a signal to each of the processes that still exist."""
     for proc in procs:
         try:
             os.kill(proc.pid, sig)
@@ -210,7 +213,10 @@ def multiprocessing_helpers() -> set[int]:
     pids = set()
     tracker = sys.modules.get("multiprocessing.resource_tracker")
     server = sys.modules.get("multiprocessing.forkserver")
-    for module, owner, attribute in ((tracker, "_resource_tracker", "_pid"), (server, "_forkserver", "_forkserver_pid")):
+    for module, owner, attribute in (
+        (tracker, "_resource_tracker", "_pid"),
+        (server, "_forkserver", "_forkserver_pid"),
+    ):
         pid = getattr(getattr(module, owner, None), attribute, None)
         if isinstance(pid, int):
             pids.add(pid)
@@ -228,10 +234,12 @@ class Reaper:
         set_subreaper()
 
     def orphans(self, table: dict[int, Proc]) -> list[Proc]:
+        """The reaper's children that are not its workers: the trees of dead workers."""
         me = os.getpid()
         return [p for p in table.values() if p.ppid == me and p.pid not in self.workers]
 
     def has_orphans(self) -> bool:
+        """Whether a dead worker left processes here."""
         return bool(self.orphans(process_table()))
 
     def end_orphans(self, cause: str) -> None:

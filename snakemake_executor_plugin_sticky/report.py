@@ -1,5 +1,6 @@
-"""Report room: where the time went. Live log lines about workers, a steady status line,
-`.snakemake/sticky/report.json`, `.snakemake/sticky/timeline.png` and an end-of-run summary.
+"""The run's records: what every worker process and invocation did, kept from the engine's
+events as they come, with live log lines about workers and a steady status line. At the end they
+become report.json, the timeline and a summary (summary.py, timeline.py).
 
 Workers announce themselves through Dask events (see `worker.py`); invocation timings come back
 with each result. The report keeps one record per worker process: a replacement after a loss is
@@ -8,28 +9,23 @@ a new record with the same name and the next incarnation number.
 
 from __future__ import annotations
 
-import json
-import re
 import signal
-import statistics
 import threading
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-from . import forkserver
+from . import summary
 from .invocation import Invocation, InvocationResult
 from .templates import TemplateSpec
-
-REPORT_VERSION = 1
-PAINT_TIMEOUT_S = 120.0
-# The timeline's status when it is drawn before the run ends (see RunReport.sticky_jobs_done).
-STICKY_DONE = "all sticky jobs done"
+from .timeline import STICKY_DONE, TimelinePainter, can_draw
 
 
 @dataclass
 class WorkerRecord:
+    """What the run knows of one worker process, from its events."""
+
     id: str
     template: str
     name: str
@@ -66,6 +62,8 @@ def exit_description(exitcode: int) -> str:
 
 @dataclass
 class InvocationRecord:
+    """One invocation's time on a worker, for the timeline and the statistics."""
+
     template: str
     worker: Optional[str]
     started: float
@@ -77,6 +75,8 @@ class InvocationRecord:
 
 @dataclass
 class TemplateTally:
+    """Counts of a template's workers requested and invocations submitted, done and failed."""
+
     requested: int = 0
     submitted: int = 0
     done: int = 0
@@ -104,7 +104,7 @@ class RunReport:
         """Get timeline.png's painter going: once workers start, a report will be written."""
         if self.painter is not None and self.painter.drawing:
             self.dismiss_painter()  # drawn too early: workers start again after all
-        if self.painter is None:
+        if self.painter is None and can_draw():
             self.painter = TimelinePainter()
 
     def sticky_jobs_done(self) -> None:
@@ -117,13 +117,16 @@ class RunReport:
 
     @property
     def timeline(self) -> Path:
+        """Where timeline.png goes."""
         return self.folder / "timeline.png"
 
     def invocations_so_far(self) -> list[InvocationRecord]:
+        """The invocation records so far (a copy: the painter gets them while the run goes on)."""
         with self._lock:
             return list(self.invocations)
 
     def dismiss_painter(self) -> None:
+        """No timeline this time: let the painter process go."""
         if self.painter is not None:
             self.painter.close()
             self.painter = None
@@ -131,6 +134,7 @@ class RunReport:
     # -- events ---------------------------------------------------------------------------------
 
     def workers_requested(self, template: TemplateSpec, count: int) -> None:
+        """The engine asked for `count` workers of the template."""
         with self._lock:
             self.tally[template.name].requested += count
             self._retiring.discard(template.name)
@@ -214,7 +218,9 @@ class RunReport:
                     record.error = message["error"]
                     text = f"Sticky worker {record.id}: template '{record.template}' failed to set up."
                 elif kind == "staged":
-                    record.stagings.append({key: message[key] for key in ("source", "from", "bytes", "seconds", "stage_started")})
+                    record.stagings.append(
+                        {key: message[key] for key in ("source", "from", "bytes", "seconds", "stage_started")}
+                    )
                     text = (
                         f"Sticky worker {record.id} staged {message['source']} ({message['bytes'] / 1e6:.1f} MB) "
                         f"from {message['from']} in {message['seconds']:.2f} s."
@@ -255,6 +261,7 @@ class RunReport:
         return record
 
     def workers_alive(self) -> dict[str, int]:
+        """Workers of each template that have not left."""
         with self._lock:
             alive: dict[str, int] = {}
             for worker in self.workers.values():
@@ -263,10 +270,12 @@ class RunReport:
             return alive
 
     def invocation_submitted(self, invocation: Invocation) -> None:
+        """An invocation was sent to the engine."""
         with self._lock:
             self.tally[invocation.template].submitted += 1
 
     def invocation_finished(self, invocation: Invocation, outcome: Any) -> None:
+        """An invocation's outcome came back: its record, and its worker's counts."""
         with self._lock:
             tally = self.tally[invocation.template]
             tally.done += 1
@@ -316,285 +325,9 @@ class RunReport:
     # -- end of run -----------------------------------------------------------------------------
 
     def as_dict(self, status: str) -> dict[str, Any]:
-        finished = time.time()
-        templates = {}
-        with self._lock:
-            if self.closing:
-                for worker in self.workers.values():
-                    if worker.gone_at is None:
-                        worker.gone_at, worker.retired = finished, True
-            for name, spec in self.templates.items():
-                tally = self.tally[name]
-                if not tally.requested and not tally.submitted:
-                    continue
-                workers = [w for w in self.workers.values() if w.template == name]
-                durations = [i.finished - i.started for i in self.invocations if i.template == name]
-                setups = [w.setup_s for w in workers if w.setup_s is not None]
-                median_setup = statistics.median(setups) if setups else None
-                served = len(durations)
-                templates[name] = {
-                    "identity": spec.identity,
-                    "setup_file": str(spec.setup),
-                    "gpus_per_worker": spec.gpus,
-                    "slots": spec.slots,
-                    "workers": [self._worker_dict(w) for w in workers],
-                    "workers_lost": sum(w.lost for w in workers),
-                    "state_builds": len(setups) + sum(w.rebuilds for w in workers),
-                    "rebuilds": max(0, len(setups) - tally.requested) + sum(w.rebuilds for w in workers),
-                    "invocations": served,
-                    "failed_invocations": tally.failed,
-                    "invocation_s": distribution(durations),
-                    "setup_s": distribution(setups),
-                    "setup_s_total": round(sum(setups), 3),
-                    "setup_amortized_s_per_invocation": round(sum(setups) / served, 4) if served else None,
-                    "create_destroy_setup_s": round(served * median_setup, 3) if median_setup is not None else None,
-                    "estimated_saved_s": round(served * median_setup - sum(setups), 3) if median_setup is not None else None,
-                    "model_calls": model_calls([c for i in self.invocations if i.template == name for c in i.calls]),
-                }
-        return {
-            "version": REPORT_VERSION,
-            "status": status,
-            "started": self.started,
-            "finished": finished,
-            "wall_s": round(finished - self.started, 3),
-            "templates": templates,
-        }
-
-    def _worker_dict(self, worker: WorkerRecord) -> dict[str, Any]:
-        data = asdict(worker)
-        for key in ("setup_started", "setup_finished", "gone_at"):
-            if data[key] is not None:
-                data[key] = round(data[key] - self.started, 3)  # seconds since the run started
-        data["busy_s"] = round(worker.busy_s, 3)
-        for staging in data["stagings"]:
-            staging["stage_started"] = round(staging["stage_started"] - self.started, 3)
-        return data
-
-    def summary_lines(self, report: dict[str, Any]) -> list[str]:
-        lines = []
-        for name, t in report["templates"].items():
-            median = t["setup_s"]["median"] if t["setup_s"] else None
-            lines.append(
-                f"Sticky template '{name}': {len(t['workers'])} worker(s), median setup "
-                + (f"{median:.2f} s" if median is not None else "n/a")
-                + f", {t['invocations']} invocation(s)"
-                + (f", setup amortized {t['setup_amortized_s_per_invocation']:.3f} s/invocation" if t["setup_amortized_s_per_invocation"] is not None else "")
-                + (f", ~{t['estimated_saved_s']:.1f} s of setup saved vs create-destroy" if t["estimated_saved_s"] is not None else "")
-                + "."
-            )
-        return lines
+        """report.json's content now (see summary.py)."""
+        return summary.report_dict(self, status)
 
     def write(self, status: str) -> Optional[dict[str, Any]]:
         """Write report.json and timeline.png; log the summary. Returns the report."""
-        report = self.as_dict(status)
-        if not report["templates"]:
-            self.dismiss_painter()
-            return None
-        self.folder.mkdir(parents=True, exist_ok=True)
-        (self.folder / "report.json").write_text(json.dumps(report, indent=2) + "\n")
-        invocations = self.invocations_so_far()
-        painter, self.painter = self.painter, None
-        try:
-            if painter is not None:
-                if not painter.drawing:
-                    painter.start_drawing(report, invocations, self.started, self.timeline)
-                painter.finish_drawing()
-            else:
-                draw_timeline(report, invocations, self.started, self.timeline)
-        except Exception as e:  # the picture must not cost the run its report
-            self.log.warning(f"Sticky report: could not draw timeline.png: {type(e).__name__}: {e}")
-        for line in self.summary_lines(report):
-            self.log.info(line)
-        self.log.info(f"Sticky report: {self.folder / 'report.json'}, timeline: {self.timeline}")
-        return report
-
-
-def model_calls(calls: list[tuple[float, float, int]]) -> Optional[dict[str, Any]]:
-    """The template's model calls through a Batcher: how many, their batch sizes, the device's busy time."""
-    if not calls:
-        return None
-    sizes = [items for _, _, items in calls]
-    return {
-        "calls": len(calls),
-        "items": sum(sizes),
-        "mean_batch": round(statistics.fmean(sizes), 2),
-        "max_batch": max(sizes),
-        "device_busy_s": round(sum(end - start for start, end, _ in calls), 3),
-    }
-
-
-def distribution(values: list[float]) -> Optional[dict[str, float]]:
-    if not values:
-        return None
-    ordered = sorted(values)
-    return {
-        "count": len(ordered),
-        "min": round(ordered[0], 4),
-        "median": round(statistics.median(ordered), 4),
-        "mean": round(statistics.fmean(ordered), 4),
-        "p90": round(ordered[min(len(ordered) - 1, int(0.9 * len(ordered)))], 4),
-        "max": round(ordered[-1], 4),
-        "total": round(sum(ordered), 4),
-    }
-
-
-def natural(text: str) -> list[Any]:
-    """Sort key that puts llm-2 before llm-10."""
-    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", text)]
-
-
-class TimelinePainter:
-    """Draws timeline.png in a process of its own, started with the workers. It loads matplotlib
-    (about 0.5 s of CPU) at the lowest CPU priority, on cycles the workers leave idle, instead of
-    in this process after the last invocation, where every second adds to the makespan. Forked
-    from the workers' forkserver where there is one (cheap, no CUDA, no copy of this process)."""
-
-    def __init__(self) -> None:
-        import multiprocessing
-
-        if forkserver.available():
-            forkserver.start_forkserver()  # running already, unless the workers are batch jobs
-            context = multiprocessing.get_context("forkserver")
-        else:
-            context = multiprocessing.get_context("spawn")
-        self._conn, child = context.Pipe()
-        self._process = context.Process(target=paint_when_asked, args=(child,), name="sticky-timeline", daemon=True)
-        self._process.start()
-        child.close()
-        self.drawing = False
-
-    def start_drawing(
-        self, report: dict[str, Any], invocations: list["InvocationRecord"], origin: float, path: Path
-    ) -> None:
-        """Hand the run over; the picture comes with `finish_drawing`."""
-        self.drawing = True
-        try:
-            self._conn.send((report, invocations, origin, path))
-        except OSError:
-            pass  # the painter is gone: finish_drawing says so
-
-    def finish_drawing(self) -> None:
-        """Wait for the picture; the painter exits after it."""
-        try:
-            if not self._conn.poll(PAINT_TIMEOUT_S):
-                raise TimeoutError(f"the painter process took more than {PAINT_TIMEOUT_S:.0f} s")
-            error = self._conn.recv()
-        finally:
-            self.close()
-        if error is not None:
-            raise RuntimeError(error)
-
-    def close(self) -> None:
-        """Dismiss the painter (it exits when its pipe closes) and reap it."""
-        self._conn.close()
-        self._process.join(timeout=5)
-        if self._process.is_alive():
-            self._process.kill()
-            self._process.join()
-
-
-def paint_when_asked(conn: Any) -> None:
-    """The painter process: load matplotlib now, draw one timeline when asked (once every sticky
-    job is done, or when the run is over)."""
-    import os
-    import signal
-
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is for Snakemake, which then asks for the picture
-    os.nice(19)
-    try:
-        _import_pyplot()
-    except Exception:
-        pass  # drawing below fails with the cause, which goes back to the Snakemake process
-    try:
-        report, invocations, origin, path = conn.recv()
-    except (EOFError, OSError):
-        return  # dismissed: no report this run
-    try:
-        draw_timeline(report, invocations, origin, path)
-        conn.send(None)
-    except Exception as e:
-        conn.send(f"{type(e).__name__}: {e}")
-
-
-def _import_pyplot() -> Any:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def draw_timeline(report: dict[str, Any], invocations: list[InvocationRecord], origin: float, path: Path) -> None:
-    """One row per worker: setup (hatched) and invocations as bars coloured by template."""
-    plt = _import_pyplot()
-    from matplotlib.patches import Patch
-
-    order = {name: i for i, name in enumerate(report["templates"])}
-    rows = [w for t in report["templates"].values() for w in t["workers"]]
-    rows.sort(key=lambda w: (order[w["template"]], natural(w["id"])))
-    palette = plt.get_cmap("tab10")
-    colors = {name: palette(i % 10) for i, name in enumerate(report["templates"])}
-    index = {w["id"]: i for i, w in enumerate(rows)}
-    height = min(max(2.8, 0.26 * len(rows) + 1.6), 40)
-    fig, ax = plt.subplots(figsize=(11, height))
-    bars: dict[int, list[tuple[float, float]]] = {}
-    failed: dict[int, list[tuple[float, float]]] = {}
-    calls: dict[int, list[tuple[float, float]]] = {}
-    for inv in invocations:
-        if inv.worker in index:
-            (bars if inv.ok else failed).setdefault(index[inv.worker], []).append(
-                (inv.started - origin, inv.finished - inv.started)
-            )
-            calls.setdefault(index[inv.worker], []).extend((start - origin, end - start) for start, end, _ in inv.calls)
-    for i, worker in enumerate(rows):
-        color = colors[worker["template"]]
-        if worker["setup_started"] is not None:
-            end = worker["setup_finished"] if worker["setup_finished"] is not None else report["wall_s"]
-            ax.broken_barh([(worker["setup_started"], end - worker["setup_started"])], (i - 0.4, 0.8),
-                           facecolors="white", edgecolors=color, hatch="////", linewidth=0.8)
-        for staging in worker.get("stagings", ()):
-            ax.broken_barh([(staging["stage_started"], staging["seconds"])], (i - 0.4, 0.8),
-                           facecolors="whitesmoke", edgecolors="grey", hatch="....", linewidth=0.8)
-        thin = 0.3 if len(invocations) < 2000 else 0
-        ax.broken_barh(bars.get(i, []), (i - 0.35, 0.7), facecolors=color, edgecolors="white", linewidth=thin)
-        ax.broken_barh(failed.get(i, []), (i - 0.35, 0.7), facecolors="black")
-        ax.broken_barh(calls.get(i, []), (i - 0.48, 0.12), facecolors="dimgrey")  # model calls
-        if worker["lost"]:
-            ax.plot([worker["gone_at"]], [i], marker="X", color="red", markersize=9, zorder=5)
-    step = max(1, len(rows) // 60)
-    labels = [rows[i]["id"] for i in range(0, len(rows), step)]
-    label_size = 8 if len(rows) < 30 else 6
-    ax.set_yticks(range(0, len(rows), step))
-    ax.set_yticklabels(labels, fontsize=label_size)
-    ax.set_ylim(-0.7, len(rows) - 0.3)
-    ax.invert_yaxis()
-    ax.set_xlim(0, max(report["wall_s"], 1e-3))
-    ax.set_xlabel("seconds since the run started")
-    state = report["status"] if report["status"] == STICKY_DONE else f"run {report['status']}"
-    handles = [Patch(facecolor=c, label=f"invocations of '{n}'") for n, c in colors.items()]
-    handles += [Patch(facecolor="white", edgecolor="grey", hatch="////", label="setup")]
-    if any(w.get("stagings") for w in rows):
-        handles.append(Patch(facecolor="whitesmoke", edgecolor="grey", hatch="....", label="staging (in setup)"))
-    if failed:
-        handles.append(Patch(facecolor="black", label="failed invocation"))
-    if calls:
-        handles.append(Patch(facecolor="dimgrey", label="model call (Batcher)"))
-    if any(w["lost"] for w in rows):
-        handles.append(plt.Line2D([], [], marker="X", color="red", linestyle="", label="worker lost"))
-    # The legend in rows of 4 between the title and the plot, so long template names overlap nothing.
-    columns = min(len(handles), 4)
-    legend_rows = -(-len(handles) // columns)
-    ax.legend(handles=handles, loc="lower left", bbox_to_anchor=(0.0, 1.0), ncol=columns, fontsize=8,
-              frameon=False, borderaxespad=0.2)
-    ax.set_title(f"Sticky workers: state setup and invocations ({state})", loc="left", fontsize=10,
-                 pad=6 + 13 * legend_rows)
-    ax.grid(axis="x", alpha=0.3)
-    # Margins from the label lengths: tight_layout measures every text by drawing the figure
-    # once more, a third of the drawing time, which the run's exit waits for.
-    label_width = max((len(label) for label in labels), default=0) * label_size * 0.62 / 72 + 0.25
-    width, height = fig.get_size_inches()
-    top = 0.3 + 0.19 * legend_rows
-    fig.subplots_adjust(left=label_width / width, right=1 - 0.2 / width, bottom=0.6 / height, top=1 - top / height)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+        return summary.write_report(self, status)

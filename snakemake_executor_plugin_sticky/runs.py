@@ -36,30 +36,39 @@ def process_start(pid: int) -> Optional[str]:
 
 @dataclass
 class RunFolder:
+    """This run's folder: who owns it, the jobs it submitted, its credentials."""
+
     path: Path
     run_id: str
 
     @classmethod
     def create(cls, runs: Path, system: str, cancel_command: str) -> "RunFolder":
+        """A new run id and its folder, readable by the user alone."""
         run_id = secrets.token_hex(4)
         path = runs / run_id
         path.mkdir(parents=True, mode=0o700)
         owner = {
-            "host": socket.gethostname(), "pid": os.getpid(), "started": process_start(os.getpid()),
-            "system": system, "cancel": cancel_command,
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "started": process_start(os.getpid()),
+            "system": system,
+            "cancel": cancel_command,
         }
         (path / "owner.json").write_text(json.dumps(owner) + "\n")
         return cls(path, run_id)
 
     @property
     def credentials(self) -> Path:
+        """The folder of the run's TLS credentials."""
         return self.path / "tls"
 
     def job_submitted(self, job_id: str) -> None:
+        """Note a job id, for the next run to cancel should this one die."""
         with open(self.path / "jobs", "a") as f:
             f.write(f"{job_id}\n")
 
     def remove(self) -> None:
+        """The run ended in order: its folder goes."""
         shutil.rmtree(self.path, ignore_errors=True)
 
 
@@ -81,7 +90,9 @@ def clean_stale_runs(runs: Path, log: Any) -> None:
             command = shlex.split(owner.get("cancel", "")) + jobs
             try:
                 done = subprocess.run(command, capture_output=True, text=True, timeout=COMMAND_TIMEOUT_S)
-                outcome = "" if done.returncode == 0 else f" ({' '.join(command[:1])} said: {done.stderr.strip()[:200]})"
+                outcome = (
+                    "" if done.returncode == 0 else f" ({' '.join(command[:1])} said: {done.stderr.strip()[:200]})"
+                )
             except (OSError, subprocess.SubprocessError) as e:
                 outcome = f" ({e})"
             log.info(

@@ -54,9 +54,12 @@ def run_credentials() -> Security:
     return Security(
         require_encryption=True,
         tls_ca_file=cert_pem,
-        tls_client_cert=cert_pem, tls_client_key=key_pem,
-        tls_scheduler_cert=cert_pem, tls_scheduler_key=key_pem,
-        tls_worker_cert=cert_pem, tls_worker_key=key_pem,
+        tls_client_cert=cert_pem,
+        tls_client_key=key_pem,
+        tls_scheduler_cert=cert_pem,
+        tls_scheduler_key=key_pem,
+        tls_worker_cert=cert_pem,
+        tls_worker_key=key_pem,
     )
 
 
@@ -76,7 +79,10 @@ def write_credentials(security: Security, directory: Path) -> Security:
     return Security(
         require_encryption=True,
         tls_ca_file=cert,
-        tls_client_cert=cert, tls_client_key=key,
-        tls_scheduler_cert=cert, tls_scheduler_key=key,
-        tls_worker_cert=cert, tls_worker_key=key,
+        tls_client_cert=cert,
+        tls_client_key=key,
+        tls_scheduler_cert=cert,
+        tls_scheduler_key=key,
+        tls_worker_cert=cert,
+        tls_worker_key=key,
     )

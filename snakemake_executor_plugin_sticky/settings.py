@@ -1,24 +1,23 @@
 """Every `--sticky-*` flag: the executor's settings, shown by `snakemake --help` and the plugin catalog."""
 
-from dataclasses import dataclass, field
+from dataclasses import MISSING, dataclass, field, fields
 from typing import Any, Optional
 
 from snakemake_interface_executor_plugins.settings import ExecutorSettingsBase
-
-from . import forkserver
-
 
 # where workers run: embedded, or the batch systems of backends/jobqueue.py
 CLUSTERS = ("local", "slurm", "pbs", "sge", "lsf", "htcondor", "oar")
 
 
-def option(default: Any, help: str, **metadata: Any) -> Any:
+def option(default: Any, text: str, **metadata: Any) -> Any:
     """A `--sticky-*` flag: its default and its help text (also shown in the plugin catalog)."""
-    return field(default=default, metadata={"help": help, "env_var": False, "required": False, **metadata})
+    return field(default=default, metadata={"help": text, "env_var": False, "required": False, **metadata})
 
 
 @dataclass
 class ExecutorSettings(ExecutorSettingsBase):
+    """The --sticky-* flags (also a profile's `sticky-*` keys), each with its help text."""
+
     workers: Optional[int] = option(
         None,
         "Resident worker processes per template. Default: one per visible GPU "
@@ -74,8 +73,7 @@ class ExecutorSettings(ExecutorSettingsBase):
     )
     setup_retry_delay: float = option(
         2.0,
-        "Seconds a worker waits before retrying a failed template setup; the "
-        "wait doubles after each further failure.",
+        "Seconds a worker waits before retrying a failed template setup; the wait doubles after each further failure.",
     )
     cache_dir: Optional[str] = option(
         None,
@@ -128,24 +126,22 @@ class ExecutorSettings(ExecutorSettingsBase):
     memory: Optional[str] = option(
         None, "Memory of a worker job (e.g. 64GB). Default: none asked for, the batch system's default applies."
     )
-    job_cores: Optional[int] = option(
-        None, "CPU cores of a worker job. Default: the template's `slots`."
-    )
+    job_cores: Optional[int] = option(None, "CPU cores of a worker job. Default: the template's `slots`.")
     job_extra: Optional[str] = option(
         None,
         "Extra directives for the worker jobs, separated by ';' (a list in a profile), e.g. "
-        "\"--qos=high; --constraint=a100\" on Slurm or \"+WantGPU = True\" (key = value) on HTCondor.",
+        '"--qos=high; --constraint=a100" on Slurm or "+WantGPU = True" (key = value) on HTCondor.',
     )
     gpu_directive: Optional[str] = option(
         None,
         "How a worker job asks for its template's GPUs, with {gpus} for their number. "
         "Defaults: slurm --gres=gpu:{gpus}, pbs -l ngpus={gpus}, sge -l gpu={gpus}, "
-        "lsf -gpu \"num={gpus}\", htcondor request_gpus={gpus}, oar -p gpu_count>={gpus}.",
+        'lsf -gpu "num={gpus}", htcondor request_gpus={gpus}, oar -p gpu_count>={gpus}.',
     )
     prologue: Optional[str] = option(
         None,
         "Shell commands run in the job before the worker starts (module loads, environment "
-        "activation), e.g. \"module load cuda; source ~/venv/bin/activate\".",
+        'activation), e.g. "module load cuda; source ~/venv/bin/activate".',
     )
     python: Optional[str] = option(
         None,
@@ -166,12 +162,21 @@ class ExecutorSettings(ExecutorSettingsBase):
     other_executor_args: Optional[str] = option(
         None,
         "The other executor's own settings as its command-line flags, e.g. "
-        "\"--slurm-status-command squeue\", for runs driven from Python, where there is no "
+        '"--slurm-status-command squeue", for runs driven from Python, where there is no '
         "Snakemake command line to read them from.",
     )
 
-    def __post_init__(self) -> None:
-        # Local workers are forked from a forkserver: starting it now, while Snakemake parses the
-        # workflow on one core, makes the workers ready sooner (see forkserver.py).
-        if self.cluster == "local" and not self.scheduler and forkserver.available():
-            forkserver.start_forkserver()
+
+def settings_table() -> str:
+    """The Markdown table of every flag, its default and its help text: docs/further.md holds it
+    (a test checks they agree), so the help texts here stay the one source."""
+    rows = ["| flag | default | meaning |", "| --- | --- | --- |"]
+    for setting in fields(ExecutorSettings):
+        default = "" if setting.default is MISSING or setting.default is None else f"`{setting.default}`"
+        flag = "--sticky-" + setting.name.replace("_", "-")
+        rows.append(f"| `{flag}` | {default} | {setting.metadata['help']} |")
+    return "\n".join(rows)
+
+
+if __name__ == "__main__":  # python -m snakemake_executor_plugin_sticky.settings > the table for the docs
+    print(settings_table())

@@ -76,6 +76,7 @@ _client: Any = None  # this worker's client of the scheduler, for the pool's sem
 
 
 def configure(**settings: Any) -> None:
+    """Set by a resident worker from the run's settings; with no arguments, the defaults again."""
     global _config, _client
     if _client is not None:
         _client.close()
@@ -114,10 +115,16 @@ def stage(path: str | os.PathLike, hash_content: bool = False) -> Path:
     if origin != "cache":
         evict(cache)
     if _config.announce is not None:
-        _config.announce({
-            "event": "staged", "source": str(source), "from": origin, "bytes": manifest["bytes"],
-            "seconds": round(time.time() - started, 3), "stage_started": started,
-        })
+        _config.announce(
+            {
+                "event": "staged",
+                "source": str(source),
+                "from": origin,
+                "bytes": manifest["bytes"],
+                "seconds": round(time.time() - started, 3),
+                "stage_started": started,
+            }
+        )
     return copy
 
 
@@ -149,11 +156,13 @@ def scan(source: Path) -> list[tuple[str, int, int]]:
 
 
 def check_readable(path: Path) -> None:
+    """StageError naming the file when it cannot be read."""
     if not os.access(path, os.R_OK):
         raise StageError(f"stage(): {path} cannot be read (permission denied).")
 
 
 def raise_stage_error(source: Path, error: OSError) -> None:
+    """os.walk's error handler: StageError naming what cannot be read."""
     raise StageError(f"stage(): {error.filename or source} cannot be read ({error.strerror}).")
 
 
@@ -230,6 +239,7 @@ def release_all() -> None:
 
 
 def write_atomically(path: Path, text: str) -> None:
+    """Write a small file aside and rename it into place: readers never see half of it."""
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(3)}")
     partial.write_text(text)
@@ -296,20 +306,32 @@ def fill(source: Path, entries: list[tuple[str, int, int]], cache: Path, version
     return origin
 
 
-def finish(cache: Path, version: str, partial: Path, source: Path, entries: list[tuple[str, int, int]],
-           origin: str, hash_content: bool) -> None:
+def finish(
+    cache: Path,
+    version: str,
+    partial: Path,
+    source: Path,
+    entries: list[tuple[str, int, int]],
+    origin: str,
+    hash_content: bool,
+) -> None:
     """Put the copy in place (a rename: a copy killed before this never counts), then say so."""
     shutil.rmtree(cache / "copies" / version, ignore_errors=True)  # what an eviction left half removed
     os.rename(partial, cache / "copies" / version)
     manifest = {
-        "source": str(source), "files": entries, "bytes": sum(size for _, size, _ in entries),
-        "created": time.time(), "from": origin, "hash_content": hash_content,
+        "source": str(source),
+        "files": entries,
+        "bytes": sum(size for _, size, _ in entries),
+        "created": time.time(),
+        "from": origin,
+        "hash_content": hash_content,
     }
     write_atomically(cache / "copies" / f"{version}.json", json.dumps(manifest))
     announce_holder(version, manifest)
 
 
 def copy_from_source(source: Path, entries: list[tuple[str, int, int]], target: Path) -> None:
+    """Copy the source's files from the shared file system, keeping their modification times."""
     if source.is_file():
         shutil.copy2(source, target)
         return
@@ -329,6 +351,7 @@ class SourceLease:
         self.fd: Optional[int] = None
 
     def acquire(self, timeout: float) -> bool:
+        """Take a lease within `timeout` seconds; False when none came free."""
         if _config.worker is not None:
             from distributed import Semaphore
 
@@ -352,6 +375,7 @@ class SourceLease:
                 time.sleep(0.05)
 
     def release(self) -> None:
+        """Give the lease back."""
         if self.semaphore is not None:
             self.semaphore.release()
         if self.fd is not None:
@@ -391,8 +415,11 @@ def peers_with(version: str) -> list[str]:
     for _, event in client.get_events(STAGE_TOPIC):
         address = event.get("address")
         if (
-            event.get("version") == version and event.get("node") != here and address in alive
-            and address not in found and now - _config.failed_peers.get(address, 0.0) > PEER_RETRY_AFTER_S
+            event.get("version") == version
+            and event.get("node") != here
+            and address in alive
+            and address not in found
+            and now - _config.failed_peers.get(address, 0.0) > PEER_RETRY_AFTER_S
         ):
             found.append(address)
     return found
@@ -411,7 +438,9 @@ def from_a_peer(version: str, source: Path, entries: list[tuple[str, int, int]],
                 destination.parent.mkdir(parents=True, exist_ok=True)
                 with open(destination, "wb") as out:
                     for offset in range(0, max(size, 1), CHUNK_BYTES):
-                        chunk = call_peer(worker, address, version, source.name, relative if source.is_dir() else "", offset)
+                        chunk = call_peer(
+                            worker, address, version, source.name, relative if source.is_dir() else "", offset
+                        )
                         out.write(chunk)
                 if destination.stat().st_size != size:
                     raise StageError(f"{relative}: {destination.stat().st_size} bytes from the peer, {size} expected")
@@ -420,13 +449,23 @@ def from_a_peer(version: str, source: Path, entries: list[tuple[str, int, int]],
         except Exception as e:
             _config.failed_peers[address] = time.time()
             if _config.announce is not None:
-                _config.announce({"event": "warning", "text": f"stage(): copying {source.name} from {address} failed "
-                                  f"({type(e).__name__}: {e}); it is not asked again for {PEER_RETRY_AFTER_S:.0f} s."})
-            shutil.rmtree(target, ignore_errors=True) if target.is_dir() else target.unlink(missing_ok=True)
+                _config.announce(
+                    {
+                        "event": "warning",
+                        "text": f"stage(): copying {source.name} from {address} failed "
+                        f"({type(e).__name__}: {e}); it is not asked again for {PEER_RETRY_AFTER_S:.0f} s.",
+                    }
+                )
+            if target.is_dir():
+                shutil.rmtree(target, ignore_errors=True)
+            else:
+                target.unlink(missing_ok=True)
     return None
 
 
 def call_peer(worker: Any, address: str, version: str, name: str, relative: str, offset: int) -> bytes:
+    """One chunk of a peer's copy, over the worker's TLS connections."""
+
     async def ask() -> bytes:
         return await worker.rpc(address).sticky_stage_read(
             version=version, name=name, relative=relative, offset=offset, size=CHUNK_BYTES
@@ -458,6 +497,7 @@ async def serve_chunk(version: str, name: str, relative: str, offset: int, size:
 
 
 def read_chunk(path: Path, offset: int, size: int) -> bytes:
+    """Bytes of a file of a copy, for a peer."""
     with open(path, "rb") as f:
         f.seek(offset)
         return f.read(size)

@@ -27,11 +27,12 @@ def register_resident(template: str, get_state: Callable[[], Any]) -> None:
 
 
 def template_name(snakemake: Any) -> str:
+    """The template the rule's `sticky` resource names; WorkflowError when it names none."""
     name = snakemake.resources.get(RESOURCE) if snakemake.resources else None
     if not isinstance(name, str) or not name:
         raise WorkflowError(
             f"sticky_state() was called from rule '{snakemake.rule}', which declares no "
-            f"template: add resources: {RESOURCE}=\"<template>\" to the rule."
+            f'template: add resources: {RESOURCE}="<template>" to the rule.'
         )
     return name
 
@@ -63,10 +64,12 @@ def _build_in_process(name: str, config: Any) -> Any:
 
 
 def setup_state(spec: TemplateSpec) -> Any:
+    """Build the template's state in this process."""
     return load_template_module(spec).setup(**spec.kwargs)
 
 
 def teardown_state(spec: TemplateSpec, state: Any) -> None:
+    """Tear the template's state down with its `teardown`, when it has one."""
     teardown = getattr(load_template_module(spec), "teardown", None)
     if teardown is not None:
         teardown(state)

@@ -51,9 +51,8 @@ class TemplateSpec:
 
 
 def template_identity(code: bytes, kwargs: Mapping[str, Any], gpus: int, slots: int) -> str:
-    canonical = json.dumps(
-        {"kwargs": kwargs, "gpus": gpus, "slots": slots}, sort_keys=True, default=repr
-    )
+    """A hash of the setup file's code, its kwargs, gpus and slots: a changed template is another."""
+    canonical = json.dumps({"kwargs": kwargs, "gpus": gpus, "slots": slots}, sort_keys=True, default=repr)
     digest = hashlib.sha256(code)
     digest.update(b"\0")
     digest.update(canonical.encode())
@@ -74,14 +73,14 @@ def parse_templates(config: Mapping[str, Any], workdir: Path) -> dict[str, Templ
 
 
 def parse_template(name: str, entry: Any, workdir: Path) -> TemplateSpec:
+    """One template of the config, checked; WorkflowError naming the template and the key."""
     where = f"Sticky template '{name}' (config '{CONFIG_SECTION}: {name}:')"
     if not isinstance(entry, Mapping):
         raise WorkflowError(f"{where} must be a mapping with at least 'setup: path/to/template.py'.")
     unknown = sorted(set(entry) - set(TEMPLATE_KEYS))
     if unknown:
         raise WorkflowError(
-            f"{where} has unknown key(s) {', '.join(map(repr, unknown))}; "
-            f"allowed are {', '.join(TEMPLATE_KEYS)}."
+            f"{where} has unknown key(s) {', '.join(map(repr, unknown))}; allowed are {', '.join(TEMPLATE_KEYS)}."
         )
     if not entry.get("setup"):
         raise WorkflowError(f"{where} needs 'setup:', the path of a Python file defining setup(**kwargs).")
@@ -144,14 +143,10 @@ def check_setup_source(code: bytes, path: Path, kwargs: dict[str, Any], where: s
     try:
         tree = ast.parse(code, filename=str(path))
     except SyntaxError as e:
-        raise WorkflowError(f"{where}: setup file {path} has a syntax error at line {e.lineno}: {e.msg}.")
-    setup = next(
-        (n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == "setup"), None
-    )
+        raise WorkflowError(f"{where}: setup file {path} has a syntax error at line {e.lineno}: {e.msg}.") from None
+    setup = next((n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == "setup"), None)
     if setup is None:
-        raise WorkflowError(
-            f"{where}: setup file {path} defines no top-level function setup(**kwargs) -> state."
-        )
+        raise WorkflowError(f"{where}: setup file {path} defines no top-level function setup(**kwargs) -> state.")
     args = setup.args
     if args.posonlyargs and len(args.defaults) < len(args.posonlyargs) + len(args.args):
         raise WorkflowError(f"{where}: setup() in {path} takes positional-only arguments; make them keyword arguments.")
@@ -167,8 +162,7 @@ def check_setup_source(code: bytes, path: Path, kwargs: dict[str, Any], where: s
         if unknown:
             problems.append(f"unexpected argument(s) {', '.join(unknown)}")
         raise WorkflowError(
-            f"{where}: 'kwargs' do not match setup({', '.join(named)}) in {path}: "
-            f"{'; '.join(problems)}."
+            f"{where}: 'kwargs' do not match setup({', '.join(named)}) in {path}: {'; '.join(problems)}."
         )
 
 
@@ -213,6 +207,7 @@ def template_loaders_folder() -> Path:
 
 
 def write_loader(path: Path, setup: Path) -> None:
+    """Write the loader module unless it holds this text already (aside, then renamed)."""
     text = LOADER.format(path=str(setup))
     if path.exists() and path.read_text() == text:
         return

@@ -79,9 +79,11 @@ class ResidentState:
         batching.set_poisoning(self.poisons)  # a Batcher of the state passes these on unsplit
 
     def start(self) -> None:
+        """Build the state in a thread of its own: the worker's event loop keeps answering meanwhile."""
         threading.Thread(target=self.build, name="sticky-setup", daemon=True).start()
 
     def build(self) -> None:
+        """Build the state, retrying a failing setup with a doubling delay; publish it, or the error."""
         if self._closing.is_set():
             self._set_phase("closed")
             return
@@ -165,8 +167,14 @@ class ResidentState:
         return any((p if isinstance(p, str) else f"{p.__module__}.{p.__qualname__}") in names for p in self.poisoned_by)
 
     def announce_timeout(self, invocation: Invocation) -> None:
+        """Tell the run that an invocation has run longer than its limit."""
         self.announce(
-            {"event": "invocation-timeout", "key": invocation.key, "rule": invocation.rule, "timeout_s": invocation.timeout_s}
+            {
+                "event": "invocation-timeout",
+                "key": invocation.key,
+                "rule": invocation.rule,
+                "timeout_s": invocation.timeout_s,
+            }
         )
 
     def rebuild(self, cause: str, generation: int) -> None:
@@ -233,6 +241,7 @@ class ProcessChanges:
         self._undo: list[Callable[[], None]] = []
 
     def apply(self, workdir: str, owned: bool, loop: Any, on_sigterm: Callable[[], None]) -> None:
+        """Make this process a resident worker of the template (see the class)."""
         self._undo.append(relay_signal_handlers(loop))
         if threading.current_thread() is threading.main_thread():
             previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
@@ -266,9 +275,11 @@ class ProcessChanges:
             atexit.register(os._exit, 0)
 
     def on_undo(self, undo: Callable[[], Any]) -> None:
+        """Undo this, too, when the template leaves the worker."""
         self._undo.append(undo)
 
     def undo(self) -> None:
+        """Put back what was changed, last change first."""
         while self._undo:
             self._undo.pop()()
 
@@ -305,19 +316,28 @@ class StickyWorkerPlugin(WorkerPlugin):
         self._leaving = False
 
     def setup(self, worker: Any) -> None:
+        """The worker offers the template's tag: become its resident worker and build the state."""
         if self.spec.tag not in worker.state.total_resources:
             return
         if package_version() != self.version:
             # A worker that joins later with another version of this package takes none of
             # the template's invocations: its own code might not run what this run sends.
             worker.loop.add_callback(worker.set_resources, **{self.spec.tag: 0})
-            worker.log_event(EVENT_TOPIC, {
-                "event": "warning", "template": self.spec.name, "name": str(worker.name),
-                "address": worker.address, "host": socket.gethostname(), "pid": os.getpid(), "gpus": [],
-                "time": time.time(),
-                "text": f"it has {PACKAGE} {package_version()} and this run {self.version}: it takes "
-                f"none of template '{self.spec.name}''s invocations. Install {PACKAGE}=={self.version} there.",
-            })
+            worker.log_event(
+                EVENT_TOPIC,
+                {
+                    "event": "warning",
+                    "template": self.spec.name,
+                    "name": str(worker.name),
+                    "address": worker.address,
+                    "host": socket.gethostname(),
+                    "pid": os.getpid(),
+                    "gpus": [],
+                    "time": time.time(),
+                    "text": f"it has {PACKAGE} {package_version()} and this run {self.version}: it takes "
+                    f"none of template '{self.spec.name}''s invocations. Install {PACKAGE}=={self.version} there.",
+                },
+            )
             return
         if self.owned and getattr(worker, "http_server", None) is not None:
             # Dask serves HTTP (health, metrics) with no authentication; a worker of ours needs none.
@@ -352,12 +372,14 @@ class StickyWorkerPlugin(WorkerPlugin):
         self.announce = announce
         self.serve_stage_copies(worker, announce)
         if not processes.guarded_by_reaper():
-            announce({
-                "event": "warning",
-                "text": "no reaper guards this worker: should it die abruptly (SIGKILL, a crash), the "
-                "processes its template started would outlive it. Start it under the keeper: python -m "
-                "snakemake_executor_plugin_sticky.keeper dask worker ... (docs/further.md, Attach mode).",
-            })
+            announce(
+                {
+                    "event": "warning",
+                    "text": "no reaper guards this worker: should it die abruptly (SIGKILL, a crash), the "
+                    "processes its template started would outlive it. Start it under the keeper: python -m "
+                    "snakemake_executor_plugin_sticky.keeper dask worker ... (docs/further.md, Attach mode).",
+                }
+            )
         lifetime = os.environ.get(LIFETIME_ENV)
         if lifetime:  # a batch job: leave in good order before the walltime ends
             worker.loop.call_later(float(lifetime), lambda: worker.loop.add_callback(self.leave, worker, "walltime"))
@@ -372,13 +394,21 @@ class StickyWorkerPlugin(WorkerPlugin):
 
         size = self.stage_settings.get("cache_size")
         staging.configure(
-            cache_dir=self.stage_settings.get("cache_dir"), cache_size=parse_bytes(size) if size else None,
-            readers=int(self.stage_settings.get("readers", 1)), worker=worker, announce=announce,
+            cache_dir=self.stage_settings.get("cache_dir"),
+            cache_size=parse_bytes(size) if size else None,
+            readers=int(self.stage_settings.get("readers", 1)),
+            worker=worker,
+            announce=announce,
         )
         previous = worker.handlers.get("sticky_stage_read")
         worker.handlers["sticky_stage_read"] = staging.serve_chunk
-        self.changes.on_undo(lambda: worker.handlers.__setitem__("sticky_stage_read", previous)
-                             if previous is not None else worker.handlers.pop("sticky_stage_read", None))
+        self.changes.on_undo(
+            lambda: (
+                worker.handlers.__setitem__("sticky_stage_read", previous)
+                if previous is not None
+                else worker.handlers.pop("sticky_stage_read", None)
+            )
+        )
         self.changes.on_undo(lambda: staging.configure())
 
     async def leave(self, worker: Any, reason: str) -> None:
@@ -410,24 +440,29 @@ class StickyWorkerPlugin(WorkerPlugin):
             self.changes.undo()
 
     def end(self, holder: ResidentState) -> None:
+        """Tear the state down and end the template's processes, within --sticky-teardown-grace."""
         grace = self.teardown_grace
         deadline = time.monotonic() + grace
         if not holder.close(deadline):
-            self.announce({
-                "event": "warning",
-                "text": f"teardown() of template '{self.spec.name}' did not return within "
-                f"--sticky-teardown-grace {grace:g} s; the worker ends its processes anyway.",
-            })
+            self.announce(
+                {
+                    "event": "warning",
+                    "text": f"teardown() of template '{self.spec.name}' did not return within "
+                    f"--sticky-teardown-grace {grace:g} s; the worker ends its processes anyway.",
+                }
+            )
         # The template's processes get what is left of the grace (at least a moment) after SIGTERM.
         stuck = processes.end_tree(
             os.getpid(), max(deadline - time.monotonic(), 1.0), spare=processes.multiprocessing_helpers
         )
         if stuck:
-            self.announce({
-                "event": "warning",
-                "text": f"process(es) of template '{self.spec.name}' did not end after SIGKILL: "
-                + ", ".join(map(str, stuck)),
-            })
+            self.announce(
+                {
+                    "event": "warning",
+                    "text": f"process(es) of template '{self.spec.name}' did not end after SIGKILL: "
+                    + ", ".join(map(str, stuck)),
+                }
+            )
         sys.stdout.flush()
         sys.stderr.flush()
 
@@ -458,6 +493,7 @@ def relay_signal_handlers(loop: Any) -> Callable[[], None]:
 
 
 def package_version() -> Optional[str]:
+    """This package's installed version, or None."""
     try:
         return importlib.metadata.version(PACKAGE)
     except importlib.metadata.PackageNotFoundError:
@@ -492,8 +528,7 @@ def run_invocation(invocation: Invocation) -> InvocationResult:
         try:
             if holder is None:
                 raise TemplateSetupError(
-                    f"This worker does not hold sticky template '{invocation.template}' "
-                    f"({invocation.identity[:12]})."
+                    f"This worker does not hold sticky template '{invocation.template}' ({invocation.identity[:12]})."
                 )
             with holder.use() as generation, running_on(worker):
                 result.started = time.time()  # the invocation proper, after any wait for the state
@@ -562,6 +597,7 @@ def compiled_script(path: str) -> Any:
 
 
 def run_script(invocation: Invocation) -> None:
+    """Run the invocation's script as Snakemake's `script:` would, with its folder on sys.path."""
     scriptdir = os.path.dirname(invocation.script)
     if scriptdir not in sys.path:
         sys.path.append(scriptdir)
@@ -591,25 +627,31 @@ class _ThreadRoutedStream(io.TextIOBase):
         self.local = threading.local()
 
     def write(self, text: str) -> int:
+        """Write to this thread's invocation buffer, or to the real stream."""
         buffer = getattr(self.local, "buffer", None)
         return (buffer if buffer is not None else self.real).write(text)
 
     def flush(self) -> None:
+        """Flush the real stream (an invocation's buffer is sent with its result)."""
         if getattr(self.local, "buffer", None) is None:
             self.real.flush()
 
     def fileno(self) -> int:
+        """The real stream's file descriptor, for code that writes to it directly."""
         return self.real.fileno()
 
     def isatty(self) -> bool:
+        """Never a terminal: the output is collected."""
         return False
 
     @property
     def encoding(self) -> str:  # type: ignore[override]
+        """The real stream's encoding."""
         return getattr(self.real, "encoding", "utf-8")
 
 
 def install_output_capture() -> None:
+    """Route sys.stdout and sys.stderr through the per-invocation buffers."""
     if not isinstance(sys.stdout, _ThreadRoutedStream):
         sys.stdout = _ThreadRoutedStream(sys.stdout)
     if not isinstance(sys.stderr, _ThreadRoutedStream):
@@ -618,6 +660,7 @@ def install_output_capture() -> None:
 
 @contextmanager
 def captured_output() -> Iterator[tuple[io.StringIO, io.StringIO]]:
+    """Collect what this thread's invocation prints, to send it back with its result."""
     out, err = io.StringIO(), io.StringIO()
     routes = [(s, b) for s, b in ((sys.stdout, out), (sys.stderr, err)) if isinstance(s, _ThreadRoutedStream)]
     for stream, buffer in routes:

@@ -85,6 +85,8 @@ class Background(subprocess.Popen):
                     return
                 elif not chunk:
                     time.sleep(0.05)
+
+
 class Workflow:
     """A workflow folder: files are written dedented; `run` calls the snakemake CLI in it."""
 

@@ -15,9 +15,15 @@ import yaml
 from distributed.security import Security
 from snakemake_interface_common.exceptions import WorkflowError
 
-from snakemake_executor_plugin_sticky.backends.jobqueue import (
-    SYSTEMS, check_pools, job_for, lifetime_seconds, network_host, pools_of, walltime_seconds,
+from snakemake_executor_plugin_sticky.backends.batch_systems import (
+    SYSTEMS,
+    check_pools,
+    job_for,
+    lifetime_seconds,
+    pools_of,
+    walltime_seconds,
 )
+from snakemake_executor_plugin_sticky.backends.jobqueue import network_host
 from snakemake_executor_plugin_sticky.runs import RunFolder, clean_stale_runs
 from snakemake_executor_plugin_sticky.settings import ExecutorSettings
 from snakemake_executor_plugin_sticky.templates import parse_templates
@@ -33,27 +39,61 @@ def template(tmp_path: Path, **entry):
 def script(system: str, spec, settings: ExecutorSettings, security=None, pool: int = 0) -> str:
     pool_spec = pools_of(spec, settings)[pool]
     return job_for(
-        SYSTEMS[system], spec, pool_spec, scheduler=SCHEDULER, name="llm-1-7",
-        security=security, interface=None, log_directory=None, run_id="5eed1e55",
+        SYSTEMS[system],
+        spec,
+        pool_spec,
+        scheduler=SCHEDULER,
+        name="llm-1-7",
+        security=security,
+        interface=None,
+        log_directory=None,
+        run_id="5eed1e55",
     ).job_script()
 
 
 SETTINGS = ExecutorSettings(
-    queue="gpuq", account="proj42", walltime="02:00:00", memory="32GB",
-    prologue="module load cuda/12; source /opt/venv/bin/activate", python="/opt/venv/bin/python",
+    queue="gpuq",
+    account="proj42",
+    walltime="02:00:00",
+    memory="32GB",
+    prologue="module load cuda/12; source /opt/venv/bin/activate",
+    python="/opt/venv/bin/python",
 )
 
 EXPECTED = {
-    "slurm": ["#SBATCH -J sticky-llm-5eed1e55", "#SBATCH -p gpuq", "#SBATCH -A proj42", "#SBATCH -t 02:00:00",
-              "#SBATCH --gres=gpu:2", "#SBATCH --cpus-per-task=2"],
-    "pbs": ["#PBS -N sticky-llm-5eed1e55", "#PBS -q gpuq", "#PBS -A proj42", "#PBS -l walltime=02:00:00",
-            "#PBS -l ngpus=2", "#PBS -l select=1:ncpus=2:mem=30GB"],
+    "slurm": [
+        "#SBATCH -J sticky-llm-5eed1e55",
+        "#SBATCH -p gpuq",
+        "#SBATCH -A proj42",
+        "#SBATCH -t 02:00:00",
+        "#SBATCH --gres=gpu:2",
+        "#SBATCH --cpus-per-task=2",
+    ],
+    "pbs": [
+        "#PBS -N sticky-llm-5eed1e55",
+        "#PBS -q gpuq",
+        "#PBS -A proj42",
+        "#PBS -l walltime=02:00:00",
+        "#PBS -l ngpus=2",
+        "#PBS -l select=1:ncpus=2:mem=30GB",
+    ],
     "sge": ["#$ -N sticky-llm-5eed1e55", "#$ -q gpuq", "#$ -P proj42", "#$ -l h_rt=02:00:00", "#$ -l gpu=2"],
-    "lsf": ["#BSUB -J sticky-llm-5eed1e55", "#BSUB -q gpuq", '#BSUB -P "proj42"', "#BSUB -W 02:00",
-            '#BSUB -gpu "num=2"', "#BSUB -n 2"],
+    "lsf": [
+        "#BSUB -J sticky-llm-5eed1e55",
+        "#BSUB -q gpuq",
+        '#BSUB -P "proj42"',
+        "#BSUB -W 02:00",
+        '#BSUB -gpu "num=2"',
+        "#BSUB -n 2",
+    ],
     "htcondor": ["request_gpus = 2", "accounting_group = proj42", "MY.DaskWorkerCores = 2"],
-    "oar": ["#OAR -n sticky-llm-5eed1e55", "#OAR -q gpuq", "#OAR --project proj42",
-            "#OAR -l /nodes=1/core=2,walltime=02:00:00", "#OAR -p gpu_count>=2"],
+    "oar": [
+        "#OAR -n sticky-llm-5eed1e55",
+        "#OAR -q gpuq",
+        "#OAR --project proj42",
+        "#OAR -l /nodes=1/core=2,walltime=02:00:00",
+        "#OAR -p gpu_count>=2",
+    ],
 }
 
 
@@ -94,7 +134,8 @@ def test_tls_credentials_reach_the_worker_as_files(tmp_path: Path):
 
 def test_template_pools_override_settings_and_split_gpu_types(tmp_path: Path):
     spec = template(
-        tmp_path, gpus=1,
+        tmp_path,
+        gpus=1,
         cluster=[
             {"name": "a100", "queue": "a100q", "max-workers": 8, "job-extra": ["--constraint=a100"]},
             {"name": "v100", "queue": "v100q", "max-workers": 2, "walltime": "04:00:00"},
@@ -103,7 +144,12 @@ def test_template_pools_override_settings_and_split_gpu_types(tmp_path: Path):
     settings = ExecutorSettings(queue="default", job_extra="--qos=high; --exclusive")
     a100, v100 = pools_of(spec, settings)
     assert (a100.name, a100.queue, a100.max_workers, a100.job_extra) == ("a100", "a100q", 8, ["--constraint=a100"])
-    assert (v100.queue, v100.max_workers, v100.walltime, v100.job_extra) == ("v100q", 2, "04:00:00", ["--qos=high", "--exclusive"])
+    assert (v100.queue, v100.max_workers, v100.walltime, v100.job_extra) == (
+        "v100q",
+        2,
+        "04:00:00",
+        ["--qos=high", "--exclusive"],
+    )
     assert "#SBATCH -p v100q" in script("slurm", spec, settings, pool=1)
 
 
@@ -134,7 +180,10 @@ def test_walltime_and_worker_lifetime():
     assert lifetime_seconds("24:00:00") == 86400 - 600  # at most 10 min early
 
 
-@pytest.mark.parametrize("system, directive", [("slurm", "#SBATCH --mem"), ("pbs", ":mem="), ("lsf", "#BSUB -M"), ("htcondor", "RequestMemory")])
+@pytest.mark.parametrize(
+    "system, directive",
+    [("slurm", "#SBATCH --mem"), ("pbs", ":mem="), ("lsf", "#BSUB -M"), ("htcondor", "RequestMemory")],
+)
 def test_no_memory_asked_for_unless_set(tmp_path: Path, system: str, directive: str):
     spec = template(tmp_path)
     assert directive not in script(system, spec, ExecutorSettings())
@@ -149,7 +198,10 @@ def test_example_profiles_are_valid_snakemake_profiles(tmp_path: Path, profile: 
     shutil.copytree(WORKFLOW, tmp_path / "workflow", ignore=shutil.ignore_patterns("results", ".snakemake"))
     done = subprocess.run(
         [str(Path(sys.executable).with_name("snakemake")), "--workflow-profile", f"profiles/{profile}", "-n", "-q"],
-        cwd=tmp_path / "workflow", capture_output=True, text=True, timeout=120,
+        cwd=tmp_path / "workflow",
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert done.returncode == 0, done.stdout + done.stderr
 
@@ -161,7 +213,10 @@ def test_gpu_types_profile_gives_two_pools_asking_for_their_gpu_type():
     config["sticky"]["llm"]["kwargs"] = {"model": "m", "dtype": "bfloat16", "device": "cuda"}
     spec = parse_templates(config, WORKFLOW)["llm"]
     settings = ExecutorSettings(cluster="slurm")
-    assert [(p.name, p.queue, p.max_workers) for p in pools_of(spec, settings)] == [("a100", "gpu-a100", 8), ("v100", "gpu-v100", 4)]
+    assert [(p.name, p.queue, p.max_workers) for p in pools_of(spec, settings)] == [
+        ("a100", "gpu-a100", 8),
+        ("v100", "gpu-v100", 4),
+    ]
     assert "#SBATCH --gres=gpu:a100:1" in script("slurm", spec, settings, pool=0)
     v100 = script("slurm", spec, settings, pool=1)
     assert "#SBATCH --gres=gpu:v100:1" in v100 and "#SBATCH --constraint=v100-32gb" in v100
@@ -185,9 +240,24 @@ def test_every_cluster_choice_but_local_is_a_batch_system():
     [
         ("slurm", {}, {"memory": "lots"}, "--sticky-memory (template 'llm') 'lots' is not a size"),
         ("slurm", {"cluster": {"memory": "64 gigs"}}, {}, "Sticky template 'llm', cluster pool 1: 'memory' '64 gigs'"),
-        ("slurm", {"gpus": 1}, {"gpu_directive": "--gres=gpu:{gpu}"}, "--sticky-gpu-directive (template 'llm') '--gres=gpu:{gpu}' cannot be filled in"),
-        ("htcondor", {}, {"job_extra": "+WantGPU True"}, "--sticky-job-extra (template 'llm'): HTCondor job directive '+WantGPU True' must look like key = value"),
-        ("pbs", {"cluster": [{}, {"walltime": "soon"}]}, {}, "Sticky template 'llm', cluster pool 2: walltime must look like HH:MM:SS"),
+        (
+            "slurm",
+            {"gpus": 1},
+            {"gpu_directive": "--gres=gpu:{gpu}"},
+            "--sticky-gpu-directive (template 'llm') '--gres=gpu:{gpu}' cannot be filled in",
+        ),
+        (
+            "htcondor",
+            {},
+            {"job_extra": "+WantGPU True"},
+            "--sticky-job-extra (template 'llm'): HTCondor job directive '+WantGPU True' must look like key = value",
+        ),
+        (
+            "pbs",
+            {"cluster": [{}, {"walltime": "soon"}]},
+            {},
+            "Sticky template 'llm', cluster pool 2: walltime must look like HH:MM:SS",
+        ),
     ],
 )
 def test_bad_batch_settings_fail_before_any_job_naming_the_setting(tmp_path: Path, system, entry, settings, culprit):
@@ -199,7 +269,9 @@ def test_bad_batch_settings_fail_before_any_job_naming_the_setting(tmp_path: Pat
 
 def test_good_batch_settings_pass_the_check(tmp_path: Path):
     for system in SYSTEMS:
-        check_pools([template(tmp_path, gpus=2, cluster=[{"memory": "8GB"}, {"queue": "b"}])], replace(SETTINGS, cluster=system))
+        check_pools(
+            [template(tmp_path, gpus=2, cluster=[{"memory": "8GB"}, {"queue": "b"}])], replace(SETTINGS, cluster=system)
+        )
 
 
 def test_an_address_other_nodes_cannot_reach_is_refused_naming_the_interface_setting(monkeypatch):
@@ -218,7 +290,7 @@ def test_the_next_run_cancels_the_jobs_a_dead_run_left(tmp_path: Path):
     runs = tmp_path / "runs"
     cancelled = tmp_path / "cancelled.txt"
     cancel = tmp_path / "fake-scancel"
-    cancel.write_text(f"#!/bin/sh\necho \"$@\" >> {cancelled}\n")
+    cancel.write_text(f'#!/bin/sh\necho "$@" >> {cancelled}\n')
     cancel.chmod(0o755)
     dead = RunFolder.create(runs, "slurm", str(cancel))
     dead.job_submitted("101")

@@ -10,10 +10,10 @@ import time
 
 import pytest
 
-from conftest import Workflow, interrupt
-
 from snakemake_executor_plugin_sticky import Batcher
 from snakemake_executor_plugin_sticky.batching import BatcherClosed, BatchItemError, drain_calls
+
+from conftest import Workflow, interrupt
 
 
 class Model:
@@ -255,13 +255,16 @@ with open(snakemake.output[0], "w") as f:
 
 def batched_workflow(workflow: Workflow, slots: int = 16, max_batch: int = 32) -> Workflow:
     workflow.write("Snakefile", BATCHED_SNAKEFILE)
-    workflow.write("config.yaml", f"""
+    workflow.write(
+        "config.yaml",
+        f"""
         sticky:
           model:
             setup: templates/model.py
             kwargs: {{max_batch: {max_batch}}}
             slots: {slots}
-    """)
+    """,
+    )
     workflow.write("templates/model.py", MODEL_TEMPLATE)
     workflow.write("scripts/infer.py", INFER)
     return workflow
@@ -310,7 +313,9 @@ def test_the_same_template_works_unchanged_under_the_local_executor(workflow: Wo
 
 def test_a_worker_that_retires_while_items_wait_leaves_at_once(workflow: Workflow):
     batched_workflow(workflow, max_batch=1)  # one item per call: 16 invocations' items wait in line
-    workflow.write("templates/model.py", MODEL_TEMPLATE.replace("time.sleep(0.1 + 0.002 * len(items))", "time.sleep(2)"))
+    workflow.write(
+        "templates/model.py", MODEL_TEMPLATE.replace("time.sleep(0.1 + 0.002 * len(items))", "time.sleep(2)")
+    )
     proc = workflow.popen("--sticky-workers", "1", "--config", "count=64", "items=4", cores=64)
     wait_for_text(proc, "rule infer")
     time.sleep(1)

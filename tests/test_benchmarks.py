@@ -13,8 +13,19 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_gpu_benchmark_runs_its_steps_on_the_cpu_with_a_tiny_model(tmp_path: Path):
-    command = [sys.executable, str(ROOT / "benchmarks" / "bench_gpu.py"), "--smoke", "--invocations", "2",
-               "--claims-per-invocation", "4", "--repeats", "1", "--results", str(tmp_path)]
+    command = [
+        sys.executable,
+        str(ROOT / "benchmarks" / "bench_gpu.py"),
+        "--smoke",
+        "--invocations",
+        "2",
+        "--claims-per-invocation",
+        "4",
+        "--repeats",
+        "1",
+        "--results",
+        str(tmp_path),
+    ]
     done = subprocess.run(command, capture_output=True, text=True, timeout=600, env=conftest.test_env())
     assert done.returncode == 0, done.stdout + done.stderr
     (result,) = tmp_path.glob("*-gpu-smoke.json")

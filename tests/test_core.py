@@ -6,7 +6,6 @@ import json
 import shutil
 import time
 
-
 from conftest import Workflow, interrupt
 
 TEMPLATE = """
@@ -224,8 +223,10 @@ def test_the_executor_says_when_the_window_leaves_workers_waiting(workflow: Work
     sticky_workflow(workflow, ONE_TEMPLATE_SNAKEFILE, LLM_TEMPLATE.replace("delay: 1.0", "delay: 0"))
     expected = {
         1: ["Sticky workers offer 2 invocation slots but --cores 1 lets Snakemake run at most 1 jobs"],
-        2: ["Sticky workers offer 2 invocation slots and --cores 2 lets Snakemake run 2 jobs at once",
-            "--cores 8 keeps invocations queued behind the running ones"],
+        2: [
+            "Sticky workers offer 2 invocation slots and --cores 2 lets Snakemake run 2 jobs at once",
+            "--cores 8 keeps invocations queued behind the running ones",
+        ],
         8: [],
     }
     for cores, messages in expected.items():
@@ -261,7 +262,7 @@ def test_failing_invocation_fails_its_job_only_and_state_survives(workflow: Work
     run = workflow.run("--sticky-workers", "1", "--keep-going", "--config", "count=6")
     assert run.returncode != 0
     assert "ValueError: bad claim 3" in run.output
-    assert "record.py\", line 2, in explode" in run.output, "the traceback points into the script"
+    assert 'record.py", line 2, in explode' in run.output, "the traceback points into the script"
     assert "Error in rule infer" in run.output
     results = outputs(workflow, "out/*.json")
     assert len(results) == 5
@@ -283,8 +284,15 @@ def test_setup_that_raises_fails_invocations_naming_template_after_bounded_attem
         """,
     )
     run = workflow.run(
-        "--sticky-workers", "1", "--sticky-setup-attempts", "3", "--sticky-setup-retry-delay", "0.2",
-        "--config", "count=3", timeout=120,
+        "--sticky-workers",
+        "1",
+        "--sticky-setup-attempts",
+        "3",
+        "--sticky-setup-retry-delay",
+        "0.2",
+        "--config",
+        "count=3",
+        timeout=120,
     )
     assert run.returncode != 0
     assert "Sticky template 'llm'" in run.output and "could not be set up after 3 attempt(s)" in run.output
@@ -430,7 +438,9 @@ def test_template_may_read_what_upstream_jobs_write(workflow: Workflow):
             script: "scripts/use.py"
         """,
     )
-    workflow.write("config.yaml", "sticky:\n  reader:\n    setup: templates/reader.py\n    kwargs: {path: weights.txt}\n")
+    workflow.write(
+        "config.yaml", "sticky:\n  reader:\n    setup: templates/reader.py\n    kwargs: {path: weights.txt}\n"
+    )
     workflow.write("templates/reader.py", "def setup(path):\n    return open(path).read().strip()\n")
     workflow.write(
         "scripts/use.py",

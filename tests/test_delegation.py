@@ -59,7 +59,16 @@ def test_non_sticky_jobs_behave_as_under_the_local_executor(workflow: Workflow):
         }
         assert (workflow.root / "bench.tsv").read_text().startswith("s\th:m:s")
         assert not (workflow.root / "scratch.tmp").exists(), "the shadow rule ran in its shadow folder"
-        for name in ("shell.txt", "run.txt", "script.txt", "piped.txt", "shadowed.txt", "bench.txt", "bench.tsv", "logged.txt"):
+        for name in (
+            "shell.txt",
+            "run.txt",
+            "script.txt",
+            "piped.txt",
+            "shadowed.txt",
+            "bench.txt",
+            "bench.tsv",
+            "logged.txt",
+        ):
             (workflow.root / name).unlink()
     assert produced["sticky"] == produced[None]
     assert produced["sticky"]["script.txt"] == "42 script_rule\n"

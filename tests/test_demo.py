@@ -47,10 +47,22 @@ def test_demo_gives_the_same_verdicts_under_sticky_and_local_executors(demo: Wor
 
 
 def test_malformed_claims_line_fails_naming_file_and_line(demo: Workflow):
-    good = {"id": 1, "claim": "Paris is the capital of France.", "evidence": ["The capital of France is Paris."], "label": "SUPPORTS"}
+    good = {
+        "id": 1,
+        "claim": "Paris is the capital of France.",
+        "evidence": ["The capital of France is Paris."],
+        "label": "SUPPORTS",
+    }
     demo.write(
         "my_claims.jsonl",
-        "\n".join([json.dumps(good), json.dumps({**good, "id": 2}), '{"id": 3, "claim": "broken",', json.dumps({**good, "id": 4})]),
+        "\n".join(
+            [
+                json.dumps(good),
+                json.dumps({**good, "id": 2}),
+                '{"id": 3, "claim": "broken",',
+                json.dumps({**good, "id": 4}),
+            ]
+        ),
     )
     run = demo.run("--config", "claims_file=my_claims.jsonl", timeout=120)
     assert run.returncode != 0
@@ -61,10 +73,20 @@ def test_malformed_claims_line_fails_naming_file_and_line(demo: Workflow):
 def test_real_fever_file_shape_is_accepted(demo: Workflow):
     """FEVER's own files carry evidence as page ids, and test sets have no labels."""
     rows = [
-        {"id": 75397, "verifiable": "VERIFIABLE", "label": "SUPPORTS", "claim": "Nikolaj Coster-Waldau worked with the Fox Broadcasting Company.",
-         "evidence": [[[92206, 104971, "Nikolaj_Coster-Waldau", 7], [92206, 104971, "Fox_Broadcasting_Company", 0]]]},
-        {"id": 150448, "verifiable": "NOT VERIFIABLE", "label": "NOT ENOUGH INFO", "claim": "Roman Atwood is a content creator.",
-         "evidence": [[[174271, None, None, None]]]},
+        {
+            "id": 75397,
+            "verifiable": "VERIFIABLE",
+            "label": "SUPPORTS",
+            "claim": "Nikolaj Coster-Waldau worked with the Fox Broadcasting Company.",
+            "evidence": [[[92206, 104971, "Nikolaj_Coster-Waldau", 7], [92206, 104971, "Fox_Broadcasting_Company", 0]]],
+        },
+        {
+            "id": 150448,
+            "verifiable": "NOT VERIFIABLE",
+            "label": "NOT ENOUGH INFO",
+            "claim": "Roman Atwood is a content creator.",
+            "evidence": [[[174271, None, None, None]]],
+        },
         {"id": 3, "claim": "A claim from a test set, without a label.", "evidence": []},
     ]
     demo.write("fever.jsonl", "\n".join(json.dumps(r) for r in rows) + "\n")

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import threading
-import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -14,6 +13,7 @@ from snakemake_executor_plugin_sticky import ExecutorSettings
 from snakemake_executor_plugin_sticky.backends.local import EmbeddedBackend
 from snakemake_executor_plugin_sticky.invocation import Invocation
 from snakemake_executor_plugin_sticky.templates import parse_templates
+from snakemake_executor_plugin_sticky.tweaks import ProcessTweaks
 
 SLOW_SETUP = """
 import os, time
@@ -43,7 +43,7 @@ def test_worker_stays_responsive_while_building_state_and_tears_down(tmp_path: P
     (tmp_path / "script.py").write_text(SCRIPT)
     spec = parse_templates({"sticky": {"slow": {"setup": "slow.py", "kwargs": {"seconds": 8}}}}, tmp_path)["slow"]
     settings = ExecutorSettings(workers=1, setup_attempts=1, setup_retry_delay=0.0)
-    backend = EmbeddedBackend(str(tmp_path), settings, Log(), lambda event: None)
+    backend = EmbeddedBackend(str(tmp_path), settings, Log(), lambda event: None, ProcessTweaks())
     try:
         backend.start_pool(spec)
         backend.client.wait_for_workers(1, timeout=60)
@@ -52,7 +52,9 @@ def test_worker_stays_responsive_while_building_state_and_tears_down(tmp_path: P
         (tmp_path / "release").touch()
         done = threading.Event()
         outcomes = []
-        snakemake = SimpleNamespace(output=[str(tmp_path / "out.txt")], resources={"sticky": "slow"}, config={}, rule="r")
+        snakemake = SimpleNamespace(
+            output=[str(tmp_path / "out.txt")], resources={"sticky": "slow"}, config={}, rule="r"
+        )
         invocation = Invocation("k1", "slow", spec.identity, spec.tag, "r", 1, str(tmp_path / "script.py"), snakemake)
         backend.submit([(invocation, lambda inv, outcome: (outcomes.append(outcome), done.set()))])
         assert done.wait(60)

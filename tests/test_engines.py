@@ -115,13 +115,16 @@ def engine_workflow(workflow: Workflow, kwargs: str = "{}", extra: str = "") -> 
     workflow.write("Snakefile", SNAKEFILE)
     workflow.write("templates/engine.py", ENGINE)
     workflow.write("scripts/use.py", USE)
-    workflow.write("config.yaml", f"""
+    workflow.write(
+        "config.yaml",
+        f"""
         sticky:
           engine:
             setup: templates/engine.py
             kwargs: {kwargs}
             {extra}
-    """)
+    """,
+    )
     return workflow
 
 
@@ -189,7 +192,9 @@ def test_invocation_iterates_a_dataloader_with_two_worker_processes(workflow: Wo
     workflow.write("Snakefile", SNAKEFILE.replace("scripts/use.py", "scripts/load.py"))
     workflow.write("config.yaml", "sticky:\n  engine:\n    setup: templates/plain.py\n")
     workflow.write("templates/plain.py", "import os\ndef setup():\n    return {'pid': os.getpid()}\n")
-    workflow.write("scripts/load.py", """
+    workflow.write(
+        "scripts/load.py",
+        """
         import json, os
         import torch
         from torch.utils.data import DataLoader, Dataset
@@ -206,7 +211,8 @@ def test_invocation_iterates_a_dataloader_with_two_worker_processes(workflow: Wo
         rows = torch.cat(batches).tolist()
         with open(snakemake.output[0], "w") as f:
             json.dump({"worker": state["pid"], "items": [r[0] for r in rows], "loaders": sorted({r[1] for r in rows})}, f)
-    """)
+    """,
+    )
     run = workflow.run("--sticky-workers", "1", *GRACE, "--config", "count=3", cores=2)
     assert run.returncode == 0, run.output
     for result in results(workflow):
@@ -220,8 +226,17 @@ def test_a_worker_that_ends_mid_run_takes_its_helpers_along(workflow: Workflow, 
     engine_workflow(workflow)
     flags = {"timed-out": ("--sticky-invocation-timeout", "6", "--retries", "1")}.get(how, ())
     proc = workflow.popen(
-        "--sticky-workers", "2", *GRACE, "--sticky-preempt-grace", "1", *flags,
-        "--config", "count=24", "sleep=0.5", "victim=3", pipe=True,
+        "--sticky-workers",
+        "2",
+        *GRACE,
+        "--sticky-preempt-grace",
+        "1",
+        *flags,
+        "--config",
+        "count=24",
+        "sleep=0.5",
+        "victim=3",
+        pipe=True,
     )
     wait_for(lambda: (workflow.root / "victim-ran").exists())
     victim = int(workflow.read("victim-ran"))
@@ -240,7 +255,9 @@ def test_a_worker_that_ends_mid_run_takes_its_helpers_along(workflow: Workflow, 
 
 
 def test_a_gpu_goes_to_the_next_template_once_the_last_ones_processes_are_gone(workflow: Workflow):
-    workflow.write("Snakefile", """
+    workflow.write(
+        "Snakefile",
+        """
         configfile: "config.yaml"
         rule all:
             input: expand("second/{i}.txt", i=range(2))
@@ -253,14 +270,20 @@ def test_a_gpu_goes_to_the_next_template_once_the_last_ones_processes_are_gone(w
             output: "second/{i}.txt"
             resources: sticky="second"
             script: "scripts/note.py"
-    """)
-    workflow.write("config.yaml", """
+    """,
+    )
+    workflow.write(
+        "config.yaml",
+        """
         sticky:
           first: {setup: templates/holder.py, kwargs: {name: first}, gpus: 1}
           second: {setup: templates/holder.py, kwargs: {name: second}, gpus: 1}
-    """)
+    """,
+    )
     # The first template's server ignores SIGTERM: it holds "the GPU" until SIGKILL at the grace.
-    workflow.write("templates/holder.py", """
+    workflow.write(
+        "templates/holder.py",
+        """
         import glob, os, subprocess, sys
 
         def running(pid):
@@ -278,11 +301,15 @@ def test_a_gpu_goes_to_the_next_template_once_the_last_ones_processes_are_gone(w
             server = subprocess.Popen([sys.executable, "-c", code])
             open(f"holders/{name}.txt", "w").write(f"{os.getpid()} {server.pid}")
             return {"gpus": os.environ["CUDA_VISIBLE_DEVICES"]}
-    """)
-    workflow.write("scripts/note.py", """
+    """,
+    )
+    workflow.write(
+        "scripts/note.py",
+        """
         from snakemake_executor_plugin_sticky import sticky_state
         open(snakemake.output[0], "w").write(sticky_state(snakemake)["gpus"])
-    """)
+    """,
+    )
     run = workflow.run(*GRACE, cores=2, env={"CUDA_VISIBLE_DEVICES": "0"})
     assert run.returncode == 0, run.output
     assert workflow.read("second/0.txt") == "0", "both templates ran on GPU 0"
@@ -315,7 +342,9 @@ def test_the_whole_tree_is_gone_when_the_run_ends(workflow: Workflow, end: str):
 
 
 def test_rebuild_with_four_slots_waits_for_the_invocations_holding_the_poisoned_state(workflow: Workflow):
-    workflow.write("Snakefile", """
+    workflow.write(
+        "Snakefile",
+        """
         configfile: "config.yaml"
         rule all:
             input: expand("out/{i}.json", i=range(40))
@@ -323,9 +352,12 @@ def test_rebuild_with_four_slots_waits_for_the_invocations_holding_the_poisoned_
             output: "out/{i}.json"
             resources: sticky="engine"
             script: "scripts/poison.py"
-    """)
+    """,
+    )
     workflow.write("config.yaml", "sticky:\n  engine:\n    setup: templates/model.py\n    slots: 4\n")
-    workflow.write("templates/model.py", """
+    workflow.write(
+        "templates/model.py",
+        """
         import os, time
         poisoned_by = ["CorruptedModel"]
 
@@ -340,8 +372,11 @@ def test_rebuild_with_four_slots_waits_for_the_invocations_holding_the_poisoned_
         def teardown(state):
             state["alive"] = False
             open("teardowns.txt", "a").write(f"{state['generation']} {time.time()}\\n")
-    """)
-    workflow.write("scripts/poison.py", """
+    """,
+    )
+    workflow.write(
+        "scripts/poison.py",
+        """
         import json, os, time
         from snakemake_executor_plugin_sticky import sticky_state
 
@@ -355,7 +390,8 @@ def test_rebuild_with_four_slots_waits_for_the_invocations_holding_the_poisoned_
             raise state["error"]("the model is corrupted")
         with open(snakemake.output[0], "w") as f:
             json.dump({"generation": state["generation"], "seen": seen, "began": began, "ended": time.time()}, f)
-    """)
+    """,
+    )
     run = workflow.run("--sticky-workers", "1", "--retries", "1", cores=8)
     assert run.returncode == 0, run.output
     assert "poisoned its state" in run.output
@@ -405,17 +441,24 @@ def test_keeper_ends_what_its_worker_leaves_and_exits_with_its_status(tmp_path: 
         f"open({str(tmp_path / 'pids')!r}, 'w').write(f'{{os.getpid()}} {{child.pid}}')\n"
         "time.sleep(600)\n"
     )
-    keeper = subprocess.Popen([sys.executable, "-m", "snakemake_executor_plugin_sticky.keeper", sys.executable, str(script)])
+    keeper = subprocess.Popen(
+        [sys.executable, "-m", "snakemake_executor_plugin_sticky.keeper", sys.executable, str(script)]
+    )
     wait_for(lambda: (tmp_path / "pids").exists() and len((tmp_path / "pids").read_text().split()) == 2, 60)
     worker, child = map(int, (tmp_path / "pids").read_text().split())
     os.kill(worker, signal.SIGKILL)
     assert keeper.wait(timeout=60) == 128 + signal.SIGKILL, "a killed worker's status is passed on"
     assert running([child]) == []
-    plain = subprocess.run([sys.executable, "-m", "snakemake_executor_plugin_sticky.keeper", "-m", "json.tool", "--help"],
-                           capture_output=True)
+    plain = subprocess.run(
+        [sys.executable, "-m", "snakemake_executor_plugin_sticky.keeper", "-m", "json.tool", "--help"],
+        capture_output=True,
+    )
     assert plain.returncode == 0
-    missing = subprocess.run([sys.executable, "-m", "snakemake_executor_plugin_sticky.keeper", "no-such-command"],
-                             capture_output=True, text=True)
+    missing = subprocess.run(
+        [sys.executable, "-m", "snakemake_executor_plugin_sticky.keeper", "no-such-command"],
+        capture_output=True,
+        text=True,
+    )
     assert missing.returncode != 0 and "command not found: no-such-command" in missing.stderr
 
 
@@ -423,15 +466,20 @@ def test_a_template_may_install_signal_handlers_from_its_setup_thread(workflow: 
     """Engines install handlers as they start (SGLang's Engine does), though setup runs in a thread."""
     workflow.write("Snakefile", SNAKEFILE.replace("scripts/use.py", "scripts/signal.py"))
     workflow.write("config.yaml", "sticky:\n  engine:\n    setup: templates/handler.py\n")
-    workflow.write("templates/handler.py", """
+    workflow.write(
+        "templates/handler.py",
+        """
         import os, signal, threading
 
         def setup():
             caught = []
             signal.signal(signal.SIGUSR1, lambda signum, frame: caught.append(threading.current_thread().name))
             return {"caught": caught, "setup_thread": threading.current_thread().name}
-    """)
-    workflow.write("scripts/signal.py", """
+    """,
+    )
+    workflow.write(
+        "scripts/signal.py",
+        """
         import json, os, signal, time
         from snakemake_executor_plugin_sticky import sticky_state
 
@@ -444,7 +492,8 @@ def test_a_template_may_install_signal_handlers_from_its_setup_thread(workflow: 
             time.sleep(0.05)
         with open(snakemake.output[0], "w") as f:
             json.dump({"caught": state["caught"][before:], "setup_thread": state["setup_thread"]}, f)
-    """)
+    """,
+    )
     run = workflow.run("--sticky-workers", "1", "--config", "count=2", cores=2)
     assert run.returncode == 0, run.output
     for result in results(workflow):

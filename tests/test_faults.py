@@ -66,7 +66,10 @@ rule infer:
 
 
 # The engine starts at once when sticky jobs are ready from the start, else with the first one.
-CASES = [(path, "at once") for path in PATHS] + [("backend start", "after a local job"), ("dispatch", "after a local job")]
+CASES = [(path, "at once") for path in PATHS] + [
+    ("backend start", "after a local job"),
+    ("dispatch", "after a local job"),
+]
 
 
 @pytest.mark.parametrize("path, start", CASES)
@@ -75,9 +78,28 @@ def test_a_failure_in_a_background_path_ends_the_run_with_its_message(workflow: 
     workflow.write("inject.py", INJECT)
     target, name, when = PATHS[path]
     run = subprocess.run(
-        [sys.executable, "inject.py", target, name, when, "--executor", "sticky", "--cores", "4", "--nocolor",
-         "--sticky-workers", "2", "--config", "count=6"],
-        cwd=workflow.root, env=test_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=180,
+        [
+            sys.executable,
+            "inject.py",
+            target,
+            name,
+            when,
+            "--executor",
+            "sticky",
+            "--cores",
+            "4",
+            "--nocolor",
+            "--sticky-workers",
+            "2",
+            "--config",
+            "count=6",
+        ],
+        cwd=workflow.root,
+        env=test_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        timeout=180,
     )
     assert run.returncode != 0, run.stdout
     assert f"injected failure in {name}" in run.stdout, run.stdout

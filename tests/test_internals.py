@@ -26,18 +26,25 @@ def test_distributed_internals():
     assert inspect.iscoroutinefunction(Nanny._on_worker_exit), "Nanny._on_worker_exit (a worker's exit status)"
     assert "exitcode" in parameters(Nanny._on_worker_exit)
     assert "self.worker_address" in inspect.getsource(WorkerProcess), "WorkerProcess.worker_address"
-    assert hasattr(Nanny, "pre_spawn_env") or "pre_spawn_env" in inspect.getsource(Nanny.__init__), "Nanny.pre_spawn_env"
+    assert hasattr(Nanny, "pre_spawn_env") or "pre_spawn_env" in inspect.getsource(Nanny.__init__), (
+        "Nanny.pre_spawn_env"
+    )
     assert "log_event" in vars(SchedulerPlugin), "SchedulerPlugin.log_event (invocations running on a worker)"
     assert "remove_worker" in vars(SchedulerPlugin) and "stimulus_id" in parameters(SchedulerPlugin.remove_worker)
     for name in ("get_current_task", "log_event", "set_resources", "close"):
         assert hasattr(Worker, name), f"Worker.{name}"
-    assert "executing_count" in inspect.getsource(distributed.worker_state_machine.WorkerState), "WorkerState.executing_count"
+    assert "executing_count" in inspect.getsource(distributed.worker_state_machine.WorkerState), (
+        "WorkerState.executing_count"
+    )
     for name in ("retire_workers", "close_worker", "log_event"):
         assert hasattr(Scheduler, name), f"Scheduler.{name}"
     assert "http_server" in inspect.getsource(distributed.node.ServerNode.start_http_server), "ServerNode.http_server"
     assert "connect" in vars(pytest.importorskip("distributed.dashboard.scheduler")), "the dashboard's connect()"
-    for key in ("distributed.scheduler.allowed-failures", "distributed.worker.multiprocessing-method",
-                "distributed.nanny.pre-spawn-environ"):
+    for key in (
+        "distributed.scheduler.allowed-failures",
+        "distributed.worker.multiprocessing-method",
+        "distributed.nanny.pre-spawn-environ",
+    ):
         assert dask.config.get(key, default=None) is not None, key
 
 
@@ -58,8 +65,17 @@ def test_snakemake_internals():
     from snakemake.workflow import Workflow
 
     assert parameters(Snakemake.__init__)[1:] == [
-        "input_", "output", "params", "wildcards", "threads", "resources", "log", "config", "rulename",
-        "bench_iteration", "scriptdir",
+        "input_",
+        "output",
+        "params",
+        "wildcards",
+        "threads",
+        "resources",
+        "log",
+        "config",
+        "rulename",
+        "bench_iteration",
+        "scriptdir",
     ], "snakemake.iocontainers.Snakemake (the script's `snakemake` object)"
     assert inspect.iscoroutinefunction(Job.prepare), "Job.prepare"
     assert hasattr(Job, "_path_to_source_file"), "Job._path_to_source_file (the script's path)"

@@ -83,13 +83,16 @@ def test_losses_beyond_the_budget_fail_the_template(workflow: Workflow):
     """A worker that dies while it builds the state (a native crash in setup) is no invocation's
     fault: such losses count against the template's budget."""
     sticky_workflow(workflow, ONE_TEMPLATE_SNAKEFILE, LLM_TEMPLATE)
-    workflow.write("templates/counting.py", """
+    workflow.write(
+        "templates/counting.py",
+        """
         import os, signal, time
         def setup(name, delay=0.0):
             open(f"setups-{name}.txt", "a").write(f"{os.getpid()}\\n")
             time.sleep(1)  # the worker is up, and the invocations wait for the state
             os.kill(os.getpid(), signal.SIGKILL)
-    """)
+    """,
+    )
     run = workflow.run("--sticky-workers", "1", "--sticky-max-worker-losses", "1", "--config", "count=2", timeout=120)
     assert run.returncode != 0
     assert "Error in rule infer" in run.output and "more than --sticky-max-worker-losses 1" in run.output, run.output
@@ -100,7 +103,9 @@ def test_losses_beyond_the_budget_fail_the_template(workflow: Workflow):
 
 @pytest.mark.parametrize("workers, slots", [(2, 1), (1, 4)])
 def test_an_invocation_that_crashes_its_worker_every_time_fails_alone(workflow: Workflow, workers: int, slots: int):
-    sticky_workflow(workflow, ONE_TEMPLATE_SNAKEFILE, LLM_TEMPLATE.replace("delay: 1.0}", f"delay: 0.2}}\n    slots: {slots}"))
+    sticky_workflow(
+        workflow, ONE_TEMPLATE_SNAKEFILE, LLM_TEMPLATE.replace("delay: 1.0}", f"delay: 0.2}}\n    slots: {slots}")
+    )
     # invocation 5 dies of a segfault, as a native crash in a model would, on every attempt
     workflow.write(
         "scripts/record.py",
@@ -165,8 +170,19 @@ def test_hung_invocation_times_out_and_its_worker_is_replaced(workflow: Workflow
     workflow.write("scripts/record.py", CAREFUL)
     # one job at a time, the hung one first: the jobs after it need the replacement worker
     run = workflow.run(
-        "--sticky-workers", "1", "--sticky-invocation-timeout", "4", "--keep-going", "--prioritize", "out/2.json",
-        "--config", "count=4", "victim=2", "victim_sleep=600", cores=1, timeout=180,
+        "--sticky-workers",
+        "1",
+        "--sticky-invocation-timeout",
+        "4",
+        "--keep-going",
+        "--prioritize",
+        "out/2.json",
+        "--config",
+        "count=4",
+        "victim=2",
+        "victim_sleep=600",
+        cores=1,
+        timeout=180,
     )
     assert run.returncode != 0
     assert "Invocation of rule 'infer' timed out after 4 s" in run.output
@@ -231,7 +247,9 @@ def test_ctrl_c_twice_exits_at_once(workflow: Workflow):
     """The first Ctrl-C waits for teardown (here one that would take 600 s, within a grace of
     120 s); a second one ends Snakemake at once, and the forkserver ends the workers."""
     sticky_workflow(workflow, ONE_TEMPLATE_SNAKEFILE, LLM_TEMPLATE)
-    workflow.write("templates/counting.py", workflow.read("templates/counting.py") + "    import time; time.sleep(600)\n")
+    workflow.write(
+        "templates/counting.py", workflow.read("templates/counting.py") + "    import time; time.sleep(600)\n"
+    )
     proc = workflow.popen("--sticky-workers", "2", "--sticky-teardown-grace", "120", "--config", "count=8", "sleep=60")
     wait_for(lambda: len(workflow.lines("setups-llm.txt")) == 2)
     wait_for(lambda: "rule infer" in proc.log.read_text())
@@ -271,8 +289,16 @@ def test_soak_random_kills(workflow: Workflow):
     sticky_workflow(workflow, ONE_TEMPLATE_SNAKEFILE, LLM_TEMPLATE.replace("delay: 1.0", "delay: 0.5"))
     workflow.write("scripts/record.py", CAREFUL)
     proc = workflow.popen(
-        "--sticky-workers", str(workers), "--max-jobs-per-timespan", "1000/1s", "--sticky-status-interval", "5",
-        "--config", f"count={count}", "sleep=0.02", cores=workers,
+        "--sticky-workers",
+        str(workers),
+        "--max-jobs-per-timespan",
+        "1000/1s",
+        "--sticky-status-interval",
+        "5",
+        "--config",
+        f"count={count}",
+        "sleep=0.02",
+        cores=workers,
     )
     rng = random.Random(7)
     kills, deadline = 0, time.monotonic() + 300

@@ -9,10 +9,11 @@ import signal
 import time
 from pathlib import Path
 
+from snakemake_executor_plugin_sticky.report import InvocationRecord
+from snakemake_executor_plugin_sticky.timeline import draw_timeline
+
 from conftest import Workflow
 from test_core import LLM_TEMPLATE, ONE_TEMPLATE_SNAKEFILE, sticky_workflow
-
-from snakemake_executor_plugin_sticky.report import InvocationRecord, draw_timeline
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
@@ -46,7 +47,10 @@ def test_report_matches_what_the_run_did(workflow: Workflow):
     assert timeline.read_bytes().startswith(PNG) and timeline.stat().st_size > 5000
     # live lines and the end-of-run summary in Snakemake's log
     assert "is building its state" in run.output and "is ready (setup 2." in run.output
-    assert re.search(r"sticky status \| llm: workers \d+ starting / \d+ ready, invocations \d+ running / \d+ waiting / \d+ done", run.output)
+    assert re.search(
+        r"sticky status \| llm: workers \d+ starting / \d+ ready, invocations \d+ running / \d+ waiting / \d+ done",
+        run.output,
+    )
     assert "Sticky template 'llm': 2 worker(s), median setup 2." in run.output
     assert "30 invocation(s)" in run.output and "of setup saved vs create-destroy" in run.output
 
@@ -89,15 +93,26 @@ def test_timeline_stays_readable_with_many_workers(tmp_path: Path):
     origin = 1000.0
     for i in range(50):
         template = "llm" if i < 40 else "embed"
-        workers.append({
-            "id": f"{template}-{i}#1", "template": template, "name": f"{template}-{i}",
-            "setup_started": 1.0 + i * 0.05, "setup_finished": 6.0 + (i % 7) * 0.5, "lost": i == 13, "gone_at": 30.0,
-        })
+        workers.append(
+            {
+                "id": f"{template}-{i}#1",
+                "template": template,
+                "name": f"{template}-{i}",
+                "setup_started": 1.0 + i * 0.05,
+                "setup_finished": 6.0 + (i % 7) * 0.5,
+                "lost": i == 13,
+                "gone_at": 30.0,
+            }
+        )
         t = 6.0 + (i % 7) * 0.5
         while t < 60:
             invocations.append(InvocationRecord(template, f"{template}-{i}#1", origin + t, origin + t + 1.5, True))
             t += 1.6
-    report = {"status": "success", "wall_s": 62.0, "templates": {"llm": {"workers": workers[:40]}, "embed": {"workers": workers[40:]}}}
+    report = {
+        "status": "success",
+        "wall_s": 62.0,
+        "templates": {"llm": {"workers": workers[:40]}, "embed": {"workers": workers[40:]}},
+    }
     draw_timeline(report, invocations, origin, tmp_path / "timeline.png")
     assert (tmp_path / "timeline.png").read_bytes().startswith(PNG)
     assert (tmp_path / "timeline.png").stat().st_size > 20000
@@ -114,7 +129,9 @@ def test_dashboard_address_is_logged_and_served_on_loopback(workflow: Workflow):
     import urllib.request
 
     sticky_workflow(workflow, ONE_TEMPLATE_SNAKEFILE, LLM_TEMPLATE)
-    proc = workflow.popen("--sticky-workers", "1", "--sticky-dashboard-address", "127.0.0.1:0", "--config", "count=2", "sleep=4")
+    proc = workflow.popen(
+        "--sticky-workers", "1", "--sticky-dashboard-address", "127.0.0.1:0", "--config", "count=2", "sleep=4"
+    )
     lines = []
     for line in proc.follow():
         lines.append(line)

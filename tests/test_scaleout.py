@@ -21,6 +21,7 @@ from distributed.security import Security
 
 from snakemake_executor_plugin_sticky.backends.jobqueue import BatchBackend
 from snakemake_executor_plugin_sticky.settings import ExecutorSettings
+from snakemake_executor_plugin_sticky.tweaks import ProcessTweaks
 
 from conftest import Workflow
 from conftest import test_env as snakemake_env
@@ -46,20 +47,28 @@ def slurm() -> None:
 
 
 def write_sleeper(wf: Workflow, count: int = 12, extra_rules: str = "", inputs: str = "") -> None:
-    wf.write("config.yaml", """
+    wf.write(
+        "config.yaml",
+        """
         sticky:
           sleeper:
             setup: template.py
             kwargs: {delay: 1}
-    """)
-    wf.write("template.py", """
+    """,
+    )
+    wf.write(
+        "template.py",
+        """
         import os, time
 
         def setup(delay):
             time.sleep(delay)
             return {"pid": os.getpid(), "job": os.environ.get("SLURM_JOB_ID", "none")}
-    """)
-    wf.write("scripts/work.py", """
+    """,
+    )
+    wf.write(
+        "scripts/work.py",
+        """
         import time
         from snakemake_executor_plugin_sticky import sticky_state
 
@@ -68,8 +77,11 @@ def write_sleeper(wf: Workflow, count: int = 12, extra_rules: str = "", inputs: 
         time.sleep(1)
         with open(snakemake.output[0], "w") as f:
             f.write(f"{state['pid']} {state['job']} {began} {time.time()}\\n")
-    """)
-    wf.write("Snakefile", f"""
+    """,
+    )
+    wf.write(
+        "Snakefile",
+        f"""
         configfile: "config.yaml"
 
         rule all:
@@ -80,7 +92,8 @@ def write_sleeper(wf: Workflow, count: int = 12, extra_rules: str = "", inputs: 
             resources: sticky="sleeper"
             script: "scripts/work.py"
         {extra_rules}
-    """)
+    """,
+    )
 
 
 def invocations(wf: Workflow, folder: str = "out") -> list[tuple[str, str, float, float]]:
@@ -129,7 +142,9 @@ def recorded_by_slurm(job_id: str) -> str:
 def test_slurm_workers_run_invocations_two_at_a_time_and_leave_no_job(workflow: Workflow, slurm: None):
     write_sleeper(workflow)
     # the command line of the issue, with the batch system's default memory
-    run = workflow.run("--sticky-cluster", "slurm", "--sticky-interface", "lo", "--sticky-max-workers", "2", "--jobs", "2", cores=1)
+    run = workflow.run(
+        "--sticky-cluster", "slurm", "--sticky-interface", "lo", "--sticky-max-workers", "2", "--jobs", "2", cores=1
+    )
     assert run.returncode == 0, run.output
     rows = invocations(workflow)
     assert len(rows) == 12
@@ -168,8 +183,19 @@ def test_slurm_pool_retires_idle_workers_and_grows_again(workflow: Workflow, slu
         """,
     )
     run = workflow.run(
-        "--sticky-cluster", "slurm", "--sticky-interface", "lo", "--sticky-max-workers", "2", "--sticky-memory", "1GB",
-        "--sticky-idle-timeout", "2", "--jobs", "3", cores=1,
+        "--sticky-cluster",
+        "slurm",
+        "--sticky-interface",
+        "lo",
+        "--sticky-max-workers",
+        "2",
+        "--sticky-memory",
+        "1GB",
+        "--sticky-idle-timeout",
+        "2",
+        "--jobs",
+        "3",
+        cores=1,
     )
     assert run.returncode == 0, run.output
     early = {job for _, job, _, _ in invocations(workflow, "out")}
@@ -185,8 +211,17 @@ def test_slurm_worker_job_cancelled_mid_run_is_replaced(workflow: Workflow, slur
     # the replacement job to start (a few seconds) and take a share, even on a loaded machine
     write_sleeper(workflow, count=20)
     proc = workflow.popen(
-        "--sticky-cluster", "slurm", "--sticky-interface", "lo", "--sticky-max-workers", "2", "--sticky-memory", "1GB",
-        "--jobs", "2", cores=1,
+        "--sticky-cluster",
+        "slurm",
+        "--sticky-interface",
+        "lo",
+        "--sticky-max-workers",
+        "2",
+        "--sticky-memory",
+        "1GB",
+        "--jobs",
+        "2",
+        cores=1,
     )
     deadline = time.monotonic() + 60
     while len(invocations(workflow)) < 2 and time.monotonic() < deadline:
@@ -210,7 +245,9 @@ def test_network_scheduler_refuses_clients_without_the_run_credentials(tmp_path:
         def info(self, msg: str) -> None: ...
         def warning(self, msg: str) -> None: ...
 
-    backend = BatchBackend(str(tmp_path), ExecutorSettings(cluster="pbs", interface="lo"), Log(), lambda event: None)
+    backend = BatchBackend(
+        str(tmp_path), ExecutorSettings(cluster="pbs", interface="lo"), Log(), lambda event: None, ProcessTweaks()
+    )
     try:
         address = backend.client.scheduler.address
         assert address.startswith("tls://")
@@ -253,7 +290,9 @@ def ask_identity(address: str, connection_args: dict) -> dict:
 
 def test_attach_mode_uses_hand_started_workers_and_leaves_them_running(workflow: Workflow):
     write_sleeper(workflow, count=6)
-    workflow.write("template.py", """
+    workflow.write(
+        "template.py",
+        """
         import os
 
         def setup(delay):
@@ -262,14 +301,28 @@ def test_attach_mode_uses_hand_started_workers_and_leaves_them_running(workflow:
         def teardown(state):
             with open("torn-down.txt", "a") as f:
                 f.write(f"{state['pid']}\\n")
-    """)
+    """,
+    )
     env = snakemake_env()
     scheduler_file = workflow.root / "scheduler.json"
     dask = str(Path(sys.executable).with_name("dask"))
     scheduler = subprocess.Popen(
-        [dask, "scheduler", "--host", "127.0.0.1", "--port", "0", "--scheduler-file", str(scheduler_file),
-         "--no-dashboard"],
-        cwd=workflow.root, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+        [
+            dask,
+            "scheduler",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            "0",
+            "--scheduler-file",
+            str(scheduler_file),
+            "--no-dashboard",
+        ],
+        cwd=workflow.root,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
     )
     worker = None
     try:
@@ -277,9 +330,25 @@ def test_attach_mode_uses_hand_started_workers_and_leaves_them_running(workflow:
         while not scheduler_file.exists() and time.monotonic() < deadline:
             time.sleep(0.2)
         worker = subprocess.Popen(
-            [dask, "worker", "--scheduler-file", str(scheduler_file), "--resources", "sticky-sleeper=2",
-             "--nthreads", "2", "--memory-limit", "0", "--no-nanny", "--no-dashboard"],
-            cwd=workflow.root, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+            [
+                dask,
+                "worker",
+                "--scheduler-file",
+                str(scheduler_file),
+                "--resources",
+                "sticky-sleeper=2",
+                "--nthreads",
+                "2",
+                "--memory-limit",
+                "0",
+                "--no-nanny",
+                "--no-dashboard",
+            ],
+            cwd=workflow.root,
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
         )
         run = workflow.run("--sticky-scheduler", str(scheduler_file), cores=2)
         assert run.returncode == 0, run.output
@@ -304,9 +373,21 @@ def start_scheduler(workflow: Workflow) -> tuple[subprocess.Popen, Path]:
     scheduler_file = workflow.root / "scheduler.json"
     dask = str(Path(sys.executable).with_name("dask"))
     scheduler = subprocess.Popen(
-        [dask, "scheduler", "--host", "127.0.0.1", "--port", "0", "--scheduler-file", str(scheduler_file),
-         "--no-dashboard"],
-        cwd=workflow.root, env=snakemake_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        [
+            dask,
+            "scheduler",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            "0",
+            "--scheduler-file",
+            str(scheduler_file),
+            "--no-dashboard",
+        ],
+        cwd=workflow.root,
+        env=snakemake_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
         start_new_session=True,
     )
     deadline = time.monotonic() + 30
@@ -323,10 +404,26 @@ def test_attach_mode_worker_under_the_keeper_takes_a_template_with_processes(wor
     worker = None
     try:
         worker = subprocess.Popen(
-            [sys.executable, "-m", "snakemake_executor_plugin_sticky.keeper", str(Path(sys.executable).with_name("dask")), "worker",
-             "--scheduler-file", str(scheduler_file), "--resources", "sticky-engine=1", "--nthreads", "1",
-             "--memory-limit", "0", "--no-dashboard"],
-            cwd=workflow.root, env=snakemake_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            [
+                sys.executable,
+                "-m",
+                "snakemake_executor_plugin_sticky.keeper",
+                str(Path(sys.executable).with_name("dask")),
+                "worker",
+                "--scheduler-file",
+                str(scheduler_file),
+                "--resources",
+                "sticky-engine=1",
+                "--nthreads",
+                "1",
+                "--memory-limit",
+                "0",
+                "--no-dashboard",
+            ],
+            cwd=workflow.root,
+            env=snakemake_env(),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
             start_new_session=True,
         )
         run = workflow.run("--sticky-scheduler", str(scheduler_file), "--config", "count=4", cores=1)
@@ -350,9 +447,13 @@ def worker_condition(client: Client) -> dict:
         import multiprocessing
 
         return {
-            "cwd": os.getcwd(), "stdout": type(sys.stdout).__name__, "stderr": type(sys.stderr).__name__,
-            "sigterm": repr(signal.getsignal(signal.SIGTERM)), "sigint": repr(signal.getsignal(signal.SIGINT)),
-            "signal.signal": signal.signal.__name__, "start method": multiprocessing.get_start_method(allow_none=True),
+            "cwd": os.getcwd(),
+            "stdout": type(sys.stdout).__name__,
+            "stderr": type(sys.stderr).__name__,
+            "sigterm": repr(signal.getsignal(signal.SIGTERM)),
+            "sigint": repr(signal.getsignal(signal.SIGINT)),
+            "signal.signal": signal.signal.__name__,
+            "start method": multiprocessing.get_start_method(allow_none=True),
             "daemon": multiprocessing.current_process().daemon,
         }
 
@@ -364,7 +465,9 @@ def test_attach_mode_leaves_the_users_worker_and_scheduler_as_they_were(workflow
     """A hung invocation fails and names the worker, which is neither restarted nor closed;
     what the template changed in the worker is put back, and the scheduler plugin removed."""
     write_sleeper(workflow, count=3)
-    workflow.write("scripts/work.py", """
+    workflow.write(
+        "scripts/work.py",
+        """
         import time
         from snakemake_executor_plugin_sticky import sticky_state
 
@@ -372,22 +475,38 @@ def test_attach_mode_leaves_the_users_worker_and_scheduler_as_they_were(workflow
         if snakemake.wildcards.i == "1":
             time.sleep(600)
         open(snakemake.output[0], "w").write(f"{state['pid']} {state['job']} 0 0\\n")
-    """)
+    """,
+    )
     scheduler, scheduler_file = start_scheduler(workflow)
     worker = None
     try:
         worker = subprocess.Popen(
-            [str(Path(sys.executable).with_name("dask")), "worker", "--scheduler-file", str(scheduler_file),
-             "--resources", "sticky-sleeper=2", "--nthreads", "2", "--memory-limit", "0", "--no-dashboard"],
-            cwd="/", env=snakemake_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            [
+                str(Path(sys.executable).with_name("dask")),
+                "worker",
+                "--scheduler-file",
+                str(scheduler_file),
+                "--resources",
+                "sticky-sleeper=2",
+                "--nthreads",
+                "2",
+                "--memory-limit",
+                "0",
+                "--no-dashboard",
+            ],
+            cwd="/",
+            env=snakemake_env(),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
             start_new_session=True,
         )
         with Client(scheduler_file=str(scheduler_file), timeout="30s", set_as_default=False) as client:
             client.wait_for_workers(1, timeout=60)
             (worker_pid,) = client.run(os.getpid).values()
             before = worker_condition(client)
-            run = workflow.run("--sticky-scheduler", str(scheduler_file), "--sticky-invocation-timeout", "4",
-                               "--keep-going", cores=2)
+            run = workflow.run(
+                "--sticky-scheduler", str(scheduler_file), "--sticky-invocation-timeout", "4", "--keep-going", cores=2
+            )
             assert run.returncode != 0
             assert "timed out after 4 s" in run.output and "is yours (attach mode) and is left as it is" in run.output
             assert f"pid {worker_pid}" in run.output, "the message names the hung worker"
@@ -424,7 +543,10 @@ def test_attach_mode_names_the_package_whose_versions_differ(workflow: Workflow)
         versions["scheduler"]["packages"]["distributed"] = None
         (first, second) = version_problems(versions, "tcp://s:1")
         mine = versions["client"]["packages"]
-        assert first == f"snakemake-executor-plugin-sticky {mine['snakemake-executor-plugin-sticky']} here, 0.0.1 on the scheduler (tcp://s:1)"
+        assert (
+            first
+            == f"snakemake-executor-plugin-sticky {mine['snakemake-executor-plugin-sticky']} here, 0.0.1 on the scheduler (tcp://s:1)"
+        )
         assert second == f"distributed {mine['distributed']} here, not installed on the scheduler (tcp://s:1)"
     finally:
         os.killpg(scheduler.pid, signal.SIGKILL)
@@ -434,8 +556,23 @@ def test_attach_mode_names_the_package_whose_versions_differ(workflow: Workflow)
 def test_slurm_worker_killed_takes_its_helpers_along_and_its_job_fails(workflow: Workflow, slurm: None):
     engine_workflow(workflow)
     proc = workflow.popen(
-        "--sticky-cluster", "slurm", "--sticky-interface", "lo", "--sticky-max-workers", "2", "--sticky-memory", "1GB", "--jobs", "2",
-        "--sticky-teardown-grace", "2", "--config", "count=8", "victim=2", cores=1, pipe=True,
+        "--sticky-cluster",
+        "slurm",
+        "--sticky-interface",
+        "lo",
+        "--sticky-max-workers",
+        "2",
+        "--sticky-memory",
+        "1GB",
+        "--jobs",
+        "2",
+        "--sticky-teardown-grace",
+        "2",
+        "--config",
+        "count=8",
+        "victim=2",
+        cores=1,
+        pipe=True,
     )
     wait_for(lambda: (workflow.root / "victim-ran").exists())
     victim = int(workflow.read("victim-ran"))
@@ -474,7 +611,14 @@ def test_other_executor_runs_the_jobs_that_are_not_sticky_as_slurm_jobs(workflow
         "slurm": ["--slurm-status-command", "squeue", "--default-resources", "mem_mb=1000"],
     }[other]
     run = workflow.run(
-        "--sticky-other-executor", other, *flags, "--seconds-between-status-checks", "1", "--jobs", "4", cores=2,
+        "--sticky-other-executor",
+        other,
+        *flags,
+        "--seconds-between-status-checks",
+        "1",
+        "--jobs",
+        "4",
+        cores=2,
     )
     assert run.returncode == 0, run.output
     job_id = workflow.read("plain.txt").strip()
@@ -486,7 +630,9 @@ def test_other_executor_runs_the_jobs_that_are_not_sticky_as_slurm_jobs(workflow
 def test_other_executor_from_python_takes_its_settings_from_other_executor_args(workflow: Workflow, slurm: None):
     """Driven through Snakemake's API there is no command line to read the other executor's flags from."""
     write_sleeper(workflow, count=2, inputs=', "plain.txt", "local.txt"', extra_rules=OTHER_EXECUTOR_RULES)
-    workflow.write("drive.py", """
+    workflow.write(
+        "drive.py",
+        """
         import sys
         from pathlib import Path
         from snakemake.api import SnakemakeApi
@@ -505,10 +651,15 @@ def test_other_executor_from_python_takes_its_settings_from_other_executor_args(
                     snakefile=Path("Snakefile"),
                 )
                 workflow.dag().execute_workflow(executor="sticky", executor_settings=settings)
-    """)
+    """,
+    )
     run = subprocess.run(
         [sys.executable, "drive.py", "--unrelated", "flags", "of", "the", "host", "program"],
-        cwd=workflow.root, env=snakemake_env(), capture_output=True, text=True, timeout=240,
+        cwd=workflow.root,
+        env=snakemake_env(),
+        capture_output=True,
+        text=True,
+        timeout=240,
     )
     assert run.returncode == 0, run.stdout + run.stderr
     assert workflow.read("plain.txt").strip().isdigit(), "the plain job ran as a Slurm job"
@@ -528,8 +679,17 @@ def test_slurm_workers_near_their_walltime_retire_and_are_replaced(workflow: Wor
     # would kill it (Slurm counts whole minutes), and new jobs take over the remaining invocations
     write_sleeper(workflow, count=24)
     run = workflow.run(
-        "--sticky-cluster", "slurm", "--sticky-interface", "lo", "--sticky-max-workers", "2", "--sticky-walltime", "00:00:10",
-        "--jobs", "2", cores=1,
+        "--sticky-cluster",
+        "slurm",
+        "--sticky-interface",
+        "lo",
+        "--sticky-max-workers",
+        "2",
+        "--sticky-walltime",
+        "00:00:10",
+        "--jobs",
+        "2",
+        cores=1,
     )
     assert run.returncode == 0, run.output
     assert len(invocations(workflow)) == 24

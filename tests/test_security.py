@@ -10,12 +10,12 @@ import psutil
 import pytest
 from distributed.security import Security
 
+from snakemake_executor_plugin_sticky.security import run_credentials, write_credentials
+
 from conftest import Workflow
 from test_core import LLM_TEMPLATE, ONE_TEMPLATE_SNAKEFILE, sticky_workflow
 from test_reliability import wait_for
 from test_scaleout import ask_identity
-
-from snakemake_executor_plugin_sticky.security import run_credentials, write_credentials
 
 
 def listening_ports(root: psutil.Process) -> dict[int, str]:

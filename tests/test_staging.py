@@ -19,12 +19,12 @@ from pathlib import Path
 
 import pytest
 
+from snakemake_executor_plugin_sticky import staging
+from snakemake_executor_plugin_sticky.staging import StageError, stage
+
 from conftest import Workflow
 from conftest import test_env as snakemake_env
 from test_scaleout import start_scheduler
-
-from snakemake_executor_plugin_sticky import staging
-from snakemake_executor_plugin_sticky.staging import StageError, stage
 
 SIZE_MB = 8  # four files of 8 MB: a 32 MB model folder
 
@@ -102,9 +102,15 @@ def test_eviction_removes_the_least_recently_used_copies_but_never_one_in_use(tm
     env = {**snakemake_env(), "STICKY_CACHE_DIR": str(tmp_path / "cache")}
     # another process uses m0's copy and keeps running
     holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys, time; from snakemake_executor_plugin_sticky import stage; "
-         f"print(stage({str(sources[0])!r}), flush=True); time.sleep(600)"],
-        env=env, stdout=subprocess.PIPE, text=True,
+        [
+            sys.executable,
+            "-c",
+            "import sys, time; from snakemake_executor_plugin_sticky import stage; "
+            f"print(stage({str(sources[0])!r}), flush=True); time.sleep(600)",
+        ],
+        env=env,
+        stdout=subprocess.PIPE,
+        text=True,
     )
     try:
         in_use = Path(holder.stdout.readline().strip())
@@ -192,7 +198,9 @@ def stagings(workflow: Workflow) -> list[dict]:
     return [s for w in report["templates"]["model"]["workers"] for s in w["stagings"]]
 
 
-def test_two_workers_share_one_copy_kept_between_runs_and_renewed_when_a_file_changes(workflow: Workflow, tmp_path: Path):
+def test_two_workers_share_one_copy_kept_between_runs_and_renewed_when_a_file_changes(
+    workflow: Workflow, tmp_path: Path
+):
     source = make_model(tmp_path / "shared-fs" / "model")
     scratch = tmp_path / "scratch"
     staging_workflow(workflow, source)
@@ -242,13 +250,32 @@ def start_workers(workflow: Workflow, scheduler_file: Path, nodes: list[Path]) -
     dask = str(Path(sys.executable).with_name("dask"))
     workers = []
     for node in nodes:
-        workers.append(subprocess.Popen(
-            [sys.executable, "-m", "snakemake_executor_plugin_sticky.keeper", dask, "worker",
-             "--scheduler-file", str(scheduler_file), "--resources", "sticky-model=1", "--nthreads", "1",
-             "--memory-limit", "0", "--no-nanny", "--no-dashboard"],
-            cwd=workflow.root, env={**snakemake_env(), "NODE_CACHE": str(node)},
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
-        ))
+        workers.append(
+            subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "snakemake_executor_plugin_sticky.keeper",
+                    dask,
+                    "worker",
+                    "--scheduler-file",
+                    str(scheduler_file),
+                    "--resources",
+                    "sticky-model=1",
+                    "--nthreads",
+                    "1",
+                    "--memory-limit",
+                    "0",
+                    "--no-nanny",
+                    "--no-dashboard",
+                ],
+                cwd=workflow.root,
+                env={**snakemake_env(), "NODE_CACHE": str(node)},
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+                start_new_session=True,
+            )
+        )
     return workers
 
 
@@ -266,8 +293,15 @@ def test_one_node_reads_the_shared_source_and_the_others_copy_from_it(workflow: 
     workers = start_workers(workflow, scheduler_file, nodes)
     try:
         run = workflow.run(
-            "--sticky-scheduler", str(scheduler_file), "--sticky-cache-dir", "$NODE_CACHE",
-            "--sticky-stage-readers", "1", "--config", "count=12", cores=3,
+            "--sticky-scheduler",
+            str(scheduler_file),
+            "--sticky-cache-dir",
+            "$NODE_CACHE",
+            "--sticky-stage-readers",
+            "1",
+            "--config",
+            "count=12",
+            cores=3,
         )
         assert run.returncode == 0, run.output
         origins = sorted(s["from"].split()[0] for s in stagings(workflow))
@@ -289,7 +323,12 @@ def test_a_peer_that_fails_is_left_for_the_shared_source(workflow: Workflow, tmp
     workers = start_workers(workflow, scheduler_file, [first])
     try:
         proc = workflow.popen(
-            "--sticky-scheduler", str(scheduler_file), "--sticky-cache-dir", "$NODE_CACHE", "--config", "count=16",
+            "--sticky-scheduler",
+            str(scheduler_file),
+            "--sticky-cache-dir",
+            "$NODE_CACHE",
+            "--config",
+            "count=16",
             cores=2,
         )
         deadline = time.monotonic() + 120

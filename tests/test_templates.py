@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from snakemake_interface_common.exceptions import WorkflowError
 
-from snakemake_executor_plugin_sticky.backends.local import GpuPlan
+from snakemake_executor_plugin_sticky.gpus import GpuPlan
 from snakemake_executor_plugin_sticky.templates import parse_templates
 
 
@@ -38,7 +38,10 @@ def test_identity_changes_with_code_kwargs_and_resources(tmp_path: Path):
     # the routing tag names the template only, so hand-started workers can join
     assert {base.tag, *(v.tag for v in variants)} == {"sticky-llm"}
     # how many workers there are does not change what a worker holds
-    assert templates(tmp_path, "def setup(m):\n    return m\n", kwargs={"m": 1}, workers=3)["llm"].identity == base.identity
+    assert (
+        templates(tmp_path, "def setup(m):\n    return m\n", kwargs={"m": 1}, workers=3)["llm"].identity
+        == base.identity
+    )
 
 
 def test_one_worker_per_visible_gpu_pinned_without_overlap(tmp_path: Path):

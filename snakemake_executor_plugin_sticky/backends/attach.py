@@ -20,8 +20,8 @@ from distributed import Client
 from snakemake_interface_common.exceptions import WorkflowError
 
 from ..settings import ExecutorSettings
-from ..worker import PACKAGE
 from ..templates import TemplateSpec
+from ..worker import PACKAGE
 from .base import DaskBackend, OnEvent, WorkerRemovalPlugin, worker_plugin
 
 CLOSE_TIMEOUT_S = 10.0
@@ -34,6 +34,7 @@ LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1", "[::1]")
 
 
 def scheduler_address(scheduler_file: str) -> str:
+    """The scheduler's address from its scheduler file."""
     try:
         with open(scheduler_file) as f:
             return str(json.load(f)["address"])
@@ -137,14 +138,20 @@ class AttachedBackend(DaskBackend):
 
     @property
     def client(self) -> Client:
+        """The client of the user's scheduler."""
         return self._client
 
     def workers_for(self, template: TemplateSpec) -> int:
-        holders = [w for w in self._client.scheduler_info(n_workers=-1)["workers"].values()
-                   if template.tag in (w.get("resources") or {})]
+        """How many of the scheduler's workers offer the template's tag (at least 1)."""
+        holders = [
+            w
+            for w in self._client.scheduler_info(n_workers=-1)["workers"].values()
+            if template.tag in (w.get("resources") or {})
+        ]
         return max(1, len(holders))
 
     def start_pool(self, template: TemplateSpec) -> int:
+        """Register the template's worker plugin: the workers that offer its tag build the state."""
         if template.identity in self._plugins:
             return 0
         plugin = worker_plugin(template, self.workdir, self.settings, owned=False)
@@ -157,6 +164,7 @@ class AttachedBackend(DaskBackend):
         return 0
 
     def close(self) -> None:
+        """Unregister the plugins (each worker tears its state down); the workers stay."""
         self.close_events()
         try:
             try:

@@ -20,8 +20,8 @@ from distributed import Client, Future
 from distributed.diagnostics.plugin import SchedulerPlugin
 
 from ..invocation import EVENT_TOPIC, RUNNING_TOPIC, Invocation, InvocationCrashedWorkers, InvocationResult
-from ..templates import TemplateSpec
 from ..settings import ExecutorSettings
+from ..templates import TemplateSpec
 from ..worker import StickyWorkerPlugin, run_invocation
 
 Outcome = Union[InvocationResult, BaseException]
@@ -45,6 +45,7 @@ class WorkerRemovalPlugin(SchedulerPlugin):
         self.running: dict[str, set[str]] = {}  # worker address -> Dask keys
 
     def log_event(self, topic: str, msg: Any) -> None:
+        """Keep track of the invocations each worker is running."""
         if topic != RUNNING_TOPIC or not isinstance(msg, dict):
             return
         keys = self.running.setdefault(msg["worker"], set())
@@ -52,6 +53,7 @@ class WorkerRemovalPlugin(SchedulerPlugin):
 
     def remove_worker(self, scheduler: Any, worker: str, *, stimulus_id: str, **kwargs: Any) -> None:
         # Retired on purpose (idle, walltime near, end of run): not a loss.
+        """Announce the removal, graceful or not, with the invocations the worker was running."""
         graceful = stimulus_id.startswith(GRACEFUL_REMOVALS)
         running = sorted(self.running.pop(worker, ()))
         scheduler.log_event(
@@ -64,9 +66,18 @@ def worker_plugin(template: TemplateSpec, workdir: str, settings: ExecutorSettin
     """What makes a Dask worker that offers the template's tag one of its resident workers;
     `owned` when the engine started the worker (it then ends with the template)."""
     return StickyWorkerPlugin(
-        template, workdir, settings.setup_attempts, settings.setup_retry_delay, settings.preempt_grace,
-        settings.teardown_grace, owned,
-        stage_settings={"cache_dir": settings.cache_dir, "cache_size": settings.cache_size, "readers": settings.stage_readers},
+        template,
+        workdir,
+        settings.setup_attempts,
+        settings.setup_retry_delay,
+        settings.preempt_grace,
+        settings.teardown_grace,
+        owned,
+        stage_settings={
+            "cache_dir": settings.cache_dir,
+            "cache_size": settings.cache_size,
+            "readers": settings.stage_readers,
+        },
     )
 
 
@@ -135,7 +146,8 @@ class DaskBackend(Backend):
 
     @property
     @abstractmethod
-    def client(self) -> Client: ...
+    def client(self) -> Client:
+        """The Dask client through which invocations are submitted."""
 
     def watch_workers(self) -> None:
         """Forward worker announcements and removals to `on_event` (call once the client is up)."""
@@ -233,7 +245,10 @@ class DaskBackend(Backend):
         attempt = len(self._strikes.get(invocation.key, ()))
         try:
             alone = self.client.submit(
-                run_invocation, invocation, key=f"{invocation.key}-alone-{attempt}", pure=False,
+                run_invocation,
+                invocation,
+                key=f"{invocation.key}-alone-{attempt}",
+                pure=False,
                 resources={invocation.tag: invocation.slots},
             )
         except Exception:  # the client is closing: the first attempt stands
@@ -336,6 +351,7 @@ class DaskBackend(Backend):
             future.cancel(msg=reason)
 
     def abandon(self, key: str, reason: str, worker: str) -> None:
+        """Fail a hung invocation with `reason` and replace its worker where the engine may."""
         with self._lock:
             key = self._invocation_of.get(key, key)
             entry = self._futures.get(key)
@@ -352,6 +368,7 @@ class DaskBackend(Backend):
     replaces_hung_workers = False
 
     def close_events(self) -> None:
+        """Stop handling the engine's events and results: the run is closing."""
         self._events_closed = True
         self.release_spent()
         try:

@@ -12,195 +12,26 @@ from __future__ import annotations
 
 import asyncio
 import atexit
-import importlib.util
 import logging
 import os
-import shutil
 import signal
-import subprocess
-import threading
 import traceback
-from typing import Any, Coroutine, Optional
+from typing import Any, Optional
 
-import dask
-from distributed import Client, Nanny, Scheduler
-from distributed.security import Security
-from snakemake_interface_common.exceptions import WorkflowError
+from distributed import Nanny
 
 from .. import forkserver
+from ..gpus import GpuPlan, visible_gpus
 from ..invocation import EVENT_TOPIC
 from ..security import run_credentials
 from ..settings import ExecutorSettings
 from ..templates import TemplateSpec
-from .base import DaskBackend, OnEvent, worker_plugin
+from ..tweaks import ProcessTweaks
+from .base import OnEvent, worker_plugin
+from .hosted import LOOPBACK, HostedScheduler, worker_close_s
 
-LOOPBACK = "127.0.0.1"
-CLOSE_TIMEOUT_S = 6.0
-# A worker's own closing around its template's teardown, and its exit (see worker.py).
-WORKER_EXIT_MARGIN_S = 4.0
 RELEASE_WAIT_S = 2
 START_ATTEMPTS = 3
-
-
-
-def worker_close_s(settings: ExecutorSettings) -> float:
-    """How long a worker may take to close: its template's teardown grace and a margin."""
-    return settings.teardown_grace + WORKER_EXIT_MARGIN_S
-
-
-def dashboard_available() -> bool:
-    """Whether bokeh, which Dask's dashboard needs, is installed (found, not imported: that is slow)."""
-    return importlib.util.find_spec("bokeh") is not None
-
-
-def visible_gpus() -> list[str]:
-    """GPU ids this process may use: CUDA_VISIBLE_DEVICES if set, else what nvidia-smi lists."""
-    declared = os.environ.get("CUDA_VISIBLE_DEVICES")
-    if declared is not None:
-        return [g.strip() for g in declared.split(",") if g.strip() and g.strip() != "-1"]
-    smi = shutil.which("nvidia-smi")
-    if smi is None:
-        return []
-    try:
-        listing = subprocess.run(
-            [smi, "--query-gpu=index", "--format=csv,noheader"],
-            capture_output=True, text=True, timeout=30, check=True,
-        ).stdout
-    except (OSError, subprocess.SubprocessError):
-        return []
-    return [line.strip() for line in listing.splitlines() if line.strip()]
-
-
-class GpuPlan:
-    """Hands out GPU ids to workers, template after template, sharing only when asked for more,
-    and takes them back from a retired pool."""
-
-    def __init__(self, gpus: list[str], log: Any):
-        self.gpus = gpus
-        self.log = log
-        self._users = {gpu: 0 for gpu in gpus}  # workers pinned to each GPU
-        self._warned: set[str] = set()
-
-    def worker_count(self, template: TemplateSpec, default_workers: Optional[int]) -> int:
-        workers = template.workers or default_workers
-        if workers is None:
-            workers = max(1, len(self.gpus) // template.gpus) if template.gpus else 1
-        needed = workers * template.gpus
-        if needed > len(self.gpus):
-            raise WorkflowError(
-                f"Sticky template '{template.name}' asks for {workers} worker(s) x {template.gpus} "
-                f"GPU(s), but {len(self.gpus)} GPU(s) are visible here "
-                f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', '<unset>')}). "
-                f"Lower 'gpus:' or the number of workers, or run where the GPUs are."
-            )
-        return workers
-
-    def take(self, template: TemplateSpec) -> list[str]:
-        if not template.gpus:
-            return []
-        least_used = sorted(self.gpus, key=lambda gpu: (self._users[gpu], self.gpus.index(gpu)))
-        taken = sorted(least_used[: template.gpus], key=self.gpus.index)
-        if any(self._users[gpu] for gpu in taken) and template.name not in self._warned:
-            self._warned.add(template.name)
-            self.log.warning(
-                f"Sticky template '{template.name}' shares GPUs with other templates: more GPUs "
-                f"are asked for in total than the {len(self.gpus)} visible."
-            )
-        for gpu in taken:
-            self._users[gpu] += 1
-        return taken
-
-    def release(self, gpus: list[str]) -> None:
-        for gpu in gpus:
-            self._users[gpu] -= 1
-
-
-class HostedScheduler(DaskBackend):
-    """A Dask scheduler on an event loop in a thread of the Snakemake process, and a client of it,
-    both with the run's TLS credentials. Subclasses say where it listens (`host`) and how workers
-    come to it."""
-
-    host = LOOPBACK
-
-    def __init__(self, settings: ExecutorSettings, log: Any, on_event: OnEvent, security: Security):
-        super().__init__(on_event, crash_limit=settings.invocation_crashes)
-        self.log = log
-        self.settings = settings
-        self.security = security
-        self.dashboard = bool(settings.dashboard_address)
-        if self.dashboard and not dashboard_available():
-            log.warning(
-                f"--sticky-dashboard-address {settings.dashboard_address}: the Dask dashboard needs "
-                "bokeh (pip install bokeh); this run has none."
-            )
-            self.dashboard = False
-        # Dask's own INFO chatter (comms, plugin registration) is noise in a Snakemake log.
-        logging.getLogger("distributed").setLevel(logging.WARNING)
-        self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._loop.run_forever, name="sticky-engine", daemon=True)
-        self._thread.start()
-        self._scheduler: Scheduler = self._run(self._start_scheduler(), timeout=60)
-        self._client = Client(self._scheduler.address, security=security, set_as_default=False, timeout="60s")
-        self.watch_workers()
-
-    @property
-    def client(self) -> Client:
-        return self._client
-
-    def _run(self, coroutine: Coroutine[Any, Any, Any], timeout: float) -> Any:
-        return asyncio.run_coroutine_threadsafe(coroutine, self._loop).result(timeout)
-
-    async def _start_scheduler(self) -> Scheduler:
-        address = self.settings.dashboard_address if self.dashboard else f"{LOOPBACK}:0"
-        if self.dashboard:
-            self.log.warning(
-                f"The Dask dashboard listens on {address} without authentication: anyone who reaches "
-                "it can watch this run (but not send it work). Keep it on 127.0.0.1 and use an SSH tunnel."
-            )
-        # The plugin stops an invocation that crashes its workers itself (DaskBackend.worker_lost);
-        # Dask's own limit, one above, is the safety net.
-        dask.config.set({"distributed.scheduler.allowed-failures": self.settings.invocation_crashes})
-        scheduler = Scheduler(
-            host=self.host, port=0, protocol="tls", security=self.security,
-            dashboard=False, dashboard_address=address,
-        )
-        await scheduler
-        if not self.dashboard:
-            # Dask always serves HTTP (health, metrics, task and worker listings) with no
-            # authentication: nothing of it is needed here, so nothing of it listens.
-            scheduler.http_server.stop()
-        return scheduler
-
-    async def _attach_dashboard(self, starting: list[Any]) -> None:
-        """Add the dashboard once the first workers started: loading bokeh takes about half a
-        second, which would otherwise delay them."""
-        await asyncio.gather(*starting, return_exceptions=True)
-        try:
-            import distributed.dashboard.scheduler as dashboard
-
-            dashboard.connect(self._scheduler.http_application, self._scheduler.http_server, self._scheduler)
-        except Exception as e:
-            self.log.warning(f"The Dask dashboard could not start: {type(e).__name__}: {e}")
-            return
-        host = str(self.settings.dashboard_address).rsplit(":", 1)[0] or LOOPBACK
-        self.log.info(f"Dask dashboard of the sticky workers: http://{host}:{self._scheduler.http_server.port}/status")
-
-    def close(self) -> None:
-        self.close_events()
-        try:
-            self._client.close(timeout=CLOSE_TIMEOUT_S)
-        finally:
-            # a Nanny that asked its worker to close kills it after its timeout and waits as long again
-            self._run(self._close_servers(), timeout=2 * worker_close_s(self.settings) / 0.8 + 4)
-            self._loop.call_soon_threadsafe(self._loop.stop)
-            self._thread.join(timeout=2)
-
-    async def _close_servers(self) -> None:
-        await self._close_workers()
-        await self._scheduler.close()
-
-    async def _close_workers(self) -> None:
-        """End every worker (each runs its teardown) before the scheduler goes."""
 
 
 class StickyNanny(Nanny):
@@ -219,15 +50,15 @@ class EmbeddedBackend(HostedScheduler):
 
     replaces_hung_workers = True
 
-    def __init__(self, workdir: str, settings: ExecutorSettings, log: Any, on_event: OnEvent):
+    def __init__(self, workdir: str, settings: ExecutorSettings, log: Any, on_event: OnEvent, tweaks: ProcessTweaks):
         self.workdir = workdir
         self.gpu_plan = GpuPlan(visible_gpus(), log)
         self.forked = forkserver.available()
         if self.forked:
-            forkserver.start_forkserver()  # already running when the settings started it
-            dask.config.set({"distributed.worker.multiprocessing-method": "forkserver"})
+            tweaks.on_undo(forkserver.start_forkserver())  # running already: the executor started it
+            tweaks.dask_config({"distributed.worker.multiprocessing-method": "forkserver"})
         else:
-            forkserver.skip_snakemake_cli_in_children()
+            tweaks.on_undo(forkserver.skip_snakemake_cli_in_children())
         self._pools: dict[str, list[Nanny]] = {}
         self._pool_gpus: dict[str, list[str]] = {}  # GPU ids taken by each pool's workers
         self._retiring: list[Any] = []  # futures of pools closing before the run ends
@@ -235,14 +66,16 @@ class EmbeddedBackend(HostedScheduler):
         # GPU id -> (template, future) of a retiring pool whose worker on that GPU is closing
         self._freeing: dict[str, tuple[str, Any]] = {}
         self._dashboard_attached = False
-        super().__init__(settings, log, on_event, security=run_credentials())
+        super().__init__(settings, log, on_event, security=run_credentials(), tweaks=tweaks)
         # Runs before multiprocessing's own exit handler, which would wait for every worker.
         atexit.register(self.kill_workers)
 
     def workers_for(self, template: TemplateSpec) -> int:
+        """The template's workers: its `workers:`, --sticky-workers, or one per its GPUs."""
         return self.gpu_plan.worker_count(template, self.settings.workers)
 
     def start_pool(self, template: TemplateSpec) -> int:
+        """Start the template's workers unless they run (returns how many it started)."""
         if template.identity in self._pools:
             return 0
         count = self.workers_for(template)
@@ -273,7 +106,10 @@ class EmbeddedBackend(HostedScheduler):
             await self._start_nanny(template, index, gpus)
         except Exception as e:
             traceback.print_exc()
-            self.fail_pool(template, f"Sticky template '{template.name}': worker {index + 1} could not start: {type(e).__name__}: {e}")
+            self.fail_pool(
+                template,
+                f"Sticky template '{template.name}': worker {index + 1} could not start: {type(e).__name__}: {e}",
+            )
 
     async def _wait_for_gpus(self, template: TemplateSpec, index: int, gpus: list[str]) -> None:
         waits = {}
@@ -334,6 +170,7 @@ class EmbeddedBackend(HostedScheduler):
         return nanny
 
     def replace_worker(self, worker: str) -> None:
+        """Restart the worker process through its Nanny; it builds the state anew."""
         self.client.restart_workers([worker], raise_for_error=False)
 
     def retire_pool(self, template: TemplateSpec) -> int:

@@ -5,10 +5,9 @@ both saved with save_pretrained so the template loads them like any real model."
 import time
 
 import torch
+from claimio import LABELS, evidence_text, read_claims
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
-
-from claimio import LABELS, evidence_text, read_claims
 
 started = time.perf_counter()
 size = dict(snakemake.params.size)

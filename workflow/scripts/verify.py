@@ -7,8 +7,8 @@ import os
 import time
 
 import torch
-
 from claimio import LABELS, evidence_text, read_claims
+
 from snakemake_executor_plugin_sticky import sticky_state
 
 state = sticky_state(snakemake)
@@ -26,12 +26,17 @@ scores = state["score"]([prompt(claim) for claim in claims])
 with open(snakemake.output[0], "w", encoding="utf-8") as out:
     for claim, claim_scores in zip(claims, scores):
         predicted = LABELS[max(range(len(LABELS)), key=claim_scores.__getitem__)]
-        out.write(json.dumps({
-            "id": claim["id"],
-            "label": claim.get("label"),
-            "predicted": predicted,
-            "scores": {label: round(s, 4) for label, s in zip(LABELS, claim_scores)},
-        }) + "\n")
+        out.write(
+            json.dumps(
+                {
+                    "id": claim["id"],
+                    "label": claim.get("label"),
+                    "predicted": predicted,
+                    "scores": {label: round(s, 4) for label, s in zip(LABELS, claim_scores)},
+                }
+            )
+            + "\n"
+        )
 
 with open(snakemake.log[0], "w") as log:
     print(

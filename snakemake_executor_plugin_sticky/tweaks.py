@@ -1,0 +1,79 @@
+"""Process-wide tweaks: every change a run makes to the Snakemake process beyond its own
+objects, in one place, each undone when the run ends (a process that runs more workflows through
+Snakemake's API gets its state back).
+
+- Python's full garbage collections of the objects Snakemake built before the run (the workflow,
+  the DAG): one took 64 ms mid-run in the demo, a stall of every thread here, the Dask
+  scheduler's included. They are frozen out of collections while the run lasts.
+- Dask's config values the engine needs, and the level of Dask's loggers (its INFO chatter is
+  noise in a Snakemake log).
+- multiprocessing's spawn preparation, so that spawned children skip re-importing the snakemake
+  CLI (see forkserver.py).
+"""
+
+from __future__ import annotations
+
+import atexit
+import gc
+import logging
+import sys
+import threading
+from typing import Any, Callable
+
+
+class ProcessTweaks:
+    """The tweaks of one run, and their undoing (in reverse order)."""
+
+    def __init__(self) -> None:
+        self._undo: list[Callable[[], Any]] = []
+
+    def freeze_collections(self) -> None:
+        """Freeze the objects Snakemake made before the run out of garbage collections."""
+        gc.freeze()
+        self._undo.append(gc.unfreeze)
+        if snakemake_cli_process():
+            # At interpreter exit the objects are frozen again, which skips the last collection:
+            # about 0.4 s after the run is over. Files, workers and logs are closed before then.
+            atexit.unregister(gc.freeze)
+            atexit.register(gc.freeze)
+
+    def dask_config(self, values: dict[str, Any]) -> None:
+        """Set Dask config values for the run."""
+        import dask
+
+        before = {key: dask.config.get(key, default=None) for key in values}
+        dask.config.set(values)
+        self._undo.append(lambda: dask.config.set(before))
+
+    def logger_level(self, name: str, level: int) -> None:
+        """Set a logger's level for the run."""
+        logger = logging.getLogger(name)
+        before = logger.level
+        logger.setLevel(level)
+        self._undo.append(lambda: logger.setLevel(before))
+
+    def on_undo(self, undo: Callable[[], Any]) -> None:
+        """Undo this, too, when the run ends."""
+        self._undo.append(undo)
+
+    def undo(self) -> None:
+        """Put everything back, last change first."""
+        while self._undo:
+            self._undo.pop()()
+
+
+def snakemake_cli_process() -> bool:
+    """Whether this process runs Snakemake's command line (and ends with the run)."""
+    main = sys.modules.get("__main__")
+    return getattr(getattr(main, "main", None), "__module__", "") == "snakemake.cli"
+
+
+def cancel_pending_reevaluations() -> None:
+    """Snakemake's job rate limiter starts a Timer thread (not a daemon) in every scheduling round
+    to look again one timespan later, and at exit the interpreter waits for the last one: up to
+    1 s with the CLI's default 100/1s. Snakemake calls shutdown() after its last round, so they
+    have nothing left to do."""
+    for thread in threading.enumerate():
+        function = getattr(thread, "function", None)
+        if isinstance(thread, threading.Timer) and "_schedule_reevalutation" in getattr(function, "__qualname__", ""):
+            thread.cancel()
