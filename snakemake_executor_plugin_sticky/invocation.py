@@ -35,7 +35,6 @@ class Invocation:
     script: str
     snakemake: Snakemake
     timeout_s: Optional[float] = None
-    slots: int = 1  # invocation slots of the template's workers (an invocation run alone takes all)
 
 
 @dataclass
@@ -113,5 +112,4 @@ def build_invocation(
         script=script,
         snakemake=snakemake,
         timeout_s=invocation_timeout(job.resources, default_timeout_s),
-        slots=template.slots,
     )

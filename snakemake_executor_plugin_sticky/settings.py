@@ -39,8 +39,8 @@ class ExecutorSettings(ExecutorSettingsBase):
         3,
         "How many times one invocation may be running on a worker that dies (a segfault, a CUDA "
         "abort, the OOM killer) before it fails alone, saying so; the other invocations go on. "
-        "Until then it runs again on another worker, alone on it when it had run beside others "
-        "(slots above 1), so that a next death blames it alone.",
+        "With slots above 1, an invocation running beside the crashing one at each of those deaths "
+        "is blamed with it.",
     )
     invocation_timeout: Optional[float] = option(
         None,

@@ -248,7 +248,9 @@ def test_a_worker_that_ends_mid_run_takes_its_helpers_along(workflow: Workflow, 
     output, _ = proc.communicate(timeout=240)
     assert proc.returncode == 0, output
     assert len(results(workflow)) == 24
-    assert len(helpers(workflow)) == 3, "the worker was replaced"
+    said = {"sigkill": "was lost", "preempted": "got SIGTERM (preempted)", "timed-out": "timed out after 6 s"}[how]
+    assert said in output
+    # a replacement (if it came before the other worker had done the rest) met no old process
     assert workflow.lines("seen-alive-at-setup.txt") == [], "the replacement started after the old tree was gone"
     assert wait_until_gone(all_helpers(workflow)) == []
     assert workflow.leftover_processes() == []

@@ -125,11 +125,9 @@ class DaskBackend(Backend):
 
     def __init__(self, on_event: OnEvent, crash_limit: int) -> None:
         self._futures: dict[str, tuple[Invocation, Future]] = {}
-        self._on_done: dict[str, OnDone] = {}
-        self._invocation_of: dict[str, str] = {}  # Dask key -> invocation key (a rerun alone has its own)
+        self._invocation_of: dict[str, str] = {}  # Dask key -> invocation key
         self._strikes: dict[str, list[str]] = {}  # invocation key -> workers that died running it
         self._crashed: dict[str, list[str]] = {}
-        self._superseded: set[str] = set()  # Dask keys replaced by a rerun alone
         self._failed_pools: dict[str, str] = {}
         self._abandoned: dict[str, str] = {}
         self._lock = threading.Lock()
@@ -210,54 +208,29 @@ class DaskBackend(Backend):
 
     def _track(self, invocation: Invocation, future: Future, on_done: OnDone) -> None:
         self._futures[invocation.key] = (invocation, future)
-        self._on_done[invocation.key] = on_done
         self._invocation_of[future.key] = invocation.key
 
     def _when_done(self, invocation: Invocation, future: Future, on_done: OnDone) -> None:
         future.add_done_callback(lambda f: self._finished.put((invocation, f, on_done)))
 
     def worker_lost(self, address: str, running: Sequence[str]) -> None:
-        """A worker died while running these tasks. Each of their invocations was running there
-        once more when a worker died; one that has been `crash_limit` times fails alone. The
-        others run again, and where they ran beside other invocations (slots above 1), alone on
-        a worker: should that one die too, the evidence points at them alone."""
+        """A worker died while running these tasks: each of their invocations was running there
+        once more when a worker died. One that has been so `crash_limit` times fails alone; the
+        others run again (Dask reschedules them). With slots above 1, an invocation that ran
+        beside the crashing one at each of those deaths is blamed with it: that is the evidence."""
         with self._lock:
-            entries = []
+            crashed = []
             for dask_key in running:
                 key = self._invocation_of.get(dask_key)
                 if key is None or key not in self._futures:
                     continue
                 strikes = self._strikes.setdefault(key, [])
                 strikes.append(address)
-                invocation, future = self._futures[key]
                 if len(strikes) >= self.crash_limit:
                     self._crashed[key] = list(strikes)
-                    entries.append((invocation, future, None))
-                elif len(running) > 1:
-                    entries.append((invocation, future, self._on_done[key]))
-        for invocation, future, on_done in entries:
-            if on_done is None:
-                future.cancel(msg="it crashed its workers")
-            else:
-                self._rerun_alone(invocation, future, on_done)
-
-    def _rerun_alone(self, invocation: Invocation, future: Future, on_done: OnDone) -> None:
-        attempt = len(self._strikes.get(invocation.key, ()))
-        try:
-            alone = self.client.submit(
-                run_invocation,
-                invocation,
-                key=f"{invocation.key}-alone-{attempt}",
-                pure=False,
-                resources={invocation.tag: invocation.slots},
-            )
-        except Exception:  # the client is closing: the first attempt stands
-            return
-        with self._lock:
-            self._superseded.add(future.key)
-            self._track(invocation, alone, on_done)
-        self._when_done(invocation, alone, on_done)
-        future.cancel()
+                    crashed.append(self._futures[key][1])
+        for future in crashed:
+            future.cancel(msg="it crashed its workers")
 
     def release_spent(self) -> None:
         """Release the fetched results. Done right after a submission, not as each result comes:
@@ -305,8 +278,13 @@ class DaskBackend(Backend):
         except BaseException:  # a worker went with its results: take them one by one
             values = [None] * len(done)
             done = []
-        fetched = {i.key: v for (i, _, _), v in zip(done, values)}
+        fetched = {i.key: v for (i, _, _), v in zip(done, values, strict=True)}
         for invocation, future, on_done in batch:
+            if invocation.key not in fetched and future.status not in ("finished", "error", "cancelled"):
+                # its result left with a lost worker and is being computed again: it comes back
+                # here when it is done, and the others are not held up meanwhile
+                self._when_done(invocation, future, on_done)
+                continue
             try:
                 self._complete(invocation, future, on_done, fetched.get(invocation.key))
             except Exception as e:  # this invocation's job fails with the cause; the others go on
@@ -320,11 +298,7 @@ class DaskBackend(Backend):
                 self._spent_since = time.monotonic()
             self._spent.append(future)
             self._invocation_of.pop(future.key, None)
-            if future.key in self._superseded:  # a rerun alone took its place
-                self._superseded.discard(future.key)
-                return
             self._futures.pop(invocation.key, None)
-            self._on_done.pop(invocation.key, None)
             self._strikes.pop(invocation.key, None)
             crashed = self._crashed.pop(invocation.key, None)
         try:
