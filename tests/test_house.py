@@ -9,11 +9,11 @@ import sys
 import tomllib
 from pathlib import Path
 
+from snakemake_executor_plugin_sticky.settings import settings_table
+
 from conftest import Workflow
 from conftest import test_env as snakemake_env
 from test_core import LLM_TEMPLATE, ONE_TEMPLATE_SNAKEFILE, sticky_workflow
-
-from snakemake_executor_plugin_sticky.settings import settings_table
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
