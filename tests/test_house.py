@@ -99,7 +99,12 @@ def test_what_a_run_changes_in_the_snakemake_process_is_undone_when_it_ends(work
     sticky_workflow(workflow, ONE_TEMPLATE_SNAKEFILE, LLM_TEMPLATE)
     workflow.write("drive.py", DRIVE)
     done = subprocess.run(
-        [sys.executable, "drive.py"], cwd=workflow.root, env=snakemake_env(), capture_output=True, text=True, timeout=240
+        [sys.executable, "drive.py"],
+        cwd=workflow.root,
+        env=snakemake_env(),
+        capture_output=True,
+        text=True,
+        timeout=240,
     )
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
     assert len(list(workflow.root.glob("out/*.json"))) == 2
