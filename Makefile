@@ -20,6 +20,7 @@ $(VENV)/.installed: pyproject.toml
 
 test: venv
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 	$(PY) -m pytest -q tests
 
 demo: venv
