@@ -105,11 +105,11 @@ def stage(path: str | os.PathLike, hash_content: bool = False) -> Path:
     copy = cache / "copies" / version / source.name
     done = cache / "copies" / f"{version}.json"
     origin = "cache"
+    hold(cache, version)  # first: an eviction that began before it has finished by now, and none starts
     if not done.exists():
         with file_lock(cache / "locks" / f"{version}.lock"):  # other workers of the node wait here
             if not done.exists():
                 origin = fill(source, entries, cache, version, hash_content)
-    hold(cache, version)
     os.utime(done)  # last used: the cache evicts the least recently used first
     manifest = json.loads(done.read_text())
     if origin != "cache":
@@ -251,27 +251,39 @@ def evict(cache: Path) -> None:
     limit = _config.cache_size
     if limit is None:
         return
-    manifests = sorted((cache / "copies").glob("*.json"), key=lambda p: p.stat().st_mtime)
-    sizes = {p: json.loads(p.read_text()).get("bytes", 0) for p in manifests}
-    total = sum(sizes.values())
-    for manifest in manifests:
-        if total <= limit:
-            return
-        version = manifest.name[: -len(".json")]
-        fd = os.open(cache / "locks" / f"{version}.use", os.O_RDWR | os.O_CREAT, 0o600)
+    with file_lock(cache / "locks" / "evict.lock"):  # one eviction at a time on the node
+        sizes: dict[Path, tuple[float, int]] = {}
+        for manifest in (cache / "copies").glob("*.json"):
+            try:
+                sizes[manifest] = (manifest.stat().st_mtime, json.loads(manifest.read_text()).get("bytes", 0))
+            except FileNotFoundError:  # replaced or removed meanwhile
+                continue
+        total = sum(size for _, size in sizes.values())
+        for manifest in sorted(sizes, key=lambda p: sizes[p][0]):
+            if total <= limit:
+                return
+            total -= evict_one(cache, manifest, sizes[manifest][1])
+
+
+def evict_one(cache: Path, manifest: Path, size: int) -> int:
+    """Remove one copy unless a process uses it; the bytes freed."""
+    version = manifest.name[: -len(".json")]
+    fd = os.open(cache / "locks" / f"{version}.use", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as e:
             if e.errno not in (errno.EAGAIN, errno.EACCES):
                 raise
-            os.close(fd)
-            continue  # in use
+            return 0  # in use
         try:
-            manifest.unlink()  # no longer done: nobody starts using it now
-            shutil.rmtree(cache / "copies" / version, ignore_errors=True)
-            total -= sizes[manifest]
-        finally:
-            os.close(fd)
+            manifest.unlink()  # no longer done: a process that holds it from now on makes it again
+        except FileNotFoundError:
+            return 0
+        shutil.rmtree(cache / "copies" / version, ignore_errors=True)
+        return size
+    finally:
+        os.close(fd)
 
 
 # -- making the copy ----------------------------------------------------------------------------
@@ -485,12 +497,17 @@ async def serve_chunk(version: str, name: str, relative: str, offset: int, size:
     if _serving is None:
         _serving = asyncio.Semaphore(_config.peer_parallel)
     cache = cache_root()
-    if "/" in version or version.startswith(".") or not (cache / "copies" / f"{version}.json").exists():
+    for part in (version, name):
+        if not part or part != Path(part).name or part.startswith("."):
+            raise StageError(f"{part!r} is not a copy's name")
+    if not (cache / "copies" / f"{version}.json").exists():
         raise StageError(f"this node holds no copy {version!r}")
-    base = (cache / "copies" / version / name).resolve()
-    path = (base / relative).resolve() if relative else base
-    if base not in (path, *path.parents):
-        raise StageError(f"{relative!r} is not inside copy {version!r}")
+    if offset < 0 or size <= 0:
+        raise StageError(f"no chunk at offset {offset} of size {size}")
+    copy = (cache / "copies" / version).resolve()
+    path = (copy / name / relative).resolve() if relative else (copy / name).resolve()
+    if copy not in path.parents:
+        raise StageError(f"{name}/{relative} is not inside copy {version!r}")
     size = min(size, CHUNK_BYTES)
     async with _serving:  # at most peer_parallel copies served at once
         return await asyncio.to_thread(read_chunk, path, offset, size)

@@ -8,6 +8,7 @@ stages: every `open` of a file under the source is written to opens.txt.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import os
@@ -71,6 +72,60 @@ def test_a_missing_or_unusable_source_is_named(tmp_path: Path, cache: Path):
     os.mkfifo(tmp_path / "pipe")
     with pytest.raises(StageError, match="pipe is neither a file nor a folder"):
         stage(tmp_path / "pipe")
+
+
+def test_a_peer_is_served_only_bytes_inside_a_done_copy(tmp_path: Path, cache: Path):
+    source = make_model(tmp_path / "model", files=2, size_mb=1)
+    other = stage(make_model(tmp_path / "other", files=1, size_mb=1, seed=7))
+    copy = stage(source)
+    version = copy.parent.name
+
+    def serve(version: str, name: str, relative: str, offset: int = 0, size: int = 64) -> bytes:
+        return asyncio.run(staging.serve_chunk(version, name, relative, offset, size))
+
+    assert serve(version, "model", "shard-1.bin", 5, 10) == (source / "shard-1.bin").read_bytes()[5:15]
+    (tmp_path / "secret").write_text("not a copy")
+    for version_, name, relative in [
+        (version, "model", "../../../../secret"),
+        (version, "model", str(tmp_path / "secret")),
+        (version, "..", f"{other.parent.name}/other/shard-0.bin"),
+        (version, "../..", "secret"),
+        ("..", "copies", f"{version}.json"),
+        (f"{version}/..", "model", "shard-0.bin"),
+        (".", "model", "shard-0.bin"),
+    ]:
+        with pytest.raises(StageError):
+            serve(version_, name, relative)
+    with pytest.raises(StageError, match="no chunk"):
+        serve(version, "model", "shard-0.bin", offset=-1)
+    with pytest.raises(StageError, match="no chunk"):
+        serve(version, "model", "shard-0.bin", size=0)
+
+
+def test_copies_that_processes_stage_while_others_evict_are_always_whole(tmp_path: Path):
+    """Eight processes stage three sources over and over in a cache with room for one copy: each
+    returned copy is whole when returned and stays while the process holds it."""
+    sources = [make_model(tmp_path / f"m{i}", files=2, size_mb=1, seed=i) for i in range(3)]
+    env = {**snakemake_env(), "STICKY_CACHE_DIR": str(tmp_path / "cache")}
+    code = f"""
+import sys
+from pathlib import Path
+from snakemake_executor_plugin_sticky import staging
+staging.configure(cache_size=3 * 2**20)
+sources = {[str(s) for s in sources]!r}
+for turn in range(40):
+    source = Path(sources[(turn + int(sys.argv[1])) % 3])
+    copy = staging.stage(source)
+    for shard in ("shard-0.bin", "shard-1.bin"):
+        assert (copy / shard).read_bytes() == (source / shard).read_bytes(), (copy, shard)
+    staging.release_all()
+"""
+    procs = [
+        subprocess.Popen([sys.executable, "-c", code, str(i)], env=env, stderr=subprocess.PIPE, text=True)
+        for i in range(8)
+    ]
+    errors = [p.communicate(timeout=240)[1] for p in procs]
+    assert [p.returncode for p in procs] == [0] * 8, "\n".join(errors)
 
 
 def test_a_copy_killed_halfway_never_counts_as_done(tmp_path: Path):
