@@ -145,8 +145,14 @@ class Batcher:
                 return None
             if self.max_wait > 0 and self._callers > 1:
                 deadline = time.monotonic() + self.max_wait
-                while self._pending_items() < self.max_batch and (left := deadline - time.monotonic()) > 0:
+                while (
+                    self._closed is None
+                    and self._pending_items() < self.max_batch
+                    and (left := deadline - time.monotonic()) > 0
+                ):
                     self._changed.wait(left)
+                if self._closed is not None:  # closed meanwhile: its callers were released
+                    return None
             batch, room = [], self.max_batch
             while self._queue and room:
                 request = self._queue[0]

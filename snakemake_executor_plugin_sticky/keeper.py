@@ -55,7 +55,11 @@ def keep(argv: list[str]) -> int:
         raise SystemExit(USAGE)
     command = command_of(argv)
     reaper = Reaper(say)
-    worker = os.posix_spawn(command[0], command, {**os.environ, REAPER_ENV: str(os.getpid())})
+    # A signal that comes between the spawn and the handlers waits (blocked) and is then passed
+    # on: it neither kills the keeper, orphaning the worker, nor gets lost. The worker starts
+    # with no signal blocked.
+    signal.pthread_sigmask(signal.SIG_BLOCK, FORWARDED)
+    worker = os.posix_spawn(command[0], command, {**os.environ, REAPER_ENV: str(os.getpid())}, setsigmask=())
     reaper.workers.add(worker)
 
     def forward(sig: int, _frame: object) -> None:
@@ -66,6 +70,7 @@ def keep(argv: list[str]) -> int:
 
     for sig in FORWARDED:
         signal.signal(sig, forward)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, FORWARDED)
     status = None
     while status is None:
         # Collect whatever ended (the worker, or orphans adopted here), then end new orphans:

@@ -322,21 +322,20 @@ class StickyWorkerPlugin(WorkerPlugin):
         if package_version() != self.version:
             # A worker that joins later with another version of this package takes none of
             # the template's invocations: its own code might not run what this run sends.
-            worker.loop.add_callback(worker.set_resources, **{self.spec.tag: 0})
-            worker.log_event(
-                EVENT_TOPIC,
-                {
-                    "event": "warning",
-                    "template": self.spec.name,
-                    "name": str(worker.name),
-                    "address": worker.address,
-                    "host": socket.gethostname(),
-                    "pid": os.getpid(),
-                    "gpus": [],
-                    "time": time.time(),
-                    "text": f"it has {PACKAGE} {package_version()} and this run {self.version}: it takes "
-                    f"none of template '{self.spec.name}''s invocations. Install {PACKAGE}=={self.version} there.",
-                },
+            self.refuse(
+                worker,
+                f"it has {PACKAGE} {package_version()} and this run {self.version}: it takes none of "
+                f"template '{self.spec.name}''s invocations. Install {PACKAGE}=={self.version} there.",
+            )
+            return
+        resident = next((h.spec.name for i, h in _holders.items() if i != self.spec.identity), None)
+        if resident is not None:
+            # Batchers, stage() copies and the process tree are the process's: one template each.
+            self.refuse(
+                worker,
+                f"it offers the tags of templates '{resident}' and '{self.spec.name}'; a worker "
+                f"holds one template, so it takes none of '{self.spec.name}''s invocations. "
+                "Start one worker per template.",
             )
             return
         if self.owned and getattr(worker, "http_server", None) is not None:
@@ -346,6 +345,32 @@ class StickyWorkerPlugin(WorkerPlugin):
         self.changes.apply(
             self.workdir, self.owned, worker.loop, lambda: worker.loop.add_callback(self.leave, worker, "preempted")
         )
+        try:
+            self.become_resident(worker)
+        except BaseException:  # the worker stays as it was, and Dask reports the failure
+            self.changes.undo()
+            raise
+
+    def refuse(self, worker: Any, text: str) -> None:
+        """This worker takes none of the template's invocations, and the run is told why."""
+        worker.loop.add_callback(worker.set_resources, **{self.spec.tag: 0})
+        worker.log_event(
+            EVENT_TOPIC,
+            {
+                "event": "warning",
+                "template": self.spec.name,
+                "name": str(worker.name),
+                "address": worker.address,
+                "host": socket.gethostname(),
+                "pid": os.getpid(),
+                "gpus": [],
+                "time": time.time(),
+                "text": text,
+            },
+        )
+
+    def become_resident(self, worker: Any) -> None:
+        """Announce the worker, serve its stage() copies, and start building the state."""
         identity = {
             "template": self.spec.name,
             "name": str(worker.name),

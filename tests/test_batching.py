@@ -173,6 +173,43 @@ def test_closing_releases_callers_whose_items_wait():
         batcher(["later"])
 
 
+def test_closing_while_a_call_waits_for_company_calls_nothing_more():
+    calls: list[list] = []
+    started, release = threading.Event(), threading.Event()
+
+    def model(items: list) -> list:
+        calls.append(list(items))
+        if len(calls) == 1:
+            started.set()
+            release.wait(30)
+        return items
+
+    batcher = Batcher(model, max_batch=64, max_wait=60.0)
+    callers = [threading.Thread(target=lambda n=n: _swallow(batcher, [n])) for n in range(3)]
+    callers[0].start()
+    assert started.wait(10)
+    for c in callers[1:]:  # two callers inside: the next call waits up to max_wait for more items
+        c.start()
+    while batcher._pending_items() < 2:
+        time.sleep(0.01)
+    release.set()
+    while batcher._callers > 2:  # the first call returned; the device thread waits for company
+        time.sleep(0.01)
+    batcher.close("the worker retires")
+    batcher._thread.join(10)
+    assert not batcher._thread.is_alive(), "the device thread ends at once"
+    assert calls == [[0]], "no call after the close, and never an empty one"
+    for c in callers:
+        c.join(10)
+
+
+def _swallow(batcher: Batcher, items: list) -> None:
+    try:
+        batcher(items)
+    except BatcherClosed:
+        pass
+
+
 def test_a_caller_alone_never_waits_for_company():
     model = Model(fixed_s=0.0)
     batcher = Batcher(model, max_batch=64, max_wait=30.0)

@@ -464,6 +464,27 @@ def test_keeper_ends_what_its_worker_leaves_and_exits_with_its_status(tmp_path: 
     assert missing.returncode != 0 and "command not found: no-such-command" in missing.stderr
 
 
+def test_a_signal_at_any_moment_of_the_keepers_start_leaves_no_worker_behind(tmp_path: Path):
+    """SIGTERM while the keeper starts its worker: either the keeper dies before there is a
+    worker, or the worker gets the signal too; never a worker without its keeper."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "worker.py"
+    script.write_text("import os, sys, time\nopen(sys.argv[1], 'w').write(str(os.getpid()))\ntime.sleep(600)\n")
+    for attempt in range(30):
+        pid_file = tmp_path / f"pid-{attempt}"
+        keeper = subprocess.Popen(
+            [sys.executable, "-m", "snakemake_executor_plugin_sticky.keeper", sys.executable, str(script), pid_file]
+        )
+        time.sleep(attempt * 0.005)  # from before the keeper's imports to after its worker is up
+        keeper.send_signal(signal.SIGTERM)
+        keeper.wait(timeout=60)
+        time.sleep(0.3)  # a worker spawned just before the keeper died has written its pid by now
+        if pid_file.exists():
+            assert running([int(pid_file.read_text())]) == [], f"attempt {attempt}: the worker outlived its keeper"
+
+
 def test_a_template_may_install_signal_handlers_from_its_setup_thread(workflow: Workflow):
     """Engines install handlers as they start (SGLang's Engine does), though setup runs in a thread."""
     workflow.write("Snakefile", SNAKEFILE.replace("scripts/use.py", "scripts/signal.py"))

@@ -553,6 +553,62 @@ def test_attach_mode_names_the_package_whose_versions_differ(workflow: Workflow)
         scheduler.wait(timeout=30)
 
 
+def test_attach_mode_worker_offering_two_templates_holds_one(workflow: Workflow):
+    """Batchers, stage() copies and the process tree are a process's: a hand-started worker that
+    offers two templates' tags holds the template that reached it first and refuses the other,
+    saying so; the other template's invocations run on a worker of its own."""
+    write_sleeper(
+        workflow,
+        count=4,
+        inputs=' + expand("other/{i}.txt", i=range(4))',
+        extra_rules="""
+        rule other:
+            output: "other/{i}.txt"
+            resources: sticky="other"
+            script: "scripts/work.py"
+        """,
+    )
+    workflow.write(
+        "config.yaml",
+        """
+        sticky:
+          sleeper:
+            setup: template.py
+            kwargs: {delay: 1}
+          other:
+            setup: template.py
+            kwargs: {delay: 0}
+    """,
+    )
+    scheduler, scheduler_file = start_scheduler(workflow)
+    dask = str(Path(sys.executable).with_name("dask"))
+    workers = []
+    try:
+        for resources in ("sticky-sleeper=1,sticky-other=1", "sticky-sleeper=1", "sticky-other=1"):
+            workers.append(
+                subprocess.Popen(
+                    [dask, "worker", "--scheduler-file", str(scheduler_file), "--resources", resources]
+                    + ["--nthreads", "1", "--memory-limit", "0", "--no-nanny", "--no-dashboard"],
+                    cwd=workflow.root,
+                    env=snakemake_env(),
+                    stdout=subprocess.DEVNULL,
+                    stderr=subprocess.DEVNULL,
+                    start_new_session=True,
+                )
+            )
+        run = workflow.run("--sticky-scheduler", str(scheduler_file), cores=3)
+        assert run.returncode == 0, run.output
+        sleeper = {pid for pid, *_ in invocations(workflow)}
+        other = {pid for pid, *_ in invocations(workflow, "other")}
+        assert sleeper and other and not sleeper & other, "no worker process ran both templates"
+        assert str(workers[0].pid) in sleeper | other
+        assert "a worker holds one template" in run.output and "Start one worker per template" in run.output
+    finally:
+        for process in (*workers, scheduler):
+            os.killpg(process.pid, signal.SIGTERM)
+            process.wait(timeout=30)
+
+
 def test_slurm_worker_killed_takes_its_helpers_along_and_its_job_fails(workflow: Workflow, slurm: None):
     engine_workflow(workflow)
     proc = workflow.popen(
