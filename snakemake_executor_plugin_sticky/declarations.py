@@ -9,16 +9,22 @@ from typing import Any, Iterable, Optional
 from snakemake_interface_common.exceptions import WorkflowError
 from snakemake_interface_executor_plugins.jobs import JobExecutorInterface
 
+from .environments import rule_environment
 from .invocation import local_script_path
-from .templates import CONFIG_SECTION, RESOURCE, TemplateSpec
+from .templates import CONFIG_SECTION, RESOURCE, TemplateSpec, with_environment
 
 
 class Declarations:
-    """The templates of the config, and the checked declaration of every sticky rule."""
+    """The templates of the config, and the checked declaration of every sticky rule.
 
-    def __init__(self, templates: dict[str, TemplateSpec]):
+    A sticky rule's own `conda:` or `container:` (where the run's --software-deployment-method
+    counts it) names its template's environment when the template names none: `templates` then
+    holds the template with that environment. Rules that disagree about it are refused."""
+
+    def __init__(self, templates: dict[str, TemplateSpec], deployment: frozenset[str] = frozenset()):
         self.templates = templates
-        self._checked: dict[tuple[str, str], TemplateSpec] = {}
+        self.deployment = deployment
+        self._checked: set[tuple[str, str]] = set()
         self._scripts: dict[str, str] = {}
 
     def templates_of(self, jobs: Iterable[JobExecutorInterface]) -> tuple[dict[str, TemplateSpec], dict[str, int]]:
@@ -38,12 +44,11 @@ class Declarations:
         name = job.resources.get(RESOURCE)
         if name is None:
             return None
-        checked = self._checked.get((job.rule.name, name))
-        if checked is not None and job.rule.name in self._scripts:
-            return checked
-        template = self.check(job, name)
-        self._checked[(job.rule.name, name)] = template
-        return template
+        if (job.rule.name, name) in self._checked and job.rule.name in self._scripts:
+            return self.templates[name]
+        self.check(job, name)
+        self._checked.add((job.rule.name, name))
+        return self.templates[name]
 
     def script_of(self, job: JobExecutorInterface) -> str:
         """The job's script path, resolved once per rule unless it has wildcards or params."""
@@ -79,7 +84,25 @@ class Declarations:
             raise WorkflowError(f"{rule} is sticky (template '{name}'): shadow rules cannot run in a resident worker.")
         if job.benchmark is not None:
             raise WorkflowError(f"{rule} is sticky (template '{name}'): benchmark: is not supported for sticky rules.")
+        self.check_environment(job, name)
         return self.templates[name]
+
+    def check_environment(self, job: JobExecutorInterface, name: str) -> None:
+        """The rule's own environment becomes the template's, agrees with it, or is refused."""
+        env = rule_environment(job, self.deployment)
+        if env is None:
+            return
+        template = self.templates[name]
+        if template.environment is None:
+            self.templates[name] = with_environment(template, env)
+        elif template.environment.digest != env.digest:
+            raise WorkflowError(
+                f"Rule '{job.rule.name}' names the {env.kind} environment {env.value}, but its sticky template "
+                f"'{name}' runs in the {template.environment.kind} environment {template.environment.value}, "
+                f"named by {template.environment.origin}. A template's workers run in one environment: name "
+                f"the same one in both places, or leave it to the template's config entry ({CONFIG_SECTION}: "
+                f"{name}: conda:, container: or python:)."
+            )
 
 
 def ready_templates(used: dict[str, TemplateSpec], ready_jobs: Iterable[JobExecutorInterface]) -> list[TemplateSpec]:

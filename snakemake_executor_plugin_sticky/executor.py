@@ -15,6 +15,7 @@ import os
 import sys
 import threading
 import traceback
+from dataclasses import replace
 from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional
@@ -30,6 +31,7 @@ from .advice import large_run_advice, window_advice
 from .completions import CompletionBatcher
 from .declarations import Declarations, is_sticky, ready_templates, sticky_rules_in_group
 from .delegate import Delegate
+from .environments import deployment_of, launch_command, probe
 from .invocation import Invocation, InvocationCrashedWorkers, InvocationResult, build_invocation
 from .pools import PoolBook
 from .report import RunReport
@@ -55,7 +57,7 @@ class Executor(RealExecutor):
             self.tweaks.on_undo(forkserver.start_forkserver())
         self.workdir = os.getcwd()
         self.templates = parse_templates(self.workflow.config, Path(self.workdir))
-        self.declarations = Declarations(self.templates)
+        self.declarations = Declarations(self.templates, deployment_of(self.workflow))
         self.delegate = Delegate(self.workflow, self.logger, self.settings)
         self._backend: Optional["Backend"] = None
         self._backend_lock = threading.Lock()
@@ -73,6 +75,7 @@ class Executor(RealExecutor):
 
             jobqueue.check_pools(list(used.values()), self.settings)
         try:
+            used = self.place(used)
             for template in ready_templates(used, self.dag.ready_jobs):
                 self.start_pool(template)
         except BaseException:
@@ -82,6 +85,27 @@ class Executor(RealExecutor):
             self.tweaks.undo()
             raise
         self.advise(used)
+
+    def place(self, used: dict[str, TemplateSpec]) -> dict[str, TemplateSpec]:
+        """Where each used template's workers run: its environment is made (or found) and checked
+        before any worker starts; WorkflowError naming the template and the environment."""
+        for name, template in used.items():
+            env = template.environment
+            if env is None:
+                continue
+            if self.settings.scheduler:
+                self.logger.info(
+                    f"Sticky template '{name}': its {env.describe()} is not used: in attach mode the workers "
+                    "are yours, and run in the environment you started them in; start them there."
+                )
+                continue
+            command = launch_command(env, name, self.workflow, self.dag, self.logger)
+            if command:
+                found = probe(env, command, name)
+                python = found["python"]
+                self.logger.info(f"Sticky template '{name}': workers run in {env.describe()}, Python {python}.")
+            self.templates[name] = replace(template, launch=command)
+        return {name: self.templates[name] for name in used}
 
     def advise(self, used: dict[str, TemplateSpec]) -> None:
         """Say at the start when Snakemake's own flags will hold the workers back."""

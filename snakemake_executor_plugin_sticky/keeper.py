@@ -9,6 +9,10 @@ system sends (SIGTERM before a preemption, SIGINT, SIGHUP, SIGUSR1/2) are passed
 
 The exit status is the worker's: its exit code, or 128 + the signal that killed it, so a crashed
 worker's job shows as failed, never as completed.
+
+A local worker in a template's own environment runs under it too, started by the Snakemake
+process, which names itself in STICKY_KEEPER_PARENT: when that process is gone (killed, say), the
+keeper ends the worker as the batch system would end a job.
 """
 
 from __future__ import annotations
@@ -24,6 +28,10 @@ from .processes import POLL_S, REAPER_ENV, Reaper, descendants, end_tree
 FORWARDED = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2)
 # After the worker ends: what it left gets SIGTERM, this long to go, then SIGKILL.
 LEFTOVER_GRACE_S = 5.0
+PARENT_ENV = "STICKY_KEEPER_PARENT"
+# A worker whose Snakemake process is gone gets SIGTERM (it leaves, running its teardown), and
+# SIGKILL if it still runs this long after.
+ORPHANED_GRACE_S = 30.0
 USAGE = "usage: python -m snakemake_executor_plugin_sticky.keeper COMMAND [ARGS...]  (or -m MODULE [ARGS...])"
 
 
@@ -59,7 +67,8 @@ def keep(argv: list[str]) -> int:
     # on: it neither kills the keeper, orphaning the worker, nor gets lost. The worker starts
     # with no signal blocked.
     signal.pthread_sigmask(signal.SIG_BLOCK, FORWARDED)
-    worker = os.posix_spawn(command[0], command, {**os.environ, REAPER_ENV: str(os.getpid())}, setsigmask=())
+    environ = {k: v for k, v in os.environ.items() if k != PARENT_ENV}
+    worker = os.posix_spawn(command[0], command, {**environ, REAPER_ENV: str(os.getpid())}, setsigmask=())
     reaper.workers.add(worker)
 
     def forward(sig: int, _frame: object) -> None:
@@ -71,8 +80,17 @@ def keep(argv: list[str]) -> int:
     for sig in FORWARDED:
         signal.signal(sig, forward)
     signal.pthread_sigmask(signal.SIG_UNBLOCK, FORWARDED)
+    parent = int(os.environ.get(PARENT_ENV) or 0)
+    orphaned_at = None
     status = None
     while status is None:
+        if parent and orphaned_at is None and os.getppid() != parent:
+            say(f"keeper: process {parent}, which started worker process {worker}, is gone: ending the worker.")
+            orphaned_at = time.monotonic()
+            forward(signal.SIGTERM, None)
+        elif orphaned_at is not None and time.monotonic() - orphaned_at > ORPHANED_GRACE_S:
+            orphaned_at = float("inf")  # once
+            forward(signal.SIGKILL, None)
         # Collect whatever ended (the worker, or orphans adopted here), then end new orphans:
         # they come from a process of the worker's tree that has died.
         while True:

@@ -8,6 +8,7 @@ same workflow runs both ways.
 from __future__ import annotations
 
 import atexit
+import sys
 import threading
 from pathlib import Path
 from typing import Any, Callable
@@ -58,7 +59,17 @@ def _build_in_process(name: str, config: Any) -> Any:
     spec = parse_template(name, entries[name], Path.cwd())
     with _build_lock:
         if spec.identity not in _built:
-            _built[spec.identity] = setup_state(spec)
+            try:
+                _built[spec.identity] = setup_state(spec)
+            except ImportError as e:
+                if spec.environment is None:
+                    raise
+                # The template's environment holds its workers only: here the script's own runs.
+                raise WorkflowError(
+                    f"Sticky template '{name}' names the {spec.environment.describe()}, in which only the "
+                    f"sticky executor's workers run. Here the script runs in {sys.executable}, where setup() "
+                    f"failed: {e}. For other executors, give the rule the environment too (conda: or container:)."
+                ) from e
             atexit.register(teardown_state, spec, _built[spec.identity])
         return _built[spec.identity]
 

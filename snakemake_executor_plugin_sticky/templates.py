@@ -16,16 +16,18 @@ import json
 import os
 import sys
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import ModuleType
 from typing import Any, Mapping, Optional
 
 from snakemake_interface_common.exceptions import WorkflowError
 
+from .environments import ENVIRONMENT_KEYS, Environment, parse_environment
+
 CONFIG_SECTION = "sticky"
 RESOURCE = "sticky"
-TEMPLATE_KEYS = ("setup", "kwargs", "gpus", "slots", "workers", "cluster")
+TEMPLATE_KEYS = ("setup", "kwargs", "gpus", "slots", "workers", "cluster", *ENVIRONMENT_KEYS)
 
 
 @dataclass(frozen=True)
@@ -41,6 +43,10 @@ class TemplateSpec:
     identity: str = ""
     # batch-job pools: each a mapping of cluster settings overriding the --sticky-* ones
     pools: tuple[Mapping[str, Any], ...] = ()
+    # the software environment its workers run in (None: Snakemake's own Python), and once the
+    # run has resolved it, the command that starts Python there (environments.py)
+    environment: Optional[Environment] = None
+    launch: tuple[str, ...] = ()
 
     @property
     def tag(self) -> str:
@@ -50,9 +56,16 @@ class TemplateSpec:
         return f"sticky-{self.name}"
 
 
-def template_identity(code: bytes, kwargs: Mapping[str, Any], gpus: int, slots: int) -> str:
-    """A hash of the setup file's code, its kwargs, gpus and slots: a changed template is another."""
-    canonical = json.dumps({"kwargs": kwargs, "gpus": gpus, "slots": slots}, sort_keys=True, default=repr)
+def template_identity(
+    code: bytes, kwargs: Mapping[str, Any], gpus: int, slots: int, environment: Optional[Environment] = None
+) -> str:
+    """A hash of the setup file's code, its kwargs, gpus, slots and environment: a changed template
+    is another, and no state is built from an old environment."""
+    canonical = json.dumps(
+        {"kwargs": kwargs, "gpus": gpus, "slots": slots, "environment": environment.digest if environment else None},
+        sort_keys=True,
+        default=repr,
+    )
     digest = hashlib.sha256(code)
     digest.update(b"\0")
     digest.update(canonical.encode())
@@ -107,6 +120,7 @@ def parse_template(name: str, entry: Any, workdir: Path) -> TemplateSpec:
         raise WorkflowError(f"{where}: setup file '{entry['setup']}' must be a Python file (.py).")
     code = setup.read_bytes()
     check_setup_source(code, setup, dict(kwargs), where)
+    environment = parse_environment(entry, where, f"{CONFIG_SECTION}: {name}:", workdir)
     return TemplateSpec(
         name=name,
         setup=setup.resolve(),
@@ -114,9 +128,17 @@ def parse_template(name: str, entry: Any, workdir: Path) -> TemplateSpec:
         gpus=gpus,
         slots=slots,
         workers=workers,
-        identity=template_identity(code, kwargs, gpus, slots),
+        identity=template_identity(code, kwargs, gpus, slots, environment),
         pools=pools,
+        environment=environment,
     )
+
+
+def with_environment(spec: TemplateSpec, environment: Environment) -> TemplateSpec:
+    """The template running in an environment that a sticky rule names (its own names none)."""
+    code = spec.setup.read_bytes()
+    identity = template_identity(code, spec.kwargs, spec.gpus, spec.slots, environment)
+    return replace(spec, environment=environment, identity=identity)
 
 
 def parse_pools(cluster: Any, where: str) -> tuple[Mapping[str, Any], ...]:

@@ -115,7 +115,8 @@ def pools_of(template: TemplateSpec, settings: ExecutorSettings) -> list[PoolSpe
                 job_extra=directives(entry.get("job-extra", settings.job_extra)),
                 gpu_directive=entry.get("gpu-directive", settings.gpu_directive),
                 prologue=lines(entry.get("prologue", settings.prologue)),
-                python=entry.get("python", settings.python),
+                # a pool's own python:, else the template's environment (environments.py), else --sticky-python
+                python=entry.get("python", shlex.join(template.launch) if template.launch else settings.python),
             )
         )
     return pools

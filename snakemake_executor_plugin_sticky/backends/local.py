@@ -6,6 +6,9 @@ start the worker processes (forked from a clean forkserver, never from this proc
 forkserver.py) and restart one that dies. Worker processes watch their Nanny and exit when it
 goes away, so nothing outlives Snakemake. Every connection is TLS with the run's credentials
 (security.py), loopback included: other users of the machine can reach loopback ports too.
+
+A template with its own software environment (environments.py) cannot be forked from this
+Python: its workers are processes of that environment's Python, supervised here (env_workers.py).
 """
 
 from __future__ import annotations
@@ -14,24 +17,29 @@ import asyncio
 import atexit
 import logging
 import os
+import shutil
 import signal
+import tempfile
 import traceback
-from typing import Any, Optional
+from pathlib import Path
+from typing import Any, Optional, Union
 
 from distributed import Nanny
 
 from .. import forkserver
 from ..gpus import GpuPlan, visible_gpus
 from ..invocation import EVENT_TOPIC
-from ..security import run_credentials
+from ..security import run_credentials, write_credentials
 from ..settings import ExecutorSettings
 from ..templates import TemplateSpec
 from ..tweaks import ProcessTweaks
 from .base import OnEvent, worker_plugin
+from .env_workers import EnvWorker
 from .hosted import LOOPBACK, HostedScheduler, worker_close_s
 
 RELEASE_WAIT_S = 2
 START_ATTEMPTS = 3
+Supervisor = Union[Nanny, EnvWorker]  # what keeps one worker process alive
 
 
 class StickyNanny(Nanny):
@@ -59,13 +67,14 @@ class EmbeddedBackend(HostedScheduler):
             tweaks.dask_config({"distributed.worker.multiprocessing-method": "forkserver"})
         else:
             tweaks.on_undo(forkserver.skip_snakemake_cli_in_children())
-        self._pools: dict[str, list[Nanny]] = {}
+        self._pools: dict[str, list[Supervisor]] = {}
         self._pool_gpus: dict[str, list[str]] = {}  # GPU ids taken by each pool's workers
         self._retiring: list[Any] = []  # futures of pools closing before the run ends
-        self._retired: list[Nanny] = []  # their Nannies
+        self._retired: list[Supervisor] = []  # their Nannies
         # GPU id -> (template, future) of a retiring pool whose worker on that GPU is closing
         self._freeing: dict[str, tuple[str, Any]] = {}
         self._dashboard_attached = False
+        self._credentials: Optional[Path] = None  # as files, for workers in their own environment
         super().__init__(settings, log, on_event, security=run_credentials(), tweaks=tweaks)
         # Runs before multiprocessing's own exit handler, which would wait for every worker.
         atexit.register(self.kill_workers)
@@ -79,6 +88,13 @@ class EmbeddedBackend(HostedScheduler):
         if template.identity in self._pools:
             return 0
         count = self.workers_for(template)
+        if template.launch:
+            # Workers in their own environment start as commands: they read the run's credentials
+            # from files, and get the template's worker plugin from the scheduler.
+            if self._credentials is None:
+                self._credentials = Path(tempfile.mkdtemp(prefix="sticky-credentials-"))
+                write_credentials(self.security, self._credentials)
+            self.client.register_plugin(worker_plugin(template, self.workdir, self.settings, owned=True))
         self._pools[template.identity] = []
         starting = []
         self._pool_gpus[template.identity] = []
@@ -145,7 +161,19 @@ class EmbeddedBackend(HostedScheduler):
         if not pool:
             self.fail_pool(template, f"No worker of sticky template '{template.name}' could start: {failure}")
 
-    def _nanny(self, template: TemplateSpec, index: int, gpus: list[str]) -> Nanny:
+    def _nanny(self, template: TemplateSpec, index: int, gpus: list[str]) -> Supervisor:
+        if template.launch:
+            assert self._credentials is not None
+            return EnvWorker(
+                template,
+                index,
+                gpus,
+                self._scheduler.address,
+                self._credentials,
+                self._joined,
+                self._env_worker_exit,
+                self.log,
+            )
         plugin = worker_plugin(template, self.workdir, self.settings, owned=True)
         nanny = StickyNanny(
             self._scheduler.address,
@@ -169,9 +197,27 @@ class EmbeddedBackend(HostedScheduler):
             nanny.pre_spawn_env = {}
         return nanny
 
+    def _joined(self, name: str) -> Optional[tuple[str, int]]:
+        """The address and process id of the scheduler's worker of that name, once it has joined."""
+        for ws in self._scheduler.workers.values():
+            if ws.name == name:
+                return ws.address, ws.pid
+        return None
+
+    def _env_worker_exit(self, address: str, exitcode: int) -> None:
+        self._scheduler.log_event(EVENT_TOPIC, {"event": "worker-exit", "address": address, "exitcode": exitcode})
+
     def replace_worker(self, worker: str) -> None:
-        """Restart the worker process through its Nanny; it builds the state anew."""
+        """Restart the worker process through its Nanny (or kill it, and its supervisor starts
+        it again); it builds the state anew."""
+        for supervisor in self._supervisors():
+            if isinstance(supervisor, EnvWorker) and supervisor.address == worker:
+                self._loop.call_soon_threadsafe(supervisor.kill_worker)
+                return
         self.client.restart_workers([worker], raise_for_error=False)
+
+    def _supervisors(self) -> list[Supervisor]:
+        return [n for pool in self._pools.values() for n in pool] + self._retired
 
     def retire_pool(self, template: TemplateSpec) -> int:
         """End the template's workers now (each runs its teardown), without waiting for them;
@@ -188,7 +234,7 @@ class EmbeddedBackend(HostedScheduler):
         self._freeing.update({gpu: (template.name, retiring) for gpu in gpus})
         return len(pool)
 
-    async def _retire(self, template: TemplateSpec, pool: list[Nanny]) -> None:
+    async def _retire(self, template: TemplateSpec, pool: list[Supervisor]) -> None:
         # Results are fetched before the last job is reported done and released just now; the
         # scheduler learns of the release a moment later. Until then it would count them lost
         # with the workers (and say so in a warning).
@@ -202,20 +248,36 @@ class EmbeddedBackend(HostedScheduler):
         await self._close_nannies([n for pool in self._pools.values() for n in pool])
         await asyncio.gather(*(asyncio.wrap_future(f) for f in self._retiring), return_exceptions=True)
         atexit.unregister(self.kill_workers)
+        self._remove_credentials()
+
+    def _remove_credentials(self) -> None:
+        if self._credentials is not None:
+            shutil.rmtree(self._credentials, ignore_errors=True)
+            self._credentials = None
 
     def kill_workers(self) -> None:
         """Snakemake exits without having closed the workers (a second Ctrl-C, a crash): kill
         them, or the interpreter's exit would wait for each to finish its teardown. The
         forkserver then kills what their templates started."""
-        for nanny in [n for pool in self._pools.values() for n in pool] + self._retired:
+        for nanny in self._supervisors():
+            if isinstance(nanny, EnvWorker):
+                nanny.kill_worker()  # its keeper ends the rest and exits
+                continue
             pid = getattr(nanny.process, "pid", None)
             if pid:
                 try:
                     os.kill(pid, signal.SIGKILL)
                 except ProcessLookupError:
                     pass
+        self._remove_credentials()
 
-    async def _close_nannies(self, nannies: list[Nanny]) -> None:
+    async def _close_nannies(self, nannies: list[Supervisor]) -> None:
         # A Nanny asks its worker to close and kills it (SIGKILL) after 0.8 of the timeout.
         timeout = worker_close_s(self.settings) / 0.8
-        await asyncio.gather(*(n.close(timeout=timeout) for n in nannies), return_exceptions=True)
+        await asyncio.gather(
+            *(
+                n.close(timeout * 0.8, self._scheduler.close_worker) if isinstance(n, EnvWorker) else n.close(timeout)
+                for n in nannies
+            ),
+            return_exceptions=True,
+        )

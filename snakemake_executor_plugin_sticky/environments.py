@@ -1,0 +1,272 @@
+"""Where a template's workers run: Snakemake's own Python, or the software environment the template
+names, as a Snakemake rule names its own.
+
+A template's config entry may name one of:
+- `python:` the interpreter of an existing environment (a venv's `bin/python`, say);
+- `conda:` an environment file, made and cached by Snakemake's own conda support (as for a rule's
+  `conda:`, with --conda-prefix and --conda-frontend), or the folder of an existing environment;
+- `container:` an image that the worker runs in (apptainer), as for a rule's `container:`.
+A sticky rule's own `conda:` or `container:` names the template's environment when the template
+names none. As for Snakemake's rules, `conda:` and `container:` count only where the run's
+--software-deployment-method includes conda or apptainer; `python:` always counts.
+
+Users keep Snakemake in a small environment and torch, vLLM and CUDA in another. The workers import
+Dask, this plugin and the template's own imports from the template's environment, so that one must
+hold the versions of this run: `probe` checks it before any worker starts and says how to fix it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import shlex
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping, Optional
+
+from snakemake_interface_common.exceptions import WorkflowError
+
+ENVIRONMENT_KEYS = ("python", "conda", "container")
+PACKAGE = "snakemake-executor-plugin-sticky"
+# What a worker's environment must share with the Snakemake process: the engine talks pickles
+# (cloudpickle, msgpack) between the two, and the worker runs this package's code.
+SHARED = ("dask", "distributed", "cloudpickle", "msgpack", PACKAGE)
+PROBE_TIMEOUT_S = 300.0  # the first start of a fresh environment's Python (or a container) is slow
+PROBE_MARK = "sticky-environment-probe:"
+PROBE = f"""
+import importlib.metadata, json, platform, sys
+found = {{"python": platform.python_version(), "executable": sys.executable}}
+for name in {SHARED!r}:
+    try:
+        found[name] = importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+        found[name] = None
+print({PROBE_MARK!r} + json.dumps(found))
+"""
+
+
+@dataclass(frozen=True)
+class Environment:
+    """A template's software environment as declared: which kind, the value as written (resolved
+    to a path for files), where it was named (for messages), and what its identity covers."""
+
+    kind: str  # "python", "conda" or "container"
+    value: str
+    origin: str
+    digest: str
+
+    def describe(self) -> str:
+        return f"{self.kind} environment {self.value} ({self.origin})"
+
+
+def parse_environment(entry: Mapping[str, Any], where: str, config_path: str, workdir: Path) -> Optional[Environment]:
+    """The environment a template's config entry (at `config_path`, such as "sticky: llm:") names,
+    or None; WorkflowError naming the template and the key."""
+    named = [key for key in ENVIRONMENT_KEYS if entry.get(key)]
+    if len(named) > 1:
+        raise WorkflowError(f"{where} names {' and '.join(map(repr, named))}: a template runs in one environment.")
+    if not named:
+        return None
+    kind = named[0]
+    value = entry[kind]
+    origin = f"config '{config_path} {kind}:'"
+    if not isinstance(value, str):
+        raise WorkflowError(f"{where}: '{kind}' must be a path or an image name, got {value!r}.")
+    if kind == "container":
+        return Environment(kind, value, origin, container_digest(value, workdir))
+    path = Path(value).expanduser()
+    if not path.is_absolute():
+        path = workdir / path
+    if kind == "python":
+        if not (path.is_file() and os.access(path, os.X_OK)):
+            raise WorkflowError(
+                f"{where}: 'python: {value}' is not an executable file (paths are relative to the working "
+                f"directory {workdir}). Name an environment's interpreter, e.g. /path/to/venv/bin/python."
+            )
+        return Environment(kind, str(path), origin, interpreter_digest(path))
+    if path.is_dir():
+        interpreter = path / "bin" / "python"
+        if not interpreter.is_file():
+            raise WorkflowError(f"{where}: 'conda: {value}' is a folder without bin/python: not an environment.")
+        return Environment(kind, str(path), origin, interpreter_digest(interpreter))
+    if not path.is_file():
+        raise WorkflowError(
+            f"{where}: conda environment file '{value}' does not exist (paths are relative to the working "
+            f"directory {workdir})."
+        )
+    return Environment(kind, str(path), origin, file_digest(path))
+
+
+def file_digest(path: Path) -> str:
+    """An environment file's content: a changed file is another environment (as for Snakemake)."""
+    return "file:" + hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def interpreter_digest(interpreter: Path) -> str:
+    """An existing environment: the interpreter, and when its packages last changed. Installing or
+    removing a package changes its site-packages folder, so the template gets a new identity."""
+    prefix = interpreter.parent.parent
+    stamps = [str(interpreter.resolve())]
+    for folder in sorted(prefix.glob("lib/python*/site-packages")):
+        stamps.append(f"{folder}:{folder.stat().st_mtime_ns}")
+    return "python:" + hashlib.sha256("\n".join(stamps).encode()).hexdigest()
+
+
+def container_digest(image: str, workdir: Path) -> str:
+    """An image: its name, and for a local image file its size and modification time."""
+    local = Path(image) if Path(image).is_absolute() else workdir / image
+    stamp = f"{local.stat().st_size}:{local.stat().st_mtime_ns}" if local.is_file() else ""
+    return "container:" + hashlib.sha256(f"{image}\n{stamp}".encode()).hexdigest()
+
+
+def rule_environment(job: Any, deployment: frozenset[str]) -> Optional[Environment]:
+    """The environment a sticky job's rule names (`conda:` or `container:`), where the run's
+    deployment method counts it, as Snakemake counts it for any rule; None otherwise."""
+    rule = f"rule '{job.rule.name}'"
+    if "conda" in deployment and getattr(job, "conda_env_spec", None):
+        env = job.conda_env
+        file = getattr(env, "file", None)
+        if file is not None:
+            path = Path(file.get_path_or_uri())
+            return Environment("conda", str(path), f"{rule}, conda:", file_digest(path))
+        folder = Path(env.address)
+        return Environment("conda", str(folder), f"{rule}, conda:", interpreter_digest(folder / "bin" / "python"))
+    if "apptainer" in deployment and getattr(job, "container_img_url", None):
+        image = job.container_img_url
+        return Environment("container", image, f"{rule}, container:", container_digest(image, Path.cwd()))
+    return None
+
+
+def deployment_of(workflow: Any) -> frozenset[str]:
+    """The run's --software-deployment-method, as lower-case names."""
+    methods = workflow.deployment_settings.deployment_method or ()
+    return frozenset(str(getattr(m, "name", m)).lower() for m in methods)
+
+
+def launch_command(env: Environment, template: str, workflow: Any, dag: Any, log: Any) -> tuple[str, ...]:
+    """How to start Python in the environment: an interpreter path, or apptainer and its image.
+    A conda environment file is made here by Snakemake's conda support (cached in --conda-prefix);
+    an environment that the run's deployment method does not count gives () (Snakemake's Python),
+    and says so."""
+    deployment = deployment_of(workflow)
+    where = f"Sticky template '{template}': its {env.describe()}"
+    if env.kind == "python":
+        return (env.value,)
+    if env.kind == "conda":
+        if "conda" not in deployment:
+            log.info(
+                f"{where} is not used: --software-deployment-method does not include conda, so the "
+                "template's workers run in Snakemake's own Python, as Snakemake's rules do."
+            )
+            return ()
+        if Path(env.value).is_dir():
+            return (str(Path(env.value) / "bin" / "python"),)
+        return (str(Path(create_conda_env(env, where, workflow)) / "bin" / "python"),)
+    if "apptainer" not in deployment:
+        log.info(
+            f"{where} is not used: --software-deployment-method does not include apptainer, so the "
+            "template's workers run in Snakemake's own Python, as Snakemake's rules do."
+        )
+        return ()
+    return container_command(env, where, workflow, dag)
+
+
+def create_conda_env(env: Environment, where: str, workflow: Any) -> str:
+    """Make the environment through Snakemake's conda support (or find it made): its folder."""
+    from snakemake.deployment.conda import CondaEnvFileSpec
+
+    try:
+        conda_env = CondaEnvFileSpec(env.value).get_conda_env(workflow)
+        conda_env.create(workflow.dryrun)
+        return conda_env.address
+    except Exception as e:
+        raise WorkflowError(f"{where} could not be made by Snakemake's conda support: {e}") from e
+
+
+def container_command(env: Environment, where: str, workflow: Any, dag: Any) -> tuple[str, ...]:
+    """apptainer exec of the image (pulled by Snakemake's container support), with the run's
+    --apptainer-args, GPUs passed through (--nv), the working directory bound, and its Python."""
+    from snakemake.deployment.singularity import Image
+
+    try:
+        image = dag.container_imgs.get(env.value) or Image(env.value, dag, is_containerized=False)
+        image.pull(workflow.dryrun)
+        path = image.path
+    except Exception as e:
+        raise WorkflowError(f"{where} could not be pulled by Snakemake's container support: {e}") from e
+    args = shlex.split(workflow.deployment_settings.apptainer_args or "")
+    return ("apptainer", "exec", "--nv", *args, "--bind", os.getcwd(), "--pwd", os.getcwd(), path, "python")
+
+
+def here() -> dict[str, Optional[str]]:
+    """The versions of the Snakemake process, to compare the environment's with."""
+    import importlib.metadata
+
+    found: dict[str, Optional[str]] = {"python": platform.python_version()}
+    for name in SHARED:
+        try:
+            found[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            found[name] = None
+    return found
+
+
+def probe(env: Environment, command: tuple[str, ...], template: str) -> dict[str, Any]:
+    """Run the environment's Python once and check that it can hold the template's workers: the
+    same Python minor version, Dask, pickles and plugin as this run. WorkflowError otherwise,
+    naming the environment and the versions, and saying how to fix it."""
+    where = f"Sticky template '{template}': its {env.describe()}"
+    try:
+        done = subprocess.run(
+            [*command, "-c", PROBE], capture_output=True, text=True, timeout=PROBE_TIMEOUT_S, stdin=subprocess.DEVNULL
+        )
+    except (OSError, subprocess.TimeoutExpired) as e:
+        raise WorkflowError(f"{where} could not run {shlex.join(command)}: {e}") from None
+    line = next((x for x in done.stdout.splitlines() if x.startswith(PROBE_MARK)), None)
+    if done.returncode != 0 or line is None:
+        raise WorkflowError(
+            f"{where}: {shlex.join(command)} failed (exit status {done.returncode}):\n{done.stderr.strip()[-2000:]}"
+        )
+    there = json.loads(line[len(PROBE_MARK) :])
+    ours = here()
+    problems = []
+    if there["python"].split(".")[:2] != str(ours["python"]).split(".")[:2]:
+        problems.append(f"Python {there['python']} there, {ours['python']} here (the minor versions must agree)")
+    for name in SHARED:
+        if there.get(name) != ours[name]:
+            problems.append(f"{name} {there.get(name) or 'missing'} there, {ours[name]} here")
+    if problems:
+        listed = "\n  - ".join(problems)
+        raise WorkflowError(
+            f"{where} cannot hold its workers ({there['executable']}):\n  - {listed}\n{fix(env, command, ours)}"
+        )
+    return there
+
+
+def fix(env: Environment, command: tuple[str, ...], ours: dict[str, Optional[str]]) -> str:
+    """How to give the environment this run's versions."""
+    pins = [f"{name}=={ours[name]}" for name in SHARED if ours[name]]
+    source = checkout()
+    if source is not None:  # this plugin from a checkout: install that checkout there
+        pins = [p for p in pins if not p.startswith(PACKAGE)] + [source]
+    text = f"Install them there: {shlex.join([*command, '-m', 'pip', 'install', *pins])}"
+    if env.kind == "conda" and not Path(env.value).is_dir():
+        lines = "\n".join(f"      - {p}" for p in pins)
+        python = str(ours["python"]).rsplit(".", 1)[0]
+        text += f"\nor add to {env.value}, under dependencies:\n  - python={python}\n  - pip\n  - pip:\n{lines}"
+    return text
+
+
+def checkout() -> Optional[str]:
+    """The folder of this plugin's source checkout, where it is installed from one (editable)."""
+    import importlib.metadata
+
+    try:
+        direct = importlib.metadata.distribution(PACKAGE).read_text("direct_url.json")
+    except importlib.metadata.PackageNotFoundError:
+        return None
+    url = json.loads(direct).get("url", "") if direct else ""
+    return url[len("file://") :] if url.startswith("file://") else None
