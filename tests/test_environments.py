@@ -26,6 +26,8 @@ from snakemake_executor_plugin_sticky.templates import parse_template, with_envi
 
 from conftest import RUN_TIMEOUT_S, Workflow
 from conftest import test_env as run_env
+from test_core import LLM_TEMPLATE, ONE_TEMPLATE_SNAKEFILE, sticky_workflow
+from test_reliability import CAREFUL, complete_outputs, report_of, strike
 from test_scaleout import slurm  # noqa: F401  (a fixture)
 
 SITE = sysconfig.get_paths()["purelib"]  # this test environment's packages (and the plugin's)
@@ -228,6 +230,18 @@ def test_a_conda_environment_file_goes_to_snakemakes_conda_support(workflow: Wor
     assert not (workflow.root / "out").exists()
 
 
+def test_a_container_goes_to_snakemakes_container_support(workflow: Workflow):
+    # No apptainer here: the run goes as far as Snakemake's container support.
+    write_workflow(workflow, "    container: docker://python:3.11\n")
+    run = workflow.run("out/0.txt", "--sdm", "apptainer")
+    assert run.returncode != 0
+    assert (
+        "Sticky template 'lm': its container environment docker://python:3.11 (config 'sticky: lm: container:') "
+        "could not be pulled by Snakemake's container support" in run.output
+    ), run.output
+    assert not (workflow.root / "out").exists()
+
+
 def test_without_conda_deployment_a_templates_conda_file_is_not_used_and_the_run_says_so(workflow: Workflow):
     workflow.write("envs/lm.yaml", "dependencies:\n  - python=3.11\n")
     write_workflow(workflow, "    conda: envs/lm.yaml\n", count=2)
@@ -334,3 +348,20 @@ def test_slurm_workers_of_a_template_run_in_its_environment(workflow: Workflow, 
     run = run_in(envs["snakemake"], workflow, "--sticky-cluster", "slurm", "--sticky-interface", "lo")
     assert run.returncode == 0, run.stdout
     assert {workflow.read(f"out/{i}.txt").split()[0] for i in range(2)} == {str(envs["models"])}
+
+
+def test_a_killed_worker_in_its_environment_is_started_again_and_its_invocation_rerun(
+    workflow: Workflow, envs: dict[str, Path]
+):
+    sticky_workflow(workflow, ONE_TEMPLATE_SNAKEFILE, LLM_TEMPLATE + f"    python: {envs['models']}\n")
+    workflow.write("scripts/record.py", CAREFUL)
+    proc = workflow.popen("--sticky-workers", "2", "--config", "count=40", "sleep=0.2", "victim=5")
+    victim = strike(workflow, 5, signal.SIGKILL)
+    output, _ = proc.communicate(timeout=RUN_TIMEOUT_S)
+    assert proc.returncode == 0, output
+    assert complete_outputs(workflow, 40), "every output whole, the killed attempt's half one replaced"
+    assert f"end 5 {victim}" not in workflow.read("out/5.json")
+    setups = workflow.lines("setups-llm.txt")
+    assert len(setups) == 3 and str(victim) in setups, "the lost worker was started again and rebuilt"
+    assert report_of(workflow)["workers_lost"] == 1
+    assert workflow.leftover_processes() == []

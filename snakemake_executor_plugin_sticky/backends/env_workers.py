@@ -25,7 +25,8 @@ from ..templates import TemplateSpec
 KEEPER = "snakemake_executor_plugin_sticky.keeper"
 # A worker that cannot reach the scheduler this long exits (and is started again while the pool lives).
 DEATH_TIMEOUT_S = 60
-# A worker that died sooner than this after its start waits before the next: 1, 2, 4 ... 30 s.
+# A worker that dies sooner than this after its start again and again waits before the next
+# start: none the first time (as a Nanny), then 1, 2, 4 ... 30 s.
 SHORT_LIFE_S = 10.0
 MAX_RESTART_DELAY_S = 30.0
 POLL_S = 0.05
@@ -146,7 +147,7 @@ class EnvWorker:
     async def _watch(self) -> None:
         """When the process ends unasked, say so and start it again (as a Nanny does), after a
         pause that grows while it keeps dying young."""
-        delay = 1.0
+        delay = 0.0
         while True:
             assert self.process is not None
             returncode = await self.process.wait()
@@ -155,10 +156,10 @@ class EnvWorker:
             if self.address:
                 self.on_exit(self.address, exitcode_of(returncode))
             if time.monotonic() - self.started > SHORT_LIFE_S:
-                delay = 1.0
+                delay = 0.0
             else:
                 await asyncio.sleep(delay)
-                delay = min(2 * delay, MAX_RESTART_DELAY_S)
+                delay = min(max(2 * delay, 1.0), MAX_RESTART_DELAY_S)
             if self._closing:
                 return
             if not await self._launch():
