@@ -5,7 +5,9 @@ as safetensors (no network needed), then measures:
 
 - template setup split into disk -> CPU (from_pretrained on the CPU) and CPU -> GPU (.to("cuda"));
 - the time of one invocation (a shard of claims, one forward pass per micro-batch);
-- sticky vs create-destroy makespan of the demo workflow on that model (1 GPU worker).
+- sticky vs create-destroy makespan of the demo workflow on that model (1 GPU worker);
+- the Batcher: claims per second and mean batch size with and without it, with 8 slots on the one
+  worker, as the invocations get smaller (2 and 16 claims per invocation by default).
 
 Needs a single-GPU Linux machine with torch, transformers, snakemake and this package installed.
 Results go to benchmarks/results/<date>-<host>-gpu.json and a Markdown table. `--smoke` runs the
@@ -95,6 +97,70 @@ def setup_split(model_dir: Path, repeats: int, device: str) -> dict:
     return {key: spread([r[key] for r in runs]) for key in ("disk_to_cpu_s", "cpu_to_gpu_s")}
 
 
+BATCHING_SLOTS = 8
+
+
+def batcher_rows(demo: Path, gpu_config: list[str], sizes: list[int], claims: int, repeats: int) -> list[dict]:
+    """One GPU worker with 8 slots: claims per second and mean batch, with and without the
+    Batcher (batch_size 16), alternated."""
+    config = [c for c in gpu_config if not c.startswith(("claims=", "claims_per_invocation="))]
+    rows = []
+    for size in sizes:
+        runs: dict[bool, list[dict]] = {True: [], False: []}
+        for _ in range(repeats):
+            for batched in (True, False):
+                reset_demo(demo)
+                command = [
+                    SNAKEMAKE,
+                    "--executor",
+                    "sticky",
+                    "--cores",
+                    str(4 * BATCHING_SLOTS),
+                    "--sticky-workers",
+                    "1",
+                    *config,
+                    f"claims={claims}",
+                    f"claims_per_invocation={size}",
+                    f"slots={BATCHING_SLOTS}",
+                    f"batcher={batched}",
+                ]
+                measured = run(command, demo)
+                calls = measured.report["templates"]["llm"]["model_calls"]
+                runs[batched].append(
+                    {
+                        "claims_per_s": claims / measured.wall_s,
+                        "makespan_s": measured.wall_s,
+                        "mean_batch": calls["mean_batch"] if calls else float(min(size, 16)),
+                    }
+                )
+        for batched, measured_runs in runs.items():
+            row = {"claims_per_invocation": size, "batcher": batched, "claims": claims, "runs": measured_runs}
+            row.update({k: spread([r[k] for r in measured_runs]) for k in ("claims_per_s", "makespan_s", "mean_batch")})
+            rows.append(row)
+            print(
+                f"  batching: {size} claims/invocation, {'with' if batched else 'without'} the Batcher: "
+                f"{row['claims_per_s']['median']:.1f} claims/s, mean batch {row['mean_batch']['median']:.1f}",
+                flush=True,
+            )
+    return rows
+
+
+def batching_table(rows: list[dict]) -> str:
+    lines = [
+        f"The Batcher, one GPU worker with {BATCHING_SLOTS} slots, batch_size 16:",
+        "",
+        "| claims per invocation | Batcher | claims/s | mean batch | makespan |",
+        "|---|---|---|---|---|",
+    ]
+    for row in rows:
+        lines.append(
+            f"| {row['claims_per_invocation']} | {'with' if row['batcher'] else 'without'} | "
+            f"{row['claims_per_s']['median']:.1f} | {row['mean_batch']['median']:.1f} | "
+            f"{row['makespan_s']['median']:.1f} s |"
+        )
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     # The create-destroy side loads the 3.4 GB model once per invocation: 16 keep a whole run of
@@ -102,6 +168,10 @@ def main() -> None:
     parser.add_argument("--invocations", type=int, default=16)
     parser.add_argument("--claims-per-invocation", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument(
+        "--batching-sizes", type=int, nargs="+", default=[2, 16], help="claims per invocation of the Batcher runs"
+    )
+    parser.add_argument("--batching-claims", type=int, default=512, help="claims of each Batcher run")
     parser.add_argument("--smoke", action="store_true", help="check this script on the CPU with a tiny model")
     parser.add_argument("--results", type=Path, default=RESULTS, help="folder for the JSON and Markdown results")
     args = parser.parse_args()
@@ -159,6 +229,7 @@ def main() -> None:
                 }
             )
             print(f"  pair: sticky {sticky.wall_s:.1f} s, local {local.wall_s:.1f} s", flush=True)
+        batching = batcher_rows(demo, gpu_config, args.batching_sizes, args.batching_claims, args.repeats)
     results = {
         "date": datetime.datetime.now().isoformat(timespec="seconds"),
         "gpu": gpu,
@@ -170,6 +241,7 @@ def main() -> None:
         "claims_per_invocation": args.claims_per_invocation,
         "setup_split": split,
         "pairs": pairs,
+        "batching": batching,
         **{
             key: spread([p[key] for p in pairs])
             for key in ("sticky_s", "local_s", "speedup", "setup_s", "invocation_s")
@@ -189,6 +261,7 @@ def main() -> None:
             f"{s['invocation_s']['median']:.3f} s | {s['sticky_s']['median']:.1f} s | {s['local_s']['median']:.1f} s | {s['speedup']['median']:.1f}× |",
         ]
     )
+    table += "\n\n" + batching_table(batching)
     (args.results / f"{stem}.md").write_text(table + "\n")
     print("\n" + table)
 

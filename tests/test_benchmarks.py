@@ -23,6 +23,10 @@ def test_gpu_benchmark_runs_its_steps_on_the_cpu_with_a_tiny_model(tmp_path: Pat
         "4",
         "--repeats",
         "1",
+        "--batching-sizes",
+        "2",
+        "--batching-claims",
+        "8",
         "--results",
         str(tmp_path),
     ]
@@ -34,4 +38,8 @@ def test_gpu_benchmark_runs_its_steps_on_the_cpu_with_a_tiny_model(tmp_path: Pat
     assert pair["sticky_s"] > 0 and pair["local_s"] > 0
     assert report["setup_split"]["disk_to_cpu_s"]["median"] > 0
     assert report["invocation_s"]["median"] > 0
-    assert "| disk → CPU | CPU → GPU |" in (tmp_path / result.name.replace(".json", ".md")).read_text()
+    table = (tmp_path / result.name.replace(".json", ".md")).read_text()
+    assert "| disk → CPU | CPU → GPU |" in table and "| claims per invocation | Batcher |" in table
+    with_batcher, without = report["batching"]
+    assert with_batcher["batcher"] and not without["batcher"]
+    assert with_batcher["claims_per_s"]["median"] > 0 and without["claims_per_s"]["median"] > 0
