@@ -132,6 +132,11 @@ def rule_environment(job: Any, deployment: frozenset[str]) -> Optional[Environme
         if file is not None:
             path = Path(file.get_path_or_uri())
             return Environment("conda", str(path), f"{rule}, conda:", file_digest(path))
+        if getattr(env, "name", None):
+            raise WorkflowError(
+                f"Rule '{job.rule.name}' is sticky and names the conda environment '{env.name}' by name: "
+                "give its folder (conda: /path/to/env) or an environment file, so that its workers can run there."
+            )
         folder = Path(env.address)
         return Environment("conda", str(folder), f"{rule}, conda:", interpreter_digest(folder / "bin" / "python"))
     if "apptainer" in deployment and getattr(job, "container_img_url", None):
@@ -252,6 +257,8 @@ def fix(env: Environment, command: tuple[str, ...], ours: dict[str, Optional[str
     source = checkout()
     if source is not None:  # this plugin from a checkout: install that checkout there
         pins = [p for p in pins if not p.startswith(PACKAGE)] + [source]
+    if env.kind == "container":  # an image is read-only: it is built again
+        return f"Build the image {env.value} again with: pip install {shlex.join(pins)}"
     text = f"Install them there: {shlex.join([*command, '-m', 'pip', 'install', *pins])}"
     if env.kind == "conda" and not Path(env.value).is_dir():
         lines = "\n".join(f"      - {p}" for p in pins)

@@ -62,6 +62,7 @@ class Executor(RealExecutor):
         self._backend: Optional["Backend"] = None
         self._backend_lock = threading.Lock()
         self._cancelled = False
+        self._placed: set[str] = set()  # identities of the templates whose environment is checked
         self._errors = 0
         self._stop_status = threading.Event()
         self.completions = CompletionBatcher(on_error=self.report_failed)
@@ -75,7 +76,7 @@ class Executor(RealExecutor):
 
             jobqueue.check_pools(list(used.values()), self.settings)
         try:
-            used = self.place(used)
+            used = {name: self.place(template) for name, template in used.items()}
             for template in ready_templates(used, self.dag.ready_jobs):
                 self.start_pool(template)
         except BaseException:
@@ -86,26 +87,29 @@ class Executor(RealExecutor):
             raise
         self.advise(used)
 
-    def place(self, used: dict[str, TemplateSpec]) -> dict[str, TemplateSpec]:
-        """Where each used template's workers run: its environment is made (or found) and checked
-        before any worker starts; WorkflowError naming the template and the environment."""
-        for name, template in used.items():
-            env = template.environment
-            if env is None:
-                continue
-            if self.settings.scheduler:
-                self.logger.info(
-                    f"Sticky template '{name}': its {env.describe()} is not used: in attach mode the workers "
-                    "are yours, and run in the environment you started them in; start them there."
-                )
-                continue
+    def place(self, template: TemplateSpec) -> TemplateSpec:
+        """Where the template's workers run: its environment is made (or found) and checked once,
+        before any of its workers starts (templates that a checkpoint brings later included);
+        WorkflowError naming the template and the environment."""
+        env = template.environment
+        if env is None or template.identity in self._placed:
+            return template
+        name = template.name
+        command: tuple[str, ...] = ()
+        if self.settings.scheduler:
+            self.logger.info(
+                f"Sticky template '{name}': its {env.describe()} is not used: in attach mode the workers "
+                "are yours, and run in the environment you started them in; start them there."
+            )
+        else:
             command = launch_command(env, name, self.workflow, self.dag, self.logger)
             if command:
-                found = probe(env, command, name)
-                python = found["python"]
+                python = probe(env, command, name)["python"]
                 self.logger.info(f"Sticky template '{name}': workers run in {env.describe()}, Python {python}.")
-            self.templates[name] = replace(template, launch=command)
-        return {name: self.templates[name] for name in used}
+        placed = replace(template, launch=command)
+        self.templates[name] = placed
+        self._placed.add(template.identity)
+        return placed
 
     def advise(self, used: dict[str, TemplateSpec]) -> None:
         """Say at the start when Snakemake's own flags will hold the workers back."""
@@ -254,6 +258,7 @@ class Executor(RealExecutor):
         if template is None:
             self.delegate.run_job(job)
             return None
+        template = self.place(template)
         self.start_pool(template)
         return job, template
 

@@ -11,13 +11,16 @@ The exit status is the worker's: its exit code, or 128 + the signal that killed 
 worker's job shows as failed, never as completed.
 
 A local worker in a template's own environment runs under it too, started by the Snakemake
-process, which names itself in STICKY_KEEPER_PARENT: when that process is gone (killed, say), the
-keeper ends the worker as the batch system would end a job.
+process, which passes it the read end of a pipe (its number in STICKY_KEEPER_WATCH_FD) whose write
+end only that process holds: when the pipe closes, that process is gone (killed, say), and the
+keeper ends the worker as the batch system would end a job. A pipe, not the parent's pid: a
+container runtime may stand between the two.
 """
 
 from __future__ import annotations
 
 import os
+import select
 import shutil
 import signal
 import sys
@@ -28,7 +31,7 @@ from .processes import POLL_S, REAPER_ENV, Reaper, descendants, end_tree
 FORWARDED = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2)
 # After the worker ends: what it left gets SIGTERM, this long to go, then SIGKILL.
 LEFTOVER_GRACE_S = 5.0
-PARENT_ENV = "STICKY_KEEPER_PARENT"
+WATCH_FD_ENV = "STICKY_KEEPER_WATCH_FD"
 # A worker whose Snakemake process is gone gets SIGTERM (it leaves, running its teardown), and
 # SIGKILL if it still runs this long after.
 ORPHANED_GRACE_S = 30.0
@@ -57,6 +60,18 @@ def exit_status(status: int) -> int:
     return os.waitstatus_to_exitcode(status)
 
 
+def watched_pipe() -> int | None:
+    """The pipe of STICKY_KEEPER_WATCH_FD, kept from the worker; None where there is none (a
+    container runtime may not pass it on: then the worker's own loss of its scheduler ends it)."""
+    try:
+        fd = int(os.environ.get(WATCH_FD_ENV) or -1)
+        os.fstat(fd)
+    except (ValueError, OSError):
+        return None
+    os.set_inheritable(fd, False)
+    return fd
+
+
 def keep(argv: list[str]) -> int:
     """Run the command as the keeper; return the exit status the keeper should end with."""
     if not argv:
@@ -67,7 +82,8 @@ def keep(argv: list[str]) -> int:
     # on: it neither kills the keeper, orphaning the worker, nor gets lost. The worker starts
     # with no signal blocked.
     signal.pthread_sigmask(signal.SIG_BLOCK, FORWARDED)
-    environ = {k: v for k, v in os.environ.items() if k != PARENT_ENV}
+    watch = watched_pipe()
+    environ = {k: v for k, v in os.environ.items() if k != WATCH_FD_ENV}
     worker = os.posix_spawn(command[0], command, {**environ, REAPER_ENV: str(os.getpid())}, setsigmask=())
     reaper.workers.add(worker)
 
@@ -80,12 +96,11 @@ def keep(argv: list[str]) -> int:
     for sig in FORWARDED:
         signal.signal(sig, forward)
     signal.pthread_sigmask(signal.SIG_UNBLOCK, FORWARDED)
-    parent = int(os.environ.get(PARENT_ENV) or 0)
     orphaned_at = None
     status = None
     while status is None:
-        if parent and orphaned_at is None and os.getppid() != parent:
-            say(f"keeper: process {parent}, which started worker process {worker}, is gone: ending the worker.")
+        if watch is not None and orphaned_at is None and select.select([watch], [], [], 0)[0]:
+            say(f"keeper: the process that started worker process {worker} is gone: ending the worker.")
             orphaned_at = time.monotonic()
             forward(signal.SIGTERM, None)
         elif orphaned_at is not None and time.monotonic() - orphaned_at > ORPHANED_GRACE_S:

@@ -13,7 +13,6 @@ import signal
 import subprocess
 import sys
 import sysconfig
-import tempfile
 import time
 from pathlib import Path
 
@@ -147,7 +146,6 @@ def test_template_in_a_second_venv_loads_a_transformers_model_that_snakemakes_en
     assert lacking.returncode != 0 and "not in this environment" in lacking.stderr
     model = tiny_model(tmp_path / "model")
     write_workflow(workflow, f"    python: {envs['models']}\n    kwargs: {{model: {model}}}\n")
-    credentials = set(Path(tempfile.gettempdir()).glob("sticky-credentials-*"))
     run = run_in(envs["snakemake"], workflow)
     assert run.returncode == 0, run.stdout
     assert f"workers run in python environment {envs['models']}" in run.stdout
@@ -158,8 +156,8 @@ def test_template_in_a_second_venv_loads_a_transformers_model_that_snakemakes_en
         assert " ".join(logits) == "(1, 3, 64)"  # the model loaded with from_pretrained ran
     assert len({row[2] for row in rows}) == 1  # one worker built the state once
     assert not workflow.leftover_processes()
-    # the credentials the workers read are gone with the run
-    assert set(Path(tempfile.gettempdir()).glob("sticky-credentials-*")) <= credentials
+    # the run's folder, with the credentials the workers read, is gone with the run
+    assert not list((workflow.root / ".snakemake" / "sticky" / "runs").iterdir())
 
 
 def test_a_rules_own_conda_folder_becomes_its_templates_environment(workflow: Workflow, envs: dict[str, Path]):
@@ -282,9 +280,10 @@ def test_the_keeper_ends_its_worker_when_the_process_that_started_it_is_gone(tmp
             sys.executable,
             "-c",
             "import os, subprocess, sys, time\n"
-            "env = {**os.environ, 'STICKY_KEEPER_PARENT': str(os.getpid())}\n"
+            "read, write = os.pipe()\n"
+            "env = {**os.environ, 'STICKY_KEEPER_WATCH_FD': str(read)}\n"
             "keeper = subprocess.Popen([sys.executable, '-m', 'snakemake_executor_plugin_sticky.keeper', 'sleep', "
-            "'600'], env=env)\n"
+            "'600'], env=env, pass_fds=(read,))\n"
             "print(keeper.pid, flush=True)\n"
             "time.sleep(600)\n",
         ],
@@ -365,3 +364,18 @@ def test_a_killed_worker_in_its_environment_is_started_again_and_its_invocation_
     assert len(setups) == 3 and str(victim) in setups, "the lost worker was started again and rebuilt"
     assert report_of(workflow)["workers_lost"] == 1
     assert workflow.leftover_processes() == []
+
+
+def test_snakemake_stopped_while_a_worker_in_its_environment_starts_leaves_nothing(
+    workflow: Workflow, envs: dict[str, Path]
+):
+    write_workflow(workflow, f"    python: {envs['models']}\n", count=2)
+    proc = workflow.popen()
+    for line in proc.follow():
+        if "starting worker 1/1" in line:
+            break
+    os.kill(proc.pid, signal.SIGINT)  # Snakemake alone: its own cancel must end the starting worker
+    output, _ = proc.communicate(timeout=RUN_TIMEOUT_S)
+    assert proc.returncode != 0
+    assert not workflow.leftover_processes(wait_s=30), output
+    assert not list((workflow.root / ".snakemake" / "sticky" / "runs").iterdir())

@@ -12,6 +12,7 @@ It reads the run's credentials from files only this user can read (security.py).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import time
@@ -19,7 +20,8 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 from ..forkserver import pre_spawn_environ
-from ..keeper import PARENT_ENV
+from ..keeper import LEFTOVER_GRACE_S, WATCH_FD_ENV
+from ..processes import descendants, process_table
 from ..templates import TemplateSpec
 
 KEEPER = "snakemake_executor_plugin_sticky.keeper"
@@ -30,6 +32,7 @@ DEATH_TIMEOUT_S = 60
 SHORT_LIFE_S = 10.0
 MAX_RESTART_DELAY_S = 30.0
 POLL_S = 0.05
+CLOSE_GRACE_S = 10.0  # a worker that never joined: SIGTERM, this long, then SIGKILL
 
 
 def exitcode_of(returncode: int) -> int:
@@ -39,8 +42,9 @@ def exitcode_of(returncode: int) -> int:
 
 class EnvWorker:
     """One worker process of a template in its own environment. `connected(name)` gives the
-    address and process id under which the scheduler knows a worker of that name (or None);
-    `on_exit(address, exitcode)` is told when a joined worker's process ends."""
+    address under which the scheduler knows a worker of that name (or None); `on_exit(address,
+    exitcode)` is told when a joined worker's process ends. `watch_fd` is the read end of a pipe
+    whose write end only the Snakemake process holds: the keeper ends the worker when it closes."""
 
     def __init__(
         self,
@@ -49,7 +53,8 @@ class EnvWorker:
         gpus: list[str],
         scheduler: str,
         credentials: Path,
-        connected: Callable[[str], Optional[tuple[str, int]]],
+        watch_fd: int,
+        connected: Callable[[str], Optional[str]],
         on_exit: Callable[[str, int], None],
         log: Any,
     ):
@@ -58,12 +63,12 @@ class EnvWorker:
         self.gpus = gpus
         self.scheduler = scheduler
         self.credentials = credentials
+        self.watch_fd = watch_fd
         self.connected = connected
         self.on_exit = on_exit
         self.log = log
         self.process: Optional[asyncio.subprocess.Process] = None
         self.address: Optional[str] = None
-        self.worker_pid = 0
         self._closing = False
         self._watcher: Optional[asyncio.Future] = None
         self.started = 0.0
@@ -103,13 +108,13 @@ class EnvWorker:
     def environ(self) -> dict[str, str]:
         """This process's environment, with what a Nanny's worker gets: Dask's pre-spawn settings
         (one BLAS thread, malloc trimming), the GPU ids pinned before anything is imported, quiet
-        logs, and this process named as the keeper's parent."""
+        logs, and the pipe by which the keeper learns that this process is gone."""
         return {
             **os.environ,
             **{k: str(v) for k, v in pre_spawn_environ().items()},
             "CUDA_VISIBLE_DEVICES": ",".join(self.gpus),
             "DASK_LOGGING__DISTRIBUTED": "warning",
-            PARENT_ENV: str(os.getpid()),
+            WATCH_FD_ENV: str(self.watch_fd),
         }
 
     def __await__(self) -> Any:
@@ -117,7 +122,7 @@ class EnvWorker:
 
     async def start(self) -> None:
         """Start the process and wait until its worker has joined the scheduler; RuntimeError if
-        the process ends before."""
+        the process ends before, Closed if the worker was closed meanwhile."""
         if not await self._launch():
             raise RuntimeError(self._ended_early())
         self._watcher = asyncio.ensure_future(self._watch())
@@ -130,16 +135,21 @@ class EnvWorker:
         )
 
     async def _launch(self) -> bool:
-        """Start the process; whether its worker joined before the process ended."""
+        """Start the process; whether its worker joined before the process ended. A worker of
+        this name that the scheduler knows already (one being removed) is not this one."""
         self.address = None
         self.started = time.monotonic()
+        before = self.connected(self.name)
         self.process = await asyncio.create_subprocess_exec(
-            *self.command(), env=self.environ(), stdin=asyncio.subprocess.DEVNULL
+            *self.command(), env=self.environ(), stdin=asyncio.subprocess.DEVNULL, pass_fds=(self.watch_fd,)
         )
         while self.process.returncode is None:
+            if self._closing:  # closed while it started: it must not run on unsupervised
+                await self._end(self.process, CLOSE_GRACE_S)
+                raise Closed(f"worker {self.name} was closed while it started")
             joined = self.connected(self.name)
-            if joined is not None:
-                self.address, self.worker_pid = joined
+            if joined is not None and joined != before:
+                self.address = joined
                 return True
             await asyncio.sleep(POLL_S)
         return False
@@ -148,50 +158,98 @@ class EnvWorker:
         """When the process ends unasked, say so and start it again (as a Nanny does), after a
         pause that grows while it keeps dying young."""
         delay = 0.0
-        while True:
-            assert self.process is not None
-            returncode = await self.process.wait()
-            if self._closing:
+        while not self._closing:
+            try:
+                assert self.process is not None
+                returncode = await self.process.wait()
+                if self._closing:
+                    return
+                if self.address:
+                    self.on_exit(self.address, exitcode_of(returncode))
+                if time.monotonic() - self.started > SHORT_LIFE_S:
+                    delay = 0.0
+                else:
+                    await asyncio.sleep(delay)
+                    delay = min(max(2 * delay, 1.0), MAX_RESTART_DELAY_S)
+                if self._closing:
+                    return
+                if not await self._launch():
+                    self.log.warning(
+                        f"Sticky template '{self.template.name}': worker {self.name}: {self._ended_early()}."
+                    )
+            except Closed:
                 return
-            if self.address:
-                self.on_exit(self.address, exitcode_of(returncode))
-            if time.monotonic() - self.started > SHORT_LIFE_S:
-                delay = 0.0
-            else:
-                await asyncio.sleep(delay)
+            except Exception as e:  # said, and tried again after a pause: never a silent end
+                self.log.warning(
+                    f"Sticky template '{self.template.name}': worker {self.name} could not start again: "
+                    f"{type(e).__name__}: {e}"
+                )
                 delay = min(max(2 * delay, 1.0), MAX_RESTART_DELAY_S)
-            if self._closing:
-                return
-            if not await self._launch():
-                self.log.warning(f"Sticky template '{self.template.name}': worker {self.name}: {self._ended_early()}.")
+                await asyncio.sleep(delay)
 
-    def kill_worker(self) -> None:
-        """SIGKILL to the worker under the keeper: the keeper then ends what the worker started,
-        and exits with the worker's status (the keeper itself is never killed, or the worker
-        would outlive it). A worker that has not joined yet gets SIGTERM through the keeper."""
+    def worker_pids(self) -> list[int]:
+        """The worker processes below the keeper, found in /proc below the process started here
+        (apptainer's own processes may stand between, and the pids that the worker reports may
+        be those of a container's namespace)."""
         if self.process is None or self.process.returncode is not None:
-            return
-        try:
-            if self.address is not None and self.worker_pid:
-                os.kill(self.worker_pid, signal.SIGKILL)
-            else:
-                self.process.send_signal(signal.SIGTERM)
-        except ProcessLookupError:
-            pass
+            return []
+        table = process_table()
+        below = descendants(self.process.pid, table)
+        keeper = next((p.pid for p in [table.get(self.process.pid), *below] if p and is_keeper(p.pid)), None)
+        return [p.pid for p in below if keeper is not None and p.ppid == keeper]
+
+    def kill_worker(self, sig: int = signal.SIGKILL) -> None:
+        """A signal to the worker under the keeper. After SIGKILL the keeper ends what the worker
+        started and exits with the worker's status (the keeper itself is never killed, or what
+        the worker started would outlive it)."""
+        for pid in self.worker_pids():
+            try:
+                os.kill(pid, sig)
+            except OSError:
+                pass
+
+    def kill(self) -> None:
+        """Snakemake exits without having closed the worker: kill it, and start no other."""
+        self._closing = True
+        self.kill_worker()
 
     async def close(self, timeout: float, ask: Callable[[str], Any]) -> None:
         """Ask the worker to close (it runs the template's teardown), kill it after `timeout`,
-        and wait for the keeper to end the rest."""
+        and wait for the keeper to end the rest. A worker still starting is ended by its start."""
         self._closing = True
         process = self.process
-        if process is None or process.returncode is not None:
+        if process is None or process.returncode is not None or self.address is None:
             return
-        if self.address is not None:
-            ask(self.address)
-        else:
-            self.kill_worker()  # not joined yet
+        ask(self.address)
+        await self._end(process, timeout)
+
+    async def _end(self, process: asyncio.subprocess.Process, timeout: float) -> None:
+        if self.address is None:  # not joined: SIGTERM through the keeper, which passes it on
+            with contextlib.suppress(ProcessLookupError):
+                process.send_signal(signal.SIGTERM)
         try:
             await asyncio.wait_for(process.wait(), timeout)
+            return
         except asyncio.TimeoutError:
-            self.kill_worker()
-            await process.wait()
+            if self.worker_pids():
+                self.kill_worker()
+            else:  # the keeper has no worker yet: nothing of the worker's can outlive it
+                with contextlib.suppress(ProcessLookupError):
+                    process.kill()
+        try:
+            await asyncio.wait_for(process.wait(), LEFTOVER_GRACE_S + CLOSE_GRACE_S)
+        except asyncio.TimeoutError:
+            self.log.warning(f"Sticky template '{self.template.name}': worker {self.name}'s keeper has not ended.")
+
+
+class Closed(Exception):
+    """The worker was closed while it started."""
+
+
+def is_keeper(pid: int) -> bool:
+    """Whether the process runs the keeper (its command line names the module)."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return KEEPER.encode() in f.read()
+    except OSError:
+        return False

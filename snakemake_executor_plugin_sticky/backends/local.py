@@ -17,9 +17,7 @@ import asyncio
 import atexit
 import logging
 import os
-import shutil
 import signal
-import tempfile
 import traceback
 from pathlib import Path
 from typing import Any, Optional, Union
@@ -29,12 +27,13 @@ from distributed import Nanny
 from .. import forkserver
 from ..gpus import GpuPlan, visible_gpus
 from ..invocation import EVENT_TOPIC
+from ..runs import RunFolder, clean_stale_runs
 from ..security import run_credentials, write_credentials
 from ..settings import ExecutorSettings
 from ..templates import TemplateSpec
 from ..tweaks import ProcessTweaks
 from .base import OnEvent, worker_plugin
-from .env_workers import EnvWorker
+from .env_workers import Closed, EnvWorker
 from .hosted import LOOPBACK, HostedScheduler, worker_close_s
 
 RELEASE_WAIT_S = 2
@@ -74,7 +73,10 @@ class EmbeddedBackend(HostedScheduler):
         # GPU id -> (template, future) of a retiring pool whose worker on that GPU is closing
         self._freeing: dict[str, tuple[str, Any]] = {}
         self._dashboard_attached = False
-        self._credentials: Optional[Path] = None  # as files, for workers in their own environment
+        # for workers in their own environment: the run's folder (credentials as files) and a
+        # pipe whose closing tells their keepers that this process is gone
+        self._env_run: Optional[RunFolder] = None
+        self._watch_pipe: tuple[int, int] = (-1, -1)
         super().__init__(settings, log, on_event, security=run_credentials(), tweaks=tweaks)
         # Runs before multiprocessing's own exit handler, which would wait for every worker.
         atexit.register(self.kill_workers)
@@ -91,9 +93,8 @@ class EmbeddedBackend(HostedScheduler):
         if template.launch:
             # Workers in their own environment start as commands: they read the run's credentials
             # from files, and get the template's worker plugin from the scheduler.
-            if self._credentials is None:
-                self._credentials = Path(tempfile.mkdtemp(prefix="sticky-credentials-"))
-                write_credentials(self.security, self._credentials)
+            if self._env_run is None:
+                self._start_env_workers()
             self.client.register_plugin(worker_plugin(template, self.workdir, self.settings, owned=True))
         self._pools[template.identity] = []
         starting = []
@@ -140,14 +141,27 @@ class EmbeddedBackend(HostedScheduler):
             )
             await asyncio.gather(*(asyncio.wrap_future(f) for f in waits.values()), return_exceptions=True)
 
+    def _start_env_workers(self) -> None:
+        """What workers in their own environment need: the run's credentials as files, in a
+        folder that the next run here removes should this one die, and the watched pipe."""
+        runs = Path(self.workdir, ".snakemake", "sticky", "runs")
+        clean_stale_runs(runs, self.log)
+        self._env_run = RunFolder.create(runs, "local", "")
+        write_credentials(self.security, self._env_run.credentials)
+        self._watch_pipe = os.pipe()  # neither end is inherited unless passed on
+
     async def _start_nanny(self, template: TemplateSpec, index: int, gpus: list[str]) -> None:
         pool = self._pools[template.identity]
         failure: Optional[Exception] = None
         for attempt in range(1, START_ATTEMPTS + 1):
+            if self._pools.get(template.identity) is not pool:
+                return  # retired meanwhile
             nanny = self._nanny(template, index, gpus)
             pool.append(nanny)
             try:
                 await nanny
+                return
+            except Closed:
                 return
             except Exception as e:
                 pool.remove(nanny)
@@ -163,13 +177,14 @@ class EmbeddedBackend(HostedScheduler):
 
     def _nanny(self, template: TemplateSpec, index: int, gpus: list[str]) -> Supervisor:
         if template.launch:
-            assert self._credentials is not None
+            assert self._env_run is not None
             return EnvWorker(
                 template,
                 index,
                 gpus,
                 self._scheduler.address,
-                self._credentials,
+                self._env_run.credentials,
+                self._watch_pipe[0],
                 self._joined,
                 self._env_worker_exit,
                 self.log,
@@ -197,12 +212,9 @@ class EmbeddedBackend(HostedScheduler):
             nanny.pre_spawn_env = {}
         return nanny
 
-    def _joined(self, name: str) -> Optional[tuple[str, int]]:
-        """The address and process id of the scheduler's worker of that name, once it has joined."""
-        for ws in self._scheduler.workers.values():
-            if ws.name == name:
-                return ws.address, ws.pid
-        return None
+    def _joined(self, name: str) -> Optional[str]:
+        """The address of the scheduler's worker of that name, once it has joined."""
+        return next((ws.address for ws in list(self._scheduler.workers.values()) if ws.name == name), None)
 
     def _env_worker_exit(self, address: str, exitcode: int) -> None:
         self._scheduler.log_event(EVENT_TOPIC, {"event": "worker-exit", "address": address, "exitcode": exitcode})
@@ -214,10 +226,14 @@ class EmbeddedBackend(HostedScheduler):
             if isinstance(supervisor, EnvWorker) and supervisor.address == worker:
                 self._loop.call_soon_threadsafe(supervisor.kill_worker)
                 return
+        ws = self._scheduler.workers.get(worker)
+        if ws is not None and ws.nanny is None:  # a worker in its own environment, replaced already
+            self._loop.call_soon_threadsafe(self._scheduler.close_worker, worker)
+            return
         self.client.restart_workers([worker], raise_for_error=False)
 
     def _supervisors(self) -> list[Supervisor]:
-        return [n for pool in self._pools.values() for n in pool] + self._retired
+        return [n for pool in list(self._pools.values()) for n in list(pool)] + list(self._retired)
 
     def retire_pool(self, template: TemplateSpec) -> int:
         """End the template's workers now (each runs its teardown), without waiting for them;
@@ -248,12 +264,17 @@ class EmbeddedBackend(HostedScheduler):
         await self._close_nannies([n for pool in self._pools.values() for n in pool])
         await asyncio.gather(*(asyncio.wrap_future(f) for f in self._retiring), return_exceptions=True)
         atexit.unregister(self.kill_workers)
-        self._remove_credentials()
+        self._end_run()
 
-    def _remove_credentials(self) -> None:
-        if self._credentials is not None:
-            shutil.rmtree(self._credentials, ignore_errors=True)
-            self._credentials = None
+    def _end_run(self) -> None:
+        """The credentials' folder goes, and the watched pipe closes (no keeper is left)."""
+        if self._env_run is not None:
+            self._env_run.remove()
+            self._env_run = None
+        for fd in self._watch_pipe:
+            if fd >= 0:
+                os.close(fd)
+        self._watch_pipe = (-1, -1)
 
     def kill_workers(self) -> None:
         """Snakemake exits without having closed the workers (a second Ctrl-C, a crash): kill
@@ -261,7 +282,7 @@ class EmbeddedBackend(HostedScheduler):
         forkserver then kills what their templates started."""
         for nanny in self._supervisors():
             if isinstance(nanny, EnvWorker):
-                nanny.kill_worker()  # its keeper ends the rest and exits
+                nanny.kill()  # its keeper ends the rest and exits
                 continue
             pid = getattr(nanny.process, "pid", None)
             if pid:
@@ -269,7 +290,7 @@ class EmbeddedBackend(HostedScheduler):
                     os.kill(pid, signal.SIGKILL)
                 except ProcessLookupError:
                     pass
-        self._remove_credentials()
+        self._end_run()
 
     async def _close_nannies(self, nannies: list[Supervisor]) -> None:
         # A Nanny asks its worker to close and kills it (SIGKILL) after 0.8 of the timeout.
