@@ -31,9 +31,10 @@ from snakemake_interface_common.exceptions import WorkflowError
 
 ENVIRONMENT_KEYS = ("python", "conda", "container")
 PACKAGE = "snakemake-executor-plugin-sticky"
-# What a worker's environment must share with the Snakemake process: the engine talks pickles
-# (cloudpickle, msgpack) between the two, and the worker runs this package's code.
+# What a worker's environment must share with the Snakemake process: the engine's protocol and this
+# package's code (the same versions), and the pickles between the two (the same major versions).
 SHARED = ("dask", "distributed", "cloudpickle", "msgpack", PACKAGE)
+SAME_MAJOR = ("cloudpickle", "msgpack")
 PROBE_TIMEOUT_S = 300.0  # the first start of a fresh environment's Python (or a container) is slow
 PROBE_MARK = "sticky-environment-probe:"
 PROBE = f"""
@@ -241,8 +242,11 @@ def probe(env: Environment, command: tuple[str, ...], template: str) -> dict[str
     if there["python"].split(".")[:2] != str(ours["python"]).split(".")[:2]:
         problems.append(f"Python {there['python']} there, {ours['python']} here (the minor versions must agree)")
     for name in SHARED:
-        if there.get(name) != ours[name]:
-            problems.append(f"{name} {there.get(name) or 'missing'} there, {ours[name]} here")
+        found, wanted = there.get(name), ours[name]
+        if name in SAME_MAJOR and found and wanted and found.split(".")[0] == wanted.split(".")[0]:
+            continue
+        if found != wanted:
+            problems.append(f"{name} {found or 'missing'} there, {wanted} here")
     if problems:
         listed = "\n  - ".join(problems)
         raise WorkflowError(
