@@ -60,6 +60,7 @@ class Environment:
     digest: str
 
     def describe(self) -> str:
+        """How messages name it: kind, value, and where it was named."""
         return f"{self.kind} environment {self.value} ({self.origin})"
 
 

@@ -74,6 +74,7 @@ class EnvWorker:
         self.started = 0.0
 
     def command(self) -> list[str]:
+        """The environment's Python running the worker under the keeper, as a batch job runs it."""
         cert, key = str(self.credentials / "cert.pem"), str(self.credentials / "key.pem")
         slots = str(self.template.slots)
         return [
