@@ -43,7 +43,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import psutil
 
@@ -968,49 +968,65 @@ def main() -> None:
         "repeats": repeats,
         "command": " ".join(sys.argv[1:]),
     }
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    stem = f"{datetime.date.today().isoformat()}-{socket.gethostname()}" + ("-quick" if args.quick else "")
+
+    def section(name: str, measure: Callable[[], dict]) -> None:
+        """One section; its results are saved at once, and a section that fails is recorded as
+        failed (with the error) while the others go on: an hour of measurements is not lost."""
+        try:
+            results[name] = measure()
+        except Exception as e:
+            print(f"{name}: failed: {type(e).__name__}: {e}", flush=True)
+            results[name] = {"failed": f"{type(e).__name__}: {e}"}
+        (RESULTS / f"{stem}.json").write_text(json.dumps(results, indent=2) + "\n")
+
     with tempfile.TemporaryDirectory(prefix="sticky-bench-") as tmp:
         tmp = Path(tmp)
         if "makespan" in sections:
             print("makespan: demo workflow, sticky vs local executor", flush=True)
-            results["makespan"] = makespan(tmp / "demo", 12 if args.quick else 48, 8, 2, repeats)
+            section("makespan", lambda: makespan(tmp / "demo", 12 if args.quick else 48, 8, 2, repeats))
         if "models" in sections and not args.quick:
             print("models: the demo with larger models, sticky only", flush=True)
-            results["models"] = by_model(tmp / "models", 48, 8, 2, repeats)
+            section("models", lambda: by_model(tmp / "models", 48, 8, 2, repeats))
         if "dispatch" in sections:
             print("dispatch: no-op invocations vs --executor touch", flush=True)
             ks = args.dispatch or ([100, 1000] if args.quick else [100, 1000, 5000])
-            results["dispatch"] = dispatch(tmp / "noop", ks, 2, repeats)
+            section("dispatch", lambda: dispatch(tmp / "noop", ks, 2, repeats))
         if "scale" in sections:
             print("scale: no-op invocations end to end", flush=True)
             ns = args.scale or ([1000, 2000] if args.quick else [1000, 5000, 20000])
-            results["scale"] = scale(tmp / "scale", ns, 2, args.settings_at or (500 if args.quick else 2000))
+            section("scale", lambda: scale(tmp / "scale", ns, 2, args.settings_at or (500 if args.quick else 2000)))
         if "batching" in sections:
             print("batching: claims per second with and without the Batcher, by invocation size", flush=True)
             models = {"demo: hidden 64, 2 layers": (None, 96 if args.quick else 384)}
             if not args.quick:
                 models["hidden 512, 8 layers"] = (MODEL_SIZES["hidden 512, 8 layers"], 128)
-            results["batching"] = batching(tmp / "batching", models, [2, 16] if args.quick else BATCHING_SIZES, repeats)
+            sizes = [2, 16] if args.quick else BATCHING_SIZES
+            section("batching", lambda: batching(tmp / "batching", models, sizes, repeats))
         if "staging" in sections:
             why_not = fuse_available()
             if why_not is not None:
                 print(f"staging: skipped ({why_not})", flush=True)
-                results["staging"] = {"skipped": why_not}
+                section("staging", lambda: {"skipped": why_not})
             else:
                 print(
                     "staging: create-destroy, StickyI/O and sticky on a throttled source; scale-out staging", flush=True
                 )
-                results["staging"] = {
-                    "three_models": three_models(tmp / "three" / "demo", 8 if args.quick else 16, 8, repeats),
-                    "scale_out": scale_out_staging(tmp / "scale-out", [1, 2] if args.quick else [1, 2, 4], repeats),
-                }
+                section(
+                    "staging",
+                    lambda: {
+                        "three_models": three_models(tmp / "three" / "demo", 8 if args.quick else 16, 8, repeats),
+                        "scale_out": scale_out_staging(tmp / "scale-out", [1, 2] if args.quick else [1, 2, 4], repeats),
+                    },
+                )
         if "tls" in sections:
             print("tls: the run's credentials against plain TCP, in Dask itself", flush=True)
-            results["tls"] = tls_cost(repeats if args.quick else 5, 1000)
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    stem = f"{datetime.date.today().isoformat()}-{socket.gethostname()}" + ("-quick" if args.quick else "")
-    (RESULTS / f"{stem}.json").write_text(json.dumps(results, indent=2) + "\n")
-    plot(results, RESULTS / f"{stem}.png")
-    table = markdown(results)
+            section("tls", lambda: tls_cost(repeats if args.quick else 5, 1000))
+    failed = {k: v["failed"] for k, v in results.items() if isinstance(v, dict) and "failed" in v}
+    done = {k: v for k, v in results.items() if k not in failed}
+    plot(done, RESULTS / f"{stem}.png")
+    table = markdown(done) + "".join(f"\n**{name}**: failed ({why}).\n" for name, why in failed.items())
     (RESULTS / f"{stem}.md").write_text(table + "\n")
     print("\n" + table)
     print(f"Results: {RESULTS / (stem + '.json')}, plot: {RESULTS / (stem + '.png')}")

@@ -114,18 +114,23 @@ class Batcher:
         return request.results
 
     def close(self, reason: str = "the Batcher was closed") -> None:
-        """Stop taking items; callers still waiting get BatcherClosed. A call running finishes."""
+        """Stop taking items; callers still waiting get BatcherClosed. A call running finishes,
+        and close returns once the Batcher's thread has ended: a teardown that frees the model
+        next, or a process that exits next, never has the Batcher's thread beside it."""
         with self._changed:
-            if self._closed is not None:
-                return
-            self._closed = reason
-            waiting = list(self._queue)
-            self._queue.clear()
-            self._changed.notify_all()
+            if self._closed is None:
+                self._closed = reason
+                waiting = list(self._queue)
+                self._queue.clear()
+                self._changed.notify_all()
+            else:
+                waiting = []
         for request in waiting:
             if not request.finished.is_set():
                 request.error = BatcherClosed(reason)
                 request.finished.set()
+        if threading.current_thread() is not self._thread:
+            self._thread.join()
 
     # -- the device thread ----------------------------------------------------------------------
 

@@ -16,7 +16,9 @@ from snakemake_executor_plugin_sticky import Batcher, stage
 LABELS = ("SUPPORTS", "REFUTES", "NOT ENOUGH INFO")
 
 
-def setup(model, dtype="auto", device="auto", batch_size=8, batcher=True, stage_model=True, labels=LABELS):
+def setup(
+    model, dtype="auto", device="auto", batch_size=8, batcher=True, stage_model=True, labels=LABELS, cpu_threads=1
+):
     started = time.perf_counter()
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -27,6 +29,10 @@ def setup(model, dtype="auto", device="auto", batch_size=8, batcher=True, stage_
         local = str(stage(model))
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cpu":
+        # Dask gives a worker one thread per forward pass (its slots run side by side); a Batcher's
+        # one call at a time stands for several slots, and gets their threads (cpu_threads).
+        torch.set_num_threads(max(1, min(int(cpu_threads), len(os.sched_getaffinity(0)))))
     if dtype == "auto":
         use_bf16 = device.startswith("cuda") and torch.cuda.is_bf16_supported()
         torch_dtype = torch.bfloat16 if use_bf16 else torch.float32
