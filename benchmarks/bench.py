@@ -573,7 +573,7 @@ def scale_out_staging(folder: Path, node_counts: list[int], repeats: int) -> dic
     work = folder / "workflow"
     work.mkdir(parents=True, exist_ok=True)
     (work / "Snakefile").write_text(
-        'configfile: "config.yaml"\nrule all:\n    input: expand("o/{i}.txt", i=range(int(config["n"])))\n'
+        'configfile: "config.yaml"\nrule all:\n    input: expand("o/{i}.txt", i=range(int(config["count"])))\n'
         'rule use:\n    output: "o/{i}.txt"\n    resources: sticky="model"\n    script: "use.py"\n'
     )
     (work / "template.py").write_text(STAGE_TEMPLATE)
@@ -681,7 +681,7 @@ def stage_on_nodes(work: Path, folder: Path, nodes: int, readers: int) -> dict:
                 "--sticky-stage-readers",
                 str(readers),
                 "--config",
-                f"n={2 * nodes}",
+                f"count={2 * nodes}",  # Snakemake takes config keys of two characters or more
             ],
             work,
         )
@@ -855,8 +855,10 @@ def markdown(results: dict) -> str:
                 f"| {fmt(row['claims_per_s'], '', 1)} | {fmt(row['mean_batch'], '', 1)} | {fmt(row['makespan_s'], ' s', 1)} |"
             )
         lines.append("")
-    if "staging" in results and "skipped" not in results["staging"]:
-        t = results["staging"]["three_models"]
+    if "staging" in results and "skipped" in results["staging"]:
+        lines += [f"**Staging**: skipped ({results['staging']['skipped']}).", ""]
+    elif "staging" in results:
+        t = results["staging"]
         lines += [
             f"**Three task models**, the demo with the larger model ({t['model_mb']:.0f} MB) read from a file system "
             f"that serves {t['source_mb_per_s']:.0f} MB/s in all, {t['invocations']} invocations × {t['claims_per_invocation']} claims:",
@@ -866,7 +868,8 @@ def markdown(results: dict) -> str:
             f"| {fmt(t['create-destroy'], ' s', 1)} | {fmt(t['StickyI/O'], ' s', 1)} | {fmt(t['sticky'], ' s', 1)} |",
             "",
         ]
-        o = results["staging"]["scale_out"]
+    if "staging_scale_out" in results:
+        o = results["staging_scale_out"]
         lines += [
             f"**Scale-out staging**, a {o['model_mb']} MB model on that file system, time until every node holds a copy:",
             "",
@@ -878,8 +881,6 @@ def markdown(results: dict) -> str:
                 f"| {row['nodes']} | {row['readers']} | {fmt(row['all_staged_s'], ' s', 1)} | {row['shared_reads']} |"
             )
         lines.append("")
-    elif "staging" in results:
-        lines += [f"**Staging**: skipped ({results['staging']['skipped']}).", ""]
     if "tls" in results:
         t = results["tls"]
         lines += [
@@ -958,6 +959,13 @@ def main() -> None:
     parser.add_argument("--dispatch", type=int, nargs="+", help="invocation counts K of the dispatch section")
     parser.add_argument("--scale", type=int, nargs="+", help="invocation counts N of the scale section")
     parser.add_argument("--settings-at", type=int, help="N at which the scale section compares Snakemake settings")
+    parser.add_argument(
+        "--staging-parts", choices=["three", "scale-out"], nargs="+", help="parts of the staging section (both)"
+    )
+    parser.add_argument("--batching-sizes", type=int, nargs="+", help="claims per invocation of the batching section")
+    parser.add_argument(
+        "--batching-models", choices=["demo", "larger"], nargs="+", help="models of the batching section (both)"
+    )
     args = parser.parse_args()
     sections = args.only or ["makespan", "models", "dispatch", "scale", "tls", "batching", "staging"]
     repeats = 3
@@ -999,10 +1007,13 @@ def main() -> None:
             section("scale", lambda: scale(tmp / "scale", ns, 2, args.settings_at or (500 if args.quick else 2000)))
         if "batching" in sections:
             print("batching: claims per second with and without the Batcher, by invocation size", flush=True)
-            models = {"demo: hidden 64, 2 layers": (None, 96 if args.quick else 384)}
-            if not args.quick:
+            chosen = args.batching_models or (["demo"] if args.quick else ["demo", "larger"])
+            models = {}
+            if "demo" in chosen:
+                models["demo: hidden 64, 2 layers"] = (None, 96 if args.quick else 384)
+            if "larger" in chosen:
                 models["hidden 512, 8 layers"] = (MODEL_SIZES["hidden 512, 8 layers"], 128)
-            sizes = [2, 16] if args.quick else BATCHING_SIZES
+            sizes = args.batching_sizes or ([2, 16] if args.quick else BATCHING_SIZES)
             section("batching", lambda: batching(tmp / "batching", models, sizes, repeats))
         if "staging" in sections:
             why_not = fuse_available()
@@ -1013,13 +1024,13 @@ def main() -> None:
                 print(
                     "staging: create-destroy, StickyI/O and sticky on a throttled source; scale-out staging", flush=True
                 )
-                section(
-                    "staging",
-                    lambda: {
-                        "three_models": three_models(tmp / "three" / "demo", 8 if args.quick else 16, 8, repeats),
-                        "scale_out": scale_out_staging(tmp / "scale-out", [1, 2] if args.quick else [1, 2, 4], repeats),
-                    },
-                )
+                parts = args.staging_parts or ["three", "scale-out"]
+                if "three" in parts:
+                    invocations = 8 if args.quick else 16
+                    section("staging", lambda: three_models(tmp / "three" / "demo", invocations, 8, repeats))
+                if "scale-out" in parts:
+                    nodes = [1, 2] if args.quick else [1, 2, 4]
+                    section("staging_scale_out", lambda: scale_out_staging(tmp / "scale-out", nodes, repeats))
         if "tls" in sections:
             print("tls: the run's credentials against plain TCP, in Dask itself", flush=True)
             section("tls", lambda: tls_cost(repeats if args.quick else 5, 1000))
