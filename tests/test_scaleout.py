@@ -304,31 +304,10 @@ def test_attach_mode_uses_hand_started_workers_and_leaves_them_running(workflow:
     """,
     )
     env = snakemake_env()
-    scheduler_file = workflow.root / "scheduler.json"
     dask = str(Path(sys.executable).with_name("dask"))
-    scheduler = subprocess.Popen(
-        [
-            dask,
-            "scheduler",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            "0",
-            "--scheduler-file",
-            str(scheduler_file),
-            "--no-dashboard",
-        ],
-        cwd=workflow.root,
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
+    scheduler, scheduler_file = start_scheduler(workflow)
     worker = None
     try:
-        deadline = time.monotonic() + 30
-        while not scheduler_file.exists() and time.monotonic() < deadline:
-            time.sleep(0.2)
         worker = subprocess.Popen(
             [
                 dask,
