@@ -51,15 +51,22 @@ def run_credentials() -> Security:
         serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
     ).decode()
     cert_pem = cert.public_bytes(serialization.Encoding.PEM).decode()
+    return required_everywhere(cert_pem, key_pem)
+
+
+def required_everywhere(cert: str, key: str) -> Security:
+    """One certificate (its own CA) and key for every role (client, scheduler, worker), with TLS
+    required: a role left out would be a port without the run's credentials. `cert` and `key`
+    are PEM text or the paths of PEM files."""
     return Security(
         require_encryption=True,
-        tls_ca_file=cert_pem,
-        tls_client_cert=cert_pem,
-        tls_client_key=key_pem,
-        tls_scheduler_cert=cert_pem,
-        tls_scheduler_key=key_pem,
-        tls_worker_cert=cert_pem,
-        tls_worker_key=key_pem,
+        tls_ca_file=cert,
+        tls_client_cert=cert,
+        tls_client_key=key,
+        tls_scheduler_cert=cert,
+        tls_scheduler_key=key,
+        tls_worker_cert=cert,
+        tls_worker_key=key,
     )
 
 
@@ -75,14 +82,4 @@ def write_credentials(security: Security, directory: Path) -> Security:
         with os.fdopen(fd, "w") as f:
             f.write(pem)
         paths[name] = str(path)
-    cert, key = paths["cert.pem"], paths["key.pem"]
-    return Security(
-        require_encryption=True,
-        tls_ca_file=cert,
-        tls_client_cert=cert,
-        tls_client_key=key,
-        tls_scheduler_cert=cert,
-        tls_scheduler_key=key,
-        tls_worker_cert=cert,
-        tls_worker_key=key,
-    )
+    return required_everywhere(paths["cert.pem"], paths["key.pem"])
