@@ -18,9 +18,9 @@ hold the versions of this run: `probe` checks it before any worker starts and sa
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 import os
-import platform
 import shlex
 import subprocess
 from dataclasses import dataclass
@@ -37,16 +37,30 @@ SHARED = ("dask", "distributed", "cloudpickle", "msgpack", PACKAGE)
 SAME_MAJOR = ("cloudpickle", "msgpack")
 PROBE_TIMEOUT_S = 300.0  # the first start of a fresh environment's Python (or a container) is slow
 PROBE_MARK = "sticky-environment-probe:"
-PROBE = f"""
-import importlib.metadata, json, platform, sys
-found = {{"python": platform.python_version(), "executable": sys.executable}}
-for name in {SHARED!r}:
-    try:
-        found[name] = importlib.metadata.version(name)
-    except importlib.metadata.PackageNotFoundError:
-        found[name] = None
-print({PROBE_MARK!r} + json.dumps(found))
-"""
+
+
+def versions(names: tuple[str, ...]) -> dict[str, Optional[str]]:
+    """This Python's version and executable, and the installed versions of `names` (None where
+    missing). Self-contained: its source is what the environment's Python runs (PROBE)."""
+    import importlib.metadata
+    import platform
+    import sys
+
+    found: dict[str, Optional[str]] = {"python": platform.python_version(), "executable": sys.executable}
+    for name in names:
+        try:
+            found[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            found[name] = None
+    return found
+
+
+# The same function, run by the environment's Python: the two sides are read by one piece of code.
+PROBE = (
+    "from typing import Optional\n"
+    + inspect.getsource(versions)
+    + f"\nimport json\nprint({PROBE_MARK!r} + json.dumps(versions({SHARED!r})))\n"
+)
 
 
 @dataclass(frozen=True)
@@ -208,19 +222,6 @@ def container_command(env: Environment, where: str, workflow: Any, dag: Any) -> 
     return ("apptainer", "exec", "--nv", *args, "--bind", os.getcwd(), "--pwd", os.getcwd(), path, "python")
 
 
-def here() -> dict[str, Optional[str]]:
-    """The versions of the Snakemake process, to compare the environment's with."""
-    import importlib.metadata
-
-    found: dict[str, Optional[str]] = {"python": platform.python_version()}
-    for name in SHARED:
-        try:
-            found[name] = importlib.metadata.version(name)
-        except importlib.metadata.PackageNotFoundError:
-            found[name] = None
-    return found
-
-
 def probe(env: Environment, command: tuple[str, ...], template: str) -> dict[str, Any]:
     """Run the environment's Python once and check that it can hold the template's workers: the
     same Python minor version, Dask, pickles and plugin as this run. WorkflowError otherwise,
@@ -238,7 +239,7 @@ def probe(env: Environment, command: tuple[str, ...], template: str) -> dict[str
             f"{where}: {shlex.join(command)} failed (exit status {done.returncode}):\n{done.stderr.strip()[-2000:]}"
         )
     there = json.loads(line[len(PROBE_MARK) :])
-    ours = here()
+    ours = versions(SHARED)
     problems = []
     if there["python"].split(".")[:2] != str(ours["python"]).split(".")[:2]:
         problems.append(f"Python {there['python']} there, {ours['python']} here (the minor versions must agree)")
