@@ -43,7 +43,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 import psutil
 
@@ -175,18 +175,14 @@ def reset_demo(folder: Path) -> None:
             target.unlink()
 
 
+def sticky_demo(workers: int, cores: int, config: list[str]) -> list[str]:
+    """The demo under the sticky executor: `workers` resident workers, Snakemake's window `cores`."""
+    return [SNAKEMAKE, "--executor", "sticky", "--cores", str(cores), "--sticky-workers", str(workers), *config]
+
+
 def makespan(folder: Path, invocations: int, per_invocation: int, workers: int, repeats: int) -> dict:
     config = prepare_demo(folder, invocations * per_invocation, per_invocation, workers)
-    sticky_cmd = [
-        SNAKEMAKE,
-        "--executor",
-        "sticky",
-        "--cores",
-        str(DEMO_WINDOW * workers),
-        "--sticky-workers",
-        str(workers),
-        *config,
-    ]
+    sticky_cmd = sticky_demo(workers, DEMO_WINDOW * workers, config)
     local_cmd = [SNAKEMAKE, "--executor", "local", "--cores", str(workers), *config]
     # Snakemake alone on the same DAG, every job only touched: its start, DAG, rounds and exit.
     touch_cmd = [SNAKEMAKE, "--executor", "touch", "--cores", str(DEMO_WINDOW * workers), *config]
@@ -255,16 +251,7 @@ def by_model(folder: Path, invocations: int, per_invocation: int, workers: int, 
     for name, size in MODEL_SIZES.items():
         target = folder / name.replace(" ", "").replace(",", "-")
         config = prepare_demo(target, invocations * per_invocation, per_invocation, workers, [f"model_size={size}"])
-        cmd = [
-            SNAKEMAKE,
-            "--executor",
-            "sticky",
-            "--cores",
-            str(DEMO_WINDOW * workers),
-            "--sticky-workers",
-            str(workers),
-            *config,
-        ]
+        cmd = sticky_demo(workers, DEMO_WINDOW * workers, config)
         runs = []
         for _ in range(repeats):
             reset_demo(target)
@@ -405,6 +392,7 @@ def scale(folder: Path, ns: list[int], workers: int, compare_at: int) -> dict:
 
 BATCHING_SIZES = [1, 2, 8, 16]
 BATCHING_SLOTS = 8
+BATCH_SIZE = 16  # claims per forward pass at most, in the batching runs
 
 
 def batching(folder: Path, models: dict[str, tuple[Optional[str], int]], sizes: list[int], repeats: int) -> dict:
@@ -416,51 +404,49 @@ def batching(folder: Path, models: dict[str, tuple[Optional[str], int]], sizes: 
         extra = [f"model_size={size}"] if size else []
         for per_invocation in sizes:
             config = prepare_demo(
-                target, claims, per_invocation, 1, [*extra, f"slots={BATCHING_SLOTS}", "batch_size=16"]
+                target, claims, per_invocation, 1, [*extra, f"slots={BATCHING_SLOTS}", f"batch_size={BATCH_SIZE}"]
             )
-            cmd = [
-                SNAKEMAKE,
-                "--executor",
-                "sticky",
-                "--cores",
-                str(DEMO_WINDOW * BATCHING_SLOTS),
-                "--sticky-workers",
-                "1",
-                *config,
-            ]
-            runs: dict[bool, list[dict]] = {True: [], False: []}
-            for _ in range(repeats):
-                for batched in (True, False):
-                    reset_demo(target)
-                    measured = run([*cmd, f"batcher={batched}"], target)
-                    calls = measured.report["templates"]["llm"]["model_calls"]
-                    runs[batched].append(
-                        {
-                            "makespan_s": measured.wall_s,
-                            "claims_per_s": claims / measured.wall_s,
-                            "mean_batch": calls["mean_batch"] if calls else float(min(per_invocation, 16)),
-                        }
-                    )
-            for batched, measured_runs in runs.items():
-                row = {
-                    "model": name,
-                    "claims": claims,
-                    "claims_per_invocation": per_invocation,
-                    "batcher": batched,
-                    "runs": measured_runs,
-                    **{
-                        key: spread([r[key] for r in measured_runs])
-                        for key in ("makespan_s", "claims_per_s", "mean_batch")
-                    },
+            cmd = sticky_demo(1, DEMO_WINDOW * BATCHING_SLOTS, config)
+            rows += compare_batcher(target, cmd, claims, per_invocation, repeats, model=name)
+    return {"slots": BATCHING_SLOTS, "workers": 1, "batch_size": BATCH_SIZE, "rows": rows}
+
+
+def compare_batcher(
+    folder: Path, cmd: list[str], claims: int, per_invocation: int, repeats: int, **fields: Any
+) -> list[dict]:
+    """The demo command with the Batcher and without it, alternated and repeated: a row for each,
+    with claims per second, the makespan and the model calls' mean batch (and `fields`)."""
+    runs: dict[bool, list[dict]] = {True: [], False: []}
+    for _ in range(repeats):
+        for batched in (True, False):
+            reset_demo(folder)
+            measured = run([*cmd, f"batcher={batched}"], folder)
+            calls = measured.report["templates"]["llm"]["model_calls"]
+            runs[batched].append(
+                {
+                    "makespan_s": measured.wall_s,
+                    "claims_per_s": claims / measured.wall_s,
+                    "mean_batch": calls["mean_batch"] if calls else float(min(per_invocation, BATCH_SIZE)),
                 }
-                rows.append(row)
-                print(
-                    f"  batching {name}, {per_invocation} claims/invocation, {'with' if batched else 'without'} the "
-                    f"Batcher: {row['claims_per_s']['median']:.1f} claims/s, mean batch {row['mean_batch']['median']:.1f}, "
-                    f"makespan {row['makespan_s']['median']:.1f} s",
-                    flush=True,
-                )
-    return {"slots": BATCHING_SLOTS, "workers": 1, "batch_size": 16, "rows": rows}
+            )
+    rows = []
+    for batched, measured_runs in runs.items():
+        row = {
+            **fields,
+            "claims": claims,
+            "claims_per_invocation": per_invocation,
+            "batcher": batched,
+            "runs": measured_runs,
+            **{key: spread([r[key] for r in measured_runs]) for key in ("makespan_s", "claims_per_s", "mean_batch")},
+        }
+        rows.append(row)
+        print(
+            f"  batching {fields.get('model', '')}, {per_invocation} claims/invocation, "
+            f"{'with' if batched else 'without'} the Batcher: {row['claims_per_s']['median']:.1f} claims/s, "
+            f"mean batch {row['mean_batch']['median']:.1f}, makespan {row['makespan_s']['median']:.1f} s",
+            flush=True,
+        )
+    return rows
 
 
 # -- staging ------------------------------------------------------------------------------------
@@ -525,17 +511,7 @@ def three_models(folder: Path, invocations: int, per_invocation: int, repeats: i
         variants = {
             "create-destroy": [SNAKEMAKE, "--executor", "local", "--cores", "1", *common, "stage=False"],
             "StickyI/O": [SNAKEMAKE, "--executor", "local", "--cores", "1", *common, "stage=True"],
-            "sticky": [
-                SNAKEMAKE,
-                "--executor",
-                "sticky",
-                "--cores",
-                str(DEMO_WINDOW),
-                "--sticky-workers",
-                "1",
-                *common,
-                "stage=True",
-            ],
+            "sticky": sticky_demo(1, DEMO_WINDOW, [*common, "stage=True"]),
         }
         reset_demo(folder)
         run(variants["StickyI/O"], folder, env=env_cache)  # the node-local copy is made once: a warm cache

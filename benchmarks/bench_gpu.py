@@ -28,7 +28,17 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from bench import RESULTS, SNAKEMAKE, reset_demo, run, spread  # noqa: E402
+from bench import (  # noqa: E402
+    BATCHING_SLOTS,
+    DEMO_WINDOW,
+    RESULTS,
+    SNAKEMAKE,
+    compare_batcher,
+    reset_demo,
+    run,
+    spread,
+    sticky_demo,
+)
 
 SMOLLM2_1_7B = dict(
     hidden_size=2048,
@@ -97,51 +107,18 @@ def setup_split(model_dir: Path, repeats: int, device: str) -> dict:
     return {key: spread([r[key] for r in runs]) for key in ("disk_to_cpu_s", "cpu_to_gpu_s")}
 
 
-BATCHING_SLOTS = 8
-
-
 def batcher_rows(demo: Path, gpu_config: list[str], sizes: list[int], claims: int, repeats: int) -> list[dict]:
     """One GPU worker with 8 slots: claims per second and mean batch, with and without the
     Batcher (batch_size 16), alternated."""
     config = [c for c in gpu_config if not c.startswith(("claims=", "claims_per_invocation="))]
     rows = []
     for size in sizes:
-        runs: dict[bool, list[dict]] = {True: [], False: []}
-        for _ in range(repeats):
-            for batched in (True, False):
-                reset_demo(demo)
-                command = [
-                    SNAKEMAKE,
-                    "--executor",
-                    "sticky",
-                    "--cores",
-                    str(4 * BATCHING_SLOTS),
-                    "--sticky-workers",
-                    "1",
-                    *config,
-                    f"claims={claims}",
-                    f"claims_per_invocation={size}",
-                    f"slots={BATCHING_SLOTS}",
-                    f"batcher={batched}",
-                ]
-                measured = run(command, demo)
-                calls = measured.report["templates"]["llm"]["model_calls"]
-                runs[batched].append(
-                    {
-                        "claims_per_s": claims / measured.wall_s,
-                        "makespan_s": measured.wall_s,
-                        "mean_batch": calls["mean_batch"] if calls else float(min(size, 16)),
-                    }
-                )
-        for batched, measured_runs in runs.items():
-            row = {"claims_per_invocation": size, "batcher": batched, "claims": claims, "runs": measured_runs}
-            row.update({k: spread([r[k] for r in measured_runs]) for k in ("claims_per_s", "makespan_s", "mean_batch")})
-            rows.append(row)
-            print(
-                f"  batching: {size} claims/invocation, {'with' if batched else 'without'} the Batcher: "
-                f"{row['claims_per_s']['median']:.1f} claims/s, mean batch {row['mean_batch']['median']:.1f}",
-                flush=True,
-            )
+        cmd = sticky_demo(
+            1,
+            DEMO_WINDOW * BATCHING_SLOTS,
+            [*config, f"claims={claims}", f"claims_per_invocation={size}", f"slots={BATCHING_SLOTS}"],
+        )
+        rows += compare_batcher(demo, cmd, claims, size, repeats)
     return rows
 
 
