@@ -9,7 +9,7 @@ from typing import Any, Iterable, Optional
 from snakemake_interface_common.exceptions import WorkflowError
 from snakemake_interface_executor_plugins.jobs import JobExecutorInterface
 
-from .environments import rule_environment
+from .environments import rule_environment, uncounted_environment
 from .invocation import local_script_path
 from .templates import CONFIG_SECTION, RESOURCE, TemplateSpec, with_environment
 
@@ -26,6 +26,7 @@ class Declarations:
         self.deployment = deployment
         self._checked: set[tuple[str, str]] = set()
         self._scripts: dict[str, str] = {}
+        self.notes: set[str] = set()  # what the run should say of the rules' environments
 
     def templates_of(self, jobs: Iterable[JobExecutorInterface]) -> tuple[dict[str, TemplateSpec], dict[str, int]]:
         """Check every job; the templates they use, and how many jobs each has."""
@@ -89,6 +90,9 @@ class Declarations:
 
     def check_environment(self, job: JobExecutorInterface, name: str) -> None:
         """The rule's own environment becomes the template's, agrees with it, or is refused."""
+        note = uncounted_environment(job, self.deployment)
+        if note is not None:
+            self.notes.add(note)
         env = rule_environment(job, self.deployment)
         if env is None:
             return

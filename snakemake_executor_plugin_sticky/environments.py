@@ -161,6 +161,21 @@ def rule_environment(job: Any, deployment: frozenset[str]) -> Optional[Environme
     return None
 
 
+def uncounted_environment(job: Any, deployment: frozenset[str]) -> Optional[str]:
+    """What to say of a sticky rule's `conda:` or `container:` that the run's deployment method
+    does not count (Snakemake ignores it for every rule then): never ignored silently."""
+    for directive, method, named in (
+        ("conda", "conda", getattr(job, "conda_env_spec", None)),
+        ("container", "apptainer", getattr(job, "container_img_url", None)),
+    ):
+        if named and method not in deployment:
+            return (
+                f"Sticky rule '{job.rule.name}': its {directive}: is not used, as --software-deployment-method "
+                f"does not include {method}; its template's workers run where the template says."
+            )
+    return None
+
+
 def deployment_of(workflow: Any) -> frozenset[str]:
     """The run's --software-deployment-method, as lower-case names."""
     methods = workflow.deployment_settings.deployment_method or ()

@@ -69,6 +69,8 @@ class Executor(RealExecutor):
         self.report = RunReport(self.templates, Path(self.workflow.persistence.path) / "sticky", self.logger)
         self.tweaks.freeze_collections()
         used, jobs = self.declarations.templates_of(self.dag.needrun_jobs())
+        for note in sorted(self.declarations.notes):
+            self.logger.info(note)
         # A checkpoint may add sticky jobs to the DAG later: then pools last until the run ends.
         self.pools = PoolBook(jobs, retire_early=not any(rule.is_checkpoint for rule in self.workflow.rules))
         if self.settings.cluster != "local" and not self.settings.scheduler:

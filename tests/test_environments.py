@@ -228,6 +228,18 @@ def test_a_conda_environment_file_goes_to_snakemakes_conda_support(workflow: Wor
     assert not (workflow.root / "out").exists()
 
 
+def test_a_rules_conda_that_the_deployment_method_does_not_count_is_said(workflow: Workflow):
+    workflow.write("envs/lm.yaml", "dependencies:\n  - python=3.11\n")
+    write_workflow(workflow, "", rule_extra='conda: "envs/lm.yaml"', count=2)
+    run = workflow.run()
+    assert run.returncode == 0, run.output
+    assert (
+        "Sticky rule 'infer': its conda: is not used, as --software-deployment-method does not include conda"
+        in run.output
+    )
+    assert workflow.read("out/0.txt").split()[0] == sys.executable
+
+
 def test_a_container_goes_to_snakemakes_container_support(workflow: Workflow):
     # No apptainer here: the run goes as far as Snakemake's container support.
     write_workflow(workflow, "    container: docker://python:3.11\n")
