@@ -106,8 +106,11 @@ class Workflow:
         path = self.root / relpath
         return path.read_text().split() if path.exists() else []
 
-    def command(self, *args: str, executor: Optional[str] = "sticky", cores: int = 4) -> list[str]:
-        cmd = [SNAKEMAKE, "--cores", str(cores), "--nocolor"]
+    def command(
+        self, *args: str, executor: Optional[str] = "sticky", cores: int = 4, python: Optional[Path] = None
+    ) -> list[str]:
+        """The snakemake CLI; with `python`, run by that interpreter (`python -m snakemake`)."""
+        cmd = [*([str(python), "-m", "snakemake"] if python else [SNAKEMAKE]), "--cores", str(cores), "--nocolor"]
         if executor:
             cmd += ["--executor", executor]
         return cmd + list(args)
@@ -120,11 +123,12 @@ class Workflow:
         timeout: float = RUN_TIMEOUT_S,
         env: Optional[dict[str, str]] = None,
         unset: tuple[str, ...] = (),
+        python: Optional[Path] = None,
     ) -> Run:
         started = time.monotonic()
         environment = {k: v for k, v in {**test_env(), **(env or {})}.items() if k not in unset}
         proc = subprocess.run(
-            self.command(*args, executor=executor, cores=cores),
+            self.command(*args, executor=executor, cores=cores, python=python),
             cwd=self.root,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,

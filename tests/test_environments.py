@@ -24,7 +24,6 @@ from snakemake_executor_plugin_sticky.environments import parse_environment
 from snakemake_executor_plugin_sticky.templates import parse_template, with_environment
 
 from conftest import RUN_TIMEOUT_S, Workflow
-from conftest import test_env as run_env
 from test_core import LLM_TEMPLATE, ONE_TEMPLATE_SNAKEFILE, sticky_workflow
 from test_reliability import CAREFUL, complete_outputs, report_of, strike
 from test_scaleout import slurm  # noqa: F401  (a fixture)
@@ -126,19 +125,6 @@ def write_workflow(wf: Workflow, template_entry: str, rule_extra: str = "", coun
     )
 
 
-def run_in(python: Path, wf: Workflow, *args: str, timeout: float = RUN_TIMEOUT_S) -> subprocess.CompletedProcess:
-    """The snakemake CLI run by the Python of another environment (`python -m snakemake`)."""
-    return subprocess.run(
-        [str(python), "-m", "snakemake", "--cores", "4", "--nocolor", "--executor", "sticky", *args],
-        cwd=wf.root,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        timeout=timeout,
-        env=run_env(),
-    )
-
-
 def test_template_in_a_second_venv_loads_a_transformers_model_that_snakemakes_environment_lacks(
     workflow: Workflow, envs: dict[str, Path], tmp_path: Path
 ):
@@ -146,9 +132,9 @@ def test_template_in_a_second_venv_loads_a_transformers_model_that_snakemakes_en
     assert lacking.returncode != 0 and "not in this environment" in lacking.stderr
     model = tiny_model(tmp_path / "model")
     write_workflow(workflow, f"    python: {envs['models']}\n    kwargs: {{model: {model}}}\n")
-    run = run_in(envs["snakemake"], workflow)
-    assert run.returncode == 0, run.stdout
-    assert f"workers run in python environment {envs['models']}" in run.stdout
+    run = workflow.run(python=envs["snakemake"])
+    assert run.returncode == 0, run.output
+    assert f"workers run in python environment {envs['models']}" in run.output
     rows = [workflow.read(f"out/{i}.txt").split() for i in range(4)]
     for script_python, state_python, state_pid, script_pid, *logits in rows:
         assert script_python == state_python == str(envs["models"])  # every invocation ran there
@@ -166,9 +152,9 @@ def test_a_rules_own_conda_folder_becomes_its_templates_environment(workflow: Wo
     folder = envs["models"].parent.parent
     write_workflow(workflow, "", rule_extra=f'conda: "{folder}"')
     targets = [f"out/{i}.txt" for i in range(4)]
-    run = run_in(envs["snakemake"], workflow, "--sdm", "conda", "--drop-metadata", *targets)
-    assert run.returncode == 0, run.stdout
-    assert f"conda environment {folder} (rule 'infer', conda:)" in run.stdout
+    run = workflow.run("--sdm", "conda", "--drop-metadata", *targets, python=envs["snakemake"])
+    assert run.returncode == 0, run.output
+    assert f"conda environment {folder} (rule 'infer', conda:)" in run.output
     assert {workflow.read(t).split()[0] for t in targets} == {str(envs["models"])}
 
 
@@ -177,10 +163,10 @@ def test_a_rule_whose_environment_disagrees_with_its_templates_is_refused(
 ):
     other = make_venv(tmp_path / "other-env").parent.parent
     write_workflow(workflow, f"    python: {envs['models']}\n", rule_extra=f'conda: "{other}"')
-    run = run_in(envs["snakemake"], workflow, "--sdm", "conda", "--drop-metadata", "out/0.txt")
+    run = workflow.run("--sdm", "conda", "--drop-metadata", "out/0.txt", python=envs["snakemake"])
     assert run.returncode != 0
-    assert f"Rule 'infer' names the conda environment {other}" in run.stdout, run.stdout
-    assert f"sticky template 'lm' runs in the python environment {envs['models']}" in run.stdout
+    assert f"Rule 'infer' names the conda environment {other}" in run.output, run.output
+    assert f"sticky template 'lm' runs in the python environment {envs['models']}" in run.output
     assert not (workflow.root / "out").exists()
 
 
@@ -356,8 +342,8 @@ def test_environment_mistakes_name_the_template_and_key(tmp_path: Path, entry: d
 @pytest.mark.usefixtures("slurm")
 def test_slurm_workers_of_a_template_run_in_its_environment(workflow: Workflow, envs: dict[str, Path]):
     write_workflow(workflow, f"    python: {envs['models']}\n", count=2)
-    run = run_in(envs["snakemake"], workflow, "--sticky-cluster", "slurm", "--sticky-interface", "lo")
-    assert run.returncode == 0, run.stdout
+    run = workflow.run("--sticky-cluster", "slurm", "--sticky-interface", "lo", python=envs["snakemake"])
+    assert run.returncode == 0, run.output
     assert {workflow.read(f"out/{i}.txt").split()[0] for i in range(2)} == {str(envs["models"])}
 
 
