@@ -39,6 +39,9 @@ _calls_lock = threading.Lock()
 _open: "weakref.WeakSet[Batcher]" = weakref.WeakSet()
 # Set by a resident worker: whether an exception poisons its template's state.
 _poisons: Optional[Callable[[BaseException], bool]] = None
+# Set by a resident worker: how many invocations run in this process now. A call may wait for
+# the items of those that have not handed theirs yet (max_wait), never for nobody.
+_running: Optional[Callable[[], int]] = None
 
 
 class BatcherClosed(RuntimeError):
@@ -66,8 +69,14 @@ class Batcher:
     """Call `fn` with lists of at most `max_batch` items, merged from every caller waiting.
 
     `fn(items) -> results` must return one result per item, in order. `max_wait` (seconds, 0 by
-    default) lets a call wait that long for more items while other callers are inside the
-    Batcher; with one caller alone it never waits.
+    default) lets a call wait at most that long for more items: in a sticky worker only while
+    invocations run that have not handed theirs yet, elsewhere only while other callers are
+    inside the Batcher. It ends as soon as `max_batch` items wait. With one caller alone it
+    never waits.
+
+    Why wait at all: invocations whose items shared a call finish together and are replaced
+    together, so without a wait the slots split into groups that take turns, each call serving
+    one group; a short wait lets the groups meet again in one call.
     """
 
     def __init__(
@@ -109,6 +118,7 @@ class Batcher:
         finally:
             with self._changed:
                 self._callers -= 1
+                self._changed.notify_all()
         if request.error is not None:
             raise request.error
         return request.results
@@ -148,11 +158,12 @@ class Batcher:
                 self._changed.wait()
             if self._closed is not None:
                 return None
-            if self.max_wait > 0 and self._callers > 1:
+            if self.max_wait > 0 and self._others_coming():
                 deadline = time.monotonic() + self.max_wait
                 while (
                     self._closed is None
                     and self._pending_items() < self.max_batch
+                    and self._others_coming()
                     and (left := deadline - time.monotonic()) > 0
                 ):
                     self._changed.wait(left)
@@ -171,6 +182,18 @@ class Batcher:
 
     def _pending_items(self) -> int:
         return sum(len(r.items) - r.taken for r in self._queue)
+
+    def _others_coming(self) -> bool:
+        """Whether items may still come: in a sticky worker, while more invocations run than
+        have items waiting here; elsewhere, while other callers are inside the Batcher."""
+        if _running is not None:
+            return _running() > len(self._queue)
+        return self._callers > 1
+
+    def wake(self) -> None:
+        """Look again at what runs (an invocation ended): a wait for its items ends."""
+        with self._changed:
+            self._changed.notify_all()
 
     def _run(self, batch: list[tuple[_Request, int, int]]) -> None:
         try:
@@ -272,3 +295,16 @@ def set_poisoning(check: Optional[Callable[[BaseException], bool]]) -> None:
     """Set by a resident worker: which exceptions poison its template's state."""
     global _poisons
     _poisons = check
+
+
+def set_running(count: Optional[Callable[[], int]]) -> None:
+    """Set by a resident worker: how many invocations run in this process now."""
+    global _running
+    _running = count
+
+
+def invocation_ended() -> None:
+    """Called by a resident worker when an invocation ends: a Batcher waiting for its items
+    stops waiting."""
+    for batcher in list(_open):
+        batcher.wake()

@@ -77,6 +77,7 @@ class ResidentState:
         self._changed = threading.Condition()
         self._closing = threading.Event()
         batching.set_poisoning(self.poisons)  # a Batcher of the state passes these on unsplit
+        batching.set_running(lambda: self._users)  # and waits only for invocations that run
 
     def start(self) -> None:
         """Build the state in a thread of its own: the worker's event loop keeps answering meanwhile."""
@@ -146,6 +147,7 @@ class ResidentState:
             with self._changed:
                 self._users -= 1
                 self._changed.notify_all()
+            batching.invocation_ended()
 
     def get(self) -> Any:
         """The state, for `sticky_state` in an invocation (which holds it)."""

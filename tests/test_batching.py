@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from snakemake_executor_plugin_sticky import Batcher
+from snakemake_executor_plugin_sticky import Batcher, batching
 from snakemake_executor_plugin_sticky.batching import BatcherClosed, BatchItemError, drain_calls
 
 from conftest import Workflow, interrupt
@@ -219,6 +219,67 @@ def test_a_caller_alone_never_waits_for_company():
     batcher.close()
 
 
+def test_in_a_worker_a_call_waits_only_for_invocations_that_have_not_handed_their_items():
+    """In a sticky worker the Batcher knows how many invocations run: a call waits for those
+    that have not called yet (the groups that take turns meet again), never for nobody, and
+    stops waiting when one of them ends instead."""
+    running = {"count": 1}
+    calls: list[list] = []
+    first_started, release = threading.Event(), threading.Event()
+
+    def model(items: list) -> list:
+        calls.append(list(items))
+        if len(calls) == 1:
+            first_started.set()
+            release.wait(30)
+        return items
+
+    def caller(items: list, got: dict) -> threading.Thread:
+        thread = threading.Thread(target=lambda: got.setdefault(items[0], batcher(items)), daemon=True)
+        thread.start()
+        return thread
+
+    def wait_for_pending(count: int) -> None:
+        while batcher._pending_items() < count:
+            time.sleep(0.01)
+
+    batching.set_running(lambda: running["count"])
+    batcher = Batcher(model, max_batch=64, max_wait=600.0)
+    got: dict = {}
+    try:
+        a = caller(["a"], got)
+        assert first_started.wait(10)
+        running["count"] = 4  # a, b, c and d run; b and c hand their items while a's call runs
+        b, c = caller(["b"], got), caller(["c"], got)
+        wait_for_pending(2)
+        running["count"] = 3  # a ends; d has not called yet: the next call waits for it
+        release.set()
+        a.join(10)
+        while batcher._callers > 2:
+            time.sleep(0.01)
+        assert calls == [["a"]], "the call waits while d runs without having called"
+        d = caller(["d"], got)
+        for thread in (b, c, d):
+            thread.join(30)
+            assert not thread.is_alive(), "the wait ends once every running invocation has called"
+        assert calls == [["a"], ["b", "c", "d"]]
+
+        running["count"] = 3  # e and f call, g runs and never calls, then ends
+        e, f = caller(["e"], got), caller(["f"], got)
+        wait_for_pending(2)
+        assert len(calls) == 2, "waiting for g"
+        running["count"] = 2
+        batching.invocation_ended()
+        for thread in (e, f):
+            thread.join(30)
+            assert not thread.is_alive(), "an invocation that ends stops the wait for its items"
+        assert calls[2] == ["e", "f"]
+        assert got == {name: [name] for name in "abcdef"}
+    finally:
+        batching.set_running(None)
+        batcher.close()
+
+
 def test_calls_are_recorded_for_the_report_once():
     drain_calls()
     batcher = Batcher(Model(fixed_s=0.0), max_batch=3)
@@ -253,7 +314,7 @@ rule infer:
 # (invocation, index) pairs; the result says which item it was, so routing is checked end to end.
 MODEL_TEMPLATE = """
 import os, threading, time
-from snakemake_executor_plugin_sticky import Batcher
+from snakemake_executor_plugin_sticky import Batcher, batching
 
 poisoned_by = ["MemoryError"]
 device = threading.Lock()

@@ -6,14 +6,12 @@ import json
 import os
 import time
 
-import torch
 from claimio import LABELS, evidence_text, read_claims
 
 from snakemake_executor_plugin_sticky import sticky_state
 
 state = sticky_state(snakemake)
 assert tuple(state["labels"]) == LABELS, "the template scores the labels this script writes"
-torch.set_num_threads(max(1, int(snakemake.threads)))  # the same arithmetic under any executor
 
 
 def prompt(claim: dict) -> str:

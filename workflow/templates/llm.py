@@ -9,6 +9,7 @@ import gc
 import os
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 
 from snakemake_executor_plugin_sticky import Batcher, stage
@@ -17,7 +18,15 @@ LABELS = ("SUPPORTS", "REFUTES", "NOT ENOUGH INFO")
 
 
 def setup(
-    model, dtype="auto", device="auto", batch_size=8, batcher=True, stage_model=True, labels=LABELS, cpu_threads=1
+    model,
+    dtype="auto",
+    device="auto",
+    batch_size=8,
+    batcher=True,
+    batch_wait=0.0,
+    stage_model=True,
+    labels=LABELS,
+    cpu_threads=1,
 ):
     started = time.perf_counter()
     import torch
@@ -29,10 +38,13 @@ def setup(
         local = str(stage(model))
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
+    parts = 1
     if device == "cpu":
-        # Dask gives a worker one thread per forward pass (its slots run side by side); a Batcher's
-        # one call at a time stands for several slots, and gets their threads (cpu_threads).
-        torch.set_num_threads(max(1, min(int(cpu_threads), len(os.sched_getaffinity(0)))))
+        # A CPU is its cores: one thread per forward pass, and forward passes side by side. A
+        # worker's slots run theirs side by side; a Batcher's one call at a time stands for
+        # several slots, and splits its batch over cpu_threads passes at once.
+        torch.set_num_threads(1)
+        parts = max(1, min(int(cpu_threads), len(os.sched_getaffinity(0))))
     if dtype == "auto":
         use_bf16 = device.startswith("cuda") and torch.cuda.is_bf16_supported()
         torch_dtype = torch.bfloat16 if use_bf16 else torch.float32
@@ -49,16 +61,22 @@ def setup(
         flush=True,
     )
     forward = partial(score_prompts, tokenizer, loaded, device, tuple(labels))
+    cores = ThreadPoolExecutor(parts, thread_name_prefix="llm-forward") if parts > 1 else None
+    if cores is not None:
+        forward = partial(side_by_side, cores, parts, forward)
     return {
         # prompts -> one log-likelihood per label each; batched across the invocations running
         # side by side (batch_size prompts per forward pass at most), or per invocation
-        "score": Batcher(forward, max_batch=batch_size) if batcher else partial(in_batches, forward, batch_size),
+        "score": Batcher(forward, max_batch=batch_size, max_wait=batch_wait)
+        if batcher
+        else partial(in_batches, forward, batch_size),
         "labels": tuple(labels),
         "device": device,
         "dtype": str(torch_dtype),
         "load_s": load_s,
         "pid": os.getpid(),
         "name": name,
+        "cores": cores,
     }
 
 
@@ -67,12 +85,21 @@ def teardown(state):
     score = state.get("score")
     if isinstance(score, Batcher):
         score.close("the template is torn down")
+    if state.get("cores") is not None:
+        state["cores"].shutdown(wait=True)
     state.clear()
     if str(device).startswith("cuda"):  # give the GPU memory back now (a full collection takes 0.4 s)
         import torch
 
         gc.collect()
         torch.cuda.empty_cache()
+
+
+def side_by_side(cores, parts, forward, prompts):
+    """One call's prompts in `parts` forward passes at once, one per core."""
+    size = -(-len(prompts) // parts)
+    chunks = [prompts[first : first + size] for first in range(0, len(prompts), size)]
+    return [scores for chunk in cores.map(forward, chunks) for scores in chunk]
 
 
 def in_batches(forward, batch_size, prompts):
