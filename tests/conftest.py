@@ -126,7 +126,7 @@ class Workflow:
         python: Optional[Path] = None,
     ) -> Run:
         started = time.monotonic()
-        environment = {k: v for k, v in {**test_env(), **(env or {})}.items() if k not in unset}
+        environment = {k: v for k, v in {**snakemake_env(), **(env or {})}.items() if k not in unset}
         proc = subprocess.run(
             self.command(*args, executor=executor, cores=cores, python=python),
             cwd=self.root,
@@ -145,7 +145,7 @@ class Workflow:
             log=self.root / "snakemake.log",
             pipe=pipe,
             cwd=self.root,
-            env=test_env(),
+            env=snakemake_env(),
             start_new_session=True,
         )
 
@@ -166,7 +166,8 @@ def cwd_of(process: psutil.Process) -> Optional[str]:
         return None
 
 
-def test_env() -> dict[str, str]:
+def snakemake_env() -> dict[str, str]:
+    """The environment of a Snakemake the tests start: no user profile, no GPU, unbuffered output."""
     env = dict(os.environ)
     env.pop("SNAKEMAKE_PROFILE", None)
     env["CUDA_VISIBLE_DEVICES"] = ""  # the tests describe CPU workers, whatever the machine

@@ -30,7 +30,7 @@ def test_gpu_benchmark_runs_its_steps_on_the_cpu_with_a_tiny_model(tmp_path: Pat
         "--results",
         str(tmp_path),
     ]
-    done = subprocess.run(command, capture_output=True, text=True, timeout=600, env=conftest.test_env())
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600, env=conftest.snakemake_env())
     assert done.returncode == 0, done.stdout + done.stderr
     (result,) = tmp_path.glob("*-gpu-smoke.json")
     report = json.loads(result.read_text())

@@ -12,7 +12,7 @@ import sys
 
 import pytest
 
-from conftest import Workflow, test_env
+from conftest import Workflow, snakemake_env
 from test_core import LLM_TEMPLATE, ONE_TEMPLATE_SNAKEFILE, sticky_workflow
 
 INJECT = """
@@ -95,7 +95,7 @@ def test_a_failure_in_a_background_path_ends_the_run_with_its_message(workflow: 
             "count=6",
         ],
         cwd=workflow.root,
-        env=test_env(),
+        env=snakemake_env(),
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,

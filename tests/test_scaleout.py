@@ -23,8 +23,7 @@ from snakemake_executor_plugin_sticky.backends.jobqueue import BatchBackend
 from snakemake_executor_plugin_sticky.settings import ExecutorSettings
 from snakemake_executor_plugin_sticky.tweaks import ProcessTweaks
 
-from conftest import Workflow
-from conftest import test_env as snakemake_env
+from conftest import Workflow, snakemake_env
 from test_engines import all_helpers, engine_workflow, helpers, results, running, wait_for, wait_until_gone
 
 JOBCOMP_LOG = Path("/var/log/slurm/jobcomp.log")

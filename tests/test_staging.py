@@ -23,8 +23,7 @@ import pytest
 from snakemake_executor_plugin_sticky import staging
 from snakemake_executor_plugin_sticky.staging import StageError, stage
 
-from conftest import Workflow
-from conftest import test_env as snakemake_env
+from conftest import Workflow, snakemake_env
 from test_scaleout import start_scheduler
 
 SIZE_MB = 8  # four files of 8 MB: a 32 MB model folder
