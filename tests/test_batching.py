@@ -173,25 +173,37 @@ def test_closing_releases_callers_whose_items_wait():
         batcher(["later"])
 
 
-def test_closing_while_a_call_waits_for_company_calls_nothing_more():
-    calls: list[list] = []
-    started, release = threading.Event(), threading.Event()
+class FirstCallHeld:
+    """A model whose first call holds the device until `release` is set: items handed
+    meanwhile wait for the next call."""
 
-    def model(items: list) -> list:
-        calls.append(list(items))
-        if len(calls) == 1:
-            started.set()
-            release.wait(30)
+    def __init__(self) -> None:
+        self.calls: list[list] = []
+        self.started, self.release = threading.Event(), threading.Event()
+
+    def __call__(self, items: list) -> list:
+        self.calls.append(list(items))
+        if len(self.calls) == 1:
+            self.started.set()
+            self.release.wait(30)
         return items
 
+
+def wait_for_pending(batcher: Batcher, count: int) -> None:
+    while batcher._pending_items() < count:
+        time.sleep(0.01)
+
+
+def test_closing_while_a_call_waits_for_company_calls_nothing_more():
+    model = FirstCallHeld()
+    calls, started, release = model.calls, model.started, model.release
     batcher = Batcher(model, max_batch=64, max_wait=60.0)
     callers = [threading.Thread(target=lambda n=n: _swallow(batcher, [n])) for n in range(3)]
     callers[0].start()
     assert started.wait(10)
     for c in callers[1:]:  # two callers inside: the next call waits up to max_wait for more items
         c.start()
-    while batcher._pending_items() < 2:
-        time.sleep(0.01)
+    wait_for_pending(batcher, 2)
     release.set()
     while batcher._callers > 2:  # the first call returned; the device thread waits for company
         time.sleep(0.01)
@@ -224,24 +236,13 @@ def test_in_a_worker_a_call_waits_only_for_invocations_that_have_not_handed_thei
     that have not called yet (the groups that take turns meet again), never for nobody, and
     stops waiting when one of them ends instead."""
     running = {"count": 1}
-    calls: list[list] = []
-    first_started, release = threading.Event(), threading.Event()
-
-    def model(items: list) -> list:
-        calls.append(list(items))
-        if len(calls) == 1:
-            first_started.set()
-            release.wait(30)
-        return items
+    model = FirstCallHeld()
+    calls, first_started, release = model.calls, model.started, model.release
 
     def caller(items: list, got: dict) -> threading.Thread:
         thread = threading.Thread(target=lambda: got.setdefault(items[0], batcher(items)), daemon=True)
         thread.start()
         return thread
-
-    def wait_for_pending(count: int) -> None:
-        while batcher._pending_items() < count:
-            time.sleep(0.01)
 
     batching.set_running(lambda: running["count"])
     batcher = Batcher(model, max_batch=64, max_wait=600.0)
@@ -251,7 +252,7 @@ def test_in_a_worker_a_call_waits_only_for_invocations_that_have_not_handed_thei
         assert first_started.wait(10)
         running["count"] = 4  # a, b, c and d run; b and c hand their items while a's call runs
         b, c = caller(["b"], got), caller(["c"], got)
-        wait_for_pending(2)
+        wait_for_pending(batcher, 2)
         running["count"] = 3  # a ends; d has not called yet: the next call waits for it
         release.set()
         a.join(10)
@@ -266,7 +267,7 @@ def test_in_a_worker_a_call_waits_only_for_invocations_that_have_not_handed_thei
 
         running["count"] = 3  # e and f call, g runs and never calls, then ends
         e, f = caller(["e"], got), caller(["f"], got)
-        wait_for_pending(2)
+        wait_for_pending(batcher, 2)
         assert len(calls) == 2, "waiting for g"
         running["count"] = 2
         batching.invocation_ended()
