@@ -35,6 +35,7 @@ class Invocation:
     script: str
     snakemake: Snakemake
     timeout_s: Optional[float] = None
+    basedir: Optional[str] = None  # the folder of the rule's Snakefile: its modules are the workflow's
 
 
 @dataclass
@@ -112,4 +113,13 @@ def build_invocation(
         script=script,
         snakemake=snakemake,
         timeout_s=invocation_timeout(job.resources, default_timeout_s),
+        basedir=rule_folder(job.rule),
     )
+
+
+def rule_folder(rule: Any) -> Optional[str]:
+    """The folder of the Snakefile that defines the rule, where it is a local file."""
+    basedir = getattr(rule, "basedir", None)
+    if isinstance(basedir, LocalSourceFile):
+        return os.path.abspath(basedir.get_path_or_uri(secret_free=True))
+    return None

@@ -10,10 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import atexit
-import builtins
 import concurrent.futures
 import importlib.metadata
-import io
 import multiprocessing
 import os
 import shutil
@@ -31,11 +29,13 @@ from distributed.core import Status
 
 from . import batching, processes, staging
 from .invocation import EVENT_TOPIC, RUNNING_TOPIC, Invocation, InvocationResult
+from .isolation import Isolation, current
 from .state import register_resident, teardown_state
 from .templates import TemplateSpec, load_template_module
 
 PACKAGE = "snakemake-executor-plugin-sticky"
 _holders: dict[str, "ResidentState"] = {}
+_isolation: Optional[Isolation] = None  # this process's, once it is a resident worker
 # At retirement, a state build in progress gets this long to finish (then torn down too).
 BUILD_WAIT_S = 3.0
 # A worker of ours that has not exited this long after its teardown leaves through os._exit: a
@@ -242,7 +242,7 @@ class ProcessChanges:
     def __init__(self) -> None:
         self._undo: list[Callable[[], None]] = []
 
-    def apply(self, workdir: str, owned: bool, loop: Any, on_sigterm: Callable[[], None]) -> None:
+    def apply(self, workdir: str, owned: bool, loop: Any, on_sigterm: Callable[[], None], slots: int) -> None:
         """Make this process a resident worker of the template (see the class)."""
         self._undo.append(relay_signal_handlers(loop))
         if threading.current_thread() is threading.main_thread():
@@ -255,9 +255,10 @@ class ProcessChanges:
         cwd = os.getcwd()
         os.chdir(workdir)
         self._undo.append(lambda: os.chdir(cwd))
-        streams = sys.stdout, sys.stderr
-        install_output_capture()
-        self._undo.append(lambda: (setattr(sys, "stdout", streams[0]), setattr(sys, "stderr", streams[1])))
+        global _isolation
+        _isolation = Isolation(workdir, slots)
+        self._undo.append(_isolation.install())
+        self._undo.append(lambda: globals().__setitem__("_isolation", None))
         # Dask starts worker processes as daemons, and a daemon may not start processes: the
         # template's may (the tree ends with the worker, see processes.py).
         process = multiprocessing.current_process()
@@ -345,7 +346,11 @@ class StickyWorkerPlugin(WorkerPlugin):
             worker.http_server.stop()
         self.changes = ProcessChanges()
         self.changes.apply(
-            self.workdir, self.owned, worker.loop, lambda: worker.loop.add_callback(self.leave, worker, "preempted")
+            self.workdir,
+            self.owned,
+            worker.loop,
+            lambda: worker.loop.add_callback(self.leave, worker, "preempted"),
+            self.spec.slots,
         )
         try:
             self.become_resident(worker)
@@ -537,7 +542,8 @@ def exit_soon() -> None:
 
 
 def run_invocation(invocation: Invocation) -> InvocationResult:
-    """The Dask task of one invocation: run the script with the resident state at hand."""
+    """The Dask task of one invocation: run the script with the resident state at hand, in a
+    view of the process of its own (see isolation/)."""
     started = time.time()
     worker = get_worker()
     result = InvocationResult(
@@ -549,42 +555,54 @@ def run_invocation(invocation: Invocation) -> InvocationResult:
         finished=started,
     )
     holder = _holders.get(invocation.identity)
-    watchdog = None
-    generation = None
-    with captured_output() as (out, err):
-        try:
-            if holder is None:
-                raise TemplateSetupError(
-                    f"This worker does not hold sticky template '{invocation.template}' ({invocation.identity[:12]})."
-                )
-            with holder.use() as generation, running_on(worker):
-                result.started = time.time()  # the invocation proper, after any wait for the state
-                result.extra["setup_s"] = holder.setup_s
-                if invocation.timeout_s is not None:
-                    watchdog = threading.Timer(invocation.timeout_s, holder.announce_timeout, (invocation,))
-                    watchdog.daemon = True
-                    watchdog.start()
-                clear_outputs(invocation.snakemake.output)
-                run_script(invocation)
-        except TemplateSetupError as e:
-            result.error = str(e)
-        except SystemExit as e:
-            if e.code not in (None, 0):
-                result.error = f"Script {invocation.script} exited with status {e.code}."
-        except BaseException as e:
-            result.error = format_script_error(e)
-            if holder is not None and generation is not None and holder.poisons(e):
-                result.extra["poisoned"] = True
-                holder.rebuild(f"{type(e).__name__} in rule {invocation.rule}", generation)
-        finally:
-            if watchdog is not None:
-                watchdog.cancel()
-    result.stdout, result.stderr = out.getvalue(), err.getvalue()
+    if holder is None or _isolation is None:
+        result.error = (
+            f"This worker does not hold sticky template '{invocation.template}' ({invocation.identity[:12]})."
+        )
+        return result
+    context = None
+    try:
+        with _isolation.invocation(invocation) as context:
+            run_with_state(invocation, holder, worker, result)
+    except BaseException:
+        if result.error is None:  # the script ran; putting the process back after it failed
+            result.error = f"The worker could not undo what the script changed in it:\n{traceback.format_exc()}"
+    if context is not None:
+        result.stdout, result.stderr = context.output()
     result.finished = time.time()
     calls = batching.drain_calls()
     if calls:
         result.extra["model_calls"] = calls
     return result
+
+
+def run_with_state(invocation: Invocation, holder: ResidentState, worker: Any, result: InvocationResult) -> None:
+    """Run the script with the state held; its failure becomes the result's error."""
+    watchdog = None
+    generation = None
+    try:
+        with holder.use() as generation, running_on(worker):
+            result.started = time.time()  # the invocation proper, after any wait for the state
+            result.extra["setup_s"] = holder.setup_s
+            if invocation.timeout_s is not None:
+                watchdog = threading.Timer(invocation.timeout_s, holder.announce_timeout, (invocation,))
+                watchdog.daemon = True
+                watchdog.start()
+            clear_outputs(invocation.snakemake.output)
+            run_script(invocation)
+    except TemplateSetupError as e:
+        result.error = str(e)
+    except SystemExit as e:
+        if e.code not in (None, 0):
+            result.error = f"Script {invocation.script} exited with status {e.code}."
+    except BaseException as e:
+        result.error = format_script_error(e)
+        if generation is not None and holder.poisons(e):
+            result.extra["poisoned"] = True
+            holder.rebuild(f"{type(e).__name__} in rule {invocation.rule}", generation)
+    finally:
+        if watchdog is not None:
+            watchdog.cancel()
 
 
 @contextmanager
@@ -624,17 +642,11 @@ def compiled_script(path: str) -> Any:
 
 
 def run_script(invocation: Invocation) -> None:
-    """Run the invocation's script as Snakemake's `script:` would, with its folder on sys.path."""
-    scriptdir = os.path.dirname(invocation.script)
-    if scriptdir not in sys.path:
-        sys.path.append(scriptdir)
-    namespace = {
-        "__name__": "__main__",
-        "__file__": invocation.script,
-        "__builtins__": builtins,
-        "snakemake": invocation.snakemake,
-    }
-    exec(compiled_script(invocation.script), namespace)
+    """Run the invocation's script as Snakemake's `script:` would, as the `__main__` of the
+    calling thread's invocation (its globals are Snakemake's preamble's, see isolation)."""
+    context = current()
+    assert context is not None, "run_script runs inside an invocation's isolation"
+    exec(compiled_script(invocation.script), context.main.__dict__)
 
 
 def format_script_error(error: BaseException) -> str:
@@ -643,57 +655,3 @@ def format_script_error(error: BaseException) -> str:
     while tb is not None and tb.tb_frame.f_code.co_filename == __file__:
         tb = tb.tb_next
     return "".join(traceback.format_exception(type(error), error, tb))
-
-
-class _ThreadRoutedStream(io.TextIOBase):
-    """sys.stdout/stderr replacement: text written by a thread that runs an invocation goes to
-    that invocation's buffer (sent back with its result), everything else to the real stream."""
-
-    def __init__(self, real: Any):
-        self.real = real
-        self.local = threading.local()
-
-    def write(self, text: str) -> int:
-        """Write to this thread's invocation buffer, or to the real stream."""
-        buffer = getattr(self.local, "buffer", None)
-        return (buffer if buffer is not None else self.real).write(text)
-
-    def flush(self) -> None:
-        """Flush the real stream (an invocation's buffer is sent with its result)."""
-        if getattr(self.local, "buffer", None) is None:
-            self.real.flush()
-
-    def fileno(self) -> int:
-        """The real stream's file descriptor, for code that writes to it directly."""
-        return self.real.fileno()
-
-    def isatty(self) -> bool:
-        """Never a terminal: the output is collected."""
-        return False
-
-    @property
-    def encoding(self) -> str:  # type: ignore[override]
-        """The real stream's encoding."""
-        return getattr(self.real, "encoding", "utf-8")
-
-
-def install_output_capture() -> None:
-    """Route sys.stdout and sys.stderr through the per-invocation buffers."""
-    if not isinstance(sys.stdout, _ThreadRoutedStream):
-        sys.stdout = _ThreadRoutedStream(sys.stdout)
-    if not isinstance(sys.stderr, _ThreadRoutedStream):
-        sys.stderr = _ThreadRoutedStream(sys.stderr)
-
-
-@contextmanager
-def captured_output() -> Iterator[tuple[io.StringIO, io.StringIO]]:
-    """Collect what this thread's invocation prints, to send it back with its result."""
-    out, err = io.StringIO(), io.StringIO()
-    routes = [(s, b) for s, b in ((sys.stdout, out), (sys.stderr, err)) if isinstance(s, _ThreadRoutedStream)]
-    for stream, buffer in routes:
-        stream.local.buffer = buffer
-    try:
-        yield out, err
-    finally:
-        for stream, _ in routes:
-            stream.local.buffer = None

@@ -1,0 +1,225 @@
+"""Library state a script changes: warnings filters, the global random generators, pyplot's figures.
+
+- `warnings.filters` is each invocation's own once its script changes it (`simplefilter("error")`),
+  for the C code that reads it as for `warnings`' own functions; every invocation starts with the
+  warning registries reset, so a warning shows once per job as in a fresh process.
+- `random`'s module functions, and `numpy.random`'s, draw from a generator of the invocation's
+  own, seeded from the system as a fresh process's is: `random.seed(0)` in one script decides
+  nothing in another, even side by side.
+- pyplot's figures (the current figure too) are each invocation's own, closed at its end.
+- What only the process can hold (warnings' default action and show hooks, matplotlib's
+  rcParams, the recursion limit, socket's default timeout) is put back when the invocations
+  that overlapped have all ended: after each invocation with `slots: 1`.
+"""
+
+from __future__ import annotations
+
+import random
+import socket
+import sys
+import types
+import warnings
+from collections import OrderedDict
+from typing import Any, Callable, Optional
+
+from .context import InvocationContext, current
+from .logs import SharedList
+
+WARNINGS_SHARED = ("defaultaction", "showwarning", "formatwarning")
+
+
+def _filters() -> property:
+    def get(module: types.ModuleType) -> Any:
+        context = current()
+        if context is not None:
+            view = context.viewed(module)
+            if view is not None and "filters" in view:
+                return view["filters"]
+        return module.__dict__["filters"]
+
+    def set_(module: types.ModuleType, value: Any) -> None:
+        context = current()
+        if context is not None:
+            view = context.viewed(module)
+            if (view is not None and "filters" in view) or context.owns_caller():
+                own = list.__getitem__(value, slice(None)) if isinstance(value, list) else list(value)
+                context.view(module)["filters"] = own
+                return
+        if not (isinstance(value, SharedList) and value.owner is module):
+            value = SharedList(module, "filters", value)
+        module.__dict__["filters"] = value
+
+    return property(get, set_)
+
+
+class InvocationWarnings(types.ModuleType):
+    """The class of `warnings` in a resident worker: per-invocation filters."""
+
+    filters = _filters()
+
+
+def _install_warnings() -> Callable[[], None]:
+    original = warnings.__dict__["filters"]
+    warnings.__dict__["filters"] = SharedList(warnings, "filters", original)
+    warnings.__class__ = InvocationWarnings
+
+    def undo() -> None:
+        warnings.__class__ = types.ModuleType
+        warnings.__dict__["filters"] = list(warnings.__dict__["filters"])
+        warnings._filters_mutated()  # type: ignore[attr-defined]
+
+    return undo
+
+
+def _generator(kind: str, make: Callable[[], Any], shared: Any, name: str) -> Callable:
+    def draw(*args: Any, **kwargs: Any) -> Any:
+        context = current()
+        if context is None:
+            return getattr(shared, name)(*args, **kwargs)
+        own = context.generators.get(kind)
+        if own is None:
+            own = context.generators[kind] = make()
+        return getattr(own, name)(*args, **kwargs)
+
+    draw.__name__ = draw.__qualname__ = name
+    draw.__doc__ = getattr(shared, name).__doc__
+    return draw
+
+
+def _route_generator(modules: list[types.ModuleType], kind: str, shared: Any, make: Callable[[], Any]) -> Callable:
+    """Route the module functions that are methods of `shared` to an invocation's own generator."""
+    saved = []
+    for module in modules:
+        for name, value in list(vars(module).items()):
+            if getattr(value, "__self__", None) is shared and callable(value):
+                saved.append((module, name, value))
+                module.__dict__[name] = _generator(kind, make, shared, name)
+    return lambda: [m.__dict__.__setitem__(n, v) for m, n, v in saved]
+
+
+class Figures:
+    """`Gcf.figs` of pyplot: each invocation's own ordered figures, the process's elsewhere."""
+
+    def __init__(self, shared: OrderedDict) -> None:
+        self.shared = shared
+
+    def mine(self) -> OrderedDict:
+        """The figures of the calling thread's invocation (or of the process)."""
+        context = current()
+        if context is None:
+            return self.shared
+        return context.generators.setdefault("figures", OrderedDict())
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.mine(), name)
+
+    def __contains__(self, key: Any) -> bool:
+        return key in self.mine()
+
+    def __len__(self) -> int:
+        return len(self.mine())
+
+    def __iter__(self) -> Any:
+        return iter(self.mine())
+
+    def __reversed__(self) -> Any:
+        return reversed(self.mine())
+
+    def __getitem__(self, key: Any) -> Any:
+        return self.mine()[key]
+
+    def __setitem__(self, key: Any, value: Any) -> None:
+        self.mine()[key] = value
+
+    def __delitem__(self, key: Any) -> None:
+        del self.mine()[key]
+
+
+class Libraries:
+    """The library state routed per invocation, installed as the libraries get imported."""
+
+    def __init__(self) -> None:
+        self.undo: list[Callable[[], Any]] = []
+        self.numpy = False
+        self.pyplot = False
+        self.saved: dict[str, Any] = {}
+
+    def install(self) -> Callable[[], None]:
+        """Route what is loaded now; the rest as it gets imported (see `check`)."""
+        self.undo.append(_install_warnings())
+        self.undo.append(_route_generator([random], "random", random._inst, random.Random))  # type: ignore[attr-defined]
+        self.check()
+        return self.uninstall
+
+    def uninstall(self) -> None:
+        """Put every library back as it was."""
+        while self.undo:
+            self.undo.pop()()
+
+    def check(self) -> None:
+        """Route numpy's generator and pyplot's figures once they are imported."""
+        if not self.numpy and "numpy.random" in sys.modules:
+            self.numpy = True
+            import numpy.random
+
+            shared = numpy.random.mtrand._rand
+            modules = [numpy.random, numpy.random.mtrand]
+            self.undo.append(_route_generator(modules, "numpy", shared, numpy.random.RandomState))
+        if not self.pyplot and "matplotlib._pylab_helpers" in sys.modules:
+            self.pyplot = True
+            from matplotlib._pylab_helpers import Gcf
+
+            figures = Gcf.figs
+            Gcf.figs = Figures(figures)  # type: ignore[assignment]
+            self.undo.append(lambda: setattr(Gcf, "figs", figures))
+
+    def first(self) -> None:
+        """The first of overlapping invocations begins: keep what only the process can hold."""
+        self.saved = {name: getattr(warnings, name) for name in WARNINGS_SHARED}
+        self.saved["onceregistry"] = warnings.onceregistry
+        warnings.onceregistry = {}  # "once" is once per job
+        self.saved["recursionlimit"] = sys.getrecursionlimit()
+        self.saved["timeout"] = socket.getdefaulttimeout()
+        matplotlib = sys.modules.get("matplotlib")
+        if matplotlib is not None and hasattr(matplotlib, "rcParams"):
+            self.saved["rcParams"] = dict(dict.items(matplotlib.rcParams))
+
+    def last(self) -> None:
+        """The last of overlapping invocations has ended: put back what only the process holds."""
+        saved, self.saved = self.saved, {}
+        for name in (*WARNINGS_SHARED, "onceregistry"):
+            if name in saved:
+                setattr(warnings, name, saved[name])
+        if "recursionlimit" in saved and sys.getrecursionlimit() != saved["recursionlimit"]:
+            sys.setrecursionlimit(saved["recursionlimit"])
+        if "timeout" in saved:
+            socket.setdefaulttimeout(saved["timeout"])
+        self._reset_rcparams(saved.get("rcParams"))
+
+    @staticmethod
+    def _reset_rcparams(before: Optional[dict]) -> None:
+        matplotlib = sys.modules.get("matplotlib")
+        params = getattr(matplotlib, "rcParams", None)
+        if params is None:
+            return
+        if before is None:  # imported meanwhile: as its import left them
+            before = dict(dict.items(getattr(matplotlib, "rcParamsOrig", params)))
+        for key, value in before.items():
+            if key != "backend" and dict.get(params, key) is not value:
+                params._set(key, value)
+
+
+def begin(context: InvocationContext) -> None:
+    """A fresh process's warning registries."""
+    warnings._filters_mutated()  # type: ignore[attr-defined]
+
+
+def end(context: InvocationContext) -> None:
+    """Close the invocation's figures, as its process's exit would."""
+    figures = context.generators.get("figures")
+    if figures:
+        import matplotlib.pyplot as plt
+
+        plt.close("all")
+    if context.viewed(warnings) is not None:
+        warnings._filters_mutated()  # type: ignore[attr-defined]

@@ -1,0 +1,172 @@
+"""Logging as each invocation sees it: the handlers, levels and filters a script sets up are its own.
+
+`logging.basicConfig(filename=snakemake.log[0])` in a fresh job configures a fresh root logger.
+In a resident worker the loggers are the process's, shared by every invocation and by the
+template. So `Logger`'s `handlers`, `level`, `propagate`, `disabled` and `filters` (and the
+manager's `disable`) become descriptors: a change made by the script's own code goes into its
+invocation's view of that logger, which the invocation alone sees, and ends with it; the
+handlers it added are flushed and closed then. Changes made by installed packages or the
+template stay the process's, as in a fresh job that imported them.
+"""
+
+from __future__ import annotations
+
+import logging
+import traceback
+from typing import Any, Callable, Optional
+
+from .context import InvocationContext, current
+
+LOGGER_FIELDS = ("handlers", "level", "propagate", "disabled", "filters")
+LIST_FIELDS = ("handlers", "filters")
+
+
+class SharedList(list):
+    """A list of the process (a logger's handlers or filters, `warnings.filters`). The script's
+    changes to it go into its invocation's own copy, made on the first change; once the
+    invocation has its copy, it reads and changes that one."""
+
+    def __init__(self, owner: Any, name: str, items: Any = ()) -> None:
+        super().__init__(items)
+        self.owner = owner
+        self.name = name
+
+    def own(self, create: bool) -> Optional[list]:
+        """The calling invocation's copy; with `create`, made now if the script changes the list."""
+        context = current()
+        if context is None:
+            return None
+        view = context.viewed(self.owner)
+        mine = None if view is None else view.get(self.name)
+        if mine is None and create and context.owns_caller():
+            mine = context.view(self.owner)[self.name] = list.__getitem__(self, slice(None))
+        return mine
+
+
+def _forward(method: str, create: bool) -> Callable:
+    shared = getattr(list, method)
+
+    def forward(self: SharedList, *args: Any) -> Any:
+        mine = self.own(create)
+        return shared(self, *args) if mine is None else getattr(mine, method)(*args)
+
+    forward.__name__ = method
+    return forward
+
+
+CHANGES = ("append", "extend", "insert", "remove", "pop", "clear", "sort", "reverse", "__setitem__", "__delitem__")
+for _method in CHANGES:
+    setattr(SharedList, _method, _forward(_method, create=True))
+for _method in ("__contains__", "__iter__", "__len__", "__getitem__", "index", "count", "copy"):
+    setattr(SharedList, _method, _forward(_method, create=False))
+
+
+def _iadd(self: SharedList, other: Any) -> Any:
+    mine = self.own(create=True)
+    if mine is None:
+        return list.__iadd__(self, other)
+    mine.extend(other)
+    return self
+
+
+SharedList.__iadd__ = _iadd  # type: ignore[method-assign]
+
+
+class Field:
+    """A logger's (or the manager's) attribute: the process's value, or the invocation's own.
+    The process's value stays where logging keeps it (`storage`, through `convert` as logging's
+    own property would)."""
+
+    def __init__(self, name: str, storage: Optional[str] = None, convert: Callable[[Any], Any] = lambda v: v) -> None:
+        self.name = name
+        self.storage = storage or name
+        self.convert = convert
+
+    def __get__(self, target: Any, owner: Any = None) -> Any:
+        if target is None:
+            return self
+        context = current()
+        if context is not None:
+            view = context.viewed(target)
+            if view is not None and self.name in view:
+                return view[self.name]
+        try:
+            return target.__dict__[self.storage]
+        except KeyError:
+            raise AttributeError(self.name) from None
+
+    def __set__(self, target: Any, value: Any) -> None:
+        shared = target.__dict__
+        value = self.convert(value)
+        context = current()
+        if self.storage in shared and context is not None:
+            view = context.viewed(target)
+            if (view is not None and self.name in view) or context.owns_caller():
+                context.view(target)[self.name] = value
+                return
+        if self.name in LIST_FIELDS and not (isinstance(value, SharedList) and value.owner is target):
+            value = SharedList(target, self.name, value)
+        shared[self.storage] = value
+
+
+class Cache:
+    """`Logger._cache` (levels enabled): under an invocation's views, a cache of its own."""
+
+    def __get__(self, target: Any, owner: Any = None) -> Any:
+        if target is None:
+            return self
+        context = current()
+        if context is not None and context.views:
+            return context.caches.setdefault(id(target), {})
+        return target.__dict__["_cache"]
+
+    def __set__(self, target: Any, value: Any) -> None:
+        target.__dict__["_cache"] = value
+
+
+def install() -> Callable[[], None]:
+    """Give each invocation its own view of the loggers; returns the undo."""
+    loggers = [logging.root, *(v for v in logging.Logger.manager.loggerDict.values() if isinstance(v, logging.Logger))]
+    for logger in loggers:
+        for name in LIST_FIELDS:
+            logger.__dict__[name] = SharedList(logger, name, list(logger.__dict__.get(name, ())))
+    for name in LOGGER_FIELDS:
+        setattr(logging.Logger, name, Field(name))
+    logging.Logger._cache = Cache()  # type: ignore[attr-defined]
+    disable = logging.Manager.__dict__.get("disable")
+    if isinstance(disable, property):  # Python 3.11 on: `disable` keeps a checked level in `_disable`
+        logging.Manager.disable = Field("disable", "_disable", logging._checkLevel)  # type: ignore
+    else:
+        logging.Manager.disable = Field("disable")  # type: ignore[attr-defined]
+
+    def undo() -> None:
+        for name in (*LOGGER_FIELDS, "_cache"):
+            delattr(logging.Logger, name)
+        if disable is None:
+            del logging.Manager.disable
+        else:
+            logging.Manager.disable = disable  # type: ignore[attr-defined]
+        for logger in logging.Logger.manager.loggerDict.values():
+            if isinstance(logger, logging.Logger):
+                for name in LIST_FIELDS:
+                    logger.__dict__[name] = list.__getitem__(logger.__dict__.get(name, []), slice(None))
+        for name in LIST_FIELDS:
+            logging.root.__dict__[name] = list.__getitem__(logging.root.__dict__[name], slice(None))
+
+    return undo
+
+
+def end(context: InvocationContext) -> None:
+    """Flush and close the handlers the invocation added, as its process's exit would."""
+    added = []
+    for target, view in context.views.values():
+        own = view.get("handlers")
+        if own is not None:
+            shared = list.__getitem__(target.__dict__.get("handlers", []), slice(None))
+            added += [h for h in own if h not in shared and h not in added]
+    for handler in added:
+        try:
+            handler.flush()
+            handler.close()
+        except Exception:  # said in the job's stderr, as logging says it at a process's exit
+            traceback.print_exc()

@@ -1,0 +1,218 @@
+"""What belongs to the whole process: its working directory, its environment, exit hooks, threads.
+
+- `os.chdir` and changes to `os.environ` made by a script are undone when it ends. With `slots`
+  above 1 they would reach the invocations beside it, so a script may make them only while it
+  runs alone (the process is then its own until it ends); otherwise the call fails, naming
+  itself and `slots: 1` (see context.Admission).
+- The rule's `threads` reach `OMP_NUM_THREADS` and the other variables Snakemake sets for a job,
+  for the script and the programs it starts.
+- `atexit` hooks a script registers run at its end, as its process's exit would run them, after
+  the threads it started have ended (an executor's idle threads are shut down, as at exit).
+- Threads a script starts work for its invocation: their prints and logs are the job's.
+"""
+
+from __future__ import annotations
+
+import atexit
+import os
+import sys
+import threading
+import traceback
+from typing import Any, Callable, Optional
+
+from .context import Admission, InvocationContext, current, set_current
+
+# What Snakemake's shell sets for a job: its `threads` for every threading library
+THREAD_VARIABLES = (
+    "OMP_NUM_THREADS",
+    "GOTO_NUM_THREADS",
+    "OPENBLAS_NUM_THREADS",
+    "MKL_NUM_THREADS",
+    "VECLIB_MAXIMUM_THREADS",
+    "NUMEXPR_NUM_THREADS",
+)
+_set = os._Environ.__setitem__
+_unset = os._Environ.__delitem__
+_admission: Optional[Admission] = None
+_installed = False
+
+
+class InvocationEnviron(os._Environ):
+    """The class of `os.environ` in a resident worker: a script's changes are its invocation's."""
+
+    def __setitem__(self, key: str, value: str) -> None:
+        _changing_environment(key)
+        _set(self, key, value)
+
+    def __delitem__(self, key: str) -> None:
+        _changing_environment(key)
+        _unset(self, key)
+
+
+def _changing_environment(key: str) -> None:
+    context = current()
+    if context is None or _admission is None or not context.owns_caller():
+        return
+    _admission.claim(context, f"os.environ[{key!r}] = ...", "environment")
+    if key not in context.environ:
+        context.environ[key] = os.environ.get(key)
+
+
+def _guard_chdir(real: Callable[[Any], None], name: str) -> Callable[[Any], None]:
+    def chdir(path: Any) -> None:
+        context = current()
+        if context is not None and _admission is not None and context.owns_caller():
+            _admission.claim(context, f"os.{name}({path!r})", "working directory")
+        real(path)
+
+    chdir.__name__ = name
+    chdir.__doc__ = real.__doc__
+    return chdir
+
+
+def _register(real: Callable) -> Callable:
+    def register(func: Callable, *args: Any, **kwargs: Any) -> Callable:
+        context = current()
+        if context is not None and context.owns_caller():
+            context.exit_hooks.append((func, args, kwargs))
+            return func
+        return real(func, *args, **kwargs)
+
+    register.__doc__ = real.__doc__
+    return register
+
+
+def _unregister(real: Callable) -> Callable:
+    def unregister(func: Callable) -> None:
+        context = current()
+        if context is not None:
+            context.exit_hooks[:] = [hook for hook in context.exit_hooks if hook[0] != func]
+        real(func)
+
+    unregister.__doc__ = real.__doc__
+    return unregister
+
+
+def _after_fork_in_child() -> None:
+    context = current() if _installed else None
+    if context is not None:
+        context.forked = True  # the child's prints go to the descriptors it inherited
+
+
+def install(admission: Admission) -> Callable[[], None]:
+    """Guard the process's directory and environment, keep exit hooks and threads to the
+    invocation that makes them; returns the undo."""
+    global _admission, _installed
+    _admission, _installed = admission, True
+    saved = [(os, "chdir", os.chdir), (os, "fchdir", os.fchdir), (atexit, "register", atexit.register)]
+    saved += [(atexit, "unregister", atexit.unregister), (threading.Thread, "start", threading.Thread.start)]
+    saved += [(threading.Thread, "_bootstrap_inner", threading.Thread._bootstrap_inner)]  # type: ignore[attr-defined]
+    saved += [(threading.Thread, "__init__", threading.Thread.__init__)]
+    os.chdir = _guard_chdir(os.chdir, "chdir")
+    os.fchdir = _guard_chdir(os.fchdir, "fchdir")
+    atexit.register = _register(atexit.register)
+    atexit.unregister = _unregister(atexit.unregister)
+    threading.Thread.__init__ = _init(threading.Thread.__init__)  # type: ignore[method-assign]
+    threading.Thread.start = _start(threading.Thread.start)  # type: ignore[method-assign]
+    threading.Thread._bootstrap_inner = _bootstrap(threading.Thread._bootstrap_inner)  # type: ignore[attr-defined]
+    os.environ.__class__ = InvocationEnviron
+    if not getattr(os, "_sticky_fork_hook", False):
+        os.register_at_fork(after_in_child=_after_fork_in_child)  # cannot be undone: it checks _installed
+        os._sticky_fork_hook = True  # type: ignore[attr-defined]
+
+    def undo() -> None:
+        global _admission, _installed
+        os.environ.__class__ = os._Environ
+        for owner, name, value in saved:
+            setattr(owner, name, value)
+        _admission, _installed = None, False
+
+    return undo
+
+
+def _init(real: Callable) -> Callable:
+    def init(self: threading.Thread, *args: Any, **kwargs: Any) -> None:
+        real(self, *args, **kwargs)
+        if kwargs.get("daemon") is None:
+            context = current()
+            if context is not None and context.owns_caller():
+                # A script's thread is not a daemon unless it asks, as in its own process (the
+                # worker's task threads are daemons, and a new thread takes its creator's flag).
+                self.daemon = False
+
+    init.__doc__ = real.__doc__
+    return init
+
+
+def _start(real: Callable) -> Callable:
+    def start(self: threading.Thread) -> None:
+        context = current()
+        if context is not None and context.owns_caller():
+            self._sticky_invocation = context  # type: ignore[attr-defined]
+            context.started.append(self)
+        real(self)
+
+    start.__doc__ = real.__doc__
+    return start
+
+
+def _bootstrap(real: Callable) -> Callable:
+    def bootstrap_inner(self: threading.Thread) -> None:
+        context = self.__dict__.get("_sticky_invocation")
+        if context is not None:
+            set_current(context)
+        real(self)
+
+    return bootstrap_inner
+
+
+def set_thread_variables(threads: int) -> dict[str, Optional[str]]:
+    """Set the job's thread variables; returns what they were."""
+    before = {name: os.environ.get(name) for name in THREAD_VARIABLES}
+    for name in THREAD_VARIABLES:
+        _set(os.environ, name, str(threads))
+    return before
+
+
+def restore_environment(values: dict[str, Optional[str]]) -> None:
+    """Put variables back as `values` has them (None: unset)."""
+    for name, value in reversed(list(values.items())):
+        if value is not None:
+            _set(os.environ, name, value)
+        elif name in os.environ:
+            _unset(os.environ, name)
+
+
+def end(context: InvocationContext) -> None:
+    """What a process's exit does for a script: wait for its threads, run its exit hooks; then
+    put back the directory and the environment it changed."""
+    join_threads(context)
+    while context.exit_hooks:
+        func, args, kwargs = context.exit_hooks.pop()
+        try:
+            func(*args, **kwargs)
+        except Exception:
+            print(f"Exception ignored in atexit callback {func!r}:", file=sys.stderr)
+            traceback.print_exc()
+    restore_environment(context.environ)
+    try:
+        moved = os.getcwd() != context.workdir
+    except FileNotFoundError:
+        moved = True
+    if moved:
+        os.chdir(context.workdir)  # the isolation's own call: no claim
+
+
+def join_threads(context: InvocationContext) -> None:
+    """Wait for the non-daemon threads the script started, as Python's exit does; the idle
+    threads of an executor the script left open are asked to leave first."""
+    queues = getattr(sys.modules.get("concurrent.futures.thread"), "_threads_queues", {})
+    for thread in context.started:
+        if thread in queues and thread.is_alive():
+            reference = getattr(thread, "_args", (None,))[0]
+            executor = reference() if callable(reference) else None
+            if executor is not None and hasattr(executor, "shutdown"):
+                executor.shutdown(wait=False)
+    for thread in context.started:
+        if not thread.daemon and thread is not threading.current_thread() and thread.ident is not None:
+            thread.join()
