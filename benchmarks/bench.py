@@ -335,7 +335,57 @@ def dispatch(folder: Path, ks: list[int], workers: int, repeats: int) -> dict:
             f"{row['overhead_ms']['median']:.2f} ms/invocation above the floor",
             flush=True,
         )
-    return {"workers": workers, "cores": WINDOW * workers, "flags": " ".join(LARGE_RUN_FLAGS), "rows": rows}
+    return {
+        "workers": workers,
+        "cores": WINDOW * workers,
+        "flags": " ".join(LARGE_RUN_FLAGS),
+        "rows": rows,
+        "isolation": isolation_cost(folder, 2000),
+    }
+
+
+ISOLATION_PROBE = """
+import os, sys, time, types
+from snakemake_executor_plugin_sticky.isolation import Isolation
+
+n = int(sys.argv[1])
+script = os.path.abspath("noop.py")
+code = compile(open(script).read(), script, "exec")
+snakemake = types.SimpleNamespace(threads=1, output=[os.devnull])
+invocation = types.SimpleNamespace(key="k", rule="noop", template="noop", script=script, snakemake=snakemake, basedir=None)
+import torch, numpy  # a worker holds packages like these: the isolation must not cost more with them loaded
+
+def plain():
+    exec(code, {"snakemake": snakemake, "__name__": "__main__"})
+
+isolation = Isolation(os.getcwd(), 1)
+isolation.install()
+
+def isolated():
+    with isolation.invocation(invocation) as context:
+        exec(code, context.main.__dict__)
+
+for f in (plain, isolated):
+    f()
+timings = {}
+for f in (plain, isolated) * 3:
+    started = time.perf_counter()
+    for _ in range(n):
+        f()
+    timings.setdefault(f.__name__, []).append((time.perf_counter() - started) / n * 1e6)
+print(min(timings["plain"]), min(timings["isolated"]))
+"""
+
+
+def isolation_cost(folder: Path, n: int) -> dict:
+    """What the isolation of a script adds to one invocation in a worker (microseconds): a no-op
+    script run bare and inside `Isolation.invocation`, in one process, best of three."""
+    out = subprocess.run(
+        [sys.executable, "-c", ISOLATION_PROBE, str(n)], cwd=folder, capture_output=True, text=True, check=True
+    ).stdout.split()
+    plain, isolated = float(out[0]), float(out[1])
+    print(f"  isolation: {isolated - plain:.1f} us per invocation (bare script {plain:.1f} us)", flush=True)
+    return {"n": n, "bare_us": plain, "isolated_us": isolated, "added_us": isolated - plain}
 
 
 def scale(folder: Path, ns: list[int], workers: int, compare_at: int) -> dict:
@@ -799,6 +849,14 @@ def markdown(results: dict) -> str:
             lines.append(
                 f"| {row['k']:,} | {fmt(row['sticky_s'], ' s')} | {fmt(row['floor_s'], ' s')} | {fmt(row['overhead_ms'])} |"
             )
+        iso = d.get("isolation")
+        if iso:
+            lines += [
+                "",
+                f"Isolation of each script (its own streams, modules, logging, ...; in one process, {iso['n']:,} "
+                f"no-op scripts, best of three): {iso['added_us']:.0f} µs per invocation above the bare script's "
+                f"{iso['bare_us']:.0f} µs.",
+            ]
         lines.append("")
     if "scale" in results:
         lines += [

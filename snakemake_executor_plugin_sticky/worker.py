@@ -565,8 +565,9 @@ def run_invocation(invocation: Invocation) -> InvocationResult:
         with _isolation.invocation(invocation) as context:
             run_with_state(invocation, holder, worker, result)
     except BaseException:
-        if result.error is None:  # the script ran; putting the process back after it failed
-            result.error = f"The worker could not undo what the script changed in it:\n{traceback.format_exc()}"
+        if result.error is None:  # the isolation itself failed, before or after the script
+            what = "undo what the script changed in it" if context is not None else "give the script its own view of it"
+            result.error = f"The worker could not {what}:\n{traceback.format_exc()}"
     if context is not None:
         result.stdout, result.stderr = context.output()
     result.finished = time.time()

@@ -53,7 +53,7 @@ def test_worker_stays_responsive_while_building_state_and_tears_down(tmp_path: P
         done = threading.Event()
         outcomes = []
         snakemake = SimpleNamespace(
-            output=[str(tmp_path / "out.txt")], resources={"sticky": "slow"}, config={}, rule="r"
+            output=[str(tmp_path / "out.txt")], resources={"sticky": "slow"}, config={}, rule="r", threads=1
         )
         invocation = Invocation("k1", "slow", spec.identity, spec.tag, "r", 1, str(tmp_path / "script.py"), snakemake)
         backend.submit([(invocation, lambda inv, outcome: (outcomes.append(outcome), done.set()))])

@@ -71,30 +71,38 @@ def _install_warnings() -> Callable[[], None]:
     return undo
 
 
-def _generator(kind: str, make: Callable[[], Any], shared: Any, name: str) -> Callable:
+def _generator(kind: str, make: Callable[[], Any], shared: Any, method: str, name: str) -> Callable:
     def draw(*args: Any, **kwargs: Any) -> Any:
         context = current()
         if context is None:
-            return getattr(shared, name)(*args, **kwargs)
+            return getattr(shared, method)(*args, **kwargs)
         own = context.generators.get(kind)
         if own is None:
             own = context.generators[kind] = make()
-        return getattr(own, name)(*args, **kwargs)
+        return getattr(own, method)(*args, **kwargs)
 
     draw.__name__ = draw.__qualname__ = name
-    draw.__doc__ = getattr(shared, name).__doc__
+    draw.__doc__ = getattr(shared, method).__doc__
     return draw
 
 
-def _route_generator(modules: list[types.ModuleType], kind: str, shared: Any, make: Callable[[], Any]) -> Callable:
-    """Route the module functions that are methods of `shared` to an invocation's own generator."""
+def _route_generator(
+    modules: list[types.ModuleType], kind: str, shared: Any, make: Callable[[], Any], also: dict[str, str]
+) -> Callable:
+    """Route the module functions that are methods of `shared` (and those of `also`, which call
+    one of its methods) to an invocation's own generator; returns the undo."""
     saved = []
     for module in modules:
         for name, value in list(vars(module).items()):
-            if getattr(value, "__self__", None) is shared and callable(value):
+            method = name if getattr(value, "__self__", None) is shared and callable(value) else also.get(name)
+            if method is not None:
                 saved.append((module, name, value))
-                module.__dict__[name] = _generator(kind, make, shared, name)
+                module.__dict__[name] = _generator(kind, make, shared, method, name)
     return lambda: [m.__dict__.__setitem__(n, v) for m, n, v in saved]
+
+
+# numpy.random's functions that call the global RandomState's methods rather than being them
+NUMPY_ALSO = {"seed": "seed", "ranf": "random_sample", "sample": "random_sample"}
 
 
 class Figures:
@@ -147,7 +155,8 @@ class Libraries:
     def install(self) -> Callable[[], None]:
         """Route what is loaded now; the rest as it gets imported (see `check`)."""
         self.undo.append(_install_warnings())
-        self.undo.append(_route_generator([random], "random", random._inst, random.Random))  # type: ignore[attr-defined]
+        shared = random._inst  # type: ignore[attr-defined]
+        self.undo.append(_route_generator([random], "random", shared, random.Random, {}))
         self.check()
         return self.uninstall
 
@@ -164,7 +173,7 @@ class Libraries:
 
             shared = numpy.random.mtrand._rand
             modules = [numpy.random, numpy.random.mtrand]
-            self.undo.append(_route_generator(modules, "numpy", shared, numpy.random.RandomState))
+            self.undo.append(_route_generator(modules, "numpy", shared, numpy.random.RandomState, NUMPY_ALSO))
         if not self.pyplot and "matplotlib._pylab_helpers" in sys.modules:
             self.pyplot = True
             from matplotlib._pylab_helpers import Gcf
