@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import atexit
 import concurrent.futures
+import contextvars
 import importlib.metadata
 import multiprocessing
 import os
@@ -644,10 +645,12 @@ def compiled_script(path: str) -> Any:
 
 def run_script(invocation: Invocation) -> None:
     """Run the invocation's script as Snakemake's `script:` would, as the `__main__` of the
-    calling thread's invocation (its globals are Snakemake's preamble's, see isolation)."""
+    calling thread's invocation (its globals are Snakemake's preamble's, see isolation), in a
+    context of its own: context variables it sets (numpy's print options, decimal's context) end
+    with it, although the worker's task thread runs the next script."""
     context = current()
     assert context is not None, "run_script runs inside an invocation's isolation"
-    exec(compiled_script(invocation.script), context.main.__dict__)
+    contextvars.Context().run(exec, compiled_script(invocation.script), context.main.__dict__)
 
 
 def format_script_error(error: BaseException) -> str:

@@ -36,7 +36,14 @@ IDIOMS = [
     "hooks",
     "rand",
     "started",
+    "fds",
+    "context",
+    "settings",
 ]
+# what only the process can hold: with slots 2 a script may change it only alone (it fails beside
+# a neighbour); and settings that neighbours side by side share until both have ended
+PROCESS_WIDE = ("chdir", "environ", "fds")
+SHARED_SIDE_BY_SIDE = ("settings",)
 
 RULE = """
 rule {idiom}:
@@ -344,6 +351,61 @@ SCRIPTS = {
         draws = [random.random(), random.randint(0, 100), float(numpy.random.rand()), int(numpy.random.randint(100))]
         open(snakemake.output[0], "w").write(f"{draws}\\n")
     """,
+    # the standard descriptors pointed at the log, as C code and subprocesses write to them
+    "fds": """
+        import os, subprocess, pairs
+        if pairs.first(snakemake):
+            log = os.open(snakemake.log[0], os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+            pairs.ready(snakemake)
+            try:
+                os.dup2(log, 1)
+            finally:
+                pairs.changed(snakemake)
+            subprocess.run(["echo", "a subprocess of job 0"], check=True)
+            os.write(1, b"C-level write of job 0\\n")
+        else:
+            pairs.look(snakemake)
+            subprocess.run(["sh", "-c", "echo a subprocess of job 1 > " + snakemake.log[0]], check=True)
+            pairs.looked(snakemake)
+        open(snakemake.output[0], "w").write("ok\\n")
+    """,
+    # what belongs to the script's thread or context: torch's grad mode, numpy's print options, decimal
+    "context": """
+        import decimal, numpy, torch, pairs
+        if not pairs.first(snakemake):
+            pairs.look(snakemake)
+        seen = f"{torch.is_grad_enabled()} {numpy.get_printoptions()['precision']} {decimal.getcontext().prec}"
+        torch.set_grad_enabled(False)
+        numpy.set_printoptions(precision=2)
+        decimal.getcontext().prec = 5
+        if pairs.first(snakemake):
+            pairs.changed(snakemake)
+        else:
+            pairs.looked(snakemake)
+        open(snakemake.output[0], "w").write(f"{seen} {numpy.array([1/3])} {decimal.Decimal(1) / 3}\\n")
+    """,
+    # what the process holds: signal handlers, the umask, torch's threads and random generator
+    "settings": """
+        import os, signal, torch, pairs
+        if not pairs.first(snakemake):
+            pairs.look(snakemake)
+        mask = os.umask(0o077)
+        os.umask(mask)
+        seven = torch.Generator().manual_seed(7)
+        after_seed_7 = [torch.rand(1, generator=seven).item() for _ in range(2)]
+        # unseeded, torch's draws differ between fresh processes: the draw must only not follow seed 7
+        unseeded = torch.rand(1).item() not in after_seed_7
+        seen = f"{signal.getsignal(signal.SIGUSR1)} {oct(mask)} {torch.get_num_threads()} {unseeded}"
+        signal.signal(signal.SIGUSR1, lambda *_: None)
+        os.umask(0o077)
+        torch.set_num_threads(3)
+        torch.manual_seed(7)
+        if pairs.first(snakemake):
+            pairs.changed(snakemake)
+        else:
+            pairs.looked(snakemake)
+        open(snakemake.output[0], "w").write(f"{seen} {torch.rand(1).item():.6f}\\n")
+    """,
     # threads the script starts: not daemons, joined at its end, their logs and output the job's
     "started": """
         import logging, threading, time, pairs
@@ -443,7 +505,9 @@ def test_a_script_sees_what_a_fresh_job_sees(runs: dict, idiom: str, mode: str):
     assert local.returncode == 0, local.output
     expected = {k: v for k, v in results(reference).items() if k.split("/")[1].startswith(f"{idiom}-")}
     got = {k: v for k, v in results(wf).items() if k.split("/")[1].startswith(f"{idiom}-")}
-    if mode == "slots2" and idiom in ("chdir", "environ"):  # job 0 fails, job 1 sees nothing of it
+    if mode == "slots2" and idiom in SHARED_SIDE_BY_SIDE:
+        pytest.skip(f"{idiom}: neighbours side by side share it (docs/further.md); it is put back once both end")
+    if mode == "slots2" and idiom in PROCESS_WIDE:  # job 0 fails, job 1 sees nothing of it
         expected = {k: v for k, v in expected.items() if k.endswith("-1.txt") or k.endswith("-1.log")}
         got = {k: v for k, v in got.items() if not k.endswith("-0.log")}
     assert expected, f"the local run made nothing for {idiom}"
@@ -465,12 +529,14 @@ def test_each_invocation_starts_anew_and_the_template_lives_on(runs: dict):
 def test_a_change_of_the_whole_process_beside_a_neighbour_fails_clearly(runs: dict):
     wf, run = runs["slots2"]
     assert run.returncode != 0
-    for call, what in (("os.chdir('elsewhere')", "working directory"), ("os.environ['STICKY_PROBE']", "environment")):
+    calls = [("os.chdir('elsewhere')", "working directory"), ("os.environ['STICKY_PROBE']", "environment")]
+    calls.append(("os.dup2(", "standard file descriptors"))
+    for call, what in calls:
         assert call in run.output and f"changes the {what} of the whole worker process" in run.output, run.output
     assert "slots: 1" in run.output and "template 't' has slots: 2" in run.output
     assert not (wf.root / "elsewhere" / "moved.txt").exists()  # the change was refused, not made
     failed = {line.split()[-1] for line in run.output.splitlines() if line.startswith("Error in rule")}
-    assert failed == {"chdir:", "environ:"}, run.output
+    assert failed == {f"{idiom}:" for idiom in PROCESS_WIDE}, run.output
 
 
 def test_the_preamble_is_snakemakes(tmp_path: Path):

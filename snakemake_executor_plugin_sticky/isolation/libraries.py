@@ -8,8 +8,11 @@
   nothing in another, even side by side.
 - pyplot's figures (the current figure too) are each invocation's own, closed at its end.
 - What only the process can hold (warnings' default action and show hooks, matplotlib's
-  rcParams, the recursion limit, socket's default timeout) is put back when the invocations
-  that overlapped have all ended: after each invocation with `slots: 1`.
+  rcParams, the recursion limit, socket's default timeout, torch's thread count, default dtype,
+  matmul precision, deterministic and backend flags, and its random generators) is put back when
+  the invocations that overlapped have all ended: after each invocation with `slots: 1`, so each
+  starts from the state the template left, as a fresh job starts from the state its setup leaves.
+- torch's grad mode belongs to the thread: `torch.set_grad_enabled(False)` ends with the script.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from __future__ import annotations
 import random
 import socket
 import sys
+import threading
 import types
 import warnings
 from collections import OrderedDict
@@ -150,6 +154,8 @@ class Libraries:
         self.undo: list[Callable[[], Any]] = []
         self.numpy = False
         self.pyplot = False
+        self.group = False  # invocations run: what only the process holds is kept in `saved`
+        self._lock = threading.Lock()
         self.saved: dict[str, Any] = {}
 
     def install(self) -> Callable[[], None]:
@@ -167,6 +173,10 @@ class Libraries:
 
     def check(self) -> None:
         """Route numpy's generator and pyplot's figures once they are imported."""
+        with self._lock:
+            self._check()
+
+    def _check(self) -> None:
         if not self.numpy and "numpy.random" in sys.modules:
             self.numpy = True
             import numpy.random
@@ -181,6 +191,18 @@ class Libraries:
             figures = Gcf.figs
             Gcf.figs = Figures(figures)  # type: ignore[assignment]
             self.undo.append(lambda: setattr(Gcf, "figs", figures))
+        if self.group:
+            self.keep_libraries()
+
+    def keep_libraries(self) -> None:
+        """Keep the settings of matplotlib and torch as they are now, if they are loaded and not
+        kept yet: at the group's start, or just after a script imported them."""
+        matplotlib = sys.modules.get("matplotlib")
+        if "rcParams" not in self.saved and hasattr(matplotlib, "rcParams"):
+            self.saved["rcParams"] = dict(dict.items(matplotlib.rcParams))  # type: ignore[union-attr]
+        torch = sys.modules.get("torch")
+        if "torch" not in self.saved and hasattr(torch, "get_rng_state"):
+            self.saved["torch"] = torch_settings(torch)
 
     def first(self) -> None:
         """The first of overlapping invocations begins: keep what only the process can hold."""
@@ -189,13 +211,12 @@ class Libraries:
         warnings.onceregistry = {}  # "once" is once per job
         self.saved["recursionlimit"] = sys.getrecursionlimit()
         self.saved["timeout"] = socket.getdefaulttimeout()
-        matplotlib = sys.modules.get("matplotlib")
-        if matplotlib is not None and hasattr(matplotlib, "rcParams"):
-            self.saved["rcParams"] = dict(dict.items(matplotlib.rcParams))
+        self.group = True
+        self.keep_libraries()
 
     def last(self) -> None:
         """The last of overlapping invocations has ended: put back what only the process holds."""
-        saved, self.saved = self.saved, {}
+        saved, self.saved, self.group = self.saved, {}, False
         for name in (*WARNINGS_SHARED, "onceregistry"):
             if name in saved:
                 setattr(warnings, name, saved[name])
@@ -204,6 +225,8 @@ class Libraries:
         if "timeout" in saved:
             socket.setdefaulttimeout(saved["timeout"])
         self._reset_rcparams(saved.get("rcParams"))
+        if "torch" in saved:
+            restore_torch(sys.modules["torch"], saved["torch"])
 
     @staticmethod
     def _reset_rcparams(before: Optional[dict]) -> None:
@@ -216,6 +239,42 @@ class Libraries:
         for key, value in before.items():
             if key != "backend" and dict.get(params, key) is not value:
                 params._set(key, value)
+
+
+def torch_settings(torch: Any) -> dict[str, Any]:
+    """torch's process-wide settings a script may change (CUDA's only where it is initialised)."""
+    settings = {
+        "threads": torch.get_num_threads(),
+        "dtype": torch.get_default_dtype(),
+        "matmul": torch.get_float32_matmul_precision(),
+        "deterministic": (
+            torch.are_deterministic_algorithms_enabled(),
+            torch.is_deterministic_algorithms_warn_only_enabled(),
+        ),
+        "cudnn": (torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic),
+        "rng": torch.get_rng_state(),
+    }
+    if torch.cuda.is_initialized():
+        settings["cuda_rng"] = torch.cuda.get_rng_state_all()
+    return settings
+
+
+def restore_torch(torch: Any, saved: dict[str, Any]) -> None:
+    """Put torch's process-wide settings back as `torch_settings` found them."""
+    now = torch_settings(torch)
+    if now["threads"] != saved["threads"]:
+        torch.set_num_threads(saved["threads"])
+    if now["dtype"] != saved["dtype"]:
+        torch.set_default_dtype(saved["dtype"])
+    if now["matmul"] != saved["matmul"]:
+        torch.set_float32_matmul_precision(saved["matmul"])
+    if now["deterministic"] != saved["deterministic"]:
+        torch.use_deterministic_algorithms(saved["deterministic"][0], warn_only=saved["deterministic"][1])
+    torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = saved["cudnn"]
+    if not torch.equal(now["rng"], saved["rng"]):
+        torch.set_rng_state(saved["rng"])
+    if "cuda_rng" in saved:
+        torch.cuda.set_rng_state_all(saved["cuda_rng"])
 
 
 def begin(context: InvocationContext) -> None:
@@ -232,3 +291,6 @@ def end(context: InvocationContext) -> None:
         plt.close("all")
     if context.viewed(warnings) is not None:
         warnings._filters_mutated()  # type: ignore[attr-defined]
+    torch = sys.modules.get("torch")
+    if torch is not None and hasattr(torch, "is_grad_enabled") and not torch.is_grad_enabled():
+        torch.set_grad_enabled(True)  # the thread's: the next invocation in it starts as a fresh one

@@ -9,12 +9,17 @@
 - `atexit` hooks a script registers run at its end, as its process's exit would run them, after
   the threads it started have ended (an executor's idle threads are shut down, as at exit).
 - Threads a script starts work for its invocation: their prints and logs are the job's.
+- Signal handlers, the umask and the locale a script sets, and the standard file descriptors it
+  points elsewhere (`os.dup2(log, 1)`), are put back at its end; moving a standard descriptor
+  beside a neighbour fails as a directory change does.
 """
 
 from __future__ import annotations
 
 import atexit
+import locale
 import os
+import signal
 import sys
 import threading
 import traceback
@@ -70,6 +75,45 @@ def _guard_chdir(real: Callable[[Any], None], name: str) -> Callable[[Any], None
     return chdir
 
 
+def _guard_dup2(real: Callable[..., int], saved: dict[int, int]) -> Callable[..., int]:
+    def dup2(fd: int, fd2: int, inheritable: bool = True) -> int:
+        context = current()
+        if fd2 in saved and context is not None and _admission is not None and context.owns_caller():
+            _admission.claim(context, f"os.dup2({fd}, {fd2})", "standard file descriptors")
+            context.cleanup.append(lambda: real(saved[fd2], fd2, True))
+        return real(fd, fd2, inheritable)
+
+    dup2.__doc__ = real.__doc__
+    return dup2
+
+
+def _journal(real: Callable[..., Any], previous: Callable[..., Any], changes: Callable[..., bool]) -> Callable:
+    """`real`, whose changes made by a script are undone at its end: `previous(*args)` reads what
+    the call replaces, before it is made, and `changes(*args)` says whether the call changes it."""
+
+    def journaled(*args: Any, **kwargs: Any) -> Any:
+        context = current()
+        if context is None or not changes(*args, **kwargs) or not context.owns_caller():
+            return real(*args, **kwargs)
+        before = previous(*args, **kwargs)
+        result = real(*args, **kwargs)
+        context.cleanup.append(lambda: _put_back(journaled, args, before))
+        return result
+
+    journaled.__doc__ = real.__doc__
+    journaled.__name__ = real.__name__
+    return journaled
+
+
+def _put_back(call: Callable, args: tuple, before: Any) -> None:
+    if call.__name__ == "umask":
+        os.umask(before)
+    elif call.__name__ == "setlocale":
+        locale.setlocale(args[0], before)
+    else:
+        signal.signal(args[0], before)
+
+
 def _register(real: Callable) -> Callable:
     def register(func: Callable, *args: Any, **kwargs: Any) -> Callable:
         context = current()
@@ -107,7 +151,15 @@ def install(admission: Admission) -> Callable[[], None]:
     saved = [(os, "chdir", os.chdir), (os, "fchdir", os.fchdir), (atexit, "register", atexit.register)]
     saved += [(atexit, "unregister", atexit.unregister), (threading.Thread, "start", threading.Thread.start)]
     saved += [(threading.Thread, "_bootstrap_inner", threading.Thread._bootstrap_inner)]  # type: ignore[attr-defined]
-    saved += [(threading.Thread, "__init__", threading.Thread.__init__)]
+    saved += [(threading.Thread, "__init__", threading.Thread.__init__), (os, "dup2", os.dup2)]
+    saved += [(os, "umask", os.umask), (locale, "setlocale", locale.setlocale), (signal, "signal", signal.signal)]
+    standard = {fd: os.dup(fd) for fd in (0, 1, 2) if _is_open(fd)}
+    os.dup2 = _guard_dup2(os.dup2, standard)
+    umask = os.umask
+    os.umask = _journal(umask, lambda mask: _current_umask(umask), lambda mask: True)
+    setlocale = locale.setlocale
+    locale.setlocale = _journal(setlocale, lambda c, value=None: setlocale(c), lambda c, value=None: value is not None)
+    signal.signal = _journal(signal.signal, lambda signum, handler: signal.getsignal(signum), lambda s, h: True)
     os.chdir = _guard_chdir(os.chdir, "chdir")
     os.fchdir = _guard_chdir(os.fchdir, "fchdir")
     atexit.register = _register(atexit.register)
@@ -125,6 +177,8 @@ def install(admission: Admission) -> Callable[[], None]:
         os.environ.__class__ = os._Environ
         for owner, name, value in saved:
             setattr(owner, name, value)
+        for fd in standard.values():
+            os.close(fd)
         _admission, _installed = None, False
 
     return undo
@@ -166,6 +220,20 @@ def _bootstrap(real: Callable) -> Callable:
     return bootstrap_inner
 
 
+def _is_open(fd: int) -> bool:
+    try:
+        os.fstat(fd)
+        return True
+    except OSError:
+        return False
+
+
+def _current_umask(umask: Callable[[int], int]) -> int:
+    mask = umask(0o022)
+    umask(mask)
+    return mask
+
+
 def set_thread_variables(threads: int) -> dict[str, Optional[str]]:
     """Set the job's thread variables; returns what they were."""
     before = {name: os.environ.get(name) for name in THREAD_VARIABLES}
@@ -194,6 +262,8 @@ def end(context: InvocationContext) -> None:
         except Exception:
             print(f"Exception ignored in atexit callback {func!r}:", file=sys.stderr)
             traceback.print_exc()
+    while context.cleanup:
+        context.cleanup.pop()()
     restore_environment(context.environ)
     try:
         moved = os.getcwd() != context.workdir

@@ -63,6 +63,10 @@ class StreamRouter(io.TextIOBase):
         """Always: a standard output stream."""
         return True
 
+    def __getattr__(self, name: str) -> Any:
+        # the rest of the stream's interface (`reconfigure`, `line_buffering`, ...) is the target's
+        return getattr(self.target(), name)
+
     @property
     def buffer(self) -> Any:  # type: ignore[override]
         """This thread's stream's bytes, for `sys.stdout.buffer.write`."""
