@@ -388,11 +388,20 @@ def isolation_cost(folder: Path, n: int) -> dict:
     return {"n": n, "bare_us": plain, "isolated_us": isolated, "added_us": isolated - plain}
 
 
+# Snakemake alone (--executor touch) under its greedy scheduler and under firstfit, with the other
+# large-run flags: the floor beneath a large run, and why the scheduler matters.
+FLOOR_FLAGS = {
+    "greedy": ["--scheduler", "greedy", *LARGE_RUN_FLAGS[4:]],
+    "firstfit": LARGE_RUN_FLAGS,
+}
+
+
 def scale(folder: Path, ns: list[int], workers: int, compare_at: int) -> dict:
     prepare_noop(folder)
     rows = []
     for n in ns:
         measured = noop_run(folder, n, "sticky", workers, LARGE_RUN_FLAGS)
+        floors = {name: noop_run(folder, n, "touch", workers, flags).wall_s for name, flags in FLOOR_FLAGS.items()}
         rows.append(
             {
                 "n": n,
@@ -400,11 +409,15 @@ def scale(folder: Path, ns: list[int], workers: int, compare_at: int) -> dict:
                 "per_invocation_ms": 1000 * measured.wall_s / n,
                 "head_rss_mb": measured.head_rss_mb,
                 "worker_rss_mb": measured.worker_rss_mb,
+                "floor_greedy_s": floors["greedy"],
+                "floor_firstfit_s": floors["firstfit"],
+                "plugin_ms": 1000 * (measured.wall_s - floors["firstfit"]) / n,
             }
         )
         print(
             f"  scale N={n}: {measured.wall_s:.1f} s ({1000 * measured.wall_s / n:.2f} ms/invocation), "
-            f"Snakemake {measured.head_rss_mb:.0f} MB, worker {measured.worker_rss_mb:.0f} MB",
+            f"Snakemake {measured.head_rss_mb:.0f} MB, worker {measured.worker_rss_mb:.0f} MB; Snakemake alone "
+            f"{floors['greedy']:.1f} s with greedy, {floors['firstfit']:.1f} s with firstfit",
             flush=True,
         )
     settings = []
@@ -860,14 +873,21 @@ def markdown(results: dict) -> str:
         lines.append("")
     if "scale" in results:
         lines += [
-            "**Scale**, no-op invocations with the large-run flags:",
+            "**Scale**, no-op invocations with the large-run flags, beside Snakemake alone (`--executor touch`, "
+            "the same flags) under its greedy scheduler and under firstfit:",
             "",
-            "| N | wall | per invocation | Snakemake peak RSS | worker peak RSS |",
-            "|---|---|---|---|---|",
+            "| N | sticky | per invocation | Snakemake alone, greedy | Snakemake alone, firstfit "
+            "| the plugin's part per invocation | Snakemake peak RSS | worker peak RSS |",
+            "|---|---|---|---|---|---|---|---|",
         ]
         for row in results["scale"]["rows"]:
+            floors = (
+                f"{row['floor_greedy_s']:.1f} s | {row['floor_firstfit_s']:.1f} s | {row['plugin_ms']:.2f} ms"
+                if "floor_greedy_s" in row
+                else "| |"
+            )
             lines.append(
-                f"| {row['n']:,} | {row['wall_s']:.1f} s | {row['per_invocation_ms']:.2f} ms | "
+                f"| {row['n']:,} | {row['wall_s']:.1f} s | {row['per_invocation_ms']:.2f} ms | {floors} | "
                 f"{row['head_rss_mb']:.0f} MB | {row['worker_rss_mb']:.0f} MB |"
             )
         lines += ["", f"Settings at N = {results['scale']['settings_at']:,}:", "", "| settings | wall |", "|---|---|"]

@@ -34,14 +34,47 @@ def window_advice(slots: int, cores: Optional[int], jobs: Optional[int]) -> Opti
     return None
 
 
-def large_run_advice(sticky_jobs: int, scheduler: Optional[str]) -> Optional[str]:
-    """Snakemake's default ILP scheduler solves a problem over every ready job in each round
-    (25-80 ms with hundreds of them), and a worker waits while it does."""
-    if sticky_jobs < MANY_STICKY_JOBS or scheduler != "ilp":
+# What measures fastest for a large run (docs/benchmarks.md, "Scale"), and where it comes from.
+LARGE_RUN_FLAGS = "--scheduler firstfit --scheduler-subsample 256 --max-jobs-per-timespan 100000/1s --drop-metadata"
+FIRSTFIT_PACKAGE = "snakemake-scheduler-plugin-firstfit"
+# Below this many job starts per second, Snakemake's rate limit paces a large run.
+FAST_START_RATE = 1000
+
+
+def large_run_advice(
+    sticky_jobs: int, scheduler: Optional[str], subsample: Optional[int], starts_per_s: Optional[float], firstfit: bool
+) -> Optional[tuple[str, str]]:
+    """(level, message) when a run of many sticky jobs uses Snakemake settings that make the
+    workers wait for Snakemake: its default ILP scheduler (a problem over every ready job in each
+    round), the greedy one (rounds that grow with the square of the ready jobs), firstfit without
+    a subsample, or the CLI's limit of 100 job starts a second. None when the settings are fine."""
+    if sticky_jobs < MANY_STICKY_JOBS:
         return None
-    return (
-        f"{sticky_jobs} sticky jobs under Snakemake's default ILP scheduler, which solves a problem "
-        f"over all ready jobs in every round while the workers wait. For runs this large, use "
-        f"the flags of the README's 'Large runs': --scheduler greedy (or firstfit), "
-        f"--max-jobs-per-timespan 100000/1s, --cores about 16 x workers x slots."
+    slow = []
+    if scheduler == "ilp":
+        slow.append("Snakemake's default ILP scheduler solves a problem over every ready job in each round")
+    elif scheduler == "greedy":
+        slow.append("the greedy scheduler's rounds grow with the square of the ready jobs")
+    elif scheduler == "firstfit" and not subsample:
+        slow.append("firstfit without --scheduler-subsample looks at every ready job in each round")
+    if starts_per_s is not None and starts_per_s < FAST_START_RATE:
+        slow.append(f"--max-jobs-per-timespan lets only {starts_per_s:g} jobs start a second")
+    if not slow:
+        return None
+    text = (
+        f"{sticky_jobs} sticky jobs, and {'; '.join(slow)}: the workers wait for Snakemake. For runs this "
+        f"large use {LARGE_RUN_FLAGS} (README, 'Large runs'; the profile workflow/profiles/large)."
     )
+    if not firstfit:
+        text += (
+            f" The firstfit scheduler is a plugin of its own: pip install {FIRSTFIT_PACKAGE} (or "
+            "'snakemake-executor-plugin-sticky[large]')."
+        )
+    return ("warning" if scheduler == "greedy" else "info"), text
+
+
+def firstfit_installed() -> bool:
+    """Whether Snakemake can use the firstfit scheduler here."""
+    import importlib.util
+
+    return importlib.util.find_spec("snakemake_scheduler_plugin_firstfit") is not None

@@ -204,8 +204,9 @@ class Batcher:
                 request.finished.set()
 
     def _call(self, batch: list[tuple[_Request, int, int]]) -> None:
-        """One model call for the batch; when it fails, the halves are tried until the items
-        that fail are found. Raises only what poisons the state."""
+        """One model call for the batch. When it fails, or returns a result count other than its
+        item count, the halves are tried until the items at fault are found: only their
+        invocations get the error. Raises only what poisons the state."""
         items = [item for request, start, end in batch for item in request.items[start:end]]
         started = time.time()
         try:
@@ -213,34 +214,47 @@ class Batcher:
         except Exception as e:
             if self._poisons(e):
                 raise
-            if len(items) > 1:
-                for half in split(batch):
-                    self._call(half)
-                return
-            ((request, start, _),) = batch
-            error = BatchItemError(
-                f"Batcher: item {start} of this invocation's list ({short(items[0])}) made the model call "
-                f"fail: {type(e).__name__}: {e}"
+            reason = f"{type(e).__name__}: {e}"
+            self._isolate(
+                batch, items, lambda what: BatchItemError(f"Batcher: {what} made the model call fail: {reason}"), e
             )
-            error.__cause__ = e
-            self._settle(request, 1, error)
             return
         finally:
             with _calls_lock:
                 _calls.append((started, time.time(), len(items)))
         if len(results) != len(items):
-            error = ValueError(
-                f"Batcher: the function returned {len(results)} results for {len(items)} items; it must "
-                "return one result per item, in order."
+            count = len(results)
+            self._isolate(
+                batch,
+                items,
+                lambda what: ValueError(
+                    f"Batcher: the function returned {count} results for {what}; it must return one result per "
+                    "item, in order."
+                ),
             )
-            for request, start, end in batch:
-                self._settle(request, end - start, error)
             return
         at = 0
         for request, start, end in batch:
             request.results[start:end] = results[at : at + end - start]
             at += end - start
             self._settle(request, end - start)
+
+    def _isolate(
+        self,
+        batch: list[tuple[_Request, int, int]],
+        items: list[Any],
+        error: Callable[[str], BaseException],
+        cause: Optional[BaseException] = None,
+    ) -> None:
+        """The call for `batch` failed: bisect it, or fail the one item it holds with `error`."""
+        if len(items) > 1:
+            for half in split(batch):
+                self._call(half)
+            return
+        ((request, start, _),) = batch
+        failure = error(f"item {start} of this invocation's list ({short(items[0])})")
+        failure.__cause__ = cause
+        self._settle(request, 1, failure)
 
     @staticmethod
     def _settle(request: _Request, count: int, error: Optional[BaseException] = None) -> None:

@@ -27,7 +27,7 @@ from snakemake_interface_executor_plugins.jobs import JobExecutorInterface
 from snakemake_interface_executor_plugins.settings import ExecMode
 
 from . import forkserver
-from .advice import large_run_advice, window_advice
+from .advice import firstfit_installed, large_run_advice, window_advice
 from .completions import CompletionBatcher
 from .declarations import Declarations, is_sticky, ready_templates, sticky_rules_in_group
 from .delegate import Delegate
@@ -121,10 +121,10 @@ class Executor(RealExecutor):
         if window is not None:
             level, text = window
             (self.logger.warning if level == "warning" else self.logger.info)(text)
-        scheduling = self.workflow.scheduling_settings
-        large = large_run_advice(self.pools.sticky_jobs, scheduling.scheduler if scheduling is not None else None)
+        large = large_run_advice(self.pools.sticky_jobs, *scheduling_of(self.workflow), firstfit_installed())
         if large is not None:
-            self.logger.info(large)
+            level, text = large
+            (self.logger.warning if level == "warning" else self.logger.info)(text)
 
     # -- engine -------------------------------------------------------------------------------
 
@@ -425,3 +425,13 @@ def make_backend(workdir: str, settings: ExecutorSettings, log: Any, on_event: A
     from .backends.local import EmbeddedBackend
 
     return EmbeddedBackend(workdir, settings, log, on_event, tweaks)
+
+
+def scheduling_of(workflow: Any) -> tuple[Optional[str], Optional[int], Optional[float]]:
+    """Snakemake's scheduler, its subsample and the job starts a second it allows."""
+    scheduling = workflow.scheduling_settings
+    if scheduling is None:
+        return None, None, None
+    limit = scheduling.max_jobs_per_timespan
+    rate = limit.max_jobs / limit.timespan if limit is not None and limit.timespan else None
+    return scheduling.scheduler, scheduling.subsample, rate

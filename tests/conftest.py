@@ -107,10 +107,13 @@ class Workflow:
         return path.read_text().split() if path.exists() else []
 
     def command(
-        self, *args: str, executor: Optional[str] = "sticky", cores: int = 4, python: Optional[Path] = None
+        self, *args: str, executor: Optional[str] = "sticky", cores: Optional[int] = 4, python: Optional[Path] = None
     ) -> list[str]:
-        """The snakemake CLI; with `python`, run by that interpreter (`python -m snakemake`)."""
-        cmd = [*([str(python), "-m", "snakemake"] if python else [SNAKEMAKE]), "--cores", str(cores), "--nocolor"]
+        """The snakemake CLI; with `python`, run by that interpreter (`python -m snakemake`); with
+        `cores=None` and `executor=None`, as the arguments (or a profile) say."""
+        cmd = [*([str(python), "-m", "snakemake"] if python else [SNAKEMAKE]), "--nocolor"]
+        if cores is not None:
+            cmd += ["--cores", str(cores)]
         if executor:
             cmd += ["--executor", executor]
         return cmd + list(args)
@@ -119,7 +122,7 @@ class Workflow:
         self,
         *args: str,
         executor: Optional[str] = "sticky",
-        cores: int = 4,
+        cores: Optional[int] = 4,
         timeout: float = RUN_TIMEOUT_S,
         env: Optional[dict[str, str]] = None,
         unset: tuple[str, ...] = (),

@@ -134,8 +134,25 @@ def test_a_poisoning_exception_reaches_every_invocation_of_the_call_unsplit():
 
 def test_results_of_the_wrong_length_fail_the_call_with_a_clear_error():
     batcher = Batcher(lambda items: items[:-1], max_batch=4)
-    with pytest.raises(ValueError, match="returned 1 results for 2 items"):
+    with pytest.raises(ValueError, match=r"returned 0 results for item 0 of this invocation's list \('a'\)"):
         batcher(["a", "b"])
+    batcher.close()
+
+
+def test_a_function_that_drops_an_item_fails_only_the_invocation_whose_item_it_dropped():
+    def drop(items: list) -> list:
+        return [("done", item) for item in items if item != "drop-me"]
+
+    batcher = Batcher(drop, max_batch=64)
+    lists = {f"inv{i}": [f"inv{i}-a", f"inv{i}-b"] for i in range(20)}
+    lists["inv7"] = ["inv7-a", "drop-me"]
+    got = call_all(batcher, lists)
+    assert isinstance(got["inv7"], ValueError), got["inv7"]
+    assert "returned 0 results for item 1 of this invocation's list ('drop-me')" in str(got["inv7"])
+    assert "one result per item" in str(got["inv7"])
+    for name, items in lists.items():
+        if name != "inv7":
+            assert got[name] == [("done", item) for item in items], name
     batcher.close()
 
 

@@ -177,14 +177,14 @@ class Libraries:
             self._check()
 
     def _check(self) -> None:
-        if not self.numpy and "numpy.random" in sys.modules:
+        if not self.numpy and loaded("numpy.random") is not None:
             self.numpy = True
             import numpy.random
 
             shared = numpy.random.mtrand._rand
             modules = [numpy.random, numpy.random.mtrand]
             self.undo.append(_route_generator(modules, "numpy", shared, numpy.random.RandomState, NUMPY_ALSO))
-        if not self.pyplot and "matplotlib._pylab_helpers" in sys.modules:
+        if not self.pyplot and loaded("matplotlib._pylab_helpers") is not None:
             self.pyplot = True
             from matplotlib._pylab_helpers import Gcf
 
@@ -197,11 +197,11 @@ class Libraries:
     def keep_libraries(self) -> None:
         """Keep the settings of matplotlib and torch as they are now, if they are loaded and not
         kept yet: at the group's start, or just after a script imported them."""
-        matplotlib = sys.modules.get("matplotlib")
+        matplotlib = loaded("matplotlib")
         if "rcParams" not in self.saved and hasattr(matplotlib, "rcParams"):
             self.saved["rcParams"] = dict(dict.items(matplotlib.rcParams))  # type: ignore[union-attr]
-        torch = sys.modules.get("torch")
-        if "torch" not in self.saved and hasattr(torch, "get_rng_state"):
+        torch = loaded("torch")
+        if "torch" not in self.saved and torch is not None:
             self.saved["torch"] = torch_settings(torch)
 
     def first(self) -> None:
@@ -226,11 +226,11 @@ class Libraries:
             socket.setdefaulttimeout(saved["timeout"])
         self._reset_rcparams(saved.get("rcParams"))
         if "torch" in saved:
-            restore_torch(sys.modules["torch"], saved["torch"])
+            restore_torch(loaded("torch"), saved["torch"])
 
     @staticmethod
     def _reset_rcparams(before: Optional[dict]) -> None:
-        matplotlib = sys.modules.get("matplotlib")
+        matplotlib = loaded("matplotlib")
         params = getattr(matplotlib, "rcParams", None)
         if params is None:
             return
@@ -239,6 +239,15 @@ class Libraries:
         for key, value in before.items():
             if key != "backend" and dict.get(params, key) is not value:
                 params._set(key, value)
+
+
+def loaded(name: str) -> Any:
+    """The module `name` once it is imported whole: not while another thread imports it (the
+    template's setup may be importing torch while an invocation begins)."""
+    module = sys.modules.get(name)
+    if module is None or getattr(getattr(module, "__spec__", None), "_initializing", False):
+        return None
+    return module
 
 
 def torch_settings(torch: Any) -> dict[str, Any]:
@@ -291,6 +300,6 @@ def end(context: InvocationContext) -> None:
         plt.close("all")
     if context.viewed(warnings) is not None:
         warnings._filters_mutated()  # type: ignore[attr-defined]
-    torch = sys.modules.get("torch")
-    if torch is not None and hasattr(torch, "is_grad_enabled") and not torch.is_grad_enabled():
+    torch = loaded("torch")
+    if torch is not None and not torch.is_grad_enabled():
         torch.set_grad_enabled(True)  # the thread's: the next invocation in it starts as a fresh one
