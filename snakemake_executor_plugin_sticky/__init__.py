@@ -8,9 +8,8 @@ asks for `Executor`, so a script under another executor pays nothing for them.
 
 from typing import Any
 
-from snakemake_interface_executor_plugins.settings import CommonSettings
-
 from .batching import Batcher
+from .dryrun import StickyCommonSettings
 from .settings import ExecutorSettings
 from .staging import stage
 from .state import sticky_state
@@ -18,8 +17,9 @@ from .state import sticky_state
 __all__ = ["Batcher", "Executor", "ExecutorSettings", "common_settings", "stage", "sticky_state"]
 
 # Same as Snakemake's local executor: jobs run on this machine with its file system, and jobs
-# that are not sticky are handed to the local executor itself.
-common_settings = CommonSettings(
+# that are not sticky are handed to the local executor itself. A dry run checks the sticky
+# declarations as the real run does (dryrun.py).
+common_settings = StickyCommonSettings(
     non_local_exec=False,
     implies_no_shared_fs=False,
     job_deploy_sources=False,

@@ -4,14 +4,17 @@ tested without a run."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, Iterable, Optional
 
 from snakemake_interface_common.exceptions import WorkflowError
 from snakemake_interface_executor_plugins.jobs import JobExecutorInterface
 
-from .environments import rule_environment, uncounted_environment
+from .environments import deployment_of, rule_environment, uncounted_environment
+from .gpus import GpuPlan, visible_gpus
 from .invocation import local_script_path
-from .templates import CONFIG_SECTION, RESOURCE, TemplateSpec, with_environment
+from .templates import CONFIG_SECTION, RESOURCE, TemplateSpec, parse_templates, with_environment
+from .validation import check_settings
 
 
 class Declarations:
@@ -107,6 +110,41 @@ class Declarations:
                 f"the same one in both places, or leave it to the template's config entry ({CONFIG_SECTION}: "
                 f"{name}: conda:, container: or python:)."
             )
+
+
+def refuse_pipe_groups(jobs: Iterable[JobExecutorInterface]) -> None:
+    """A sticky job in a pipe or service group (its jobs run at once, joined by a pipe) cannot
+    run as an invocation: refused before any worker starts, with the rule named."""
+    for job in jobs:
+        name = job.resources.get(RESOURCE)
+        if name is not None and getattr(job, "pipe_group", None) is not None:
+            raise WorkflowError(
+                f"Rule '{job.rule.name}' is sticky (template '{name}') but runs in a pipe or service group: "
+                "its jobs run at once, joined by pipes, which an invocation inside a worker cannot join. "
+                "Write that input or output as a plain file, or make the rule not sticky."
+            )
+
+
+def check_declarations(
+    workflow: Any, jobs: Iterable[JobExecutorInterface], settings: Any
+) -> tuple["Declarations", dict[str, TemplateSpec], dict[str, int]]:
+    """What a run checks before any worker starts, and what a dry run checks too: the settings,
+    the config's templates, and every job's declaration. The declarations, the templates used
+    and how many jobs each has."""
+    check_settings(settings)
+    jobs = list(jobs)
+    declarations = Declarations(parse_templates(workflow.config, Path.cwd()), deployment_of(workflow))
+    refuse_pipe_groups(jobs)
+    used, counts = declarations.templates_of(jobs)
+    if settings.cluster != "local" and not settings.scheduler:
+        from .backends import jobqueue
+
+        jobqueue.check_pools(list(used.values()), settings)
+    elif not settings.scheduler:  # local workers: the GPUs they ask for are visible here
+        plan = GpuPlan(visible_gpus(), None)
+        for template in used.values():
+            plan.worker_count(template, settings.workers)
+    return declarations, used, counts
 
 
 def ready_templates(used: dict[str, TemplateSpec], ready_jobs: Iterable[JobExecutorInterface]) -> list[TemplateSpec]:

@@ -29,14 +29,14 @@ from snakemake_interface_executor_plugins.settings import ExecMode
 from . import forkserver
 from .advice import firstfit_installed, large_run_advice, window_advice
 from .completions import CompletionBatcher
-from .declarations import Declarations, is_sticky, ready_templates, sticky_rules_in_group
+from .declarations import check_declarations, is_sticky, ready_templates, sticky_rules_in_group
 from .delegate import Delegate
-from .environments import deployment_of, launch_command, probe
+from .environments import launch_command, probe
 from .invocation import Invocation, InvocationCrashedWorkers, InvocationResult, build_invocation
 from .pools import PoolBook
 from .report import RunReport
 from .settings import ExecutorSettings
-from .templates import TemplateSpec, parse_templates
+from .templates import TemplateSpec
 from .tweaks import ProcessTweaks, cancel_pending_reevaluations
 from .validation import check_settings
 
@@ -56,8 +56,9 @@ class Executor(RealExecutor):
             # while this process does the rest of its start (see forkserver.py).
             self.tweaks.on_undo(forkserver.start_forkserver())
         self.workdir = os.getcwd()
-        self.templates = parse_templates(self.workflow.config, Path(self.workdir))
-        self.declarations = Declarations(self.templates, deployment_of(self.workflow))
+        # the run refuses a misdeclared job before any worker starts, as a dry run does (dryrun.py)
+        self.declarations, used, jobs = check_declarations(self.workflow, self.dag.needrun_jobs(), self.settings)
+        self.templates = self.declarations.templates
         self.delegate = Delegate(self.workflow, self.logger, self.settings)
         self._backend: Optional["Backend"] = None
         self._backend_lock = threading.Lock()
@@ -68,15 +69,10 @@ class Executor(RealExecutor):
         self.completions = CompletionBatcher(on_error=self.report_failed)
         self.report = RunReport(self.templates, Path(self.workflow.persistence.path) / "sticky", self.logger)
         self.tweaks.freeze_collections()
-        used, jobs = self.declarations.templates_of(self.dag.needrun_jobs())
         for note in sorted(self.declarations.notes):
             self.logger.info(note)
         # A checkpoint may add sticky jobs to the DAG later: then pools last until the run ends.
         self.pools = PoolBook(jobs, retire_early=not any(rule.is_checkpoint for rule in self.workflow.rules))
-        if self.settings.cluster != "local" and not self.settings.scheduler:
-            from .backends import jobqueue  # imported in the main thread: see there
-
-            jobqueue.check_pools(list(used.values()), self.settings)
         try:
             used = {name: self.place(template) for name, template in used.items()}
             for template in ready_templates(used, self.dag.ready_jobs):
@@ -218,7 +214,7 @@ class Executor(RealExecutor):
         if self._backend is None:
             return
         self.report.closing = True
-        for name, count in self.report.workers_alive().items():
+        for name, count in self.report.workers_alive(retiring=False).items():
             self.logger.info(f"Sticky template '{name}': retiring {count} worker(s).")
         try:
             self._backend.cancel() if cancel else self._backend.close()

@@ -72,6 +72,27 @@ def watched_pipe() -> int | None:
     return fd
 
 
+class Forwarder:
+    """Passes the signals the batch system sends on to the worker, until the worker's status is
+    collected: its pid may then belong to another process, and nothing is sent."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid: int | None = pid
+
+    def __call__(self, sig: int, _frame: object = None) -> None:
+        pid = self.pid
+        if pid is None:
+            return
+        try:
+            os.kill(pid, sig)
+        except ProcessLookupError:
+            pass
+
+    def stop(self) -> None:
+        """The worker's status is collected: forward nothing more."""
+        self.pid = None
+
+
 def keep(argv: list[str]) -> int:
     """Run the command as the keeper; return the exit status the keeper should end with."""
     if not argv:
@@ -86,13 +107,7 @@ def keep(argv: list[str]) -> int:
     environ = {k: v for k, v in os.environ.items() if k != WATCH_FD_ENV}
     worker = os.posix_spawn(command[0], command, {**environ, REAPER_ENV: str(os.getpid())}, setsigmask=())
     reaper.workers.add(worker)
-
-    def forward(sig: int, _frame: object) -> None:
-        try:
-            os.kill(worker, sig)
-        except ProcessLookupError:
-            pass
-
+    forward = Forwarder(worker)
     for sig in FORWARDED:
         signal.signal(sig, forward)
     signal.pthread_sigmask(signal.SIG_UNBLOCK, FORWARDED)
@@ -109,14 +124,18 @@ def keep(argv: list[str]) -> int:
         # Collect whatever ended (the worker, or orphans adopted here), then end new orphans:
         # they come from a process of the worker's tree that has died.
         while True:
+            # blocked meanwhile: no signal is forwarded between the worker's reaping and the stop
+            signal.pthread_sigmask(signal.SIG_BLOCK, FORWARDED)
             try:
                 pid, raw = os.waitpid(-1, os.WNOHANG)
             except ChildProcessError:
                 pid = 0
+            if pid == worker:
+                forward.stop()
+                status = raw
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, FORWARDED)
             if pid == 0:
                 break
-            if pid == worker:
-                status = raw
         if status is None:
             if reaper.has_orphans():
                 reaper.end_orphans("a process of the worker, which has ended,")

@@ -158,14 +158,15 @@ def end_tree(
 ) -> list[Proc]:
     """End every process below `root`: SIGTERM, up to `grace` seconds to go, then SIGKILL. What
     appears meanwhile (a helper forking as it ends) is ended too. Processes whose pids `spare`
-    returns are left alone with their own descendants. Returns those that would not end."""
+    returns are left alone, but not what runs below them: a forkserver helper's children are the
+    template's pool processes. Returns those that would not end."""
     sent: dict[tuple[int, int], Proc] = {}
     deadline = time.monotonic() + grace
     sig = signal.SIGTERM
     while True:
         table = process_table()
         spared = spare()
-        tree = [p for p in descendants(root, table) if p.pid not in spared and not _below(p, spared, table)]
+        tree = [p for p in descendants(root, table) if p.pid not in spared]
         fresh = [p for p in tree if p.running and (p.pid, p.started) not in sent]
         send([p for p in fresh if not is_resource_tracker(p)], sig)
         sent.update({(p.pid, p.started): p for p in fresh})
@@ -179,17 +180,6 @@ def end_tree(
             send(left, sig)
             deadline = time.monotonic() + KILL_WAIT_S
         time.sleep(POLL_S)
-
-
-def _below(proc: Proc, ancestors: set[int], table: dict[int, Proc]) -> bool:
-    seen = set()
-    parent = table.get(proc.ppid)
-    while parent is not None and parent.pid not in seen:
-        if parent.pid in ancestors:
-            return True
-        seen.add(parent.pid)
-        parent = table.get(parent.ppid)
-    return False
 
 
 def guarded_by_reaper() -> bool:

@@ -260,12 +260,14 @@ class RunReport:
             self.workers[address] = record
         return record
 
-    def workers_alive(self) -> dict[str, int]:
-        """Workers of each template that have not left."""
+    def workers_alive(self, retiring: bool = True) -> dict[str, int]:
+        """Workers of each template that have not left (without those retiring already, which
+        the log named when they began to retire, unless `retiring`)."""
         with self._lock:
             alive: dict[str, int] = {}
             for worker in self.workers.values():
-                if worker.gone_at is None:
+                gone = worker.gone_at is not None
+                if not gone and (retiring or not (worker.retired or worker.template in self._retiring)):
                     alive[worker.template] = alive.get(worker.template, 0) + 1
             return alive
 

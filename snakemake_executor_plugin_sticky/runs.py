@@ -17,6 +17,7 @@ import secrets
 import shlex
 import shutil
 import socket
+import stat
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
@@ -72,11 +73,30 @@ class RunFolder:
         shutil.rmtree(self.path, ignore_errors=True)
 
 
+def not_ours(folder: Path) -> Optional[str]:
+    """Why a run's folder may not be trusted (its owner.json names a command to run), or None:
+    the folder and what it holds must belong to this user, and nobody else may write there."""
+    for path in (folder, folder / "owner.json", folder / "jobs"):
+        try:
+            info = path.lstat()
+        except FileNotFoundError:
+            continue
+        if info.st_uid != os.getuid():
+            return f"{path.name} belongs to uid {info.st_uid}, not to you (uid {os.getuid()})"
+        if info.st_mode & 0o022 or stat.S_ISLNK(info.st_mode):
+            return f"{path.name} is a link or writable by others"
+    return None
+
+
 def clean_stale_runs(runs: Path, log: Any) -> None:
     """Cancel the jobs of runs that died here and remove their folders (credentials included)."""
     if not runs.is_dir():
         return
     for folder in sorted(runs.iterdir()):
+        stranger = not_ours(folder)
+        if stranger is not None:  # its cancel command is not ours to run, nor its folder to remove
+            log.warning(f"Sticky: {folder} is left as it is: {stranger}.")
+            continue
         try:
             owner = json.loads((folder / "owner.json").read_text())
         except (OSError, ValueError):

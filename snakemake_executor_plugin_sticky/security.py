@@ -8,8 +8,10 @@ credentials required on every port, a client without them is refused at the TLS 
 
 The credentials are a self-signed certificate (its own CA) and its key, made fresh for each run.
 Local workers get them in memory (they travel with the worker's start arguments, never through a
-file); batch jobs on other nodes read them from files that only the user can read, removed when
-the run ends (see runs.py for what a run that died leaves).
+file of the run; Dask writes them to a private temporary folder for the moment it loads them
+into a TLS context, as Python's ssl loads keys only from files); batch jobs on other nodes read
+them from files that only the user can read, removed when the run ends (see runs.py for what a
+run that died leaves).
 """
 
 from __future__ import annotations

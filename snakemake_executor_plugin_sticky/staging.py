@@ -13,7 +13,10 @@ content:
 - **Content identity.** A version is known from the relative paths, sizes and modification times
   of the source (a `stat` of each file, never an `open`), so a current copy is reused without
   reading the source. `stage(path, hash_content=True)` names the version by a hash of the content
-  instead (computed once, when copying).
+  instead, computed once per node as the files are copied under a reader's lease (a node that
+  finds the files staged elsewhere in the pool takes their version, and the copy, from there).
+- **Nothing half made.** A copy that fails (a full disk, a source that changes while it is read)
+  leaves no file behind and says why; a damaged manifest counts as a missing copy.
 - **Few readers of the shared source.** At most `--sticky-stage-readers` nodes of the pool read
   the same source at once (a Dask semaphore in the scheduler); the others wait, then copy from a
   node that has it: **peer transfer**, in chunks, over the engine's TLS connections. A peer that
@@ -31,6 +34,8 @@ import fcntl
 import hashlib
 import json
 import os
+import pwd
+import re
 import secrets
 import shutil
 import socket
@@ -38,9 +43,10 @@ import stat
 import tempfile
 import threading
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Iterator, Optional
 
 CHUNK_BYTES = 8 * 2**20
 PEER_RETRY_AFTER_S = 300.0  # a peer that failed is not asked again for this long
@@ -101,17 +107,19 @@ def stage(path: str | os.PathLike, hash_content: bool = False) -> Path:
     started = time.time()
     entries = scan(source)
     cache = cache_root()
-    version = version_of(source, entries, cache, hash_content)
-    copy = cache / "copies" / version / source.name
+    version, origin = identity_of(source, entries), "cache"
+    if hash_content:
+        version, origin = known_version(cache, version) or stage_hashed(source, entries, cache, version)
     done = cache / "copies" / f"{version}.json"
-    origin = "cache"
     hold(cache, version)  # first: an eviction that began before it has finished by now, and none starts
-    if not done.exists():
+    manifest = read_manifest(done)
+    if manifest is None:
         with file_lock(cache / "locks" / f"{version}.lock"):  # other workers of the node wait here
-            if not done.exists():
-                origin = fill(source, entries, cache, version, hash_content)
+            manifest = read_manifest(done)
+            if manifest is None:  # missing, or damaged: made (again)
+                origin = fill(source, entries, cache, version)
+                manifest = read_manifest(done) or {"bytes": sum(size for _, size, _ in entries)}
     os.utime(done)  # last used: the cache evicts the least recently used first
-    manifest = json.loads(done.read_text())
     if origin != "cache":
         evict(cache)
     if _config.announce is not None:
@@ -125,7 +133,7 @@ def stage(path: str | os.PathLike, hash_content: bool = False) -> Path:
                 "stage_started": started,
             }
         )
-    return copy
+    return cache / "copies" / version / source.name
 
 
 # -- the source ---------------------------------------------------------------------------------
@@ -166,24 +174,63 @@ def raise_stage_error(source: Path, error: OSError) -> None:
     raise StageError(f"stage(): {error.filename or source} cannot be read ({error.strerror}).")
 
 
-def version_of(source: Path, entries: list[tuple[str, int, int]], cache: Path, hash_content: bool) -> str:
-    """The version's name: from the source's path and its files' paths, sizes and modification
-    times; with `hash_content`, from the content (looked up by the former once it is known)."""
-    identity = hashlib.sha256(json.dumps([str(source), entries]).encode()).hexdigest()[:24]
-    if not hash_content:
-        return f"{source.name[:40]}-{identity}"
-    known = cache / "hashes" / identity
-    if known.exists():
-        return known.read_text().strip()
-    digest = hashlib.sha256()
-    for relative, _, _ in entries:
-        digest.update(relative.encode() + b"\0")
-        with open(source / relative if source.is_dir() else source, "rb") as f:
-            for block in iter(lambda: f.read(CHUNK_BYTES), b""):
-                digest.update(block)
-    version = f"{source.name[:40]}-sha256-{digest.hexdigest()[:24]}"
-    write_atomically(known, version)
-    return version
+def identity_of(source: Path, entries: list[tuple[str, int, int]]) -> str:
+    """The version's name from what a `stat` tells: the source's path and kind, and its files'
+    paths, sizes and modification times."""
+    kind = "file" if source.is_file() else "folder"
+    identity = hashlib.sha256(json.dumps([kind, str(source), entries]).encode()).hexdigest()[:24]
+    return f"{source.name[:40]}-{identity}"
+
+
+def known_version(cache: Path, identity: str) -> Optional[tuple[str, str]]:
+    """The content version this node found for `identity` before, if any."""
+    try:
+        version = (cache / "hashes" / identity).read_text().strip()
+    except FileNotFoundError:
+        return None
+    return (version, "cache") if version else None
+
+
+def stage_hashed(source: Path, entries: list[tuple[str, int, int]], cache: Path, identity: str) -> tuple[str, str]:
+    """The content version of the source (`hash_content=True`), found once per node: from a node
+    that staged the same files (its copy is fetched next), or by hashing the files as they are
+    copied from the shared source, under a reader's lease, so they are read once."""
+    with file_lock(cache / "locks" / f"{identity}.lock"):
+        known = known_version(cache, identity)
+        if known is not None:
+            return known
+        lease = SourceLease(source)
+        while True:
+            version = version_from_peers(identity)
+            if version is None and lease.acquire(timeout=PEER_POLL_S):
+                try:
+                    version = version_from_peers(identity)
+                    if version is None:
+                        version = copy_hashed(source, entries, cache, identity)
+                        write_atomically(cache / "hashes" / identity, version)
+                        return version, "shared"
+                finally:
+                    lease.release()
+            if version is not None:
+                write_atomically(cache / "hashes" / identity, version)
+                return version, "cache"
+
+
+def copy_hashed(source: Path, entries: list[tuple[str, int, int]], cache: Path, identity: str) -> str:
+    """Copy the source from the shared file system, hashing it on the way; put the copy in place
+    under its content version unless the node has that version already. Returns the version."""
+    partial = new_partial(cache, identity)
+    try:
+        with disk_errors(cache, source, entries):
+            digest = copy_from_source(source, entries, partial / source.name, hashing=True)
+        version = f"{source.name[:40]}-sha256-{digest[:24]}"
+        hold(cache, version)
+        with file_lock(cache / "locks" / f"{version}.lock"):
+            if read_manifest(cache / "copies" / f"{version}.json") is None:
+                finish(cache, version, partial, source, entries, "shared", identity)
+        return version
+    finally:
+        shutil.rmtree(partial, ignore_errors=True)  # what is left of it: nothing once in place
 
 
 # -- the cache ----------------------------------------------------------------------------------
@@ -193,15 +240,54 @@ def cache_root() -> Path:
     """This user's folder of copies on this node: `--sticky-cache-dir` (with $VARS and ~ expanded
     here), else $STICKY_CACHE_DIR, else the temporary folder ($TMPDIR); a subfolder only the user
     can enter."""
-    base = _config.cache_dir or os.environ.get(ENV_CACHE_DIR) or tempfile.gettempdir()
-    base = os.path.expanduser(os.path.expandvars(base))
+    if _config.cache_dir:
+        base = node_local(_config.cache_dir, "--sticky-cache-dir")
+    elif os.environ.get(ENV_CACHE_DIR):
+        base = node_local(os.environ[ENV_CACHE_DIR], f"${ENV_CACHE_DIR}")
+    else:
+        base = tempfile.gettempdir()
     root = Path(base) / f"sticky-cache-{os.getuid()}"
-    for sub in ("", "copies", "partial", "locks", "hashes"):
-        (root / sub).mkdir(parents=True, exist_ok=True, mode=0o700)
+    root.mkdir(parents=True, exist_ok=True, mode=0o700)
     info = root.stat()
-    if info.st_uid != os.getuid() or info.st_mode & 0o077:
-        raise StageError(f"stage(): the cache {root} must belong to this user and be private to them (chmod 700).")
+    if info.st_uid != os.getuid():
+        raise StageError(
+            f"stage(): the cache folder {root} belongs to {user_name(info.st_uid)}, not to you: another user "
+            "made it first. Give a folder of your own with --sticky-cache-dir (e.g. '/local/scratch/$USER')."
+        )
+    if info.st_mode & 0o077:
+        raise StageError(f"stage(): the cache {root} must be private to you (chmod 700 {root}).")
+    for sub in ("copies", "partial", "locks", "hashes"):
+        (root / sub).mkdir(exist_ok=True, mode=0o700)
     return root
+
+
+def node_local(folder: str, setting: str) -> str:
+    """The cache's folder with $VARS and ~ expanded on this node; StageError when a variable is
+    not set here or the folder is not absolute (it would be one folder in the shared working
+    directory for every node)."""
+    expanded = os.path.expanduser(os.path.expandvars(folder))
+    unset = re.search(r"\$\{?(\w+)", expanded)
+    if unset:
+        raise StageError(
+            f"stage(): {setting} {folder!r} names ${unset.group(1)}, which is not set on {socket.gethostname()}. "
+            f"Set it where the workers start (--sticky-prologue 'export {unset.group(1)}=/local/scratch'), or "
+            "give an absolute node-local folder."
+        )
+    if not os.path.isabs(expanded):
+        raise StageError(
+            f"stage(): {setting} {folder!r} is not an absolute folder: the copies must be node-local, and a "
+            "relative folder is one folder in the shared working directory for every node. Give an absolute "
+            "node-local folder, such as /local/scratch or '$TMPDIR' where jobs have one."
+        )
+    return expanded
+
+
+def user_name(uid: int) -> str:
+    """A user as a message names them."""
+    try:
+        return f"user {pwd.getpwuid(uid).pw_name} (uid {uid})"
+    except KeyError:
+        return f"uid {uid}"
 
 
 class file_lock:
@@ -239,15 +325,31 @@ def release_all() -> None:
 
 
 def write_atomically(path: Path, text: str) -> None:
-    """Write a small file aside and rename it into place: readers never see half of it."""
+    """Write a small file aside, on disk, then rename it into place: readers never see half of
+    it, even after a crash of the node."""
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(3)}")
-    partial.write_text(text)
+    with open(partial, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
     os.replace(partial, path)
 
 
+def read_manifest(path: Path) -> Optional[dict[str, Any]]:
+    """A copy's manifest; None when it is missing or damaged (then the copy counts as missing)."""
+    try:
+        manifest = json.loads(path.read_text())
+    except FileNotFoundError:
+        return None
+    except (ValueError, UnicodeDecodeError, OSError):
+        return None
+    return manifest if isinstance(manifest, dict) and isinstance(manifest.get("bytes"), int) else None
+
+
 def evict(cache: Path) -> None:
-    """Beyond --sticky-cache-size, remove the least recently used copies that no process uses."""
+    """Beyond --sticky-cache-size, remove the least recently used copies that no process uses.
+    Copies being made (`partial/`) count too; a copy whose manifest is damaged goes first."""
     limit = _config.cache_size
     if limit is None:
         return
@@ -255,14 +357,29 @@ def evict(cache: Path) -> None:
         sizes: dict[Path, tuple[float, int]] = {}
         for manifest in (cache / "copies").glob("*.json"):
             try:
-                sizes[manifest] = (manifest.stat().st_mtime, json.loads(manifest.read_text()).get("bytes", 0))
+                used = manifest.stat().st_mtime
             except FileNotFoundError:  # replaced or removed meanwhile
                 continue
-        total = sum(size for _, size in sizes.values())
+            known = read_manifest(manifest)
+            size = known["bytes"] if known is not None else disk_usage(cache / "copies" / manifest.name[:-5])
+            sizes[manifest] = (used if known is not None else 0.0, size)
+        total = sum(size for _, size in sizes.values()) + disk_usage(cache / "partial")
         for manifest in sorted(sizes, key=lambda p: sizes[p][0]):
             if total <= limit:
                 return
             total -= evict_one(cache, manifest, sizes[manifest][1])
+
+
+def disk_usage(folder: Path) -> int:
+    """Bytes of the files below `folder` (0 when it is gone)."""
+    total = 0
+    for parent, _, files in os.walk(folder):
+        for name in files:
+            try:
+                total += os.lstat(os.path.join(parent, name)).st_size
+            except FileNotFoundError:
+                continue
+    return total
 
 
 def evict_one(cache: Path, manifest: Path, size: int) -> int:
@@ -289,33 +406,71 @@ def evict_one(cache: Path, manifest: Path, size: int) -> int:
 # -- making the copy ----------------------------------------------------------------------------
 
 
-def fill(source: Path, entries: list[tuple[str, int, int]], cache: Path, version: str, hash_content: bool) -> str:
+def fill(source: Path, entries: list[tuple[str, int, int]], cache: Path, version: str) -> str:
     """Make the copy (this process holds the version's node lock): from a node that has it, else
     from the shared source, under one of the pool's reader leases. While waiting for a lease it
-    looks for a node that has the copy by now. Returns where the copy came from."""
+    looks for a node that has the copy by now. Returns where the copy came from. A copy that
+    fails leaves nothing behind."""
     for stale in (cache / "partial").glob(f"{version}-*"):  # a copy killed halfway
         shutil.rmtree(stale, ignore_errors=True)
-    partial = cache / "partial" / f"{version}-{os.getpid()}-{secrets.token_hex(3)}"
-    partial.mkdir(mode=0o700)
+    partial = new_partial(cache, version)
     target = partial / source.name
     lease = SourceLease(source)
-    while True:
-        origin = from_a_peer(version, source, entries, target)
-        if origin is not None:
-            break
-        if lease.acquire(timeout=PEER_POLL_S):
-            try:
+    try:
+        with disk_errors(cache, source, entries):
+            while True:
                 origin = from_a_peer(version, source, entries, target)
-                if origin is None:
-                    copy_from_source(source, entries, target)
-                    origin = "shared"
-                # done, and known to the pool, before the next reader may start
-                finish(cache, version, partial, source, entries, origin, hash_content)
-                return origin
-            finally:
-                lease.release()
-    finish(cache, version, partial, source, entries, origin, hash_content)
-    return origin
+                if origin is not None:
+                    break
+                if lease.acquire(timeout=PEER_POLL_S):
+                    try:
+                        origin = from_a_peer(version, source, entries, target)
+                        if origin is None:
+                            copy_from_source(source, entries, target)
+                            origin = "shared"
+                        # done, and known to the pool, before the next reader may start
+                        finish(cache, version, partial, source, entries, origin)
+                        return origin
+                    finally:
+                        lease.release()
+            finish(cache, version, partial, source, entries, origin)
+            return origin
+    finally:
+        shutil.rmtree(partial, ignore_errors=True)  # gone once renamed into place
+
+
+def new_partial(cache: Path, name: str) -> Path:
+    """A private folder in which a copy is made before it is renamed into place."""
+    partial = cache / "partial" / f"{name}-{os.getpid()}-{secrets.token_hex(3)}"
+    partial.mkdir(mode=0o700)
+    return partial
+
+
+@contextmanager
+def disk_errors(cache: Path, source: Path, entries: list[tuple[str, int, int]]) -> Iterator[None]:
+    """A full disk (or quota) while copying becomes a StageError that says so, names the cache
+    and says how much the copy needs."""
+    try:
+        yield
+    except OSError as e:
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        needed = sum(size for _, size, _ in entries)
+        free = shutil.disk_usage(cache).free
+        raise StageError(
+            f"stage(): the disk of the cache {cache} is full: {source} needs {format_bytes(needed)}, and "
+            f"{format_bytes(free)} are free there. Free space there, lower --sticky-cache-size so that older "
+            "copies go, or point --sticky-cache-dir at a larger node-local disk."
+        ) from e
+
+
+def format_bytes(n: int) -> str:
+    """A size as a message gives it."""
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024  # type: ignore[assignment]
+    return f"{n} B"
 
 
 def finish(
@@ -325,7 +480,7 @@ def finish(
     source: Path,
     entries: list[tuple[str, int, int]],
     origin: str,
-    hash_content: bool,
+    identity: Optional[str] = None,
 ) -> None:
     """Put the copy in place (a rename: a copy killed before this never counts), then say so."""
     shutil.rmtree(cache / "copies" / version, ignore_errors=True)  # what an eviction left half removed
@@ -336,21 +491,48 @@ def finish(
         "bytes": sum(size for _, size, _ in entries),
         "created": time.time(),
         "from": origin,
-        "hash_content": hash_content,
+        "identity": identity,
     }
     write_atomically(cache / "copies" / f"{version}.json", json.dumps(manifest))
     announce_holder(version, manifest)
 
 
-def copy_from_source(source: Path, entries: list[tuple[str, int, int]], target: Path) -> None:
-    """Copy the source's files from the shared file system, keeping their modification times."""
-    if source.is_file():
-        shutil.copy2(source, target)
-        return
-    for relative, _, _ in entries:
-        destination = target / relative
+def copy_from_source(
+    source: Path, entries: list[tuple[str, int, int]], target: Path, hashing: bool = False
+) -> Optional[str]:
+    """Copy the source's files from the shared file system, keeping their modification times,
+    each checked against the size the scan found. With `hashing`, the hex digest of the content,
+    framed by kind, paths and sizes so that two different sources never share it."""
+    digest = hashlib.sha256(b"file\0" if source.is_file() else b"folder\0") if hashing else None
+    for relative, size, _ in entries:
+        origin = source if source.is_file() else source / relative
+        destination = target if source.is_file() else target / relative
         destination.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(source / relative, destination)
+        if digest is not None:
+            name = relative.encode()
+            digest.update(len(name).to_bytes(8, "big") + name + size.to_bytes(8, "big"))
+        copied = copy_file(origin, destination, digest)
+        if copied != size:
+            raise StageError(
+                f"stage(): {origin} changed while it was copied ({copied} bytes copied, {size} when it was "
+                "scanned). Stage it once it no longer changes."
+            )
+        shutil.copystat(origin, destination)
+    return None if digest is None else digest.hexdigest()
+
+
+def copy_file(origin: Path, destination: Path, digest: Any = None) -> int:
+    """Copy one file (hashing it on the way when `digest` is given); the bytes copied."""
+    if digest is None:
+        shutil.copyfile(origin, destination)
+        return destination.stat().st_size
+    copied = 0
+    with open(origin, "rb") as f, open(destination, "wb") as out:
+        for block in iter(lambda: f.read(CHUNK_BYTES), b""):
+            digest.update(block)
+            out.write(block)
+            copied += len(block)
+    return copied
 
 
 class SourceLease:
@@ -409,7 +591,13 @@ def announce_holder(version: str, manifest: dict[str, Any]) -> None:
     worker = _config.worker
     if worker is None:
         return
-    event = {"version": version, "address": worker.address, "node": node_name(), "bytes": manifest["bytes"]}
+    event = {
+        "version": version,
+        "identity": manifest.get("identity"),
+        "address": worker.address,
+        "node": node_name(),
+        "bytes": manifest["bytes"],
+    }
     worker.log_event(STAGE_TOPIC, event)
     client = pool_client()
     deadline = time.monotonic() + 10
@@ -437,35 +625,39 @@ def peers_with(version: str) -> list[str]:
     return found
 
 
+def version_from_peers(identity: str) -> Optional[str]:
+    """The content version a node of the pool found for the same files (`hash_content=True`)."""
+    if _config.worker is None:
+        return None
+    for _, event in pool_client().get_events(STAGE_TOPIC):
+        if event.get("identity") == identity and event.get("version"):
+            return str(event["version"])
+    return None
+
+
+class PeerError(RuntimeError):
+    """A peer could not serve a chunk (a failure of the peer or the network, not of this node)."""
+
+
 def from_a_peer(version: str, source: Path, entries: list[tuple[str, int, int]], target: Path) -> Optional[str]:
     """Copy the version from a worker of another node that holds it, in chunks over the engine's
-    connections; None when no peer has it or every one failed (they are not asked again for a while)."""
+    connections; None when no peer has it or every one failed (they are not asked again for a
+    while). A failure here (a full disk) is raised, and blames no peer."""
     worker = _config.worker
     if worker is None:
         return None
     for address in peers_with(version):
         try:
-            for relative, size, _ in entries:
-                destination = target if source.is_file() else target / relative
-                destination.parent.mkdir(parents=True, exist_ok=True)
-                with open(destination, "wb") as out:
-                    for offset in range(0, max(size, 1), CHUNK_BYTES):
-                        chunk = call_peer(
-                            worker, address, version, source.name, relative if source.is_dir() else "", offset
-                        )
-                        out.write(chunk)
-                if destination.stat().st_size != size:
-                    raise StageError(f"{relative}: {destination.stat().st_size} bytes from the peer, {size} expected")
-                os.utime(destination, ns=(time.time_ns(), next(m for r, _, m in entries if r == relative)))
+            copy_from_peer(worker, address, version, source, entries, target)
             return f"peer {address}"
-        except Exception as e:
+        except PeerError as e:
             _config.failed_peers[address] = time.time()
             if _config.announce is not None:
                 _config.announce(
                     {
                         "event": "warning",
                         "text": f"stage(): copying {source.name} from {address} failed "
-                        f"({type(e).__name__}: {e}); it is not asked again for {PEER_RETRY_AFTER_S:.0f} s.",
+                        f"({e}); it is not asked again for {PEER_RETRY_AFTER_S:.0f} s.",
                     }
                 )
             if target.is_dir():
@@ -473,6 +665,27 @@ def from_a_peer(version: str, source: Path, entries: list[tuple[str, int, int]],
             else:
                 target.unlink(missing_ok=True)
     return None
+
+
+def copy_from_peer(
+    worker: Any, address: str, version: str, source: Path, entries: list[tuple[str, int, int]], target: Path
+) -> None:
+    """Every file of the copy from one peer; PeerError for what the peer or the network did."""
+    for relative, size, mtime in entries:
+        destination = target if source.is_file() else target / relative
+        destination.parent.mkdir(parents=True, exist_ok=True)
+        with open(destination, "wb") as out:
+            for offset in range(0, max(size, 1), CHUNK_BYTES):
+                try:
+                    chunk = call_peer(
+                        worker, address, version, source.name, relative if source.is_dir() else "", offset
+                    )
+                except Exception as e:
+                    raise PeerError(f"{type(e).__name__}: {e}") from e
+                out.write(chunk)
+        if destination.stat().st_size != size:
+            raise PeerError(f"{relative}: {destination.stat().st_size} bytes from the peer, {size} expected")
+        os.utime(destination, ns=(time.time_ns(), mtime))
 
 
 def call_peer(worker: Any, address: str, version: str, name: str, relative: str, offset: int) -> bytes:

@@ -94,7 +94,7 @@ def summary_lines(report: dict[str, Any]) -> list[str]:
             )
             + (
                 f", ~{t['estimated_saved_s']:.1f} s of setup saved vs create-destroy"
-                if t["estimated_saved_s"] is not None
+                if (t["estimated_saved_s"] or 0) >= 0.05  # nothing saved (a run cut short): nothing said
                 else ""
             )
             + "."

@@ -48,6 +48,12 @@ def check_settings(settings: ExecutorSettings) -> None:
             raise WorkflowError(
                 f"--sticky-cache-size {settings.cache_size!r} is not a size such as 200GB ({e})."
             ) from e
+    if settings.cache_dir and not settings.cache_dir.startswith(("/", "~", "$")):
+        raise WorkflowError(
+            f"--sticky-cache-dir {settings.cache_dir!r} is not absolute: stage() copies must be node-local, and a "
+            "relative folder is one folder in the shared working directory for every node. Give an absolute "
+            "node-local folder (/local/scratch/$USER), or '$TMPDIR' where the jobs have one."
+        )
     if settings.status_interval < 0:
         raise WorkflowError(f"--sticky-status-interval must not be negative, got {settings.status_interval}.")
     if settings.setup_retry_delay < 0:

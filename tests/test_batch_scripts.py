@@ -4,11 +4,13 @@ template and the --sticky-* settings. Pure units: nothing is submitted."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
 from dataclasses import replace
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import yaml
@@ -311,3 +313,25 @@ def test_the_next_run_cancels_the_jobs_a_dead_run_left(tmp_path: Path):
     assert not dead.path.exists(), "its folder and credentials are gone"
     assert alive.path.exists()
     assert f"run {dead.run_id}" in messages[0] and "cancelled its 2 slurm job(s) 101, 102" in messages[0]
+
+
+@pytest.mark.parametrize("how", ["another user's folder", "a file others may write"])
+def test_a_run_folder_that_is_not_the_users_alone_is_never_trusted(tmp_path: Path, how: str):
+    runs = tmp_path / "runs"
+    ran = tmp_path / "the-command-ran"
+    planted = RunFolder.create(runs, "slurm", f"touch {ran}")
+    planted.job_submitted("101")
+    owner = json.loads((planted.path / "owner.json").read_text())
+    owner["pid"], owner["started"] = 999_999_999, "0"  # a dead run, whose cancel command would run
+    (planted.path / "owner.json").write_text(json.dumps(owner))
+    if how == "another user's folder":
+        for path in (planted.path, planted.path / "owner.json", planted.path / "jobs"):
+            os.chown(path, 65534, 65534)
+    else:
+        (planted.path / "owner.json").chmod(0o666)
+    warnings = []
+    log = SimpleNamespace(info=warnings.append, warning=warnings.append)
+    clean_stale_runs(runs, log)
+    assert not ran.exists(), "the command in owner.json did not run"
+    assert planted.path.exists(), "nor was the folder removed"
+    assert len(warnings) == 1 and str(planted.path) in warnings[0] and "left as it is" in warnings[0]

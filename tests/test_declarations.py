@@ -116,6 +116,14 @@ CASES = {
         dict(args=["--set-resources", "infer:sticky=other"]),
         "Rule 'infer' asks for sticky template 'other'",
     ),
+    "benchmark": (
+        dict(snakefile=snakefile(body='benchmark: "bench.txt"\n    script: "scripts/infer.py"')),
+        "Rule 'infer' is sticky (template 'llm'): benchmark: is not supported for sticky rules.",
+    ),
+    "pipe group": (
+        dict(snakefile=snakefile().replace('output: "first.txt"', 'output: pipe("first.txt")')),
+        "Rule 'infer' is sticky (template 'llm') but runs in a pipe or service group",
+    ),
 }
 
 
@@ -127,9 +135,12 @@ def test_bad_declaration_is_refused_before_any_job(workflow: Workflow, case: str
     workflow.write("templates/llm.py", spec.get("template", GOOD_TEMPLATE))
     workflow.write("scripts/infer.py", SCRIPT)
     workflow.write("scripts/infer.R", "cat('hi')\n")
+    dry = workflow.run("--dry-run", *spec.get("args", []), timeout=60)
+    assert dry.returncode != 0 and message in dry.output, f"a dry run refuses it as the run does:\n{dry.output}"
     run = workflow.run(*spec.get("args", []), timeout=60)
     assert run.returncode != 0
     assert message in run.output, run.output
+    assert "starting worker" not in run.output, "refused before any worker starts"
     assert not (workflow.root / "first.txt").exists(), "no job may run before the error"
     assert not (workflow.root / "setup-ran.txt").exists()
     assert workflow.leftover_processes() == []
@@ -141,6 +152,7 @@ def test_good_declaration_runs(workflow: Workflow):
     workflow.write("config.yaml", config())
     workflow.write("templates/llm.py", GOOD_TEMPLATE)
     workflow.write("scripts/infer.py", SCRIPT)
+    assert workflow.run("--dry-run").returncode == 0
     run = workflow.run()
     assert run.returncode == 0, run.output
     assert workflow.read("out.txt") == "tiny"

@@ -521,3 +521,39 @@ def test_a_template_may_install_signal_handlers_from_its_setup_thread(workflow: 
     assert run.returncode == 0, run.output
     for result in results(workflow):
         assert result["caught"] == ["MainThread"] and result["setup_thread"] == "sticky-setup"
+
+
+def test_the_keeper_forwards_nothing_once_its_worker_is_collected(tmp_path: Path):
+    """After the worker's status is collected its pid may belong to another process: a signal
+    the batch system sends meanwhile (the keeper still ends what the worker left) goes nowhere."""
+    import subprocess
+    import sys
+
+    driver = tmp_path / "driver.py"
+    driver.write_text(
+        "from snakemake_executor_plugin_sticky import keeper\n"
+        "made = []\n"
+        "class Spy(keeper.Forwarder):\n"
+        "    def __init__(self, pid):\n"
+        "        super().__init__(pid)\n"
+        "        made.append(self)\n"
+        "keeper.Forwarder = Spy\n"
+        "status = keeper.keep(['sh', '-c', 'exit 3'])\n"
+        "print(status, made[0].pid)\n"
+    )
+    done = subprocess.run([sys.executable, str(driver)], capture_output=True, text=True, timeout=60)
+    assert done.stdout.split() == ["3", "None"], done.stdout + done.stderr
+    from snakemake_executor_plugin_sticky.keeper import Forwarder
+
+    sleeper = subprocess.Popen(["sleep", "60"])
+    try:
+        forward = Forwarder(sleeper.pid)
+        forward.stop()
+        forward(signal.SIGTERM)
+        time.sleep(0.2)
+        assert sleeper.poll() is None, "a stopped forwarder sends nothing"
+        Forwarder(sleeper.pid)(signal.SIGTERM)
+        assert sleeper.wait(timeout=10) == -signal.SIGTERM
+    finally:
+        sleeper.kill()
+        sleeper.wait()

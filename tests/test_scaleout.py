@@ -13,11 +13,13 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 from distributed import Client
 from distributed.comm import connect
 from distributed.security import Security
+from snakemake_interface_common.exceptions import WorkflowError
 
 from snakemake_executor_plugin_sticky.backends.jobqueue import BatchBackend
 from snakemake_executor_plugin_sticky.settings import ExecutorSettings
@@ -504,8 +506,25 @@ def test_attach_mode_refuses_a_plain_tcp_scheduler_beyond_loopback(workflow: Wor
     write_sleeper(workflow, count=1)
     run = workflow.run("--sticky-scheduler", "tcp://10.11.12.13:8786")
     assert run.returncode != 0
-    assert "a plain TCP scheduler beyond this machine is refused" in run.output
+    assert "a tcp:// scheduler without TLS beyond this machine is refused" in run.output
     assert "tls://10.11.12.13:8786" in run.output, "the message shows the TLS form"
+
+
+@pytest.mark.parametrize("address", ["ws://10.11.12.13:8786", "ucx://10.11.12.13:8786", "10.11.12.13:8786"])
+def test_attach_mode_refuses_every_scheme_without_tls_beyond_loopback(address: str):
+    from snakemake_executor_plugin_sticky.backends.attach import refuse_plaintext
+
+    with pytest.raises(WorkflowError, match="without TLS beyond this machine is refused"):
+        refuse_plaintext(address, None)
+
+
+@pytest.mark.parametrize("address", ["tls://10.11.12.13:8786", "wss://10.11.12.13:8786", "ws://127.0.0.1:8786"])
+def test_attach_mode_takes_tls_anywhere_and_warns_of_plaintext_on_loopback(address: str):
+    from snakemake_executor_plugin_sticky.backends.attach import refuse_plaintext
+
+    warned = []
+    refuse_plaintext(address, SimpleNamespace(warning=warned.append))
+    assert bool(warned) == address.startswith("ws://"), warned
 
 
 def test_attach_mode_names_the_package_whose_versions_differ(workflow: Workflow):
@@ -731,3 +750,71 @@ def test_slurm_workers_near_their_walltime_retire_and_are_replaced(workflow: Wor
     assert len(submitted) >= 3, run.output
     assert "was lost" not in run.output  # retiring is orderly: no invocation was lost
     assert slurm_jobs_in_queue(set(submitted)) == []
+
+
+POOL_TEMPLATE = """
+import multiprocessing, os
+
+KEPT = []  # a reference the template module keeps (a cache of loaders, say): teardown frees nothing
+
+def setup(method):
+    if method == "default":  # the worker's own start method made forkserver, as on Python 3.14
+        multiprocessing.set_start_method("forkserver", force=True)
+        pool = multiprocessing.Pool(2)
+    else:
+        pool = multiprocessing.get_context(method).Pool(2)
+    assert pool.map(abs, [-1, -2]) == [1, 2]
+    open(f"pool-{os.getpid()}.txt", "w").write(" ".join(str(p.pid) for p in pool._pool))
+    KEPT.append(pool)
+    return {"pid": os.getpid(), "job": "none"}  # no teardown: the worker ends the pool's processes
+"""
+
+
+@pytest.mark.parametrize("method", ["fork", "spawn", "forkserver", "default"])
+def test_attach_mode_ends_a_template_pool_of_every_start_method(workflow: Workflow, method: str):
+    """A pool the template started ends with the run, whatever its start method, though the user's
+    worker stays: a forkserver pool's processes are children of the forkserver helper."""
+    write_sleeper(workflow, count=2)
+    workflow.write("templates/sleepy.py", POOL_TEMPLATE)
+    workflow.write(
+        "config.yaml", f"sticky:\n  sleeper:\n    setup: templates/sleepy.py\n    kwargs: {{method: {method}}}\n"
+    )
+    scheduler, scheduler_file = start_scheduler(workflow)
+    worker = None
+    try:
+        worker = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "snakemake_executor_plugin_sticky.keeper",
+                str(Path(sys.executable).with_name("dask")),
+                "worker",
+                "--scheduler-file",
+                str(scheduler_file),
+                "--resources",
+                "sticky-sleeper=1",
+                "--nthreads",
+                "1",
+                "--memory-limit",
+                "0",
+                "--no-dashboard",
+            ],
+            cwd=workflow.root,
+            env=snakemake_env(),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+        run = workflow.run("--sticky-scheduler", str(scheduler_file), "--sticky-teardown-grace", "1", cores=1)
+        assert run.returncode == 0, run.output
+        (record,) = workflow.root.glob("pool-*.txt")
+        pool = [int(pid) for pid in record.read_text().split()]
+        worker_pid = int(record.stem.split("-")[1])
+        assert len(pool) == 2
+        assert wait_until_gone(pool) == [], f"the {method} pool's processes ended with the run"
+        assert running([worker_pid]) == [worker_pid], "the user's worker still runs"
+    finally:
+        for process in (worker, scheduler):
+            if process is not None:
+                os.killpg(process.pid, signal.SIGTERM)
+                process.wait(timeout=30)

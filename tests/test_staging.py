@@ -12,6 +12,7 @@ import asyncio
 import hashlib
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -398,3 +399,145 @@ def test_a_peer_that_fails_is_left_for_the_shared_source(workflow: Workflow, tmp
         assert {digest for _, digest in loaded(workflow)} == {digest_of(source)}
     finally:
         stop([*workers, scheduler])
+
+
+# -- edges: a cache that stays node-local and clean ------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "folder,message",
+    [
+        ("$STICKY_UNSET_FOLDER/cache", "names $STICKY_UNSET_FOLDER, which is not set on"),
+        ("${STICKY_UNSET_FOLDER}", "names $STICKY_UNSET_FOLDER, which is not set on"),
+        ("relative/cache", "is not an absolute folder"),
+    ],
+)
+def test_a_cache_folder_that_is_not_node_local_is_refused_and_named(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, folder: str, message: str
+):
+    monkeypatch.delenv("STICKY_UNSET_FOLDER", raising=False)
+    monkeypatch.chdir(tmp_path)
+    staging.configure(cache_dir=folder)
+    try:
+        with pytest.raises(StageError, match=re.escape(f"--sticky-cache-dir {folder!r}")) as refused:
+            stage(make_model(tmp_path / "model", files=1, size_mb=1))
+        assert message in str(refused.value)
+        assert not list(tmp_path.glob("**/sticky-cache-*")), "nothing was made in the working directory"
+    finally:
+        staging.configure()
+
+
+def test_a_cache_folder_another_user_made_first_is_named_with_its_owner(tmp_path: Path):
+    base = tmp_path / "scratch"
+    taken = base / f"sticky-cache-{os.getuid()}"
+    taken.mkdir(parents=True, mode=0o700)
+    os.chown(taken, 65534, 65534)  # nobody made it first
+    staging.configure(cache_dir=str(base))
+    try:
+        with pytest.raises(StageError, match="belongs to .*uid 65534.*not to you") as refused:
+            stage(make_model(tmp_path / "model", files=1, size_mb=1))
+        assert str(taken) in str(refused.value) and "--sticky-cache-dir" in str(refused.value)
+    finally:
+        staging.configure()
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path):
+    """A 2 MiB file system of its own (tmpfs): a cache disk too small for a 4 MiB model."""
+    mount = tmp_path / "small"
+    mount.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mount)], check=True)
+    yield mount
+    staging.release_all()  # the copies' use locks are files there
+    subprocess.run(["umount", str(mount)], check=True)
+
+
+def test_a_copy_onto_a_full_disk_leaves_nothing_and_says_how_much_it_needs(tmp_path: Path, small_disk: Path):
+    source = make_model(tmp_path / "model", files=2, size_mb=2)
+    staging.configure(cache_dir=str(small_disk))
+    try:
+        with pytest.raises(StageError, match="is full") as refused:
+            stage(source)
+        said = str(refused.value)
+        assert f"{small_disk}/sticky-cache-{os.getuid()}" in said and "needs 4.0 MiB" in said, said
+        cache = small_disk / f"sticky-cache-{os.getuid()}"
+        assert list((cache / "partial").iterdir()) == [], "the partial copy was removed"
+        assert not list((cache / "copies").iterdir())
+    finally:
+        staging.configure()
+
+
+def test_a_full_disk_while_copying_from_a_peer_blames_no_peer(
+    tmp_path: Path, small_disk: Path, monkeypatch: pytest.MonkeyPatch
+):
+    source = make_model(tmp_path / "model", files=2, size_mb=2)
+    peer = "tls://198.18.0.9:4321"
+    staging.configure(cache_dir=str(small_disk), worker=object())
+    monkeypatch.setattr(staging, "peers_with", lambda version: [peer])
+    monkeypatch.setattr(staging, "call_peer", lambda w, a, v, name, relative, offset: b"x" * staging.CHUNK_BYTES)
+    try:
+        with pytest.raises(StageError, match="is full"):
+            staging.fill(source, staging.scan(source), staging.cache_root(), "model-v1")
+        assert staging._config.failed_peers == {}, "the disk here was full, not the peer at fault"
+    finally:
+        staging.configure()
+
+
+def test_a_source_that_changes_while_it_is_copied_is_refused_and_leaves_nothing(
+    tmp_path: Path, cache: Path, monkeypatch: pytest.MonkeyPatch
+):
+    source = make_model(tmp_path / "model", files=2, size_mb=1)
+    entries = staging.scan(source)
+    (source / "shard-1.bin").write_bytes(b"shorter now")  # after the scan, before the copy
+    monkeypatch.setattr(staging, "scan", lambda s: entries)
+    with pytest.raises(StageError, match="shard-1.bin changed while it was copied"):
+        stage(source)
+    root = cache / f"sticky-cache-{os.getuid()}"
+    assert list((root / "partial").iterdir()) == [] and not list((root / "copies").glob("*.json"))
+
+
+def test_a_damaged_manifest_counts_as_a_missing_copy(tmp_path: Path, cache: Path):
+    source = make_model(tmp_path / "model", files=2, size_mb=1)
+    first = stage(source)
+    staging.release_all()
+    manifest = first.parent.with_suffix(".json")
+    manifest.write_text('{"source": "/mod')  # a crash mid-write, before fsync
+    again = stage(source)
+    assert again == first and (again / "shard-0.bin").read_bytes() == (source / "shard-0.bin").read_bytes()
+    assert json.loads(manifest.read_text())["bytes"] == 2 * 2**20, "made again, with a whole manifest"
+    staging.release_all()
+    manifest.write_text("not json")
+    staging.configure(cache_dir=str(cache), cache_size=0)
+    staging.evict(staging.cache_root())  # evicts instead of failing
+    assert not manifest.exists() and not first.parent.exists()
+
+
+def test_copies_in_the_making_count_in_the_cache_size(tmp_path: Path, cache: Path):
+    kept = stage(make_model(tmp_path / "kept", files=1, size_mb=2))
+    staging.release_all()
+    root = cache / f"sticky-cache-{os.getuid()}"
+    (root / "partial" / "someone-else-1-abc").mkdir()
+    (root / "partial" / "someone-else-1-abc" / "half.bin").write_bytes(b"\0" * 2**20)
+    staging.configure(cache_dir=str(cache), cache_size=2 * 2**20)
+    staging.evict(root)
+    assert not kept.exists(), "2 MiB kept + 1 MiB in the making is above 2 MiB: the old copy goes"
+
+
+def test_a_content_hash_reads_each_file_once_and_is_framed(tmp_path: Path, cache: Path):
+    source = make_model(tmp_path / "model", files=3, size_mb=1)
+    opened: list[str] = []
+
+    def audit(event: str, args: tuple) -> None:
+        if event == "open" and isinstance(args[0], str) and args[0].startswith(str(source)):
+            opened.append(args[0])
+
+    sys.addaudithook(audit)
+    copy = stage(source, hash_content=True)
+    reads = list(opened)  # the hook stays for the process; nothing opens this folder again
+    assert sorted(reads) == sorted(str(source / f"shard-{i}.bin") for i in range(3)), "each file read once"
+    assert (copy / "shard-2.bin").read_bytes() == (source / "shard-2.bin").read_bytes()
+    one, two = tmp_path / "one" / "model", tmp_path / "two" / "model"
+    one.mkdir(parents=True), two.mkdir(parents=True)
+    (one / "a").write_bytes(b"x"), (one / "b").write_bytes(b"y")
+    (two / "a").write_bytes(b"xb\0y")  # the same bytes once names and contents run together
+    assert stage(one, hash_content=True) != stage(two, hash_content=True)

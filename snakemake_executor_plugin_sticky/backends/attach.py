@@ -42,21 +42,28 @@ def scheduler_address(scheduler_file: str) -> str:
         raise WorkflowError(f"--sticky-scheduler {scheduler_file}: not a Dask scheduler file ({e}).") from e
 
 
-def refuse_plain_tcp(address: str, log: Any) -> None:
-    """TLS beyond loopback: anyone who reaches a plain TCP scheduler can run code in its workers."""
+# Schemes whose connections are authenticated and encrypted (TLS), and one that never leaves the process
+SECURE_SCHEMES = ("tls", "wss", "inproc")
+
+
+def refuse_plaintext(address: str, log: Any) -> None:
+    """TLS beyond loopback: anyone who reaches a scheduler without TLS (tcp://, ws://, ucx://)
+    can run code in its workers."""
     scheme, _, rest = address.rpartition("://")
-    if (scheme or "tcp") != "tcp":
+    scheme = scheme or "tcp"
+    if scheme in SECURE_SCHEMES:
         return
-    host = rest.rsplit(":", 1)[0] if rest.count(":") == 1 or rest.startswith("[") else rest
-    if host in LOOPBACK_HOSTS or host.startswith("127."):
+    host = rest.split("/", 1)[0]
+    host = host.rsplit(":", 1)[0] if host.count(":") == 1 or host.startswith("[") else host
+    if host.strip("[]") in LOOPBACK_HOSTS or host.startswith("127."):
         log.warning(
-            f"--sticky-scheduler {address}: a plain TCP scheduler, which every user of this machine can "
-            "reach and send work to. Prefer TLS (docs/further.md, Attach mode)."
+            f"--sticky-scheduler {address}: a {scheme}:// scheduler without TLS, which every user of this "
+            "machine can reach and send work to. Prefer TLS (docs/further.md, Attach mode)."
         )
         return
     raise WorkflowError(
-        f"--sticky-scheduler {address}: a plain TCP scheduler beyond this machine is refused, since "
-        "anyone who reaches it could run code in your workers. Start the scheduler and workers with "
+        f"--sticky-scheduler {address}: a {scheme}:// scheduler without TLS beyond this machine is refused, "
+        "since anyone who reaches it could run code in your workers. Start the scheduler and workers with "
         "TLS (dask scheduler --protocol tls --tls-ca-file ca.pem --tls-cert cert.pem --tls-key key.pem), "
         f"give tls://{rest}, and put the credentials in Dask's config: distributed.comm.tls.ca-file, "
         "distributed.comm.tls.client.cert and distributed.comm.tls.client.key "
@@ -114,7 +121,7 @@ class AttachedBackend(DaskBackend):
         self._plugins: dict[str, str] = {}
         target = settings.scheduler or ""
         by_file = os.path.isfile(target)
-        refuse_plain_tcp(scheduler_address(target) if by_file else target, log)
+        refuse_plaintext(scheduler_address(target) if by_file else target, log)
         try:
             # Security (TLS files) comes from Dask's config, as for any Dask client.
             self._client = (
