@@ -69,6 +69,7 @@ class Executor(RealExecutor):
         self.completions = CompletionBatcher(on_error=self.report_failed)
         self.report = RunReport(self.templates, Path(self.workflow.persistence.path) / "sticky", self.logger)
         self.tweaks.freeze_collections()
+        self._closing = self.tweaks.quiet_closing_handshakes()
         for note in sorted(self.declarations.notes):
             self.logger.info(note)
         # A checkpoint may add sticky jobs to the DAG later: then pools last until the run ends.
@@ -213,6 +214,7 @@ class Executor(RealExecutor):
         self._stop_status.set()
         if self._backend is None:
             return
+        self._closing.set()
         self.report.closing = True
         for name, count in self.report.workers_alive(retiring=False).items():
             self.logger.info(f"Sticky template '{name}': retiring {count} worker(s).")

@@ -52,6 +52,23 @@ class ProcessTweaks:
         logger.setLevel(level)
         self._undo.append(lambda: logger.setLevel(before))
 
+    def quiet_closing_handshakes(self) -> threading.Event:
+        """As the engine closes, a connection that Dask opens to the scheduler is cut before its
+        TLS handshake ends, and Dask logs a warning that reads like a failure of credentials. Once
+        the returned event is set (the run closes), that warning (an EOF in the handshake, on
+        loopback) is kept out of the log; every other handshake failure is still said."""
+        closing = threading.Event()
+
+        def keep(record: logging.LogRecord) -> bool:
+            text = record.getMessage()
+            cut = "TLS handshake failed" in text and "UNEXPECTED_EOF" in text and "remote 'tls://127." in text
+            return not (closing.is_set() and cut)
+
+        logger = logging.getLogger("distributed.comm.tcp")
+        logger.addFilter(keep)
+        self._undo.append(lambda: logger.removeFilter(keep))
+        return closing
+
     def on_undo(self, undo: Callable[[], Any]) -> None:
         """Undo this, too, when the run ends."""
         self._undo.append(undo)

@@ -77,6 +77,8 @@ class ResidentState:
         self._users = 0  # invocations holding the state
         self._changed = threading.Condition()
         self._closing = threading.Event()
+        # sends what was announced and not sent yet (set by the worker plugin; see become_resident)
+        self.deliver_events: Callable[[], None] = lambda: None
         batching.set_poisoning(self.poisons)  # a Batcher of the state passes these on unsplit
         batching.set_running(lambda: self._users)  # and waits only for invocations that run
 
@@ -389,9 +391,9 @@ class StickyWorkerPlugin(WorkerPlugin):
         }
         pending: list[dict] = []
 
-        async def flush() -> None:
+        async def flush(wait: bool = True) -> None:
             # Events sent before the worker has registered with the scheduler would be lost.
-            for _ in range(600):
+            for _ in range(600 if wait else 0):
                 if worker.status in (Status.running, Status.paused):
                     break
                 await asyncio.sleep(0.1)
@@ -401,6 +403,13 @@ class StickyWorkerPlugin(WorkerPlugin):
         def announce(message: dict) -> None:
             pending.append({**identity, **message, "time": time.time()})
             worker.loop.add_callback(flush)
+
+        def deliver() -> None:
+            # From an invocation's thread (the worker got a task: it is registered): what was
+            # announced goes to the scheduler before the invocation's result, on the same stream,
+            # so a run of short invocations never ends before it hears of the worker's setup.
+            if pending:
+                asyncio.run_coroutine_threadsafe(flush(wait=False), worker.loop.asyncio_loop).result(10)
 
         self.announce = announce
         self.serve_stage_copies(worker, announce)
@@ -417,6 +426,7 @@ class StickyWorkerPlugin(WorkerPlugin):
         if lifetime:  # a batch job: leave in good order before the walltime ends
             worker.loop.call_later(float(lifetime), lambda: worker.loop.add_callback(self.leave, worker, "walltime"))
         holder = ResidentState(self.spec, self.setup_attempts, self.setup_retry_delay, announce)
+        holder.deliver_events = deliver
         _holders[self.spec.identity] = holder
         register_resident(self.spec.name, holder.get)
         holder.start()
@@ -565,6 +575,7 @@ def run_invocation(invocation: Invocation) -> InvocationResult:
     try:
         with _isolation.invocation(invocation) as context:
             run_with_state(invocation, holder, worker, result)
+            holder.deliver_events()  # the worker's setup is known before this result (ready by now)
     except BaseException:
         if result.error is None:  # the isolation itself failed, before or after the script
             what = "undo what the script changed in it" if context is not None else "give the script its own view of it"

@@ -14,6 +14,7 @@ import time
 import traceback
 from abc import ABC, abstractmethod
 from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import wait as futures_wait
 from typing import Any, Callable, Optional, Sequence, Union
 
 from distributed import Client, Future
@@ -31,6 +32,8 @@ OnEvent = Callable[[dict[str, Any]], None]
 GRACEFUL_REMOVALS = ("retire-workers", "worker-close-gracefully")
 # The longest a fetched result stays held when no submission comes to carry its release.
 RELEASE_DELAY_S = 0.02
+EVENTS_DRAIN_S = 5.0  # at the end of a run, events already received are handled within this
+SUBSCRIBE_TIMEOUT_S = 30.0  # the scheduler has the run's subscription to worker events within this
 
 
 class WorkerRemovalPlugin(SchedulerPlugin):
@@ -60,6 +63,11 @@ class WorkerRemovalPlugin(SchedulerPlugin):
             EVENT_TOPIC,
             {"event": "removed", "address": worker, "graceful": graceful, "running": running, "time": time.time()},
         )
+
+
+def subscribed(dask_scheduler: Any, topic: str, client: str) -> bool:
+    """On the scheduler: whether the client's subscription to the topic has arrived."""
+    return client in dask_scheduler._broker._topics[topic].subscribers
 
 
 def worker_plugin(template: TemplateSpec, workdir: str, settings: ExecutorSettings, owned: bool) -> StickyWorkerPlugin:
@@ -148,9 +156,17 @@ class DaskBackend(Backend):
         """The Dask client through which invocations are submitted."""
 
     def watch_workers(self) -> None:
-        """Forward worker announcements and removals to `on_event` (call once the client is up)."""
+        """Forward worker announcements and removals to `on_event` (call once the client is up,
+        before any worker starts). The subscription travels on the client's batched stream:
+        until the scheduler has it, the events of a worker that starts at once (a fork of the
+        forkserver, ready in milliseconds) would reach nobody, so it is waited for."""
         self.client.subscribe_topic(EVENT_TOPIC, self._forward_event)
         self.client.register_plugin(WorkerRemovalPlugin())
+        deadline = time.monotonic() + SUBSCRIBE_TIMEOUT_S
+        while not self.client.run_on_scheduler(subscribed, topic=EVENT_TOPIC, client=self.client.id):
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"the Dask scheduler took no subscription to '{EVENT_TOPIC}' events")
+            time.sleep(0.01)
 
     def _forward_event(self, event: tuple[float, dict[str, Any]]) -> None:
         if not self._events_closed:  # events that come as the run closes have no one to go to
@@ -342,8 +358,11 @@ class DaskBackend(Backend):
     replaces_hung_workers = False
 
     def close_events(self) -> None:
-        """Stop handling the engine's events and results: the run is closing."""
+        """Stop handling the engine's events and results: the run is closing. The events that
+        came before are handled first (a worker's setup, heard just before the last results),
+        for a moment at most."""
         self._events_closed = True
+        futures_wait([self._event_thread.submit(lambda: None)], timeout=EVENTS_DRAIN_S)
         self.release_spent()
         try:
             self.client.unsubscribe_topic(EVENT_TOPIC)
