@@ -376,6 +376,21 @@ def start_scheduler(workflow: Workflow) -> tuple[subprocess.Popen, Path]:
     return scheduler, scheduler_file
 
 
+def start_kept_worker(workflow: Workflow, scheduler_file: Path, resources: str) -> subprocess.Popen:
+    """A hand-started Dask worker with a Nanny under the keeper, offering `resources`."""
+    dask = str(Path(sys.executable).with_name("dask"))
+    return subprocess.Popen(
+        [sys.executable, "-m", "snakemake_executor_plugin_sticky.keeper", dask, "worker"]
+        + ["--scheduler-file", str(scheduler_file), "--resources", resources, "--nthreads", "1"]
+        + ["--memory-limit", "0", "--no-dashboard"],
+        cwd=workflow.root,
+        env=snakemake_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+
+
 def test_attach_mode_worker_under_the_keeper_takes_a_template_with_processes(workflow: Workflow):
     """A hand-started worker with a Nanny (a daemon process, as Dask starts them) under the keeper:
     the template's pool runs in it, and the run's end ends the pool but leaves the worker."""
@@ -383,29 +398,7 @@ def test_attach_mode_worker_under_the_keeper_takes_a_template_with_processes(wor
     scheduler, scheduler_file = start_scheduler(workflow)
     worker = None
     try:
-        worker = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "snakemake_executor_plugin_sticky.keeper",
-                str(Path(sys.executable).with_name("dask")),
-                "worker",
-                "--scheduler-file",
-                str(scheduler_file),
-                "--resources",
-                "sticky-engine=1",
-                "--nthreads",
-                "1",
-                "--memory-limit",
-                "0",
-                "--no-dashboard",
-            ],
-            cwd=workflow.root,
-            env=snakemake_env(),
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-            start_new_session=True,
-        )
+        worker = start_kept_worker(workflow, scheduler_file, "sticky-engine=1")
         run = workflow.run("--sticky-scheduler", str(scheduler_file), "--config", "count=4", cores=1)
         assert run.returncode == 0, run.output
         assert "no reaper guards" not in run.output
@@ -782,29 +775,7 @@ def test_attach_mode_ends_a_template_pool_of_every_start_method(workflow: Workfl
     scheduler, scheduler_file = start_scheduler(workflow)
     worker = None
     try:
-        worker = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "snakemake_executor_plugin_sticky.keeper",
-                str(Path(sys.executable).with_name("dask")),
-                "worker",
-                "--scheduler-file",
-                str(scheduler_file),
-                "--resources",
-                "sticky-sleeper=1",
-                "--nthreads",
-                "1",
-                "--memory-limit",
-                "0",
-                "--no-dashboard",
-            ],
-            cwd=workflow.root,
-            env=snakemake_env(),
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-            start_new_session=True,
-        )
+        worker = start_kept_worker(workflow, scheduler_file, "sticky-sleeper=1")
         run = workflow.run("--sticky-scheduler", str(scheduler_file), "--sticky-teardown-grace", "1", cores=1)
         assert run.returncode == 0, run.output
         (record,) = workflow.root.glob("pool-*.txt")
