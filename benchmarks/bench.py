@@ -346,7 +346,7 @@ def dispatch(folder: Path, ks: list[int], workers: int, repeats: int) -> dict:
 
 ISOLATION_PROBE = """
 import os, sys, time, types
-from snakemake_executor_plugin_sticky.isolation import Isolation
+from snakemake_executor_plugin_sticky.worker.isolation import Isolation
 
 n = int(sys.argv[1])
 script = os.path.abspath("noop.py")
@@ -686,7 +686,7 @@ def stage_on_nodes(work: Path, folder: Path, nodes: int, readers: int) -> dict:
                     [
                         sys.executable,
                         "-m",
-                        "snakemake_executor_plugin_sticky.keeper",
+                        "snakemake_executor_plugin_sticky.worker.supervisor",
                         dask,
                         "worker",
                         "--scheduler-file",

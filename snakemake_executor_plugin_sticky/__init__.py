@@ -8,11 +8,11 @@ asks for `Executor`, so a script under another executor pays nothing for them.
 
 from typing import Any
 
-from .batching import Batcher
-from .dryrun import StickyCommonSettings
+from .api.batcher import Batcher
+from .api.stage import stage
+from .api.state import sticky_state
+from .head.dryrun import StickyCommonSettings
 from .settings import ExecutorSettings
-from .staging import stage
-from .state import sticky_state
 
 __all__ = ["Batcher", "Executor", "ExecutorSettings", "common_settings", "stage", "sticky_state"]
 
@@ -30,7 +30,7 @@ common_settings = StickyCommonSettings(
 
 def __getattr__(name: str) -> Any:
     if name == "Executor":
-        from .executor import Executor
+        from .head.executor import Executor
 
         return Executor
     raise AttributeError(name)

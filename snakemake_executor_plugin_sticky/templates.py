@@ -23,7 +23,7 @@ from typing import Any, Mapping, Optional
 
 from snakemake_interface_common.exceptions import WorkflowError
 
-from .environments import ENVIRONMENT_KEYS, Environment, parse_environment
+from .environment import ENVIRONMENT_KEYS, Environment, parse_environment
 
 CONFIG_SECTION = "sticky"
 RESOURCE = "sticky"

@@ -17,7 +17,7 @@ import yaml
 from distributed.security import Security
 from snakemake_interface_common.exceptions import WorkflowError
 
-from snakemake_executor_plugin_sticky.backends.batch_systems import (
+from snakemake_executor_plugin_sticky.head.engines.batch_systems import (
     SYSTEMS,
     check_pools,
     job_for,
@@ -25,8 +25,8 @@ from snakemake_executor_plugin_sticky.backends.batch_systems import (
     pools_of,
     walltime_seconds,
 )
-from snakemake_executor_plugin_sticky.backends.jobqueue import network_host
-from snakemake_executor_plugin_sticky.runs import RunFolder, clean_stale_runs
+from snakemake_executor_plugin_sticky.head.engines.jobqueue import network_host
+from snakemake_executor_plugin_sticky.head.run_folders import RunFolder, clean_stale_runs
 from snakemake_executor_plugin_sticky.settings import ExecutorSettings
 from snakemake_executor_plugin_sticky.templates import parse_templates
 
@@ -107,9 +107,9 @@ def test_job_script_asks_for_the_templates_gpus_and_starts_one_tagged_worker(tmp
     for expected in EXPECTED[system]:
         assert expected in lines or (system == "htcondor" and expected in text), (expected, text)
     command = next(line for line in lines if "distributed.cli.dask_worker" in line)
-    # the keeper runs the worker: what it starts ends with it, and the job gets its exit status
+    # the supervisor runs the worker: what it starts ends with it, and the job gets its exit status
     assert (
-        f"/opt/venv/bin/python -m snakemake_executor_plugin_sticky.keeper -m distributed.cli.dask_worker "
+        f"/opt/venv/bin/python -m snakemake_executor_plugin_sticky.worker.supervisor -m distributed.cli.dask_worker "
         f"{SCHEDULER} --name llm-1-7"
     ) in command
     assert "--resources sticky-llm=2" in command and "export STICKY_WORKER_LIFETIME_S=6600" in text

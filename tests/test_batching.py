@@ -10,10 +10,12 @@ import time
 
 import pytest
 
-from snakemake_executor_plugin_sticky import Batcher, batching
-from snakemake_executor_plugin_sticky.batching import BatcherClosed, BatchItemError, drain_calls
+from snakemake_executor_plugin_sticky import Batcher
+from snakemake_executor_plugin_sticky.api import batcher as batching
+from snakemake_executor_plugin_sticky.api.batcher import BatcherClosed, BatchItemError, drain_calls
 
 from conftest import Workflow, interrupt
+from helpers import as_resident
 
 
 class Model:
@@ -252,7 +254,6 @@ def test_in_a_worker_a_call_waits_only_for_invocations_that_have_not_handed_thei
     """In a sticky worker the Batcher knows how many invocations run: a call waits for those
     that have not called yet (the groups that take turns meet again), never for nobody, and
     stops waiting when one of them ends instead."""
-    running = {"count": 1}
     model = FirstCallHeld()
     calls, first_started, release = model.calls, model.started, model.release
 
@@ -261,16 +262,16 @@ def test_in_a_worker_a_call_waits_only_for_invocations_that_have_not_handed_thei
         thread.start()
         return thread
 
-    batching.set_running(lambda: running["count"])
     batcher = Batcher(model, max_batch=64, max_wait=600.0)
     got: dict = {}
-    try:
+    with as_resident() as worker:
+        worker.running = 1
         a = caller(["a"], got)
         assert first_started.wait(10)
-        running["count"] = 4  # a, b, c and d run; b and c hand their items while a's call runs
+        worker.running = 4  # a, b, c and d run; b and c hand their items while a's call runs
         b, c = caller(["b"], got), caller(["c"], got)
         wait_for_pending(batcher, 2)
-        running["count"] = 3  # a ends; d has not called yet: the next call waits for it
+        worker.running = 3  # a ends; d has not called yet: the next call waits for it
         release.set()
         a.join(10)
         while batcher._callers > 2:
@@ -282,20 +283,18 @@ def test_in_a_worker_a_call_waits_only_for_invocations_that_have_not_handed_thei
             assert not thread.is_alive(), "the wait ends once every running invocation has called"
         assert calls == [["a"], ["b", "c", "d"]]
 
-        running["count"] = 3  # e and f call, g runs and never calls, then ends
+        worker.running = 3  # e and f call, g runs and never calls, then ends
         e, f = caller(["e"], got), caller(["f"], got)
         wait_for_pending(batcher, 2)
         assert len(calls) == 2, "waiting for g"
-        running["count"] = 2
+        worker.running = 2
         batching.invocation_ended()
         for thread in (e, f):
             thread.join(30)
             assert not thread.is_alive(), "an invocation that ends stops the wait for its items"
         assert calls[2] == ["e", "f"]
         assert got == {name: [name] for name in "abcdef"}
-    finally:
-        batching.set_running(None)
-        batcher.close()
+    batcher.close()
 
 
 def test_calls_are_recorded_for_the_report_once():
@@ -332,7 +331,8 @@ rule infer:
 # (invocation, index) pairs; the result says which item it was, so routing is checked end to end.
 MODEL_TEMPLATE = """
 import os, threading, time
-from snakemake_executor_plugin_sticky import Batcher, batching
+from snakemake_executor_plugin_sticky import Batcher
+from snakemake_executor_plugin_sticky.api import batcher as batching
 
 poisoned_by = ["MemoryError"]
 device = threading.Lock()

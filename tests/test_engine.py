@@ -10,10 +10,10 @@ from types import SimpleNamespace
 import psutil
 
 from snakemake_executor_plugin_sticky import ExecutorSettings
-from snakemake_executor_plugin_sticky.backends.local import EmbeddedBackend
-from snakemake_executor_plugin_sticky.invocation import Invocation
+from snakemake_executor_plugin_sticky.head.engines.local import EmbeddedBackend
+from snakemake_executor_plugin_sticky.head.process_changes import ProcessTweaks
 from snakemake_executor_plugin_sticky.templates import parse_templates
-from snakemake_executor_plugin_sticky.tweaks import ProcessTweaks
+from snakemake_executor_plugin_sticky.wire import Invocation
 
 SLOW_SETUP = """
 import os, time

@@ -426,13 +426,13 @@ def test_children_inherit_their_workers_gpus(workflow: Workflow):
 def test_forkserver_reaper_is_not_installed_outside_the_forkserver():
     import os as os_module
 
-    from snakemake_executor_plugin_sticky import forkserver_reaper
+    from snakemake_executor_plugin_sticky.worker import forkserver_reaper
 
     assert forkserver_reaper.reaper is None
     assert os_module.fork is not forkserver_reaper.fork and os_module.waitpid is not forkserver_reaper.waitpid
 
 
-def test_keeper_ends_what_its_worker_leaves_and_exits_with_its_status(tmp_path: Path):
+def test_supervisor_ends_what_its_worker_leaves_and_exits_with_its_status(tmp_path: Path):
     import subprocess
     import sys
 
@@ -443,30 +443,30 @@ def test_keeper_ends_what_its_worker_leaves_and_exits_with_its_status(tmp_path: 
         f"open({str(tmp_path / 'pids')!r}, 'w').write(f'{{os.getpid()}} {{child.pid}}')\n"
         "time.sleep(600)\n"
     )
-    keeper = subprocess.Popen(
-        [sys.executable, "-m", "snakemake_executor_plugin_sticky.keeper", sys.executable, str(script)]
+    supervisor = subprocess.Popen(
+        [sys.executable, "-m", "snakemake_executor_plugin_sticky.worker.supervisor", sys.executable, str(script)]
     )
     wait_for(lambda: (tmp_path / "pids").exists() and len((tmp_path / "pids").read_text().split()) == 2, 60)
     worker, child = map(int, (tmp_path / "pids").read_text().split())
     os.kill(worker, signal.SIGKILL)
-    assert keeper.wait(timeout=60) == 128 + signal.SIGKILL, "a killed worker's status is passed on"
+    assert supervisor.wait(timeout=60) == 128 + signal.SIGKILL, "a killed worker's status is passed on"
     assert running([child]) == []
     plain = subprocess.run(
-        [sys.executable, "-m", "snakemake_executor_plugin_sticky.keeper", "-m", "json.tool", "--help"],
+        [sys.executable, "-m", "snakemake_executor_plugin_sticky.worker.supervisor", "-m", "json.tool", "--help"],
         capture_output=True,
     )
     assert plain.returncode == 0
     missing = subprocess.run(
-        [sys.executable, "-m", "snakemake_executor_plugin_sticky.keeper", "no-such-command"],
+        [sys.executable, "-m", "snakemake_executor_plugin_sticky.worker.supervisor", "no-such-command"],
         capture_output=True,
         text=True,
     )
     assert missing.returncode != 0 and "command not found: no-such-command" in missing.stderr
 
 
-def test_a_signal_at_any_moment_of_the_keepers_start_leaves_no_worker_behind(tmp_path: Path):
-    """SIGTERM while the keeper starts its worker: either the keeper dies before there is a
-    worker, or the worker gets the signal too; never a worker without its keeper."""
+def test_a_signal_at_any_moment_of_the_supervisors_start_leaves_no_worker_behind(tmp_path: Path):
+    """SIGTERM while the supervisor starts its worker: either the supervisor dies before there is a
+    worker, or the worker gets the signal too; never a worker without its supervisor."""
     import subprocess
     import sys
 
@@ -474,15 +474,22 @@ def test_a_signal_at_any_moment_of_the_keepers_start_leaves_no_worker_behind(tmp
     script.write_text("import os, sys, time\nopen(sys.argv[1], 'w').write(str(os.getpid()))\ntime.sleep(600)\n")
     for attempt in range(30):
         pid_file = tmp_path / f"pid-{attempt}"
-        keeper = subprocess.Popen(
-            [sys.executable, "-m", "snakemake_executor_plugin_sticky.keeper", sys.executable, str(script), pid_file]
+        supervisor = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "snakemake_executor_plugin_sticky.worker.supervisor",
+                sys.executable,
+                str(script),
+                pid_file,
+            ]
         )
-        time.sleep(attempt * 0.005)  # from before the keeper's imports to after its worker is up
-        keeper.send_signal(signal.SIGTERM)
-        keeper.wait(timeout=60)
-        time.sleep(0.3)  # a worker spawned just before the keeper died has written its pid by now
+        time.sleep(attempt * 0.005)  # from before the supervisor's imports to after its worker is up
+        supervisor.send_signal(signal.SIGTERM)
+        supervisor.wait(timeout=60)
+        time.sleep(0.3)  # a worker spawned just before the supervisor died has written its pid by now
         if pid_file.exists():
-            assert running([int(pid_file.read_text())]) == [], f"attempt {attempt}: the worker outlived its keeper"
+            assert running([int(pid_file.read_text())]) == [], f"attempt {attempt}: the worker outlived its supervisor"
 
 
 def test_a_template_may_install_signal_handlers_from_its_setup_thread(workflow: Workflow):
@@ -523,27 +530,27 @@ def test_a_template_may_install_signal_handlers_from_its_setup_thread(workflow: 
         assert result["caught"] == ["MainThread"] and result["setup_thread"] == "sticky-setup"
 
 
-def test_the_keeper_forwards_nothing_once_its_worker_is_collected(tmp_path: Path):
+def test_the_supervisor_forwards_nothing_once_its_worker_is_collected(tmp_path: Path):
     """After the worker's status is collected its pid may belong to another process: a signal
-    the batch system sends meanwhile (the keeper still ends what the worker left) goes nowhere."""
+    the batch system sends meanwhile (the supervisor still ends what the worker left) goes nowhere."""
     import subprocess
     import sys
 
     driver = tmp_path / "driver.py"
     driver.write_text(
-        "from snakemake_executor_plugin_sticky import keeper\n"
+        "from snakemake_executor_plugin_sticky import supervisor\n"
         "made = []\n"
-        "class Spy(keeper.Forwarder):\n"
+        "class Spy(supervisor.Forwarder):\n"
         "    def __init__(self, pid):\n"
         "        super().__init__(pid)\n"
         "        made.append(self)\n"
-        "keeper.Forwarder = Spy\n"
-        "status = keeper.keep(['sh', '-c', 'exit 3'])\n"
+        "supervisor.Forwarder = Spy\n"
+        "status = supervisor.keep(['sh', '-c', 'exit 3'])\n"
         "print(status, made[0].pid)\n"
     )
     done = subprocess.run([sys.executable, str(driver)], capture_output=True, text=True, timeout=60)
     assert done.stdout.split() == ["3", "None"], done.stdout + done.stderr
-    from snakemake_executor_plugin_sticky.keeper import Forwarder
+    from snakemake_executor_plugin_sticky.worker.supervisor import Forwarder
 
     sleeper = subprocess.Popen(["sleep", "60"])
     try:

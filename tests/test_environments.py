@@ -20,7 +20,7 @@ import psutil
 import pytest
 from snakemake_interface_common.exceptions import WorkflowError
 
-from snakemake_executor_plugin_sticky.environments import parse_environment
+from snakemake_executor_plugin_sticky.environment import parse_environment
 from snakemake_executor_plugin_sticky.templates import parse_template, with_environment
 
 from conftest import RUN_TIMEOUT_S, Workflow
@@ -264,40 +264,40 @@ def test_a_killed_snakemake_takes_its_environments_workers_along(workflow: Workf
     while not (workflow.root / "invocation-started").exists():
         assert proc.poll() is None and time.monotonic() < deadline, workflow.read("snakemake.log")
         time.sleep(0.1)
-    workers = [p for p in psutil.Process(proc.pid).children(recursive=True) if "keeper" in " ".join(p.cmdline())]
-    assert workers, "the worker runs under the keeper"
-    os.kill(proc.pid, signal.SIGKILL)  # no cleanup of Snakemake's own: the keeper must notice
+    workers = [p for p in psutil.Process(proc.pid).children(recursive=True) if "supervisor" in " ".join(p.cmdline())]
+    assert workers, "the worker runs under the supervisor"
+    os.kill(proc.pid, signal.SIGKILL)  # no cleanup of Snakemake's own: the supervisor must notice
     proc.wait()
     assert not workflow.leftover_processes(wait_s=60), workflow.read("snakemake.log")
 
 
-def test_the_keeper_ends_its_worker_when_the_process_that_started_it_is_gone(tmp_path: Path):
-    # A worker that would not notice on its own (here `sleep`): the keeper watches its parent.
+def test_the_supervisor_ends_its_worker_when_the_process_that_started_it_is_gone(tmp_path: Path):
+    # A worker that would not notice on its own (here `sleep`): the supervisor watches its parent.
     starter = subprocess.Popen(
         [
             sys.executable,
             "-c",
             "import os, subprocess, sys, time\n"
             "read, write = os.pipe()\n"
-            "env = {**os.environ, 'STICKY_KEEPER_WATCH_FD': str(read)}\n"
-            "keeper = subprocess.Popen([sys.executable, '-m', 'snakemake_executor_plugin_sticky.keeper', 'sleep', "
+            "env = {**os.environ, 'STICKY_SUPERVISOR_WATCH_FD': str(read)}\n"
+            "supervisor = subprocess.Popen([sys.executable, '-m', 'snakemake_executor_plugin_sticky.worker.supervisor', 'sleep', "
             "'600'], env=env, pass_fds=(read,))\n"
-            "print(keeper.pid, flush=True)\n"
+            "print(supervisor.pid, flush=True)\n"
             "time.sleep(600)\n",
         ],
         stdout=subprocess.PIPE,
         text=True,
     )
-    keeper = psutil.Process(int(starter.stdout.readline()))
+    supervisor = psutil.Process(int(starter.stdout.readline()))
     deadline = time.monotonic() + 60
-    while not keeper.children():
-        assert time.monotonic() < deadline, "the keeper started no worker"
+    while not supervisor.children():
+        assert time.monotonic() < deadline, "the supervisor started no worker"
         time.sleep(0.05)
-    worker = keeper.children()[0]
+    worker = supervisor.children()[0]
     starter.kill()
     starter.wait()
     worker.wait(timeout=60)  # psutil.TimeoutExpired if the worker outlives its starter
-    keeper.wait(timeout=60)
+    supervisor.wait(timeout=60)
 
 
 def test_template_identity_follows_its_environment(tmp_path: Path):

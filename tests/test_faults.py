@@ -40,12 +40,12 @@ main()
 
 # Where a failure is injected: (module[:class], function, on which call).
 PATHS = {
-    "dispatch": ("snakemake_executor_plugin_sticky.backends.base:DaskBackend", "submit", "1"),
-    "engine events": ("snakemake_executor_plugin_sticky.executor:Executor", "worker_event", "always"),
-    "result collection": ("snakemake_executor_plugin_sticky.backends.base:DaskBackend", "_complete", "2"),
-    "completion delivery": ("snakemake_executor_plugin_sticky.executor:Executor", "tell_snakemake", "2"),
-    "backend start": ("snakemake_executor_plugin_sticky.backends.local:EmbeddedBackend", "__init__", "always"),
-    "worker start": ("snakemake_executor_plugin_sticky.backends.local:EmbeddedBackend", "_nanny", "always"),
+    "dispatch": ("snakemake_executor_plugin_sticky.head.engines.base:DaskBackend", "submit", "1"),
+    "engine events": ("snakemake_executor_plugin_sticky.head.executor:Executor", "worker_event", "always"),
+    "result collection": ("snakemake_executor_plugin_sticky.head.engines.base:DaskBackend", "_complete", "2"),
+    "completion delivery": ("snakemake_executor_plugin_sticky.head.executor:Executor", "tell_snakemake", "2"),
+    "backend start": ("snakemake_executor_plugin_sticky.head.engines.local:EmbeddedBackend", "__init__", "always"),
+    "worker start": ("snakemake_executor_plugin_sticky.head.engines.local:EmbeddedBackend", "_nanny", "always"),
 }
 
 LATE_SNAKEFILE = """

@@ -52,7 +52,7 @@ def test_dask_jobqueue_internals():
     from dask_jobqueue.core import Job
     from dask_jobqueue.slurm import SLURMJob
 
-    assert "worker_command" in parameters(Job.__init__), "Job(worker_command=...): the keeper runs the worker"
+    assert "worker_command" in parameters(Job.__init__), "Job(worker_command=...): the supervisor runs the worker"
     assert hasattr(Job, "job_file") and hasattr(Job, "_job_id_from_submit_output")
     assert SLURMJob.submit_command == "sbatch" and SLURMJob.cancel_command == "scancel"
 

@@ -549,7 +549,7 @@ def test_the_preamble_is_snakemakes(tmp_path: Path):
             from snakemake.iocontainers import InputFiles, Log, OutputFiles, Params, ResourceList, Snakemake, Wildcards
             from snakemake.script import PythonScript
             from snakemake.sourcecache import infer_source_file
-            from snakemake_executor_plugin_sticky.isolation import preamble
+            from snakemake_executor_plugin_sticky.worker.isolation import preamble
 
             script = os.path.abspath("script.py")
             open(script, "w").write("")
@@ -595,7 +595,7 @@ def test_a_script_alone_may_change_the_process_and_its_neighbours_wait(tmp_path:
 HOLD_PROBE = textwrap.dedent(
     """
     import os, threading, types
-    from snakemake_executor_plugin_sticky.isolation import Isolation
+    from snakemake_executor_plugin_sticky.worker.isolation import Isolation
 
     os.makedirs("scripts", exist_ok=True)
     open("scripts/changer.py", "w").write(

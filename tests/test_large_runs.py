@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from snakemake_executor_plugin_sticky.advice import FIRSTFIT_PACKAGE, LARGE_RUN_FLAGS, large_run_advice
+from snakemake_executor_plugin_sticky.head.advice import FIRSTFIT_PACKAGE, LARGE_RUN_FLAGS, large_run_advice
 
 from conftest import Workflow
 

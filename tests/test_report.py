@@ -10,8 +10,8 @@ import signal
 import time
 from pathlib import Path
 
-from snakemake_executor_plugin_sticky.report import InvocationRecord
-from snakemake_executor_plugin_sticky.timeline import draw_timeline
+from snakemake_executor_plugin_sticky.head.report import InvocationRecord
+from snakemake_executor_plugin_sticky.head.report.timeline import draw_timeline
 
 from conftest import Workflow
 from test_core import LLM_TEMPLATE, ONE_TEMPLATE_SNAKEFILE, sticky_workflow

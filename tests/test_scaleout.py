@@ -21,9 +21,9 @@ from distributed.comm import connect
 from distributed.security import Security
 from snakemake_interface_common.exceptions import WorkflowError
 
-from snakemake_executor_plugin_sticky.backends.jobqueue import BatchBackend
+from snakemake_executor_plugin_sticky.head.engines.jobqueue import BatchBackend
+from snakemake_executor_plugin_sticky.head.process_changes import ProcessTweaks
 from snakemake_executor_plugin_sticky.settings import ExecutorSettings
-from snakemake_executor_plugin_sticky.tweaks import ProcessTweaks
 
 from conftest import Workflow, snakemake_env
 from test_engines import all_helpers, engine_workflow, helpers, results, running, wait_for, wait_until_gone
@@ -341,7 +341,7 @@ def test_attach_mode_uses_hand_started_workers_and_leaves_them_running(workflow:
             time.sleep(0.2)
         assert workflow.lines("torn-down.txt") == [str(worker.pid)]
         assert worker.poll() is None and scheduler.poll() is None
-        assert "no reaper guards this worker" in run.output, "a worker not under the keeper is named"
+        assert "no reaper guards this worker" in run.output, "a worker not under the supervisor is named"
     finally:
         for process in (worker, scheduler):
             if process is not None:
@@ -377,10 +377,10 @@ def start_scheduler(workflow: Workflow) -> tuple[subprocess.Popen, Path]:
 
 
 def start_kept_worker(workflow: Workflow, scheduler_file: Path, resources: str) -> subprocess.Popen:
-    """A hand-started Dask worker with a Nanny under the keeper, offering `resources`."""
+    """A hand-started Dask worker with a Nanny under the supervisor, offering `resources`."""
     dask = str(Path(sys.executable).with_name("dask"))
     return subprocess.Popen(
-        [sys.executable, "-m", "snakemake_executor_plugin_sticky.keeper", dask, "worker"]
+        [sys.executable, "-m", "snakemake_executor_plugin_sticky.worker.supervisor", dask, "worker"]
         + ["--scheduler-file", str(scheduler_file), "--resources", resources, "--nthreads", "1"]
         + ["--memory-limit", "0", "--no-dashboard"],
         cwd=workflow.root,
@@ -391,8 +391,8 @@ def start_kept_worker(workflow: Workflow, scheduler_file: Path, resources: str) 
     )
 
 
-def test_attach_mode_worker_under_the_keeper_takes_a_template_with_processes(workflow: Workflow):
-    """A hand-started worker with a Nanny (a daemon process, as Dask starts them) under the keeper:
+def test_attach_mode_worker_under_the_supervisor_takes_a_template_with_processes(workflow: Workflow):
+    """A hand-started worker with a Nanny (a daemon process, as Dask starts them) under the supervisor:
     the template's pool runs in it, and the run's end ends the pool but leaves the worker."""
     engine_workflow(workflow)
     scheduler, scheduler_file = start_scheduler(workflow)
@@ -505,7 +505,7 @@ def test_attach_mode_refuses_a_plain_tcp_scheduler_beyond_loopback(workflow: Wor
 
 @pytest.mark.parametrize("address", ["ws://10.11.12.13:8786", "ucx://10.11.12.13:8786", "10.11.12.13:8786"])
 def test_attach_mode_refuses_every_scheme_without_tls_beyond_loopback(address: str):
-    from snakemake_executor_plugin_sticky.backends.attach import refuse_plaintext
+    from snakemake_executor_plugin_sticky.head.engines.attach import refuse_plaintext
 
     with pytest.raises(WorkflowError, match="without TLS beyond this machine is refused"):
         refuse_plaintext(address, None)
@@ -513,7 +513,7 @@ def test_attach_mode_refuses_every_scheme_without_tls_beyond_loopback(address: s
 
 @pytest.mark.parametrize("address", ["tls://10.11.12.13:8786", "wss://10.11.12.13:8786", "ws://127.0.0.1:8786"])
 def test_attach_mode_takes_tls_anywhere_and_warns_of_plaintext_on_loopback(address: str):
-    from snakemake_executor_plugin_sticky.backends.attach import refuse_plaintext
+    from snakemake_executor_plugin_sticky.head.engines.attach import refuse_plaintext
 
     warned = []
     refuse_plaintext(address, SimpleNamespace(warning=warned.append))
@@ -521,7 +521,7 @@ def test_attach_mode_takes_tls_anywhere_and_warns_of_plaintext_on_loopback(addre
 
 
 def test_attach_mode_names_the_package_whose_versions_differ(workflow: Workflow):
-    from snakemake_executor_plugin_sticky.backends.attach import version_problems
+    from snakemake_executor_plugin_sticky.head.engines.attach import version_problems
 
     scheduler, scheduler_file = start_scheduler(workflow)
     try:
@@ -626,7 +626,7 @@ def test_slurm_worker_killed_takes_its_helpers_along_and_its_job_fails(workflow:
     job = subprocess.run(["cat", f"/proc/{victim}/environ"], capture_output=True).stdout.split(b"\0")
     job_id = next(v.split(b"=", 1)[1].decode() for v in job if v.startswith(b"SLURM_JOB_ID="))
     os.kill(victim, signal.SIGKILL)
-    assert wait_until_gone(theirs) == [], "the keeper ended the killed worker's pool, server and daemon"
+    assert wait_until_gone(theirs) == [], "the supervisor ended the killed worker's pool, server and daemon"
     output, _ = proc.communicate(timeout=240)
     assert proc.returncode == 0, output
     assert len(results(workflow)) == 8

@@ -10,7 +10,7 @@ import psutil
 import pytest
 from distributed.security import Security
 
-from snakemake_executor_plugin_sticky.security import run_credentials, write_credentials
+from snakemake_executor_plugin_sticky.head.security import run_credentials, write_credentials
 
 from conftest import Workflow
 from test_core import LLM_TEMPLATE, ONE_TEMPLATE_SNAKEFILE, sticky_workflow

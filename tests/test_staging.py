@@ -21,10 +21,11 @@ from pathlib import Path
 
 import pytest
 
-from snakemake_executor_plugin_sticky import staging
-from snakemake_executor_plugin_sticky.staging import StageError, stage
+from snakemake_executor_plugin_sticky.api import stage as staging
+from snakemake_executor_plugin_sticky.api.stage import StageError, stage
 
 from conftest import Workflow, snakemake_env
+from helpers import as_resident
 from test_scaleout import start_scheduler
 
 SIZE_MB = 8  # four files of 8 MB: a 32 MB model folder
@@ -39,10 +40,8 @@ def make_model(folder: Path, files: int = 4, size_mb: int = SIZE_MB, seed: int =
 
 @pytest.fixture
 def cache(tmp_path: Path):
-    staging.configure(cache_dir=str(tmp_path / "cache"))
-    yield tmp_path / "cache"
-    staging.release_all()
-    staging.configure()
+    with as_resident(cache_dir=str(tmp_path / "cache")):
+        yield tmp_path / "cache"
 
 
 def test_a_copy_is_made_once_then_reused_and_made_again_when_the_content_changes(tmp_path: Path, cache: Path):
@@ -110,8 +109,14 @@ def test_copies_that_processes_stage_while_others_evict_are_always_whole(tmp_pat
     code = f"""
 import sys
 from pathlib import Path
-from snakemake_executor_plugin_sticky import staging
-staging.configure(cache_size=3 * 2**20)
+from snakemake_executor_plugin_sticky.api import stage as staging
+from snakemake_executor_plugin_sticky.api import resident
+from snakemake_executor_plugin_sticky.api.resident import StageSettings
+class Resident:
+    template, dask_worker, stage_settings = "t", None, StageSettings(cache_size=3 * 2**20)
+    def announce(self, kind, **fields):
+        pass
+resident.attach(Resident())
 sources = {[str(s) for s in sources]!r}
 for turn in range(40):
     source = Path(sources[(turn + int(sys.argv[1])) % 3])
@@ -142,14 +147,10 @@ def test_a_copy_killed_halfway_never_counts_as_done(tmp_path: Path):
     copier.wait()
     copies = partial.parent / "copies"
     assert not list(copies.glob("*.json")), "no copy counts as done"
-    staging.configure(cache_dir=str(tmp_path / "cache"))
-    try:
+    with as_resident(cache_dir=str(tmp_path / "cache")):
         done = stage(source)
         assert all((done / f"shard-{i}.bin").stat().st_size == 64 * 2**20 for i in range(8))
         assert not list(partial.iterdir()), "the half copy was cleared"
-    finally:
-        staging.release_all()
-        staging.configure()
 
 
 def test_eviction_removes_the_least_recently_used_copies_but_never_one_in_use(tmp_path: Path):
@@ -169,16 +170,12 @@ def test_eviction_removes_the_least_recently_used_copies_but_never_one_in_use(tm
     )
     try:
         in_use = Path(holder.stdout.readline().strip())
-        staging.configure(cache_dir=str(tmp_path / "cache"), cache_size=6 * 2**20)  # room for one copy
-        try:
+        with as_resident(cache_dir=str(tmp_path / "cache"), cache_size=6 * 2**20):  # room for one copy
             m1 = stage(sources[1])
             assert in_use.exists(), "m0 is in use: never evicted"
             staging.release_all()  # this process no longer uses m1
             m2 = stage(sources[2])
             assert in_use.exists() and not m1.exists() and m2.exists(), "m1, unused and least recent, went"
-        finally:
-            staging.release_all()
-            staging.configure()
     finally:
         holder.kill()
         holder.wait()
@@ -310,7 +307,7 @@ def start_workers(workflow: Workflow, scheduler_file: Path, nodes: list[Path]) -
                 [
                     sys.executable,
                     "-m",
-                    "snakemake_executor_plugin_sticky.keeper",
+                    "snakemake_executor_plugin_sticky.worker.supervisor",
                     dask,
                     "worker",
                     "--scheduler-file",
@@ -417,14 +414,11 @@ def test_a_cache_folder_that_is_not_node_local_is_refused_and_named(
 ):
     monkeypatch.delenv("STICKY_UNSET_FOLDER", raising=False)
     monkeypatch.chdir(tmp_path)
-    staging.configure(cache_dir=folder)
-    try:
+    with as_resident(cache_dir=folder):
         with pytest.raises(StageError, match=re.escape(f"--sticky-cache-dir {folder!r}")) as refused:
             stage(make_model(tmp_path / "model", files=1, size_mb=1))
         assert message in str(refused.value)
         assert not list(tmp_path.glob("**/sticky-cache-*")), "nothing was made in the working directory"
-    finally:
-        staging.configure()
 
 
 def test_a_cache_folder_another_user_made_first_is_named_with_its_owner(tmp_path: Path):
@@ -432,13 +426,10 @@ def test_a_cache_folder_another_user_made_first_is_named_with_its_owner(tmp_path
     taken = base / f"sticky-cache-{os.getuid()}"
     taken.mkdir(parents=True, mode=0o700)
     os.chown(taken, 65534, 65534)  # nobody made it first
-    staging.configure(cache_dir=str(base))
-    try:
+    with as_resident(cache_dir=str(base)):
         with pytest.raises(StageError, match="belongs to .*uid 65534.*not to you") as refused:
             stage(make_model(tmp_path / "model", files=1, size_mb=1))
         assert str(taken) in str(refused.value) and "--sticky-cache-dir" in str(refused.value)
-    finally:
-        staging.configure()
 
 
 @pytest.fixture
@@ -454,8 +445,7 @@ def small_disk(tmp_path: Path):
 
 def test_a_copy_onto_a_full_disk_leaves_nothing_and_says_how_much_it_needs(tmp_path: Path, small_disk: Path):
     source = make_model(tmp_path / "model", files=2, size_mb=2)
-    staging.configure(cache_dir=str(small_disk))
-    try:
+    with as_resident(cache_dir=str(small_disk)):
         with pytest.raises(StageError, match="is full") as refused:
             stage(source)
         said = str(refused.value)
@@ -463,8 +453,6 @@ def test_a_copy_onto_a_full_disk_leaves_nothing_and_says_how_much_it_needs(tmp_p
         cache = small_disk / f"sticky-cache-{os.getuid()}"
         assert list((cache / "partial").iterdir()) == [], "the partial copy was removed"
         assert not list((cache / "copies").iterdir())
-    finally:
-        staging.configure()
 
 
 def test_a_full_disk_while_copying_from_a_peer_blames_no_peer(
@@ -472,15 +460,12 @@ def test_a_full_disk_while_copying_from_a_peer_blames_no_peer(
 ):
     source = make_model(tmp_path / "model", files=2, size_mb=2)
     peer = "tls://198.18.0.9:4321"
-    staging.configure(cache_dir=str(small_disk), worker=object())
     monkeypatch.setattr(staging, "peers_with", lambda version: [peer])
     monkeypatch.setattr(staging, "call_peer", lambda w, a, v, name, relative, offset: b"x" * staging.CHUNK_BYTES)
-    try:
+    with as_resident(cache_dir=str(small_disk), dask_worker=object()) as this:
         with pytest.raises(StageError, match="is full"):
             staging.fill(source, staging.scan(source), staging.cache_root(), "model-v1")
-        assert staging._config.failed_peers == {}, "the disk here was full, not the peer at fault"
-    finally:
-        staging.configure()
+        assert staging._failed_peers == {} and this.events == [], "the disk here was full, not the peer at fault"
 
 
 def test_a_source_that_changes_while_it_is_copied_is_refused_and_leaves_nothing(
@@ -507,8 +492,8 @@ def test_a_damaged_manifest_counts_as_a_missing_copy(tmp_path: Path, cache: Path
     assert json.loads(manifest.read_text())["bytes"] == 2 * 2**20, "made again, with a whole manifest"
     staging.release_all()
     manifest.write_text("not json")
-    staging.configure(cache_dir=str(cache), cache_size=0)
-    staging.evict(staging.cache_root())  # evicts instead of failing
+    with as_resident(cache_dir=str(cache), cache_size=0):
+        staging.evict(staging.cache_root())  # evicts instead of failing
     assert not manifest.exists() and not first.parent.exists()
 
 
@@ -518,8 +503,8 @@ def test_copies_in_the_making_count_in_the_cache_size(tmp_path: Path, cache: Pat
     root = cache / f"sticky-cache-{os.getuid()}"
     (root / "partial" / "someone-else-1-abc").mkdir()
     (root / "partial" / "someone-else-1-abc" / "half.bin").write_bytes(b"\0" * 2**20)
-    staging.configure(cache_dir=str(cache), cache_size=2 * 2**20)
-    staging.evict(root)
+    with as_resident(cache_dir=str(cache), cache_size=2 * 2**20):
+        staging.evict(root)
     assert not kept.exists(), "2 MiB kept + 1 MiB in the making is above 2 MiB: the old copy goes"
 
 

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from snakemake_interface_common.exceptions import WorkflowError
 
-from snakemake_executor_plugin_sticky.gpus import GpuPlan
+from snakemake_executor_plugin_sticky.head.gpus import GpuPlan
 from snakemake_executor_plugin_sticky.templates import parse_templates
 
 
@@ -88,7 +88,7 @@ def test_gpus_of_a_retired_pool_go_to_the_next_template_unshared(tmp_path: Path)
 
 
 def test_rule_runtime_sets_the_invocation_timeout():
-    from snakemake_executor_plugin_sticky.invocation import invocation_timeout
+    from snakemake_executor_plugin_sticky.head.invocations import invocation_timeout
 
     assert invocation_timeout({"runtime": 2}, None) == 120.0  # Snakemake's runtime is in minutes
     assert invocation_timeout({"runtime": 2}, 30.0) == 120.0  # and wins over --sticky-invocation-timeout

@@ -1,0 +1,387 @@
+"""The engine interface the executor talks to, and the Dask client side every engine shares.
+
+An engine keeps pools of resident workers, one pool per template, and runs invocations on a
+worker of the right pool. Invocations are plain Dask tasks restricted to the template's worker
+resource tag, so any worker holding the template can take them and a lost worker's invocations
+go to another holder. No Dask Actors: they die with their worker and block scale-in.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+import traceback
+from abc import ABC, abstractmethod
+from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import wait as futures_wait
+from typing import Any, Callable, Optional, Sequence, Union
+
+from distributed import Client, Future
+from distributed.diagnostics.plugin import SchedulerPlugin
+
+from ...settings import ExecutorSettings
+from ...templates import TemplateSpec
+from ...wire import EVENT_TOPIC, RUNNING_TOPIC, Event, Invocation, InvocationResult, Removed
+from ...worker.plugin import StickyWorkerPlugin
+from ...worker.task import run_invocation
+from ..invocations import InvocationCrashedWorkers
+
+Outcome = Union[InvocationResult, BaseException]
+OnDone = Callable[[Invocation, Outcome], None]
+OnEvent = Callable[[dict[str, Any]], None]
+# stimulus ids of Dask's orderly removals: Scheduler.retire_workers and Worker.close_gracefully
+GRACEFUL_REMOVALS = ("retire-workers", "worker-close-gracefully")
+# The longest a fetched result stays held when no submission comes to carry its release.
+RELEASE_DELAY_S = 0.02
+EVENTS_DRAIN_S = 5.0  # at the end of a run, events already received are handled within this
+SUBSCRIBE_TIMEOUT_S = 30.0  # the scheduler has the run's subscription to worker events within this
+
+
+class WorkerRemovalPlugin(SchedulerPlugin):
+    """Runs in the scheduler: announces every worker that leaves, lost or retired, with the
+    invocations that were running on it (the evidence against an invocation that crashes its
+    workers). Workers say when an invocation starts and ends running with its state (topic
+    RUNNING_TOPIC); invocations waiting for a state being built are not running."""
+
+    name = "sticky-worker-removals"
+
+    def __init__(self) -> None:
+        self.running: dict[str, set[str]] = {}  # worker address -> Dask keys
+
+    def log_event(self, topic: str, msg: Any) -> None:
+        """Keep track of the invocations each worker is running."""
+        if topic != RUNNING_TOPIC or not isinstance(msg, dict):
+            return
+        keys = self.running.setdefault(msg["worker"], set())
+        (keys.add if msg["running"] else keys.discard)(msg["key"])
+
+    def remove_worker(self, scheduler: Any, worker: str, *, stimulus_id: str, **kwargs: Any) -> None:
+        # Retired on purpose (idle, walltime near, end of run): not a loss.
+        """Announce the removal, graceful or not, with the invocations the worker was running."""
+        graceful = stimulus_id.startswith(GRACEFUL_REMOVALS)
+        running = sorted(self.running.pop(worker, ()))
+        removed = Removed(address=worker, graceful=graceful, running=tuple(running), time=time.time())
+        scheduler.log_event(EVENT_TOPIC, removed.to_message())
+
+
+def subscribed(dask_scheduler: Any, topic: str, client: str) -> bool:
+    """On the scheduler: whether the client's subscription to the topic has arrived."""
+    return client in dask_scheduler._broker._topics[topic].subscribers
+
+
+def worker_plugin(template: TemplateSpec, workdir: str, settings: ExecutorSettings, owned: bool) -> StickyWorkerPlugin:
+    """What makes a Dask worker that offers the template's tag one of its resident workers;
+    `owned` when the engine started the worker (it then ends with the template)."""
+    return StickyWorkerPlugin(
+        template,
+        workdir,
+        settings.setup_attempts,
+        settings.setup_retry_delay,
+        settings.preempt_grace,
+        settings.teardown_grace,
+        owned,
+        stage_settings={
+            "cache_dir": settings.cache_dir,
+            "cache_size": settings.cache_size,
+            "readers": settings.stage_readers,
+        },
+    )
+
+
+class Backend(ABC):
+    """Pools of resident workers per template, and invocations routed to them."""
+
+    @abstractmethod
+    def start_pool(self, template: TemplateSpec) -> int:
+        """Start the template's workers unless they run already (returns how many it started,
+        without waiting for them)."""
+
+    @abstractmethod
+    def workers_for(self, template: TemplateSpec) -> int:
+        """How many workers the template's pool has at most."""
+
+    @abstractmethod
+    def submit(self, batch: Sequence[tuple[Invocation, OnDone]]) -> None:
+        """Run each invocation on a worker holding its template; its `on_done` gets the outcome."""
+
+    @abstractmethod
+    def abandon(self, key: str, reason: str, worker: str) -> None:
+        """Fail a hung invocation with `reason` and replace the worker (address) that runs it."""
+
+    @abstractmethod
+    def fail_pool(self, template: TemplateSpec, reason: str) -> None:
+        """The template can no longer be served: fail its waiting and future invocations."""
+
+    def retire_pool(self, template: TemplateSpec) -> int:
+        """No job needs the template any more: end its workers before the run ends (returns how
+        many). Batch pools keep theirs (idle batch jobs leave by themselves), and attached
+        workers are not ours."""
+        return 0
+
+    @abstractmethod
+    def close(self) -> None:
+        """End every worker (each runs its template's teardown) and the engine itself."""
+
+    @abstractmethod
+    def cancel(self) -> None:
+        """Drop invocations in flight, then close."""
+
+
+class DaskBackend(Backend):
+    """Submission and completion through a Dask client; subclasses own scheduler and workers."""
+
+    def __init__(self, on_event: OnEvent, crash_limit: int) -> None:
+        self._futures: dict[str, tuple[Invocation, Future]] = {}
+        self._invocation_of: dict[str, str] = {}  # Dask key -> invocation key
+        self._strikes: dict[str, list[str]] = {}  # invocation key -> workers that died running it
+        self._crashed: dict[str, list[str]] = {}
+        self._failed_pools: dict[str, str] = {}
+        self._abandoned: dict[str, str] = {}
+        self._lock = threading.Lock()
+        self._on_event = on_event
+        self.crash_limit = crash_limit
+        self._events_closed = False
+        self._broken: Optional[str] = None
+        # Event handlers may call the (synchronous) client: never on the client's own loop thread.
+        self._event_thread = ThreadPoolExecutor(1, thread_name_prefix="sticky-events")
+        self._finished: queue.SimpleQueue[Optional[tuple[Invocation, Future, OnDone]]] = queue.SimpleQueue()
+        self._spent: list[Future] = []  # results fetched and not released yet: see release_spent
+        self._spent_since = 0.0  # when the oldest of them was fetched
+        threading.Thread(target=self._collect_results, name="sticky-results", daemon=True).start()
+
+    @property
+    @abstractmethod
+    def client(self) -> Client:
+        """The Dask client through which invocations are submitted."""
+
+    def watch_workers(self) -> None:
+        """Forward worker announcements and removals to `on_event` (call once the client is up,
+        before any worker starts). The subscription travels on the client's batched stream:
+        until the scheduler has it, the events of a worker that starts at once (a fork of the
+        forkserver, ready in milliseconds) would reach nobody, so it is waited for."""
+        self.client.subscribe_topic(EVENT_TOPIC, self._forward_event)
+        self.client.register_plugin(WorkerRemovalPlugin())
+        deadline = time.monotonic() + SUBSCRIBE_TIMEOUT_S
+        while not self.client.run_on_scheduler(subscribed, topic=EVENT_TOPIC, client=self.client.id):
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"the Dask scheduler took no subscription to '{EVENT_TOPIC}' events")
+            time.sleep(0.01)
+
+    def _forward_event(self, event: tuple[float, dict[str, Any]]) -> None:
+        if not self._events_closed:  # events that come as the run closes have no one to go to
+            self._event_thread.submit(self._handle_event, event[1])
+
+    def _handle_event(self, message: dict[str, Any]) -> None:
+        try:
+            self._on_event(Event.from_message(message))
+        except Exception as e:  # an event lost could be a hung invocation never replaced: stop
+            traceback.print_exc()
+            self.break_down(f"handling the engine event '{message.get('event')}' failed: {type(e).__name__}: {e}")
+
+    def break_down(self, reason: str) -> None:
+        """Something the engine relies on failed: every invocation in flight and to come fails
+        with the reason, so that Snakemake ends the run with it rather than wait forever."""
+        reason = f"The sticky engine cannot go on: {reason}"
+        with self._lock:
+            self._broken = self._broken or reason
+            entries = list(self._futures.items())
+            for key, _ in entries:
+                self._abandoned.setdefault(key, reason)
+        for _, (_, future) in entries:
+            future.cancel(msg=reason)
+
+    def submit(self, batch: Sequence[tuple[Invocation, OnDone]]) -> None:
+        """One graph update per template for the whole batch: the scheduler's cost of an update
+        hardly depends on how many tasks it carries."""
+        by_tag: dict[str, list[tuple[Invocation, OnDone]]] = {}
+        for invocation, on_done in batch:
+            with self._lock:
+                failure = self._broken or self._failed_pools.get(invocation.identity)
+            if failure is not None:
+                on_done(invocation, RuntimeError(failure))
+            else:
+                by_tag.setdefault(invocation.tag, []).append((invocation, on_done))
+        for tag, items in by_tag.items():
+            invocations = [invocation for invocation, _ in items]
+            try:
+                futures = self.client.map(
+                    run_invocation, invocations, key=[i.key for i in invocations], pure=False, resources={tag: 1}
+                )
+            except Exception as e:  # the client is gone (the run is ending): nothing was sent
+                for invocation, on_done in items:
+                    on_done(invocation, e)
+                continue
+            with self._lock:
+                for (invocation, on_done), future in zip(items, futures):
+                    self._track(invocation, future, on_done)
+            for (invocation, on_done), future in zip(items, futures):
+                self._when_done(invocation, future, on_done)
+        try:
+            self.release_spent()
+        except Exception:  # a release lost holds a result in a worker a little longer
+            traceback.print_exc()
+
+    def _track(self, invocation: Invocation, future: Future, on_done: OnDone) -> None:
+        self._futures[invocation.key] = (invocation, future)
+        self._invocation_of[future.key] = invocation.key
+
+    def _when_done(self, invocation: Invocation, future: Future, on_done: OnDone) -> None:
+        future.add_done_callback(lambda f: self._finished.put((invocation, f, on_done)))
+
+    def worker_lost(self, address: str, running: Sequence[str]) -> None:
+        """A worker died while running these tasks: each of their invocations was running there
+        once more when a worker died. One that has been so `crash_limit` times fails alone; the
+        others run again (Dask reschedules them). With slots above 1, an invocation that ran
+        beside the crashing one at each of those deaths is blamed with it: that is the evidence."""
+        with self._lock:
+            crashed = []
+            for dask_key in running:
+                key = self._invocation_of.get(dask_key)
+                if key is None or key not in self._futures:
+                    continue
+                strikes = self._strikes.setdefault(key, [])
+                strikes.append(address)
+                if len(strikes) >= self.crash_limit:
+                    self._crashed[key] = list(strikes)
+                    crashed.append(self._futures[key][1])
+        for future in crashed:
+            future.cancel(msg="it crashed its workers")
+
+    def release_spent(self) -> None:
+        """Release the fetched results. Done right after a submission, not as each result comes:
+        Dask batches what a client sends (10 ms) and what the scheduler sends a worker (5 ms), so
+        a release sent just before the next invocations held those back for up to that long."""
+        with self._lock:
+            spent, self._spent = self._spent, []
+        for future in spent:
+            future.release()
+
+    def _collect_results(self) -> None:
+        """Fetch the results of finished invocations many at a time: fetching each on its own
+        costs a round trip through the scheduler per invocation. Nothing may stop this thread:
+        every later result depends on it, and Snakemake waits for each."""
+        while True:
+            try:
+                if self._collect_some():
+                    return
+            except Exception as e:
+                traceback.print_exc()
+                self.break_down(f"collecting the invocations' results failed: {type(e).__name__}: {e}")
+                time.sleep(0.1)  # no tight loop should the failure repeat
+
+    def _collect_some(self) -> bool:
+        """One batch of finished invocations; True once the backend is closed."""
+        wait = None  # with results held, only until they are due for release
+        if self._spent:
+            wait = self._spent_since + RELEASE_DELAY_S - time.monotonic()
+            if wait <= 0:
+                self.release_spent()
+                wait = None
+        try:
+            first = self._finished.get(timeout=wait)
+        except queue.Empty:
+            self.release_spent()
+            return False
+        batch = [first]
+        while not self._finished.empty():
+            batch.append(self._finished.get())
+        if None in batch:  # closed
+            return True
+        done = [(i, f, d) for i, f, d in batch if f.status == "finished"]
+        try:
+            values = self.client.gather([f for _, f, _ in done]) if done else []
+        except BaseException:  # a worker went with its results: take them one by one
+            values = [None] * len(done)
+            done = []
+        fetched = {i.key: v for (i, _, _), v in zip(done, values, strict=True)}
+        for invocation, future, on_done in batch:
+            if invocation.key not in fetched and future.status not in ("finished", "error", "cancelled"):
+                # its result left with a lost worker and is being computed again: it comes back
+                # here when it is done, and the others are not held up meanwhile
+                self._when_done(invocation, future, on_done)
+                continue
+            try:
+                self._complete(invocation, future, on_done, fetched.get(invocation.key))
+            except Exception as e:  # this invocation's job fails with the cause; the others go on
+                traceback.print_exc()
+                on_done(invocation, RuntimeError(f"its result could not be collected: {type(e).__name__}: {e}"))
+        return False
+
+    def _complete(self, invocation: Invocation, future: Future, on_done: OnDone, fetched: Optional[Outcome]) -> None:
+        with self._lock:
+            if not self._spent:
+                self._spent_since = time.monotonic()
+            self._spent.append(future)
+            self._invocation_of.pop(future.key, None)
+            self._futures.pop(invocation.key, None)
+            self._strikes.pop(invocation.key, None)
+            crashed = self._crashed.pop(invocation.key, None)
+        try:
+            outcome: Outcome = fetched if fetched is not None else future.result()
+        except BaseException as e:  # cancelled, hung, lost workers, or the pool failed
+            with self._lock:
+                failure = (
+                    self._abandoned.pop(invocation.key, None)
+                    or self._failed_pools.get(invocation.identity)
+                    or self._broken
+                )
+            if crashed is not None:
+                outcome = InvocationCrashedWorkers(crashed)
+            else:
+                outcome = RuntimeError(failure) if failure is not None else e
+        on_done(invocation, outcome)
+
+    def fail_pool(self, template: TemplateSpec, reason: str) -> None:
+        """The pool cannot serve: fail its waiting invocations now and later ones at once."""
+        with self._lock:
+            self._failed_pools[template.identity] = reason
+            waiting = [f for inv, f in self._futures.values() if inv.identity == template.identity]
+        for future in waiting:
+            future.cancel(msg=reason)
+
+    def abandon(self, key: str, reason: str, worker: str) -> None:
+        """Fail a hung invocation with `reason` and replace its worker where the engine may."""
+        with self._lock:
+            key = self._invocation_of.get(key, key)
+            entry = self._futures.get(key)
+            if entry is None:
+                return
+            self._abandoned[key] = reason
+        entry[1].cancel(msg=reason)
+        self.replace_worker(worker)
+
+    def replace_worker(self, worker: str) -> None:
+        """A hung thread cannot be stopped: end the worker (address) that runs it; a new one
+        builds the state anew. Only for workers of ours; see `replaces_hung_workers`."""
+
+    replaces_hung_workers = False
+
+    def close_events(self) -> None:
+        """Stop handling the engine's events and results: the run is closing. The events that
+        came before are handled first (a worker's setup, heard just before the last results),
+        for a moment at most."""
+        self._events_closed = True
+        futures_wait([self._event_thread.submit(lambda: None)], timeout=EVENTS_DRAIN_S)
+        self.release_spent()
+        try:
+            self.client.unsubscribe_topic(EVENT_TOPIC)
+        except Exception:  # the client is gone already: no more events come
+            pass
+        self._event_thread.shutdown(wait=False, cancel_futures=True)
+        self._finished.put(None)
+
+    def outstanding(self, identity: str) -> int:
+        """Invocations of the template submitted and not finished (waiting or running)."""
+        with self._lock:
+            return sum(1 for inv, _ in self._futures.values() if inv.identity == identity)
+
+    def cancel(self) -> None:
+        """Drop the invocations in flight, then close."""
+        try:
+            with self._lock:
+                futures = [f for _, f in self._futures.values()]
+            if futures:
+                self.client.cancel(futures, force=True)
+        finally:
+            self.close()

@@ -1,0 +1,315 @@
+"""Batch-job engine: the scheduler in the Snakemake process, listening on the network with TLS,
+and each template's workers as batch jobs (one worker per job) submitted through dask-jobqueue.
+
+Pools are elastic. A pool starts with no job; while invocations of its template wait, jobs are
+added (one per `slots` outstanding invocations, up to the pool's `max-workers`); a worker idle for
+`--sticky-idle-timeout` with nothing waiting is retired; a worker near its walltime retires
+itself, letting its running invocations finish, and is replaced while work remains; a lost
+worker's invocations go to another holder and the job is replaced. Every decision is logged.
+Jobs run the worker without a Nanny, under the supervisor: the batch system supervises the job, and
+the job ends when its worker does, with its status.
+
+How each batch system's job is written and submitted is in batch_systems.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import itertools
+import math
+import shlex
+import socket
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+from snakemake_interface_common.exceptions import WorkflowError
+
+from ...settings import ExecutorSettings
+from ...templates import TemplateSpec
+from ..process_changes import ProcessTweaks
+from ..run_folders import RunFolder, clean_stale_runs
+from ..security import run_credentials, write_credentials
+from .base import OnEvent, worker_plugin
+from .batch_systems import SYSTEMS, PoolSpec, cancel, check_pools, job_for, pools_of, submit
+from .hosted import HostedScheduler, worker_close_s
+
+__all__ = ["BatchBackend", "check_pools", "network_host"]
+
+SCALE_PERIOD_S = 1.0
+STATUS_POLL_S = 15.0
+FAILED_STARTS = 3  # jobs in a row that end before their worker connects: the pool fails
+COMMAND_TIMEOUT_S = 60  # squeue, qstat and their kind
+
+
+def network_host(interface: Optional[str]) -> str:
+    """The address the workers reach this host at: the interface's, or else that of this host's
+    name, which must not be a loopback address (a Debian hosts file maps the name to 127.0.1.1)."""
+    if interface:
+        from distributed.utils import get_ip_interface
+
+        try:
+            return get_ip_interface(interface)
+        except ValueError as e:
+            raise WorkflowError(f"--sticky-interface {interface}: {e} Interfaces here: {interfaces()}.") from e
+    name = socket.getfqdn()
+    try:
+        address = socket.gethostbyname(name)
+    except OSError:
+        name = socket.gethostname()
+        address = socket.gethostbyname(name)
+    if ipaddress.ip_address(address).is_loopback:
+        raise WorkflowError(
+            f"The scheduler would listen on {address}, the address of this host's name {name!r} "
+            f"(/etc/hosts), a loopback address that batch jobs on other nodes cannot reach. Name the "
+            f"network interface the compute nodes reach this host through with --sticky-interface "
+            f"(interfaces here: {interfaces()}); on a one-node cluster, --sticky-interface lo."
+        )
+    return address
+
+
+def interfaces() -> str:
+    """This host's network interfaces and their IPv4 addresses, for a message."""
+    import psutil  # a dependency of distributed
+
+    found = []
+    for name, addresses in psutil.net_if_addrs().items():
+        ipv4 = [a.address for a in addresses if a.family == socket.AF_INET]
+        found.append(f"{name} {ipv4[0]}" if ipv4 else name)
+    return ", ".join(found) or "none found"
+
+
+@dataclass
+class BatchJob:
+    """One worker job: its dask-jobqueue Job, its template and pool, and what the scaler knows of it."""
+
+    job: Any
+    template: str
+    pool: str
+    submitted: float
+    address: Optional[str] = None  # once its worker connected
+    idle_since: Optional[float] = None
+    ended: bool = False
+
+
+class BatchBackend(HostedScheduler):
+    """Workers as batch jobs of one batch system; the scheduler here, TLS on the network."""
+
+    replaces_hung_workers = True
+
+    def __init__(self, workdir: str, settings: ExecutorSettings, log: Any, on_event: OnEvent, tweaks: ProcessTweaks):
+        self.workdir = workdir
+        self.system = SYSTEMS[settings.cluster]
+        self.run_dir = Path(workdir, ".snakemake", "sticky")
+        self.host = network_host(settings.interface)
+        clean_stale_runs(self.run_dir / "runs", log)
+        self.run = RunFolder.create(self.run_dir / "runs", self.system.name, self.system.job_class.cancel_command)
+        self.credentials = self.run.credentials
+        self.log_directory = str(self.run_dir / "jobs")
+        self._templates: dict[str, TemplateSpec] = {}
+        self._pools: dict[str, list[PoolSpec]] = {}
+        self._jobs: list[BatchJob] = []
+        self._failed_starts: dict[str, int] = {}
+        self._names = itertools.count(1)
+        self._closing = False
+        self._last_poll = 0.0
+        super().__init__(
+            settings, log, on_event, security=write_credentials(run_credentials(), self.credentials), tweaks=tweaks
+        )
+        self._scaler = asyncio.run_coroutine_threadsafe(self._scale_forever(), self._loop)
+        log.info(
+            f"Sticky workers run as {self.system.name} jobs named sticky-<template>-{self.run.run_id}; "
+            f"scheduler at {self._scheduler.address} (TLS, credentials of this run in {self.credentials}); "
+            f"job logs in {self.log_directory}."
+        )
+
+    def replace_worker(self, worker: str) -> None:
+        """Close it: its job ends, and the pool submits another while work remains."""
+        self._loop.call_soon_threadsafe(self._scheduler.close_worker, worker)
+
+    def workers_for(self, template: TemplateSpec) -> int:
+        """The template's workers at most: the sum of its pools' max-workers."""
+        pools = self._pools.get(template.identity) or pools_of(template, self.settings)
+        return sum(p.max_workers for p in pools)
+
+    def start_pool(self, template: TemplateSpec) -> int:
+        """Register the template's worker plugin; jobs start when its invocations wait."""
+        if template.identity in self._templates:
+            return 0
+        pools = pools_of(template, self.settings)
+        self._client.register_plugin(worker_plugin(template, self.workdir, self.settings, owned=True))
+        self._pools[template.identity] = pools
+        self._templates[template.identity] = template
+        return 0
+
+    async def _scale_forever(self) -> None:
+        failures = 0
+        while not self._closing:
+            try:
+                await self._scale_once()
+                failures = 0
+            except Exception as e:
+                failures += 1
+                self.log.warning(f"Sticky scaling step failed ({failures}/{FAILED_STARTS}): {type(e).__name__}: {e}")
+                if failures >= FAILED_STARTS:  # no endless retries: the run fails with the cause
+                    for template in self._templates.values():
+                        self.fail_pool(template, f"Sticky scaling of the worker jobs failed: {type(e).__name__}: {e}")
+                    return
+                await asyncio.sleep(5 * SCALE_PERIOD_S)
+            await asyncio.sleep(SCALE_PERIOD_S)
+
+    async def _scale_once(self) -> None:
+        now = time.time()
+        self._track_workers(now)
+        if now - self._last_poll >= STATUS_POLL_S:
+            self._last_poll = now
+            await self._poll_unconnected()
+        for identity, template in list(self._templates.items()):
+            if identity in self._failed_pools:
+                continue
+            outstanding = self.outstanding(identity)
+            live = [j for j in self._jobs if j.template == identity and not j.ended]
+            wanted = min(math.ceil(outstanding / template.slots), self.workers_for(template))
+            if wanted > len(live):
+                await self._add_jobs(template, wanted - len(live), outstanding, len(live))
+            waiting = outstanding - self._running(identity)
+            if waiting <= 0:
+                await self._retire_idle(template, live, now)
+
+    def _track_workers(self, now: float) -> None:
+        """Match connected workers to their jobs (by name); a job whose worker left has ended."""
+        by_name = {str(ws.name): ws for ws in self._scheduler.workers.values()}
+        for job in self._jobs:
+            if job.ended:
+                continue
+            ws = by_name.get(job.job.name)
+            if ws is None:
+                if job.address is not None:  # connected once, now gone: the job ends with it
+                    job.ended = True
+                continue
+            if job.address is None:
+                self._failed_starts[job.template] = 0
+            job.address = ws.address
+            job.idle_since = None if ws.processing else (job.idle_since or now)
+
+    def _running(self, identity: str) -> int:
+        addresses = {j.address for j in self._jobs if j.template == identity and j.address and not j.ended}
+        return sum(len(self._scheduler.workers[a].processing) for a in addresses if a in self._scheduler.workers)
+
+    async def _add_jobs(self, template: TemplateSpec, count: int, outstanding: int, live: int) -> None:
+        pools = self._pools[template.identity]
+        for _ in range(count):
+            in_pool = {p.name: 0 for p in pools}
+            for job in self._jobs:
+                if job.template == template.identity and not job.ended:
+                    in_pool[job.pool] += 1
+            open_pools = [p for p in pools if in_pool[p.name] < p.max_workers]
+            if not open_pools:
+                return
+            pool = min(open_pools, key=lambda p: in_pool[p.name] / p.max_workers)
+            name = f"{template.name}-{pool.name}-{next(self._names)}"
+            job = job_for(
+                self.system,
+                template,
+                pool,
+                scheduler=self._scheduler.address,
+                name=name,
+                security=self.security,
+                interface=self.settings.interface,
+                log_directory=self.log_directory,
+                run_id=self.run.run_id,
+            )
+            try:
+                await asyncio.to_thread(submit, job)
+            except Exception as e:  # the batch system refused the job (bad partition, say)
+                self._start_failed(template, f"{self.system.name} refused the worker job: {e}")
+                return
+            self._jobs.append(BatchJob(job, template.identity, pool.name, time.time()))
+            self.run.job_submitted(job.job_id)
+            live += 1
+            self.log.info(
+                f"Sticky template '{template.name}': {outstanding} invocation(s) outstanding, "
+                f"{live - 1} worker job(s) live: submitted {self.system.name} job {job.job_id} "
+                f"(worker {name}, pool {pool.name})."
+            )
+
+    async def _retire_idle(self, template: TemplateSpec, live: list[BatchJob], now: float) -> None:
+        for job in live:
+            if job.address is None or job.idle_since is None:
+                continue
+            if now - job.idle_since < self.settings.idle_timeout:
+                continue
+            self.log.info(
+                f"Sticky worker {job.job.name} (template '{template.name}', {self.system.name} job "
+                f"{job.job.job_id}) idle for {now - job.idle_since:.0f} s with nothing waiting: retiring it."
+            )
+            job.ended = True
+            await self._scheduler.retire_workers(workers=[job.address], close_workers=True, remove=True)
+            await asyncio.to_thread(cancel, job.job)
+
+    async def _poll_unconnected(self) -> None:
+        """Ask the batch system about jobs whose worker never connected: one that is gone failed
+        to start. After a few in a row the pool fails, pointing at the job logs."""
+        for job in [j for j in self._jobs if j.address is None and not j.ended]:
+            command = shlex.split(self.system.status_command.format(job_id=job.job.job_id))
+            try:
+                status = await asyncio.to_thread(
+                    subprocess.run, command, capture_output=True, text=True, timeout=COMMAND_TIMEOUT_S
+                )
+            except (OSError, subprocess.SubprocessError) as e:
+                self.log.warning(f"Cannot ask {self.system.name} about job {job.job.job_id}: {e}")
+                return
+            if not self.system.gone(status.returncode, status.stdout):
+                continue
+            job.ended = True
+            if job.job.name in {str(ws.name) for ws in self._scheduler.workers.values()}:
+                continue
+            self._start_failed(
+                self._templates[job.template],
+                f"{self.system.name} job {job.job.job_id} ended before its worker connected "
+                f"(its output is in {self.log_directory})",
+            )
+
+    def _start_failed(self, template: TemplateSpec, cause: str) -> None:
+        """Count a worker job that did not come up; after a few in a row the pool fails."""
+        failures = self._failed_starts[template.identity] = self._failed_starts.get(template.identity, 0) + 1
+        self.log.warning(f"Sticky template '{template.name}': {cause} ({failures}/{FAILED_STARTS}).")
+        if failures >= FAILED_STARTS:
+            self.fail_pool(
+                template,
+                f"Sticky template '{template.name}': {FAILED_STARTS} worker jobs in a row did not "
+                f"come up; the last: {cause}",
+            )
+
+    async def _close_workers(self) -> None:
+        """Retire every worker (each tears its state down; its job then ends by itself), then
+        cancel the jobs that still wait in the queue or whose worker did not retire, so nothing
+        stays queued or running after the workflow. A job whose worker has left already ends
+        with it: its supervisor exits with the worker's status, which a cancel would overwrite."""
+        self._closing = True
+        self._scaler.cancel()
+        self._track_workers(time.time())
+        connected = list(self._scheduler.workers)
+        if connected:
+            try:
+                await asyncio.wait_for(
+                    self._scheduler.retire_workers(workers=connected, close_workers=True, remove=True),
+                    worker_close_s(self.settings),
+                )
+            except asyncio.TimeoutError:
+                pass
+        still = {str(ws.name) for ws in self._scheduler.workers.values()}
+        jobs = [j.job for j in self._jobs if not j.ended and (j.address is None or j.job.name in still)]
+        if jobs:
+            self.log.info(f"Sticky: cancelling {len(jobs)} {self.system.name} worker job(s) still queued or running.")
+        await asyncio.gather(*(asyncio.to_thread(cancel, job) for job in jobs), return_exceptions=True)
+
+    def close(self) -> None:
+        """Close the engine, then remove the run's folder and its credentials."""
+        try:
+            super().close()
+        finally:
+            self.run.remove()

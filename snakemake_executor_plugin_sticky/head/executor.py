@@ -1,0 +1,437 @@
+"""Snakemake face: sticky jobs go to resident workers, every other job to the delegate.
+
+A job is sticky when its rule declares `resources: sticky="<template>"`. Its declaration is
+checked for the whole DAG before any job runs (declarations.py), the template's workers are
+started right away, and each sticky job becomes one invocation on a worker holding the template
+(invocation.py, worker.py). Its outcome comes back through the engine (backends/), is reported to
+Snakemake a few at a time (completions.py), and Snakemake's own post-processing checks the
+outputs, as for any job. Jobs that are not sticky go to the local executor or another executor
+plugin (delegate.py).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import threading
+import traceback
+from dataclasses import replace
+from functools import partial
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Optional
+
+from snakemake_interface_common.exceptions import WorkflowError
+from snakemake_interface_executor_plugins.executors.base import SubmittedJobInfo
+from snakemake_interface_executor_plugins.executors.real import RealExecutor
+from snakemake_interface_executor_plugins.jobs import JobExecutorInterface
+from snakemake_interface_executor_plugins.settings import ExecMode
+
+from ..settings import ExecutorSettings
+from ..templates import TemplateSpec
+from ..wire import Event, Invocation, InvocationResult, InvocationTimedOut, Removed
+from . import forkserver
+from .advice import firstfit_installed, large_run_advice, window_advice
+from .completions import CompletionBatcher
+from .declarations import check_declarations, is_sticky, ready_templates, sticky_rules_in_group
+from .delegate import Delegate
+from .environments import launch_command, probe
+from .invocations import InvocationCrashedWorkers, build_invocation
+from .process_changes import ProcessTweaks, cancel_pending_reevaluations
+from .report import RunReport, WorkerRecord
+from .template_jobs import PoolBook
+from .validation import check_settings
+
+if TYPE_CHECKING:  # Dask loads with the engine, not whenever Snakemake lists its plugins
+    from .engines.base import Backend
+
+
+class Executor(RealExecutor):
+    """Runs sticky jobs as invocations in resident workers and hands the others on."""
+
+    def __post_init__(self) -> None:
+        self.settings: ExecutorSettings = self.workflow.executor_settings or ExecutorSettings()
+        check_settings(self.settings)
+        self.tweaks = ProcessTweaks()
+        if self.settings.cluster == "local" and not self.settings.scheduler and forkserver.available():
+            # Local workers are forked from it: started first, it imports Dask on the other core
+            # while this process does the rest of its start (see forkserver.py).
+            self.tweaks.on_undo(forkserver.start_forkserver())
+        self.workdir = os.getcwd()
+        # the run refuses a misdeclared job before any worker starts, as a dry run does (dryrun.py)
+        self.declarations, used, jobs = check_declarations(self.workflow, self.dag.needrun_jobs(), self.settings)
+        self.templates = self.declarations.templates
+        self.delegate = Delegate(self.workflow, self.logger, self.settings)
+        self._backend: Optional["Backend"] = None
+        self._backend_lock = threading.Lock()
+        self._cancelled = False
+        self._placed: set[str] = set()  # identities of the templates whose environment is checked
+        self._errors = 0
+        self._stop_status = threading.Event()
+        self.completions = CompletionBatcher(on_error=self.report_failed)
+        self.report = RunReport(self.templates, Path(self.workflow.persistence.path) / "sticky", self.logger)
+        self.tweaks.freeze_collections()
+        self._closing = self.tweaks.quiet_closing_handshakes()
+        for note in sorted(self.declarations.notes):
+            self.logger.info(note)
+        # A checkpoint may add sticky jobs to the DAG later: then pools last until the run ends.
+        self.pools = PoolBook(jobs, retire_early=not any(rule.is_checkpoint for rule in self.workflow.rules))
+        try:
+            used = {name: self.place(template) for name, template in used.items()}
+            for template in ready_templates(used, self.dag.ready_jobs):
+                self.start_pool(template)
+        except BaseException:
+            # Snakemake never calls shutdown() for an executor that failed to start.
+            self.completions.close(deliver=False)
+            self.close_backend()
+            self.tweaks.undo()
+            raise
+        self.advise(used)
+
+    def place(self, template: TemplateSpec) -> TemplateSpec:
+        """Where the template's workers run: its environment is made (or found) and checked once,
+        before any of its workers starts (templates that a checkpoint brings later included);
+        WorkflowError naming the template and the environment."""
+        env = template.environment
+        if env is None or template.identity in self._placed:
+            return template
+        name = template.name
+        command: tuple[str, ...] = ()
+        if self.settings.scheduler:
+            self.logger.info(
+                f"Sticky template '{name}': its {env.describe()} is not used: in attach mode the workers "
+                "are yours, and run in the environment you started them in; start them there."
+            )
+        else:
+            command = launch_command(env, name, self.workflow, self.dag, self.logger)
+            if command:
+                python = probe(env, command, name)["python"]
+                self.logger.info(f"Sticky template '{name}': workers run in {env.describe()}, Python {python}.")
+        placed = replace(template, launch=command)
+        self.templates[name] = placed
+        self._placed.add(template.identity)
+        return placed
+
+    def advise(self, used: dict[str, TemplateSpec]) -> None:
+        """Say at the start when Snakemake's own flags will hold the workers back."""
+        slots = sum(self.slots_of(t) for t in used.values())
+        resources = self.workflow.resource_settings
+        window = window_advice(slots, resources.cores, resources.nodes)
+        if window is not None:
+            level, text = window
+            (self.logger.warning if level == "warning" else self.logger.info)(text)
+        large = large_run_advice(self.pools.sticky_jobs, *scheduling_of(self.workflow), firstfit_installed())
+        if large is not None:
+            level, text = large
+            (self.logger.warning if level == "warning" else self.logger.info)(text)
+
+    # -- engine -------------------------------------------------------------------------------
+
+    @property
+    def backend(self) -> "Backend":
+        """The engine, made with the first pool that needs it."""
+        with self._backend_lock:
+            if self._backend is None:
+                self._backend = make_backend(self.workdir, self.settings, self.logger, self.worker_event, self.tweaks)
+                if self.settings.status_interval > 0:
+                    threading.Thread(target=self.log_status, name="sticky-status", daemon=True).start()
+            return self._backend
+
+    def start_pool(self, template: TemplateSpec) -> None:
+        """Start the template's workers unless they run, and count its slots."""
+        started = self.backend.start_pool(template)
+        if started:
+            self.report.workers_requested(template, started)
+            self.report.start_painter()
+        self.pools.offer(template.name, self.slots_of(template))
+
+    def slots_of(self, template: TemplateSpec) -> int:
+        """Invocations the template's workers run at once."""
+        return self.backend.workers_for(template) * template.slots
+
+    def job_done(self, template: TemplateSpec) -> None:
+        """When the last job of a template is done, its workers retire at once rather than at the
+        end of the run: their memory and GPUs go back while the rest of the workflow runs (and
+        their teardown overlaps it). A failed job is not done: its retry needs the workers."""
+        retire, all_done = self.pools.job_done(template.name)
+        if not retire:
+            return
+        self.report.retiring(template.name)
+        count = self.backend.retire_pool(template)
+        if count:
+            self.logger.info(f"Sticky template '{template.name}': all its jobs are done; retiring {count} worker(s).")
+        if all_done:
+            self.report.sticky_jobs_done()
+
+    def worker_event(self, event: Event) -> None:
+        """Engine events: the report records each; the executor acts on two kinds."""
+        lost = self.report.record(event)
+        if isinstance(event, InvocationTimedOut):
+            self.invocation_timed_out(event)
+        elif isinstance(event, Removed) and lost is not None:
+            self.worker_lost(event, lost)
+
+    def worker_lost(self, event: Removed, lost: WorkerRecord) -> None:
+        """Charge a lost worker to the invocations it was running, or else to its template's
+        loss budget."""
+        if event.running:
+            self.backend.worker_lost(event.address, list(event.running))
+            return
+        losses = self.pools.lost_worker(lost.template)
+        if losses > self.settings.max_worker_losses:
+            self.backend.fail_pool(
+                self.templates[lost.template],
+                f"Sticky template '{lost.template}' lost {losses} workers while no invocation ran on "
+                f"them, more than --sticky-max-worker-losses {self.settings.max_worker_losses}; its "
+                "invocations fail.",
+            )
+
+    def invocation_timed_out(self, event: InvocationTimedOut) -> None:
+        """Fail the hung invocation; replace its worker where the worker is ours."""
+        limit = (
+            f"Invocation of rule '{event.rule}' timed out after {event.timeout_s:g} s "
+            f"(--sticky-invocation-timeout, or the rule's runtime resource)"
+        )
+        if self.backend.replaces_hung_workers:
+            reason = (
+                f"{limit}; its worker {event.name} is replaced, as the hung invocation cannot be stopped otherwise."
+            )
+            self.report.expect_removal(event.address)
+        else:
+            reason = (
+                f"{limit}. Its worker {event.name} ({event.address}, pid {event.pid}) is yours (attach mode) "
+                "and is left as it is, the hung invocation's thread still running in it."
+            )
+        self.logger.warning(reason)
+        self.backend.abandon(event.key, reason, event.address)
+
+    def log_status(self) -> None:
+        """Every --sticky-status-interval seconds, a compact status line in the log."""
+        while not self._stop_status.wait(self.settings.status_interval):
+            line = self.report.status_line()
+            if line:
+                self.logger.info(line)
+
+    def close_backend(self, status: Optional[str] = None, cancel: bool = False) -> None:
+        """End the workers; with a status, write the report of the run."""
+        self._stop_status.set()
+        if self._backend is None:
+            return
+        self._closing.set()
+        self.report.closing = True
+        for name, count in self.report.workers_alive(retiring=False).items():
+            self.logger.info(f"Sticky template '{name}': retiring {count} worker(s).")
+        try:
+            self._backend.cancel() if cancel else self._backend.close()
+        finally:
+            if status is not None:
+                self.report.write(status)
+            else:
+                self.report.dismiss_painter()
+
+    # -- jobs ---------------------------------------------------------------------------------
+
+    def run_jobs(self, jobs: list[JobExecutorInterface]) -> None:
+        """The jobs of one scheduling round: sticky ones go to the workers in one batch."""
+        sticky = []
+        for job in jobs:
+            self.run_job_pre(job)
+            routed = self.route(job)
+            if routed is not None:
+                sticky.append(routed)
+        if sticky:
+            self.dispatch(sticky)
+
+    def run_job(self, job: JobExecutorInterface) -> None:
+        """One job outside a scheduling pass (Snakemake's API): as run_jobs."""
+        routed = self.route(job)
+        if routed is not None:
+            self.dispatch([routed])
+
+    def route(self, job: JobExecutorInterface) -> Optional[tuple[JobExecutorInterface, TemplateSpec]]:
+        """Hand a job that is not sticky to the delegate; a sticky one comes back with its
+        template, whose workers are started. Groups may not contain sticky rules."""
+        if job.is_group():
+            sticky = sticky_rules_in_group(job)
+            if sticky:
+                raise WorkflowError(f"Sticky rule(s) {', '.join(sticky)} cannot run in a pipe or service group.")
+            template = None
+        else:
+            template = self.declarations.template_for(job)
+        if template is None:
+            self.delegate.run_job(job)
+            return None
+        template = self.place(template)
+        self.start_pool(template)
+        return job, template
+
+    def dispatch(self, jobs: list[tuple[JobExecutorInterface, TemplateSpec]]) -> None:
+        """Prepare each job as the local executor does, mark it started, send the batch to the
+        workers. This runs in Snakemake's scheduler thread, as the local executor's preparation
+        does: `job.prepare()` and the job's params read and change Snakemake's state (the DAG,
+        the I/O cache, input functions), which that thread also changes."""
+        if self._cancelled:
+            return
+        batch = []
+        for job, template in jobs:
+            job_info = SubmittedJobInfo(job=job)
+            try:
+                self.workflow.async_run(job.prepare())
+                invocation = build_invocation(
+                    job,
+                    template,
+                    self.declarations.script_of(job),
+                    self.workflow.config,
+                    self.settings.invocation_timeout,
+                )
+                job_info.external_jobid = invocation.key
+                self.report_job_submission(job_info)
+                self.report.invocation_submitted(invocation)
+            except Exception as e:
+                self.report_job_error(job_info, msg=f"Sticky job could not be dispatched: {type(e).__name__}: {e}")
+                continue
+            batch.append((invocation, partial(self.invocation_done, job_info)))
+        self.pools.sent(len(batch))
+        self.backend.submit(batch)
+
+    def invocation_done(self, job_info: SubmittedJobInfo, invocation: Invocation, outcome: Any) -> None:
+        """An invocation's outcome is back: record it and queue its report to Snakemake."""
+        try:
+            self.report.invocation_finished(invocation, outcome)
+        except Exception as e:  # the record is lost, never the job: Snakemake must hear of it
+            self.logger.warning(f"Sticky report: invocation of rule '{invocation.rule}' not recorded: {e!r}")
+        running_low = self.pools.returned()
+        ok = isinstance(outcome, InvocationResult) and outcome.ok
+        self.completions.add(
+            partial(self.tell_snakemake, job_info, invocation, outcome),
+            urgent=running_low or not ok,
+            fallback=partial(self.report_undeliverable, job_info, invocation),
+        )
+
+    def report_undeliverable(self, job_info: SubmittedJobInfo, invocation: Invocation, error: BaseException) -> None:
+        """The invocation's outcome could not be handed to Snakemake: its job fails with why."""
+        traceback.print_exception(error)
+        self.report_job_error(
+            job_info,
+            msg=f"Sticky invocation of rule '{invocation.rule}' finished, but its outcome could not be "
+            f"handed to Snakemake: {type(error).__name__}: {error}",
+        )
+
+    def report_failed(self, error: BaseException) -> None:
+        """A report and its fallback both failed: say so in the log."""
+        self.logger.error(f"Sticky: a finished invocation could not be reported to Snakemake: {error!r}")
+
+    def tell_snakemake(self, job_info: SubmittedJobInfo, invocation: Invocation, outcome: Any) -> None:
+        """Hand the invocation's output to Snakemake's log and report the job done or failed."""
+        if self._cancelled:
+            return  # Ctrl-C: Snakemake is already tearing down, as with the local executor
+        if not isinstance(outcome, InvocationResult):
+            self.report_job_error(job_info, msg=self.not_completed(invocation, outcome))
+            return
+        if outcome.stdout:
+            sys.stdout.write(outcome.stdout)
+            sys.stdout.flush()
+        if outcome.stderr:
+            sys.stderr.write(outcome.stderr)
+            sys.stderr.flush()
+        if outcome.ok:
+            self.report_job_success(job_info)
+            self.job_done(self.templates[invocation.template])
+        else:
+            self.report_job_error(
+                job_info,
+                msg=f"Sticky invocation failed on worker {outcome.worker} "
+                f"(template '{invocation.template}', pid {outcome.pid}):\n{outcome.error}",
+            )
+
+    def not_completed(self, invocation: Invocation, outcome: BaseException) -> str:
+        """Why an invocation came back without a result: it crashed its workers, was cancelled,
+        its template failed."""
+        if isinstance(outcome, InvocationCrashedWorkers):
+            deaths = "; ".join(self.report.describe_worker(address) for address in outcome.workers)
+            return (
+                f"Sticky invocation of rule '{invocation.rule}' (template '{invocation.template}') "
+                f"crashed its worker {len(outcome.workers)} times: it was running each time a worker "
+                f"died ({deaths}). It fails alone; the other invocations go on. A native crash (a "
+                "segfault, a CUDA abort) or the OOM killer ends a worker so. "
+                f"--sticky-invocation-crashes ({self.settings.invocation_crashes}) sets how many times."
+            )
+        hint = (
+            " It was running on too many workers that died (Dask's distributed.scheduler.allowed-failures)."
+            if type(outcome).__name__ == "KilledWorker"
+            else ""
+        )
+        return (
+            f"Sticky invocation of template '{invocation.template}' did not complete: "
+            f"{type(outcome).__name__}: {outcome}{hint}"
+        )
+
+    def handle_job_success(self, job: JobExecutorInterface) -> None:
+        """Snakemake saw a job succeed: the delegate hears of its own jobs."""
+        if not is_sticky(job):
+            self.delegate.handle_job_success(job)
+
+    def handle_job_error(self, job: JobExecutorInterface) -> None:
+        """Snakemake saw a job fail: count it; the delegate hears of its own jobs."""
+        self._errors += 1
+        if not is_sticky(job):
+            self.delegate.handle_job_error(job)
+
+    def shutdown(self) -> None:
+        """The run is over: deliver what waits, end the delegate and the engine, write the report."""
+        self.completions.close()
+        try:
+            self.delegate.shutdown()
+        finally:
+            self.close_backend("failed" if self._errors else "success")
+            cancel_pending_reevaluations()
+            self.tweaks.undo()
+
+    def cancel(self) -> None:
+        """Ctrl-C: drop what waits, cancel the delegate and the engine, write the report."""
+        self._cancelled = True
+        self.completions.close(deliver=False)
+        try:
+            self.delegate.cancel()
+        finally:
+            self.close_backend("cancelled", cancel=True)
+            self.tweaks.undo()
+
+    # -- RealExecutor -------------------------------------------------------------------------
+
+    @property
+    def cores(self) -> Optional[int]:
+        """The cores Snakemake was given."""
+        return self.workflow.resource_settings.cores
+
+    def get_exec_mode(self) -> ExecMode:
+        """Jobs that are not sticky run as subprocesses, as under the local executor."""
+        return ExecMode.SUBPROCESS
+
+    def get_python_executable(self) -> str:
+        """The Python of the Snakemake process."""
+        return sys.executable
+
+
+def make_backend(workdir: str, settings: ExecutorSettings, log: Any, on_event: Any, tweaks: ProcessTweaks) -> "Backend":
+    """The engine the settings ask for: attached to a scheduler, batch jobs, or embedded."""
+    if settings.scheduler:
+        from .engines.attach import AttachedBackend
+
+        return AttachedBackend(workdir, settings, log, on_event)
+    if settings.cluster != "local":
+        from .engines.jobqueue import BatchBackend
+
+        return BatchBackend(workdir, settings, log, on_event, tweaks)
+    from .engines.local import EmbeddedBackend
+
+    return EmbeddedBackend(workdir, settings, log, on_event, tweaks)
+
+
+def scheduling_of(workflow: Any) -> tuple[Optional[str], Optional[int], Optional[float]]:
+    """Snakemake's scheduler, its subsample and the job starts a second it allows."""
+    scheduling = workflow.scheduling_settings
+    if scheduling is None:
+        return None, None, None
+    limit = scheduling.max_jobs_per_timespan
+    rate = limit.max_jobs / limit.timespan if limit is not None and limit.timespan else None
+    return scheduling.scheduler, scheduling.subsample, rate

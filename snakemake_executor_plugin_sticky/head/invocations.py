@@ -1,0 +1,85 @@
+"""Turn a Snakemake job into the small picklable invocation a worker runs (wire.Invocation).
+
+The invocation carries exactly what Snakemake's own `script:` preamble would give the script: a
+`snakemake.iocontainers.Snakemake` object, plus the script's resolved path. Nothing of the
+workflow (rules, DAG, run functions) travels, so a worker needs no Snakefile.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from typing import Any, Optional
+
+from snakemake.iocontainers import Snakemake
+from snakemake.sourcecache import LocalSourceFile
+from snakemake_interface_common.exceptions import WorkflowError
+
+from ..templates import TemplateSpec
+from ..wire import Invocation
+
+
+class InvocationCrashedWorkers(RuntimeError):
+    """The invocation was running on a worker each time one died, as many times as allowed."""
+
+    def __init__(self, workers: list[str]):
+        super().__init__(f"it was running on {len(workers)} worker(s) that died")
+        self.workers = workers  # addresses, in the order they died
+
+
+def local_script_path(job: Any) -> str:
+    """The job's `script:` as an absolute local path (wildcards and params expanded)."""
+    source = job._path_to_source_file(job.rule.script)
+    if not isinstance(source, LocalSourceFile):
+        raise WorkflowError(
+            f"Rule '{job.rule.name}': sticky invocations run a local Python script, but "
+            f"script '{job.rule.script}' is not a local file."
+        )
+    return os.path.abspath(source.get_path_or_uri(secret_free=True))
+
+
+def invocation_timeout(resources: Any, default_s: Optional[float]) -> Optional[float]:
+    """Seconds an invocation may run: the rule's `runtime` resource (minutes) if it has one."""
+    runtime_min = resources.get("runtime")
+    if isinstance(runtime_min, (int, float)) and not isinstance(runtime_min, bool):
+        return float(runtime_min) * 60
+    return default_s
+
+
+def build_invocation(
+    job: Any, template: TemplateSpec, script: str, config: dict[str, Any], default_timeout_s: Optional[float] = None
+) -> Invocation:
+    """The invocation of a Snakemake job, with the `snakemake` object Snakemake's script preamble would give."""
+    snakemake = Snakemake(
+        input_=job.input,
+        output=job.output,
+        params=job.params,
+        wildcards=job.wildcards,
+        threads=job.threads,
+        resources=job.resources,
+        log=job.log,
+        config=config,
+        rulename=job.rule.name,
+        bench_iteration=None,
+        scriptdir=os.path.dirname(script),
+    )
+    return Invocation(
+        key=f"sticky-{job.rule.name}-{job.jobid}-{uuid.uuid4().hex[:8]}",
+        template=template.name,
+        identity=template.identity,
+        tag=template.tag,
+        rule=job.rule.name,
+        jobid=job.jobid,
+        script=script,
+        snakemake=snakemake,
+        timeout_s=invocation_timeout(job.resources, default_timeout_s),
+        basedir=rule_folder(job.rule),
+    )
+
+
+def rule_folder(rule: Any) -> Optional[str]:
+    """The folder of the Snakefile that defines the rule, where it is a local file."""
+    basedir = getattr(rule, "basedir", None)
+    if isinstance(basedir, LocalSourceFile):
+        return os.path.abspath(basedir.get_path_or_uri(secret_free=True))
+    return None

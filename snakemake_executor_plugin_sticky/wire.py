@@ -1,0 +1,199 @@
+"""The contract between the Snakemake process (head/) and the resident workers (worker/, api/):
+everything both sides must agree on, in one place.
+
+- The invocation a worker runs and the result it sends back.
+- The event records a worker (or the scheduler) sends the run: frozen dataclasses, turned into
+  the plain dicts Dask's events carry (`to_message`) and back (`from_message`).
+- The Dask event topics, and the environment variables one side sets for the other.
+
+It imports nothing of the package, and nothing heavier than the standard library.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Optional
+
+PACKAGE = "snakemake-executor-plugin-sticky"
+
+# Dask event topics
+EVENT_TOPIC = "sticky"  # worker announcements and removals: the records below
+RUNNING_TOPIC = "sticky-running"  # invocations starting and ending, for the scheduler plugin alone
+STAGE_TOPIC = "sticky-stage"  # which worker holds which stage() copy
+
+# Environment variables
+LIFETIME_ENV = "STICKY_WORKER_LIFETIME_S"  # seconds after its start at which a batch-job worker leaves
+REAPER_ENV = "STICKY_REAPER_PID"  # the reaper (forkserver, supervisor) above a worker
+WATCH_FD_ENV = "STICKY_SUPERVISOR_WATCH_FD"  # a pipe whose end tells the supervisor the run is gone
+CACHE_DIR_ENV = "STICKY_CACHE_DIR"  # where stage() caches in a process that is no resident worker
+
+
+@dataclass
+class Invocation:
+    """One sticky job as a worker runs it: the script and the `snakemake` object it sees (what
+    Snakemake's own `script:` preamble would give it). Nothing of the workflow travels."""
+
+    key: str
+    template: str
+    identity: str
+    tag: str
+    rule: str
+    jobid: int
+    script: str
+    snakemake: Any  # snakemake.iocontainers.Snakemake
+    timeout_s: Optional[float] = None
+    basedir: Optional[str] = None  # the folder of the rule's Snakefile: its modules are the workflow's
+
+
+@dataclass
+class InvocationResult:
+    """What a worker reports for one invocation; `error` is a formatted traceback or None."""
+
+    key: str
+    worker: str
+    address: str
+    pid: int
+    started: float
+    finished: float
+    error: Optional[str] = None
+    stdout: str = ""
+    stderr: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        """Whether the script ran to its end without an error."""
+        return self.error is None
+
+
+# -- event records ------------------------------------------------------------------------------
+
+EVENTS: dict[str, type["Event"]] = {}
+
+
+@dataclass(frozen=True)
+class Event:
+    """A record of the engine's events; `kind` names it in the message."""
+
+    kind: ClassVar[str] = ""
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if cls.kind:
+            EVENTS[cls.kind] = cls
+
+    def to_message(self) -> dict[str, Any]:
+        """The plain dict a Dask event carries."""
+        message = {f.name: _plain(getattr(self, f.name)) for f in dataclasses.fields(self)}
+        return {"event": self.kind, **message}
+
+    @staticmethod
+    def from_message(message: dict[str, Any]) -> "Event":
+        """The record a Dask event's dict carries; ValueError for one of no known kind."""
+        kind = EVENTS.get(message.get("event", ""))
+        if kind is None:
+            raise ValueError(f"no sticky event of kind {message.get('event')!r}")
+        values = {f.name: message[f.name] for f in dataclasses.fields(kind) if f.name in message}
+        for name in ("gpus", "running"):
+            if isinstance(values.get(name), list):
+                values[name] = tuple(values[name])
+        return kind(**values)
+
+
+def _plain(value: Any) -> Any:
+    return list(value) if isinstance(value, tuple) else value
+
+
+@dataclass(frozen=True)
+class WorkerEvent(Event):
+    """An announcement of a resident worker: who it is, and when."""
+
+    template: str
+    name: str
+    address: str
+    host: str
+    pid: int
+    gpus: tuple[str, ...]
+    time: float
+
+
+@dataclass(frozen=True)
+class SetupStarted(WorkerEvent):
+    kind = "setup-start"
+
+
+@dataclass(frozen=True)
+class Ready(WorkerEvent):
+    kind = "ready"
+    setup_s: float = 0.0
+    setup_started: float = 0.0
+
+
+@dataclass(frozen=True)
+class SetupFailed(WorkerEvent):
+    kind = "setup-failed"
+    error: str = ""
+    setup_started: float = 0.0
+
+
+@dataclass(frozen=True)
+class Poisoned(WorkerEvent):
+    kind = "poisoned"
+    cause: str = ""
+
+
+@dataclass(frozen=True)
+class InvocationTimedOut(WorkerEvent):
+    kind = "invocation-timeout"
+    key: str = ""
+    rule: str = ""
+    timeout_s: float = 0.0
+
+
+@dataclass(frozen=True)
+class Preempted(WorkerEvent):
+    kind = "preempted"
+    grace_s: float = 0.0
+
+
+@dataclass(frozen=True)
+class WalltimeNear(WorkerEvent):
+    kind = "walltime"
+    grace_s: float = 0.0
+
+
+@dataclass(frozen=True)
+class Staged(WorkerEvent):
+    kind = "staged"
+    source: str = ""
+    origin: str = ""  # "cache", "shared" or "peer <address>"
+    bytes: int = 0
+    seconds: float = 0.0
+    stage_started: float = 0.0
+
+
+@dataclass(frozen=True)
+class WorkerWarning(WorkerEvent):
+    kind = "warning"
+    text: str = ""
+
+
+@dataclass(frozen=True)
+class Removed(Event):
+    """The scheduler removed a worker: on purpose (`graceful`) or lost; the invocations it ran."""
+
+    kind = "removed"
+    address: str
+    graceful: bool
+    running: tuple[str, ...]
+    time: float
+
+
+@dataclass(frozen=True)
+class WorkerExited(Event):
+    """A local worker process ended, with its exit code (a signal as its negative)."""
+
+    kind = "worker-exit"
+    address: str
+    exitcode: int

@@ -1,0 +1,140 @@
+"""One invocation in a resident worker: the Dask task that runs the script with the template's
+state at hand, in a view of the process of its own (isolation/), and reports what happened."""
+
+from __future__ import annotations
+
+import contextvars
+import os
+import shutil
+import threading
+import time
+import traceback
+from contextlib import contextmanager
+from typing import Any, Iterator
+
+from distributed import get_worker
+
+from ..api import batcher, resident
+from ..wire import RUNNING_TOPIC, Invocation, InvocationResult
+from .isolation import current
+from .resident import ResidentState, ResidentWorker, TemplateSetupError
+
+
+def run_invocation(invocation: Invocation) -> InvocationResult:
+    """The Dask task of one invocation: run the script with the resident state at hand, in a
+    view of the process of its own (see isolation/)."""
+    started = time.time()
+    worker = get_worker()
+    result = InvocationResult(
+        key=invocation.key,
+        worker=str(worker.name),
+        address=worker.address,
+        pid=os.getpid(),
+        started=started,
+        finished=started,
+    )
+    this = resident.current()
+    if not isinstance(this, ResidentWorker) or this.spec.identity != invocation.identity:
+        result.error = (
+            f"This worker does not hold sticky template '{invocation.template}' ({invocation.identity[:12]})."
+        )
+        return result
+    context = None
+    try:
+        with this.isolation.invocation(invocation) as context:
+            run_with_state(invocation, this.holder, worker, result)
+            this.deliver()  # the worker's setup is known before this result (ready by now)
+    except BaseException:
+        if result.error is None:  # the isolation itself failed, before or after the script
+            what = "undo what the script changed in it" if context is not None else "give the script its own view of it"
+            result.error = f"The worker could not {what}:\n{traceback.format_exc()}"
+    if context is not None:
+        result.stdout, result.stderr = context.output()
+    result.finished = time.time()
+    calls = batcher.drain_calls()
+    if calls:
+        result.extra["model_calls"] = calls
+    return result
+
+
+def run_with_state(invocation: Invocation, holder: ResidentState, worker: Any, result: InvocationResult) -> None:
+    """Run the script with the state held; its failure becomes the result's error."""
+    watchdog = None
+    generation = None
+    try:
+        with holder.use() as generation, running_on(worker):
+            result.started = time.time()  # the invocation proper, after any wait for the state
+            result.extra["setup_s"] = holder.setup_s
+            if invocation.timeout_s is not None:
+                watchdog = threading.Timer(invocation.timeout_s, holder.announce_timeout, (invocation,))
+                watchdog.daemon = True
+                watchdog.start()
+            clear_outputs(invocation.snakemake.output)
+            run_script(invocation)
+    except TemplateSetupError as e:
+        result.error = str(e)
+    except SystemExit as e:
+        if e.code not in (None, 0):
+            result.error = f"Script {invocation.script} exited with status {e.code}."
+    except BaseException as e:
+        result.error = format_script_error(e)
+        if generation is not None and holder.poisons(e):
+            result.extra["poisoned"] = True
+            holder.rebuild(f"{type(e).__name__} in rule {invocation.rule}", generation)
+    finally:
+        if watchdog is not None:
+            watchdog.cancel()
+
+
+@contextmanager
+def running_on(worker: Any) -> Iterator[None]:
+    """Tell the scheduler that this task runs with its state now, and when it stops: should the
+    worker die meanwhile, the invocation was running there (see WorkerRemovalPlugin)."""
+    key = worker.get_current_task()
+    worker.log_event(RUNNING_TOPIC, {"worker": worker.address, "key": key, "running": True})
+    try:
+        yield
+    finally:
+        worker.log_event(RUNNING_TOPIC, {"worker": worker.address, "key": key, "running": False})
+
+
+def clear_outputs(paths: Any) -> None:
+    """Remove what an earlier attempt on a lost worker may have half written."""
+    for path in paths:
+        if os.path.isdir(path) and not os.path.islink(path):
+            shutil.rmtree(path)
+        elif os.path.lexists(path):
+            os.remove(path)
+
+
+_code_cache: dict[str, tuple[tuple[float, int], Any]] = {}
+
+
+def compiled_script(path: str) -> Any:
+    """The script's code object, compiled once per version of the file."""
+    stat = os.stat(path)
+    version = (stat.st_mtime, stat.st_size)
+    cached = _code_cache.get(path)
+    if cached is None or cached[0] != version:
+        with open(path, "rb") as f:
+            cached = (version, compile(f.read(), path, "exec"))
+        _code_cache[path] = cached
+    return cached[1]
+
+
+def run_script(invocation: Invocation) -> None:
+    """Run the invocation's script as Snakemake's `script:` would, as the `__main__` of the
+    calling thread's invocation (its globals are Snakemake's preamble's, see isolation), in a
+    context of its own: context variables it sets (numpy's print options, decimal's context) end
+    with it, although the worker's task thread runs the next script."""
+    context = current()
+    assert context is not None, "run_script runs inside an invocation's isolation"
+    contextvars.Context().run(exec, compiled_script(invocation.script), context.main.__dict__)
+
+
+def format_script_error(error: BaseException) -> str:
+    """The traceback from the script's frames on, as Python would print it for the script."""
+    tb = error.__traceback__
+    while tb is not None and tb.tb_frame.f_code.co_filename == __file__:
+        tb = tb.tb_next
+    return "".join(traceback.format_exception(type(error), error, tb))
