@@ -21,7 +21,7 @@ $(VENV)/.installed: pyproject.toml
 test: venv
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -n 3 tests
 
 demo: venv
 	cd workflow && ../$(VENV)/bin/snakemake

@@ -752,7 +752,7 @@ async def _tls_once(secure: bool, tasks: int) -> dict:
     from distributed import Client, Nanny, Scheduler
 
     sys.path.insert(0, str(ROOT))
-    from snakemake_executor_plugin_sticky.security import run_credentials
+    from snakemake_executor_plugin_sticky.head.security import run_credentials
 
     logging.getLogger("distributed").setLevel(logging.ERROR)
     security = run_credentials() if secure else None

@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+import fcntl
+import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import textwrap
 import threading
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import psutil
 import pytest
@@ -189,3 +193,52 @@ def workflow(tmp_path: Path) -> Workflow:
     yield wf
     for process in wf.leftover_processes(wait_s=0):
         process.kill()
+
+
+def slurm_up() -> bool:
+    if shutil.which("sinfo") is None:
+        return False
+    states = subprocess.run(["sinfo", "-h", "-o", "%T"], capture_output=True, text=True).stdout.split()
+    return any(s in ("idle", "mixed", "allocated") for s in states)
+
+
+@pytest.fixture
+def slurm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """The one-node Slurm cluster, for one test at a time even when tests run side by side
+    (pytest-xdist): it has the machine's two cores, and jobs of two tests would queue."""
+    if not slurm_up():
+        message = "no Slurm cluster here: start one with `sudo .ci/slurm-up`"
+        if os.environ.get("STICKY_REQUIRE_SLURM"):  # CI starts one: its absence is a failure there
+            pytest.fail(message)
+        pytest.skip(message)
+    with one_at_a_time(tmp_path_factory, "slurm"):
+        yield
+
+
+def shared_root(factory: pytest.TempPathFactory) -> Path:
+    """The temporary folder of the whole test run: the common parent of every test process's own
+    when tests run side by side."""
+    base = factory.getbasetemp()
+    return base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+
+
+@contextmanager
+def one_at_a_time(factory: pytest.TempPathFactory, name: str) -> Iterator[None]:
+    """Across the test processes of a run, one holder of `name` at a time."""
+    with open(shared_root(factory) / f"{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
+
+
+def made_once(factory: pytest.TempPathFactory, name: str, make: Callable[[Path], Any]) -> Any:
+    """What `make` makes in a folder of its own (a JSON value), made once for the whole test run
+    even when tests run in several processes: the first to ask makes it, the others wait for it."""
+    folder = shared_root(factory) / name
+    with one_at_a_time(factory, name):
+        made = folder / "made.json"
+        if made.exists():
+            return json.loads(made.read_text())
+        folder.mkdir(exist_ok=True)
+        value = make(folder)
+        made.write_text(json.dumps(value))
+        return value

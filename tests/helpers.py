@@ -1,12 +1,25 @@
-"""Helpers the test modules share (instead of importing each other)."""
+"""Helpers the test modules share (instead of importing each other): workflows and templates
+that several use, waiting for processes and files, and the api's resident worker in-process."""
 
 from __future__ import annotations
 
+import asyncio
+import json
+import os
+import subprocess
+import sys
+import time
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any, Iterator, Optional
+
+import psutil
+from distributed.comm import connect
 
 from snakemake_executor_plugin_sticky.api import resident, stage
 from snakemake_executor_plugin_sticky.api.resident import StageSettings
+
+from conftest import Workflow, snakemake_env
 
 
 class TestResident:
@@ -48,3 +61,315 @@ def as_resident(
         stage.release_all()
         stage.forget_pool()
         resident.attach(None)
+
+
+LLM_TEMPLATE = """
+sticky:
+  llm:
+    setup: templates/counting.py
+    kwargs: {name: llm, delay: 1.0}
+"""
+
+
+ONE_TEMPLATE_SNAKEFILE = """
+configfile: "config.yaml"
+N = int(config.get("count", 12))
+rule all:
+    input: expand("out/{i}.json", i=range(N))
+rule infer:
+    output: "out/{i}.json"
+    params: sleep=config.get("sleep", 0)
+    resources: sticky="llm"
+    script: "scripts/record.py"
+"""
+
+
+RECORD_SCRIPT = """
+import json, os, sys, threading, time
+from snakemake_executor_plugin_sticky import sticky_state
+
+started = time.time()
+state = sticky_state(snakemake)
+state["calls"] += 1
+time.sleep(float(snakemake.params.get("sleep", 0)))
+if snakemake.log:
+    with open(snakemake.log[0], "w") as f:
+        f.write(f"log of {snakemake.rule} {dict(snakemake.wildcards)}\\n")
+print(f"stdout of {snakemake.output[0]}")
+print(f"stderr of {snakemake.output[0]}", file=sys.stderr)
+with open(snakemake.output[0], "w") as f:
+    json.dump({
+        "template": state["name"], "state_pid": state["pid"], "pid": os.getpid(),
+        "calls": state["calls"], "rule": snakemake.rule, "wildcards": dict(snakemake.wildcards),
+        "params": {k: v for k, v in snakemake.params.items()}, "threads": snakemake.threads,
+        "resources_sticky": snakemake.resources["sticky"], "started": started, "finished": time.time(),
+        "scriptdir": snakemake.scriptdir,
+    }, f)
+"""
+
+
+COUNTING_TEMPLATE = """
+import os, time
+
+def setup(name, delay=0.0, fail=False):
+    with open(f"setups-{name}.txt", "a") as f:
+        f.write(f"{os.getpid()}\\n")
+    time.sleep(delay)
+    if fail:
+        raise RuntimeError(f"cannot load model for {name}")
+    return {"name": name, "pid": os.getpid(), "calls": 0}
+
+def teardown(state):
+    with open(f"teardowns-{state['name']}.txt", "a") as f:
+        f.write(f"{state['pid']}\\n")
+"""
+
+
+# Invocation `victim` writes half its output, says where it runs, then sleeps: the test kills or
+# preempts that worker mid-invocation. Any other attempt writes the whole output at once.
+CAREFUL = """
+import os, time
+from snakemake_executor_plugin_sticky import sticky_state
+state = sticky_state(snakemake)
+i = int(snakemake.wildcards.i)
+victim = int(snakemake.config.get("victim", -1))
+with open(snakemake.output[0], "w") as out:
+    out.write(f"begin {i}\\n")
+    out.flush()
+    if i == victim and not os.path.exists(f"victim-ran-{i}"):
+        open(f"victim-ran-{i}", "w").write(str(os.getpid()))
+        time.sleep(float(snakemake.config.get("victim_sleep", 60)))
+        open(f"victim-ending-{i}", "w").close()
+    time.sleep(float(snakemake.params.get("sleep", 0)))
+    out.write(f"end {i} {state['pid']}\\n")
+"""
+
+
+ENGINE_SNAKEFILE = """
+configfile: "config.yaml"
+rule all:
+    input: expand("out/{i}.json", i=range(int(config.get("count", 8))))
+rule infer:
+    output: "out/{i}.json"
+    resources: sticky="engine"
+    script: "scripts/use.py"
+"""
+
+
+ENGINE_SCRIPT = """
+import json, os, time
+from snakemake_executor_plugin_sticky import sticky_state
+
+state = sticky_state(snakemake)
+i = int(snakemake.wildcards.i)
+engine_results = state["pool"].map(state["work"], range(4))
+if i == int(snakemake.config.get("victim", -1)) and not os.path.exists("victim-ran"):
+    open("victim-ran", "w").write(str(os.getpid()))
+    time.sleep(600)
+time.sleep(float(snakemake.config.get("sleep", 0)))
+with open(snakemake.output[0], "w") as f:
+    json.dump({"worker": os.getpid(), "pool": engine_results, "server": state["server"].pid}, f)
+"""
+
+
+# A template that owns what an engine owns: a spawned process pool, a server started in a
+# session of its own that does not watch its parent, a daemon that double-forks (its parent
+# ends at once, so it is adopted), and optionally a thread that never ends and a server that
+# ignores SIGTERM. Each helper's pid goes to helper_pids/<worker pid>.txt. A setup also notes any
+# helper of an ended worker that still runs: a replacement must start after the old tree is gone.
+ENGINE_TEMPLATE = '''
+import glob, multiprocessing, os, signal, subprocess, sys, threading, time
+
+SERVER = """
+import signal, sys, time
+if sys.argv[1] == "stubborn":
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+while True:
+    time.sleep(0.5)
+"""
+
+DAEMON = """
+import os, sys, time
+if os.fork() == 0:
+    os.setsid()
+    if os.fork() == 0:
+        open(sys.argv[1], "a").write(f"daemon {os.getpid()}\\\\n")
+        while True:
+            time.sleep(0.5)
+    os._exit(0)
+"""
+
+
+def work(x):
+    return {"pid": os.getpid(), "ppid": os.getppid(), "gpus": os.environ.get("CUDA_VISIBLE_DEVICES", ""), "x": x * x}
+
+
+def running(pid):
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def setup(stubborn=False, endless_thread=False):
+    os.makedirs("helpers", exist_ok=True)
+    for path in glob.glob("helpers/*.txt"):
+        if not running(int(os.path.basename(path)[:-4])):
+            left = [int(line.split()[1]) for line in open(path) if running(int(line.split()[1]))]
+            open("seen-alive-at-setup.txt", "a").write("".join(f"{pid}\\n" for pid in left))
+    record = f"helpers/{os.getpid()}.txt"
+    pool = multiprocessing.get_context("spawn").Pool(2)
+    server = subprocess.Popen(
+        [sys.executable, "-c", SERVER, "stubborn" if stubborn else "plain"], start_new_session=True
+    )
+    subprocess.run([sys.executable, "-c", DAEMON, record], check=True)
+    with open(record, "a") as f:
+        f.write("".join(f"pool {p.pid}\\n" for p in pool._pool) + f"server {server.pid}\\n")
+    if endless_thread:
+        threading.Thread(target=lambda: [time.sleep(0.2) for _ in iter(int, 1)], daemon=False).start()
+    return {"pool": pool, "server": server, "work": work}
+
+
+def teardown(state):
+    state["pool"].terminate()
+'''
+
+
+GRACE = ("--sticky-teardown-grace", "2")
+
+
+GONE_S = 15.0
+
+
+def outputs(workflow: Workflow, pattern: str) -> list[dict]:
+    return [json.loads(p.read_text()) for p in sorted(workflow.root.glob(pattern))]
+
+
+def sticky_workflow(workflow: Workflow, snakefile: str, templates: str) -> Workflow:
+    workflow.write("Snakefile", snakefile)
+    workflow.write("config.yaml", templates)
+    workflow.write("templates/counting.py", COUNTING_TEMPLATE)
+    workflow.write("scripts/record.py", RECORD_SCRIPT)
+    return workflow
+
+
+def report_of(workflow: Workflow) -> dict:
+    return json.loads(workflow.read(".snakemake/sticky/report.json"))["templates"]["llm"]
+
+
+def complete_output(workflow: Workflow, i: int) -> bool:
+    path = workflow.root / f"out/{i}.json"
+    return path.exists() and path.read_text().startswith(f"begin {i}\nend {i} ")
+
+
+def complete_outputs(workflow: Workflow, count: int) -> bool:
+    return all(complete_output(workflow, i) for i in range(count))
+
+
+def strike(workflow: Workflow, victim: int, sig: int) -> int:
+    """Wait until invocation `victim` is running, send its worker `sig`; return the worker's pid."""
+    wait_for(lambda: (workflow.root / f"victim-ran-{victim}").exists())
+    pid = int(workflow.read(f"victim-ran-{victim}"))
+    os.kill(pid, sig)
+    return pid
+
+
+def wait_for(predicate, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "timed out waiting"
+        time.sleep(0.1)
+
+
+def start_scheduler(workflow: Workflow) -> tuple[subprocess.Popen, Path]:
+    scheduler_file = workflow.root / "scheduler.json"
+    dask = str(Path(sys.executable).with_name("dask"))
+    scheduler = subprocess.Popen(
+        [
+            dask,
+            "scheduler",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            "0",
+            "--scheduler-file",
+            str(scheduler_file),
+            "--no-dashboard",
+        ],
+        cwd=workflow.root,
+        env=snakemake_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    deadline = time.monotonic() + 30
+    while not scheduler_file.exists() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    return scheduler, scheduler_file
+
+
+def ask_identity(address: str, connection_args: dict) -> dict:
+    """One request on a fresh connection. (Not a failing `Client`: its garbage collection in
+    another client's loop thread deadlocks Dask's loop runner.)"""
+
+    async def ask() -> dict:
+        comm = await connect(address, timeout="5s", **connection_args)
+        try:
+            await comm.write({"op": "identity", "reply": True})
+            return await comm.read()
+        finally:
+            await comm.close()
+
+    return asyncio.run(ask())
+
+
+def all_helpers(workflow: Workflow) -> list[int]:
+    return [pid for pids in helper_pids(workflow).values() for pid in pids]
+
+
+def engine_results(workflow: Workflow) -> list[dict]:
+    return [json.loads(p.read_text()) for p in sorted((workflow.root / "out").glob("*.json"))]
+
+
+def wait_until_gone(pids: list[int], within: float = GONE_S) -> list[int]:
+    deadline = time.monotonic() + within
+    while running(pids) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return running(pids)
+
+
+def running(pids: list[int]) -> list[int]:
+    alive = []
+    for pid in pids:
+        try:
+            if psutil.Process(pid).status() != psutil.STATUS_ZOMBIE:
+                alive.append(pid)
+        except psutil.NoSuchProcess:
+            pass
+    return alive
+
+
+def helper_pids(workflow: Workflow) -> dict[int, list[int]]:
+    """Helper pids by worker pid, as the setups recorded them."""
+    found = {}
+    for path in (workflow.root / "helpers").glob("*.txt"):
+        found[int(path.stem)] = [int(line.split()[1]) for line in path.read_text().splitlines()]
+    return found
+
+
+def engine_workflow(workflow: Workflow, kwargs: str = "{}", extra: str = "") -> Workflow:
+    workflow.write("Snakefile", ENGINE_SNAKEFILE)
+    workflow.write("templates/engine.py", ENGINE_TEMPLATE)
+    workflow.write("scripts/use.py", ENGINE_SCRIPT)
+    workflow.write(
+        "config.yaml",
+        f"""
+        sticky:
+          engine:
+            setup: templates/engine.py
+            kwargs: {kwargs}
+            {extra}
+    """,
+    )
+    return workflow

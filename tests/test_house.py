@@ -12,7 +12,7 @@ from pathlib import Path
 from snakemake_executor_plugin_sticky.settings import settings_table
 
 from conftest import Workflow, snakemake_env
-from test_core import LLM_TEMPLATE, ONE_TEMPLATE_SNAKEFILE, sticky_workflow
+from helpers import LLM_TEMPLATE, ONE_TEMPLATE_SNAKEFILE, sticky_workflow
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]

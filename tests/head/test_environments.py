@@ -23,10 +23,8 @@ from snakemake_interface_common.exceptions import WorkflowError
 from snakemake_executor_plugin_sticky.environment import parse_environment
 from snakemake_executor_plugin_sticky.templates import parse_template, with_environment
 
-from conftest import RUN_TIMEOUT_S, Workflow
-from test_core import LLM_TEMPLATE, ONE_TEMPLATE_SNAKEFILE, sticky_workflow
-from test_reliability import CAREFUL, complete_outputs, report_of, strike
-from test_scaleout import slurm  # noqa: F401  (a fixture)
+from conftest import RUN_TIMEOUT_S, Workflow, made_once
+from helpers import CAREFUL, LLM_TEMPLATE, ONE_TEMPLATE_SNAKEFILE, complete_outputs, report_of, sticky_workflow, strike
 
 SITE = sysconfig.get_paths()["purelib"]  # this test environment's packages (and the plugin's)
 BLOCKER = '''
@@ -54,13 +52,17 @@ def make_venv(folder: Path, *, sees_this_checkout: bool = True, lacks_transforme
     return folder / "bin" / "python"
 
 
-@pytest.fixture(scope="module")
-def envs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("envs")
+def two_venvs(root: Path) -> dict[str, str]:
     return {
-        "snakemake": make_venv(root / "snakemake-env", lacks_transformers=True),
-        "models": make_venv(root / "models-env"),
+        "snakemake": str(make_venv(root / "snakemake-env", lacks_transformers=True)),
+        "models": str(make_venv(root / "models-env")),
     }
+
+
+@pytest.fixture
+def envs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Two environments, made once for the whole test run (in whichever test process)."""
+    return {name: Path(path) for name, path in made_once(tmp_path_factory, "environments", two_venvs).items()}
 
 
 def tiny_model(folder: Path) -> Path:
@@ -351,7 +353,15 @@ def test_a_killed_worker_in_its_environment_is_started_again_and_its_invocation_
     workflow: Workflow, envs: dict[str, Path]
 ):
     sticky_workflow(workflow, ONE_TEMPLATE_SNAKEFILE, LLM_TEMPLATE + f"    python: {envs['models']}\n")
-    workflow.write("scripts/record.py", CAREFUL)
+    # the last invocation waits for the replacement's state: the run cannot end before it is built
+    waits = (
+        "import os, time\n"
+        "if snakemake.wildcards.i == '39':\n"
+        "    deadline = time.time() + 180\n"
+        "    while len(open('setups-llm.txt').read().split()) < 3 and time.time() < deadline:\n"
+        "        time.sleep(0.1)\n"
+    )
+    workflow.write("scripts/record.py", waits + CAREFUL)
     proc = workflow.popen("--sticky-workers", "2", "--config", "count=40", "sleep=0.2", "victim=5")
     victim = strike(workflow, 5, signal.SIGKILL)
     output, _ = proc.communicate(timeout=RUN_TIMEOUT_S)

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import conftest
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_gpu_benchmark_runs_its_steps_on_the_cpu_with_a_tiny_model(tmp_path: Path):

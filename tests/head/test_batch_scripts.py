@@ -192,7 +192,7 @@ def test_no_memory_asked_for_unless_set(tmp_path: Path, system: str, directive: 
     assert directive in script(system, spec, ExecutorSettings(memory="8GB"))
 
 
-WORKFLOW = Path(__file__).resolve().parents[1] / "workflow"
+WORKFLOW = Path(__file__).resolve().parents[2] / "workflow"
 
 
 @pytest.mark.parametrize("profile", ["slurm", "slurm-gpu-types", "htcondor", "pbs", "attach"])

@@ -3,10 +3,8 @@ network scheduler, and attach mode with hand-started Dask workers."""
 
 from __future__ import annotations
 
-import asyncio
 import os
 import re
-import shutil
 import signal
 import ssl
 import subprocess
@@ -17,7 +15,6 @@ from types import SimpleNamespace
 
 import pytest
 from distributed import Client
-from distributed.comm import connect
 from distributed.security import Security
 from snakemake_interface_common.exceptions import WorkflowError
 
@@ -26,25 +23,19 @@ from snakemake_executor_plugin_sticky.head.process_changes import ProcessTweaks
 from snakemake_executor_plugin_sticky.settings import ExecutorSettings
 
 from conftest import Workflow, snakemake_env
-from test_engines import all_helpers, engine_workflow, helpers, results, running, wait_for, wait_until_gone
+from helpers import (
+    all_helpers,
+    ask_identity,
+    engine_results,
+    engine_workflow,
+    helper_pids,
+    running,
+    start_scheduler,
+    wait_for,
+    wait_until_gone,
+)
 
 JOBCOMP_LOG = Path("/var/log/slurm/jobcomp.log")
-
-
-def slurm_up() -> bool:
-    if shutil.which("sinfo") is None:
-        return False
-    states = subprocess.run(["sinfo", "-h", "-o", "%T"], capture_output=True, text=True).stdout.split()
-    return any(s in ("idle", "mixed", "allocated") for s in states)
-
-
-@pytest.fixture
-def slurm() -> None:
-    if not slurm_up():
-        message = "no Slurm cluster here: start one with `sudo .ci/slurm-up`"
-        if os.environ.get("STICKY_REQUIRE_SLURM"):  # CI starts one: its absence is a failure there
-            pytest.fail(message)
-        pytest.skip(message)
 
 
 def write_sleeper(wf: Workflow, count: int = 12, extra_rules: str = "", inputs: str = "") -> None:
@@ -274,21 +265,6 @@ def test_network_scheduler_refuses_clients_without_the_run_credentials(tmp_path:
     assert not backend.credentials.exists()
 
 
-def ask_identity(address: str, connection_args: dict) -> dict:
-    """One request on a fresh connection. (Not a failing `Client`: its garbage collection in
-    another client's loop thread deadlocks Dask's loop runner.)"""
-
-    async def ask() -> dict:
-        comm = await connect(address, timeout="5s", **connection_args)
-        try:
-            await comm.write({"op": "identity", "reply": True})
-            return await comm.read()
-        finally:
-            await comm.close()
-
-    return asyncio.run(ask())
-
-
 def test_attach_mode_uses_hand_started_workers_and_leaves_them_running(workflow: Workflow):
     write_sleeper(workflow, count=6)
     workflow.write(
@@ -349,33 +325,6 @@ def test_attach_mode_uses_hand_started_workers_and_leaves_them_running(workflow:
                 process.wait(timeout=30)
 
 
-def start_scheduler(workflow: Workflow) -> tuple[subprocess.Popen, Path]:
-    scheduler_file = workflow.root / "scheduler.json"
-    dask = str(Path(sys.executable).with_name("dask"))
-    scheduler = subprocess.Popen(
-        [
-            dask,
-            "scheduler",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            "0",
-            "--scheduler-file",
-            str(scheduler_file),
-            "--no-dashboard",
-        ],
-        cwd=workflow.root,
-        env=snakemake_env(),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
-    deadline = time.monotonic() + 30
-    while not scheduler_file.exists() and time.monotonic() < deadline:
-        time.sleep(0.2)
-    return scheduler, scheduler_file
-
-
 def start_kept_worker(workflow: Workflow, scheduler_file: Path, resources: str) -> subprocess.Popen:
     """A hand-started Dask worker with a Nanny under the supervisor, offering `resources`."""
     dask = str(Path(sys.executable).with_name("dask"))
@@ -402,8 +351,8 @@ def test_attach_mode_worker_under_the_supervisor_takes_a_template_with_processes
         run = workflow.run("--sticky-scheduler", str(scheduler_file), "--config", "count=4", cores=1)
         assert run.returncode == 0, run.output
         assert "no reaper guards" not in run.output
-        (worker_pid,) = helpers(workflow)
-        assert all(r["worker"] == worker_pid and r["pool"][0]["ppid"] == worker_pid for r in results(workflow))
+        (worker_pid,) = helper_pids(workflow)
+        assert all(r["worker"] == worker_pid and r["pool"][0]["ppid"] == worker_pid for r in engine_results(workflow))
         assert wait_until_gone(all_helpers(workflow)) == [], "the template's processes ended with the run"
         assert running([worker_pid]) == [worker_pid] and worker.poll() is None, "the user's worker still runs"
     finally:
@@ -622,14 +571,14 @@ def test_slurm_worker_killed_takes_its_helpers_along_and_its_job_fails(workflow:
     )
     wait_for(lambda: (workflow.root / "victim-ran").exists())
     victim = int(workflow.read("victim-ran"))
-    theirs = helpers(workflow)[victim]
+    theirs = helper_pids(workflow)[victim]
     job = subprocess.run(["cat", f"/proc/{victim}/environ"], capture_output=True).stdout.split(b"\0")
     job_id = next(v.split(b"=", 1)[1].decode() for v in job if v.startswith(b"SLURM_JOB_ID="))
     os.kill(victim, signal.SIGKILL)
     assert wait_until_gone(theirs) == [], "the supervisor ended the killed worker's pool, server and daemon"
     output, _ = proc.communicate(timeout=240)
     assert proc.returncode == 0, output
-    assert len(results(workflow)) == 8
+    assert len(engine_results(workflow)) == 8
     record = recorded_by_slurm(job_id)
     assert "JobState=FAILED" in record and "ExitCode=137" in record, record
     assert wait_until_gone(all_helpers(workflow)) == []

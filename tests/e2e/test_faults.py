@@ -13,7 +13,7 @@ import sys
 import pytest
 
 from conftest import Workflow, snakemake_env
-from test_core import LLM_TEMPLATE, ONE_TEMPLATE_SNAKEFILE, sticky_workflow
+from helpers import LLM_TEMPLATE, ONE_TEMPLATE_SNAKEFILE, sticky_workflow
 
 INJECT = """
 import sys

@@ -13,9 +13,7 @@ from distributed.security import Security
 from snakemake_executor_plugin_sticky.head.security import run_credentials, write_credentials
 
 from conftest import Workflow
-from test_core import LLM_TEMPLATE, ONE_TEMPLATE_SNAKEFILE, sticky_workflow
-from test_reliability import wait_for
-from test_scaleout import ask_identity
+from helpers import LLM_TEMPLATE, ONE_TEMPLATE_SNAKEFILE, ask_identity, sticky_workflow, wait_for
 
 
 def listening_ports(root: psutil.Process) -> dict[int, str]:

@@ -3,7 +3,6 @@ poisoned state, broken templates, Ctrl-C, and a soak test with random kills."""
 
 from __future__ import annotations
 
-import json
 import os
 import random
 import signal
@@ -12,54 +11,17 @@ import time
 import pytest
 
 from conftest import Workflow, interrupt
-from test_core import LLM_TEMPLATE, ONE_TEMPLATE_SNAKEFILE, sticky_workflow
-
-# Invocation `victim` writes half its output, says where it runs, then sleeps: the test kills or
-# preempts that worker mid-invocation. Any other attempt writes the whole output at once.
-CAREFUL = """
-import os, time
-from snakemake_executor_plugin_sticky import sticky_state
-state = sticky_state(snakemake)
-i = int(snakemake.wildcards.i)
-victim = int(snakemake.config.get("victim", -1))
-with open(snakemake.output[0], "w") as out:
-    out.write(f"begin {i}\\n")
-    out.flush()
-    if i == victim and not os.path.exists(f"victim-ran-{i}"):
-        open(f"victim-ran-{i}", "w").write(str(os.getpid()))
-        time.sleep(float(snakemake.config.get("victim_sleep", 60)))
-        open(f"victim-ending-{i}", "w").close()
-    time.sleep(float(snakemake.params.get("sleep", 0)))
-    out.write(f"end {i} {state['pid']}\\n")
-"""
-
-
-def wait_for(predicate, timeout: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, "timed out waiting"
-        time.sleep(0.1)
-
-
-def strike(workflow: Workflow, victim: int, sig: int) -> int:
-    """Wait until invocation `victim` is running, send its worker `sig`; return the worker's pid."""
-    wait_for(lambda: (workflow.root / f"victim-ran-{victim}").exists())
-    pid = int(workflow.read(f"victim-ran-{victim}"))
-    os.kill(pid, sig)
-    return pid
-
-
-def complete_output(workflow: Workflow, i: int) -> bool:
-    path = workflow.root / f"out/{i}.json"
-    return path.exists() and path.read_text().startswith(f"begin {i}\nend {i} ")
-
-
-def complete_outputs(workflow: Workflow, count: int) -> bool:
-    return all(complete_output(workflow, i) for i in range(count))
-
-
-def report_of(workflow: Workflow) -> dict:
-    return json.loads(workflow.read(".snakemake/sticky/report.json"))["templates"]["llm"]
+from helpers import (
+    CAREFUL,
+    LLM_TEMPLATE,
+    ONE_TEMPLATE_SNAKEFILE,
+    complete_output,
+    complete_outputs,
+    report_of,
+    sticky_workflow,
+    strike,
+    wait_for,
+)
 
 
 def test_worker_killed_mid_invocation(workflow: Workflow):

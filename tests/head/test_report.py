@@ -14,7 +14,7 @@ from snakemake_executor_plugin_sticky.head.report import InvocationRecord
 from snakemake_executor_plugin_sticky.head.report.timeline import draw_timeline
 
 from conftest import Workflow
-from test_core import LLM_TEMPLATE, ONE_TEMPLATE_SNAKEFILE, sticky_workflow
+from helpers import LLM_TEMPLATE, ONE_TEMPLATE_SNAKEFILE, sticky_workflow
 
 PNG = b"\x89PNG\r\n\x1a\n"
 

@@ -13,7 +13,7 @@ from snakemake_executor_plugin_sticky.head.advice import FIRSTFIT_PACKAGE, LARGE
 
 from conftest import Workflow
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 INVOCATIONS = 240  # above the 200 from which the executor gives its advice
 
 NOOP = {

@@ -8,165 +8,26 @@ Bound checked here: every helper is gone within GONE_S of the event that ends it
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import time
 from pathlib import Path
 
-import psutil
 import pytest
 
 from conftest import Workflow, interrupt
-
-GONE_S = 15.0
-GRACE = ("--sticky-teardown-grace", "2")
-
-# A template that owns what an engine owns: a spawned process pool, a server started in a
-# session of its own that does not watch its parent, a daemon that double-forks (its parent
-# ends at once, so it is adopted), and optionally a thread that never ends and a server that
-# ignores SIGTERM. Each helper's pid goes to helpers/<worker pid>.txt. A setup also notes any
-# helper of an ended worker that still runs: a replacement must start after the old tree is gone.
-ENGINE = '''
-import glob, multiprocessing, os, signal, subprocess, sys, threading, time
-
-SERVER = """
-import signal, sys, time
-if sys.argv[1] == "stubborn":
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-while True:
-    time.sleep(0.5)
-"""
-
-DAEMON = """
-import os, sys, time
-if os.fork() == 0:
-    os.setsid()
-    if os.fork() == 0:
-        open(sys.argv[1], "a").write(f"daemon {os.getpid()}\\\\n")
-        while True:
-            time.sleep(0.5)
-    os._exit(0)
-"""
-
-
-def work(x):
-    return {"pid": os.getpid(), "ppid": os.getppid(), "gpus": os.environ.get("CUDA_VISIBLE_DEVICES", ""), "x": x * x}
-
-
-def running(pid):
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
-
-
-def setup(stubborn=False, endless_thread=False):
-    os.makedirs("helpers", exist_ok=True)
-    for path in glob.glob("helpers/*.txt"):
-        if not running(int(os.path.basename(path)[:-4])):
-            left = [int(line.split()[1]) for line in open(path) if running(int(line.split()[1]))]
-            open("seen-alive-at-setup.txt", "a").write("".join(f"{pid}\\n" for pid in left))
-    record = f"helpers/{os.getpid()}.txt"
-    pool = multiprocessing.get_context("spawn").Pool(2)
-    server = subprocess.Popen(
-        [sys.executable, "-c", SERVER, "stubborn" if stubborn else "plain"], start_new_session=True
-    )
-    subprocess.run([sys.executable, "-c", DAEMON, record], check=True)
-    with open(record, "a") as f:
-        f.write("".join(f"pool {p.pid}\\n" for p in pool._pool) + f"server {server.pid}\\n")
-    if endless_thread:
-        threading.Thread(target=lambda: [time.sleep(0.2) for _ in iter(int, 1)], daemon=False).start()
-    return {"pool": pool, "server": server, "work": work}
-
-
-def teardown(state):
-    state["pool"].terminate()
-'''
-
-USE = """
-import json, os, time
-from snakemake_executor_plugin_sticky import sticky_state
-
-state = sticky_state(snakemake)
-i = int(snakemake.wildcards.i)
-results = state["pool"].map(state["work"], range(4))
-if i == int(snakemake.config.get("victim", -1)) and not os.path.exists("victim-ran"):
-    open("victim-ran", "w").write(str(os.getpid()))
-    time.sleep(600)
-time.sleep(float(snakemake.config.get("sleep", 0)))
-with open(snakemake.output[0], "w") as f:
-    json.dump({"worker": os.getpid(), "pool": results, "server": state["server"].pid}, f)
-"""
-
-SNAKEFILE = """
-configfile: "config.yaml"
-rule all:
-    input: expand("out/{i}.json", i=range(int(config.get("count", 8))))
-rule infer:
-    output: "out/{i}.json"
-    resources: sticky="engine"
-    script: "scripts/use.py"
-"""
-
-
-def engine_workflow(workflow: Workflow, kwargs: str = "{}", extra: str = "") -> Workflow:
-    workflow.write("Snakefile", SNAKEFILE)
-    workflow.write("templates/engine.py", ENGINE)
-    workflow.write("scripts/use.py", USE)
-    workflow.write(
-        "config.yaml",
-        f"""
-        sticky:
-          engine:
-            setup: templates/engine.py
-            kwargs: {kwargs}
-            {extra}
-    """,
-    )
-    return workflow
-
-
-def helpers(workflow: Workflow) -> dict[int, list[int]]:
-    """Helper pids by worker pid, as the setups recorded them."""
-    found = {}
-    for path in (workflow.root / "helpers").glob("*.txt"):
-        found[int(path.stem)] = [int(line.split()[1]) for line in path.read_text().splitlines()]
-    return found
-
-
-def running(pids: list[int]) -> list[int]:
-    alive = []
-    for pid in pids:
-        try:
-            if psutil.Process(pid).status() != psutil.STATUS_ZOMBIE:
-                alive.append(pid)
-        except psutil.NoSuchProcess:
-            pass
-    return alive
-
-
-def wait_until_gone(pids: list[int], within: float = GONE_S) -> list[int]:
-    deadline = time.monotonic() + within
-    while running(pids) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    return running(pids)
-
-
-def wait_for(predicate, timeout: float = 120.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, "timed out waiting"
-        time.sleep(0.1)
-
-
-def results(workflow: Workflow) -> list[dict]:
-    return [json.loads(p.read_text()) for p in sorted((workflow.root / "out").glob("*.json"))]
-
-
-def all_helpers(workflow: Workflow) -> list[int]:
-    return [pid for pids in helpers(workflow).values() for pid in pids]
+from helpers import (
+    ENGINE_SNAKEFILE,
+    GONE_S,
+    GRACE,
+    all_helpers,
+    engine_results,
+    engine_workflow,
+    helper_pids,
+    running,
+    wait_for,
+    wait_until_gone,
+)
 
 
 def test_template_owns_a_spawned_pool_that_every_invocation_uses(workflow: Workflow):
@@ -174,9 +35,9 @@ def test_template_owns_a_spawned_pool_that_every_invocation_uses(workflow: Workf
     # output through a pipe, read to its end: a helper that outlived snakemake would hold it
     run = workflow.run("--sticky-workers", "2", *GRACE, "--config", "count=8", cores=2)
     assert run.returncode == 0, run.output
-    found = helpers(workflow)
+    found = helper_pids(workflow)
     assert len(found) == 2, "each worker built its state once"
-    for result in results(workflow):
+    for result in engine_results(workflow):
         own = found[result["worker"]]
         assert all(r["pid"] != result["worker"] and r["ppid"] == result["worker"] for r in result["pool"]), (
             "the pool ran in child processes of the worker"
@@ -189,7 +50,7 @@ def test_template_owns_a_spawned_pool_that_every_invocation_uses(workflow: Workf
 
 
 def test_invocation_iterates_a_dataloader_with_two_worker_processes(workflow: Workflow):
-    workflow.write("Snakefile", SNAKEFILE.replace("scripts/use.py", "scripts/load.py"))
+    workflow.write("Snakefile", ENGINE_SNAKEFILE.replace("scripts/use.py", "scripts/load.py"))
     workflow.write("config.yaml", "sticky:\n  engine:\n    setup: templates/plain.py\n")
     workflow.write("templates/plain.py", "import os\ndef setup():\n    return {'pid': os.getpid()}\n")
     workflow.write(
@@ -215,7 +76,7 @@ def test_invocation_iterates_a_dataloader_with_two_worker_processes(workflow: Wo
     )
     run = workflow.run("--sticky-workers", "1", *GRACE, "--config", "count=3", cores=2)
     assert run.returncode == 0, run.output
-    for result in results(workflow):
+    for result in engine_results(workflow):
         assert result["items"] == list(range(8))
         assert len(result["loaders"]) == 2 and result["worker"] not in result["loaders"]
     assert workflow.leftover_processes() == []
@@ -240,14 +101,14 @@ def test_a_worker_that_ends_mid_run_takes_its_helpers_along(workflow: Workflow, 
     )
     wait_for(lambda: (workflow.root / "victim-ran").exists())
     victim = int(workflow.read("victim-ran"))
-    theirs = helpers(workflow)[victim]
+    theirs = helper_pids(workflow)[victim]
     assert len(running(theirs)) == 4  # two pool processes, the server, the daemon
     if how != "timed-out":  # else its Nanny kills the worker of the hung invocation
         os.kill(victim, signal.SIGKILL if how == "sigkill" else signal.SIGTERM)
     assert wait_until_gone(theirs, within=GONE_S + 6) == [], "the worker's pool, server and daemon went with it"
     output, _ = proc.communicate(timeout=240)
     assert proc.returncode == 0, output
-    assert len(results(workflow)) == 24
+    assert len(engine_results(workflow)) == 24
     said = {"sigkill": "was lost", "preempted": "got SIGTERM (preempted)", "timed-out": "timed out after 6 s"}[how]
     assert said in output
     # a replacement (if it came before the other worker had done the rest) met no old process
@@ -325,7 +186,7 @@ def test_the_whole_tree_is_gone_when_the_run_ends(workflow: Workflow, end: str):
     engine_workflow(workflow, kwargs="{stubborn: true, endless_thread: true}")
     sleep = "0" if end == "retirement" else "600"
     proc = workflow.popen("--sticky-workers", "2", *GRACE, "--config", "count=4", f"sleep={sleep}", pipe=True)
-    wait_for(lambda: len(helpers(workflow)) == 2 and all(len(h) == 4 for h in helpers(workflow).values()))
+    wait_for(lambda: len(helper_pids(workflow)) == 2 and all(len(h) == 4 for h in helper_pids(workflow).values()))
     if end != "retirement":
         wait_for(lambda: "rule infer" in proc.log.read_text())
         time.sleep(1)
@@ -338,7 +199,7 @@ def test_the_whole_tree_is_gone_when_the_run_ends(workflow: Workflow, end: str):
         os.kill(proc.pid, signal.SIGKILL)
     output, _ = proc.communicate(timeout=240)
     assert (proc.returncode == 0) == (end == "retirement"), output
-    workers = list(helpers(workflow))
+    workers = list(helper_pids(workflow))
     assert wait_until_gone(workers + all_helpers(workflow)) == [], "workers, pools, servers and daemons are gone"
     assert workflow.leftover_processes() == []
 
@@ -398,7 +259,7 @@ def test_rebuild_with_four_slots_waits_for_the_invocations_holding_the_poisoned_
     assert run.returncode == 0, run.output
     assert "poisoned its state" in run.output
     assert workflow.lines("builds.txt") == ["1", "2"], "rebuilt once"
-    done = results(workflow)
+    done = engine_results(workflow)
     assert len(done) == 40
     assert all(all(r["seen"]) for r in done), "no invocation ever saw a torn-down state"
     torn = dict(line.split() for line in workflow.read("teardowns.txt").splitlines())
@@ -416,7 +277,7 @@ def test_children_inherit_their_workers_gpus(workflow: Workflow):
     )
     assert run.returncode == 0, run.output
     by_worker = {}
-    for result in results(workflow):
+    for result in engine_results(workflow):
         by_worker.setdefault(result["worker"], set()).update(r["gpus"] for r in result["pool"])
     assert sorted(gpus for seen in by_worker.values() for gpus in seen) == ["0,1", "2,3"]
     assert all(len(seen) == 1 for seen in by_worker.values())
@@ -494,7 +355,7 @@ def test_a_signal_at_any_moment_of_the_supervisors_start_leaves_no_worker_behind
 
 def test_a_template_may_install_signal_handlers_from_its_setup_thread(workflow: Workflow):
     """Engines install handlers as they start (SGLang's Engine does), though setup runs in a thread."""
-    workflow.write("Snakefile", SNAKEFILE.replace("scripts/use.py", "scripts/signal.py"))
+    workflow.write("Snakefile", ENGINE_SNAKEFILE.replace("scripts/use.py", "scripts/signal.py"))
     workflow.write("config.yaml", "sticky:\n  engine:\n    setup: templates/handler.py\n")
     workflow.write(
         "templates/handler.py",
@@ -526,7 +387,7 @@ def test_a_template_may_install_signal_handlers_from_its_setup_thread(workflow: 
     )
     run = workflow.run("--sticky-workers", "1", "--config", "count=2", cores=2)
     assert run.returncode == 0, run.output
-    for result in results(workflow):
+    for result in engine_results(workflow):
         assert result["caught"] == ["MainThread"] and result["setup_thread"] == "sticky-setup"
 
 
@@ -538,7 +399,7 @@ def test_the_supervisor_forwards_nothing_once_its_worker_is_collected(tmp_path: 
 
     driver = tmp_path / "driver.py"
     driver.write_text(
-        "from snakemake_executor_plugin_sticky import supervisor\n"
+        "from snakemake_executor_plugin_sticky.worker import supervisor\n"
         "made = []\n"
         "class Spy(supervisor.Forwarder):\n"
         "    def __init__(self, pid):\n"

@@ -10,7 +10,7 @@ import pytest
 
 from conftest import Workflow
 
-DEMO = Path(__file__).resolve().parents[1] / "workflow"
+DEMO = Path(__file__).resolve().parents[2] / "workflow"
 
 
 @pytest.fixture

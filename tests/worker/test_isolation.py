@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import Workflow, snakemake_env
+from conftest import Run, Workflow, made_once, snakemake_env
 
 IDIOMS = [
     "streams",
@@ -455,6 +455,7 @@ open(snakemake.output[0], "w").write(f"{first} {again} {VALUE} {helper.bump()}\\
 
 
 def isolation_workflow(root: Path) -> Workflow:
+    root.mkdir(parents=True, exist_ok=True)
     wf = Workflow(root)
     wf.write("Snakefile", SNAKEFILE)
     wf.write("templates/t.py", TEMPLATE)
@@ -479,8 +480,7 @@ def results(wf: Workflow) -> dict[str, str]:
     return found
 
 
-@pytest.fixture(scope="module")
-def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Workflow, object]]:
+def three_runs(folder: Path) -> dict[str, dict]:
     """The reference run (local executor), then the sticky runs with slots 1 and 2."""
     done = {}
     for mode, slots, meet, executor in (
@@ -488,13 +488,21 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Workflow, 
         ("slots1", 1, False, "sticky"),
         ("slots2", 2, True, "sticky"),
     ):
-        wf = isolation_workflow(tmp_path_factory.mktemp(mode))
+        wf = isolation_workflow(folder / mode)
         wf.write("config.yaml", CONFIG.format(slots=slots))
         args = ["--config", f"meet={meet}", "--keep-going"]
         if executor:
             args += ["--sticky-workers", "1"]
-        done[mode] = (wf, wf.run(*args, executor=executor, cores=2))
+        run = wf.run(*args, executor=executor, cores=2)
+        done[mode] = {"root": str(wf.root), "returncode": run.returncode, "output": run.output}
     return done
+
+
+@pytest.fixture
+def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Workflow, Run]]:
+    """The three runs, made once for every test of this module (in whichever test process)."""
+    made = made_once(tmp_path_factory, "isolation-runs", three_runs)
+    return {mode: (Workflow(Path(m["root"])), Run(m["returncode"], m["output"], 0.0)) for mode, m in made.items()}
 
 
 @pytest.mark.parametrize("mode", ["slots1", "slots2"])

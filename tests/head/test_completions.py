@@ -5,7 +5,7 @@ from __future__ import annotations
 import threading
 import time
 
-from snakemake_executor_plugin_sticky.completions import CompletionBatcher
+from snakemake_executor_plugin_sticky.head.completions import CompletionBatcher
 
 
 class Recorder:

@@ -25,8 +25,7 @@ from snakemake_executor_plugin_sticky.api import stage as staging
 from snakemake_executor_plugin_sticky.api.stage import StageError, stage
 
 from conftest import Workflow, snakemake_env
-from helpers import as_resident
-from test_scaleout import start_scheduler
+from helpers import as_resident, start_scheduler
 
 SIZE_MB = 8  # four files of 8 MB: a 32 MB model folder
 

@@ -7,77 +7,7 @@ import shutil
 import time
 
 from conftest import Workflow, interrupt
-
-TEMPLATE = """
-import os, time
-
-def setup(name, delay=0.0, fail=False):
-    with open(f"setups-{name}.txt", "a") as f:
-        f.write(f"{os.getpid()}\\n")
-    time.sleep(delay)
-    if fail:
-        raise RuntimeError(f"cannot load model for {name}")
-    return {"name": name, "pid": os.getpid(), "calls": 0}
-
-def teardown(state):
-    with open(f"teardowns-{state['name']}.txt", "a") as f:
-        f.write(f"{state['pid']}\\n")
-"""
-
-RECORD = """
-import json, os, sys, threading, time
-from snakemake_executor_plugin_sticky import sticky_state
-
-started = time.time()
-state = sticky_state(snakemake)
-state["calls"] += 1
-time.sleep(float(snakemake.params.get("sleep", 0)))
-if snakemake.log:
-    with open(snakemake.log[0], "w") as f:
-        f.write(f"log of {snakemake.rule} {dict(snakemake.wildcards)}\\n")
-print(f"stdout of {snakemake.output[0]}")
-print(f"stderr of {snakemake.output[0]}", file=sys.stderr)
-with open(snakemake.output[0], "w") as f:
-    json.dump({
-        "template": state["name"], "state_pid": state["pid"], "pid": os.getpid(),
-        "calls": state["calls"], "rule": snakemake.rule, "wildcards": dict(snakemake.wildcards),
-        "params": {k: v for k, v in snakemake.params.items()}, "threads": snakemake.threads,
-        "resources_sticky": snakemake.resources["sticky"], "started": started, "finished": time.time(),
-        "scriptdir": snakemake.scriptdir,
-    }, f)
-"""
-
-
-def sticky_workflow(workflow: Workflow, snakefile: str, templates: str) -> Workflow:
-    workflow.write("Snakefile", snakefile)
-    workflow.write("config.yaml", templates)
-    workflow.write("templates/counting.py", TEMPLATE)
-    workflow.write("scripts/record.py", RECORD)
-    return workflow
-
-
-def outputs(workflow: Workflow, pattern: str) -> list[dict]:
-    return [json.loads(p.read_text()) for p in sorted(workflow.root.glob(pattern))]
-
-
-ONE_TEMPLATE_SNAKEFILE = """
-configfile: "config.yaml"
-N = int(config.get("count", 12))
-rule all:
-    input: expand("out/{i}.json", i=range(N))
-rule infer:
-    output: "out/{i}.json"
-    params: sleep=config.get("sleep", 0)
-    resources: sticky="llm"
-    script: "scripts/record.py"
-"""
-
-LLM_TEMPLATE = """
-sticky:
-  llm:
-    setup: templates/counting.py
-    kwargs: {name: llm, delay: 1.0}
-"""
+from helpers import LLM_TEMPLATE, ONE_TEMPLATE_SNAKEFILE, RECORD_SCRIPT, outputs, sticky_workflow
 
 
 def test_state_built_once_per_worker_reused_and_torn_down(workflow: Workflow):
@@ -257,7 +187,7 @@ def test_failing_invocation_fails_its_job_only_and_state_survives(workflow: Work
     workflow.write(
         "scripts/record.py",
         "def explode(i):\n    raise ValueError(f'bad claim {i}')\n\n"
-        "if snakemake.wildcards.i == '3':\n    explode(snakemake.wildcards.i)\n" + RECORD,
+        "if snakemake.wildcards.i == '3':\n    explode(snakemake.wildcards.i)\n" + RECORD_SCRIPT,
     )
     run = workflow.run("--sticky-workers", "1", "--keep-going", "--config", "count=6")
     assert run.returncode != 0

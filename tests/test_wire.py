@@ -1,0 +1,45 @@
+"""The contract between the head and the workers: every event record survives the trip through
+the plain dicts Dask's events carry."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import msgpack
+import pytest
+
+from snakemake_executor_plugin_sticky import wire
+
+WHO = dict(template="llm", name="llm-0", address="tls://127.0.0.1:4000", host="node1", pid=42, gpus=("0",), time=1.5)
+SAMPLES = [
+    wire.SetupStarted(**WHO),
+    wire.Ready(**WHO, setup_s=2.5, setup_started=1.0),
+    wire.SetupFailed(**WHO, error="Traceback ...", setup_started=1.0),
+    wire.Poisoned(**WHO, cause="OutOfMemoryError in rule verify"),
+    wire.InvocationTimedOut(**WHO, key="sticky-verify-3-ab", rule="verify", timeout_s=60.0),
+    wire.Preempted(**WHO, grace_s=30.0),
+    wire.WalltimeNear(**WHO, grace_s=30.0),
+    wire.Staged(**WHO, source="/models/m", origin="peer tls://x", bytes=10, seconds=0.5, stage_started=1.2),
+    wire.WorkerWarning(**WHO, text="no reaper guards this worker"),
+    wire.Removed(address="tls://127.0.0.1:4000", graceful=False, running=("k1", "k2"), time=3.0),
+    wire.WorkerExited(address="tls://127.0.0.1:4000", exitcode=-9),
+]
+
+
+def test_every_kind_of_event_has_a_sample():
+    assert {type(event) for event in SAMPLES} == set(wire.EVENTS.values())
+
+
+@pytest.mark.parametrize("event", SAMPLES, ids=lambda e: e.kind)
+def test_an_event_survives_the_trip_through_dask(event: wire.Event):
+    message = event.to_message()
+    assert message["event"] == event.kind
+    carried = msgpack.unpackb(msgpack.packb(message))  # as Dask's comms carry it
+    assert wire.Event.from_message(carried) == event
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        event.time = 0  # type: ignore[misc]
+
+
+def test_a_message_of_no_known_kind_is_refused():
+    with pytest.raises(ValueError, match="no sticky event of kind 'nonsense'"):
+        wire.Event.from_message({"event": "nonsense"})
