@@ -649,85 +649,107 @@ def scale_out_staging(folder: Path, node_counts: list[int], repeats: int) -> dic
 def stage_on_nodes(work: Path, folder: Path, nodes: int, readers: int) -> dict:
     """One run in attach mode with `nodes` workers, each with a fresh cache folder of its own."""
     dask = str(Path(SNAKEMAKE).with_name("dask"))
-    for old in (work / "o", work / ".snakemake"):
-        shutil.rmtree(old, ignore_errors=True)
-    caches = [folder / "caches" / f"node{i}" for i in range(nodes)]
-    for cache in caches:
-        shutil.rmtree(cache, ignore_errors=True)
+    caches = clear_nodes(work, folder, nodes)
     scheduler_file = work / "scheduler.json"
     scheduler_file.unlink(missing_ok=True)
     env = dict(os.environ)
-    processes = [
-        subprocess.Popen(
-            [
-                dask,
-                "scheduler",
-                "--host",
-                "127.0.0.1",
-                "--port",
-                "0",
-                "--no-dashboard",
-                "--scheduler-file",
-                str(scheduler_file),
-            ],
-            cwd=work,
-            env=env,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-    ]
+    processes = [start_scheduler(dask, scheduler_file, work, env)]
     try:
         deadline = time.monotonic() + 30
         while not scheduler_file.exists() and time.monotonic() < deadline:
             time.sleep(0.1)
         for cache in caches:
-            processes.append(
-                subprocess.Popen(
-                    [
-                        sys.executable,
-                        "-m",
-                        "snakemake_executor_plugin_sticky.worker.supervisor",
-                        dask,
-                        "worker",
-                        "--scheduler-file",
-                        str(scheduler_file),
-                        "--resources",
-                        "sticky-model=1",
-                        "--nthreads",
-                        "1",
-                        "--memory-limit",
-                        "0",
-                        "--no-nanny",
-                        "--no-dashboard",
-                    ],
-                    cwd=work,
-                    env={**env, "NODE_CACHE": str(cache)},
-                    stdout=subprocess.DEVNULL,
-                    stderr=subprocess.DEVNULL,
-                )
-            )
-        measured = run(
-            [
-                SNAKEMAKE,
-                "--executor",
-                "sticky",
-                "--cores",
-                str(nodes),
-                "--sticky-scheduler",
-                str(scheduler_file),
-                "--sticky-cache-dir",
-                "$NODE_CACHE",
-                "--sticky-stage-readers",
-                str(readers),
-                "--config",
-                f"count={2 * nodes}",  # Snakemake takes config keys of two characters or more
-            ],
-            work,
-        )
+            processes.append(start_node_worker(dask, scheduler_file, work, {**env, "NODE_CACHE": str(cache)}))
+        measured = run(attach_command(scheduler_file, nodes, readers), work)
     finally:
         for process in processes:
             process.kill()
             process.wait()
+    return staging_times(measured)
+
+
+def clear_nodes(work: Path, folder: Path, nodes: int) -> list[Path]:
+    """Removes the last run's outputs and every node's cache, so each node stages its copy anew."""
+    for old in (work / "o", work / ".snakemake"):
+        shutil.rmtree(old, ignore_errors=True)
+    caches = [folder / "caches" / f"node{i}" for i in range(nodes)]
+    for cache in caches:
+        shutil.rmtree(cache, ignore_errors=True)
+    return caches
+
+
+def start_scheduler(dask: str, scheduler_file: Path, work: Path, env: dict[str, str]) -> subprocess.Popen:
+    """Starts the Dask scheduler that the nodes' workers and the run attach to through `scheduler_file`."""
+    return subprocess.Popen(
+        [
+            dask,
+            "scheduler",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            "0",
+            "--no-dashboard",
+            "--scheduler-file",
+            str(scheduler_file),
+        ],
+        cwd=work,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+
+
+def start_node_worker(dask: str, scheduler_file: Path, work: Path, env: dict[str, str]) -> subprocess.Popen:
+    """Starts one node's worker under the supervisor, as a user starts it by hand in attach mode;
+    `env` names the node's cache folder."""
+    return subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "snakemake_executor_plugin_sticky.worker.supervisor",
+            dask,
+            "worker",
+            "--scheduler-file",
+            str(scheduler_file),
+            "--resources",
+            "sticky-model=1",
+            "--nthreads",
+            "1",
+            "--memory-limit",
+            "0",
+            "--no-nanny",
+            "--no-dashboard",
+        ],
+        cwd=work,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+
+
+def attach_command(scheduler_file: Path, nodes: int, readers: int) -> list[str]:
+    """The run in attach mode: two invocations per node, each node's cache in $NODE_CACHE, at most
+    `readers` of them reading the source."""
+    return [
+        SNAKEMAKE,
+        "--executor",
+        "sticky",
+        "--cores",
+        str(nodes),
+        "--sticky-scheduler",
+        str(scheduler_file),
+        "--sticky-cache-dir",
+        "$NODE_CACHE",
+        "--sticky-stage-readers",
+        str(readers),
+        "--config",
+        f"count={2 * nodes}",  # Snakemake takes config keys of two characters or more
+    ]
+
+
+def staging_times(measured: Measured) -> dict:
+    """From the run's report: how long until the last node held its copy, counted from the first
+    staging's start, and how many copies came from the source."""
     stagings = [s for w in measured.report["templates"]["model"]["workers"] for s in w["stagings"]]
     ends = [s["stage_started"] + s["seconds"] for s in stagings]
     return {
@@ -810,6 +832,7 @@ def fmt(s: dict, unit: str = "", digits: int = 2) -> str:
 
 
 def markdown(results: dict) -> str:
+    """The results as Markdown: a line on the machine, then a table for each section measured."""
     m = results["machine"]
     lines = [
         f"Machine: {m['cpus']} CPUs, {m['memory_gb']} GiB, no GPU, {m['platform']}, Python {m['python']}; "
@@ -817,141 +840,183 @@ def markdown(results: dict) -> str:
         "",
     ]
     if "makespan" in results:
-        r = results["makespan"]
-        lines += [
-            f"**Makespan**, demo workflow, {r['invocations']} invocations × {r['claims_per_invocation']} claims, W = {r['workers']}:",
-            "",
-            "| sticky | local (create-destroy) | speedup | ideal | efficiency (ideal ÷ sticky) | Snakemake alone (`--executor touch`) |",
-            "|---|---|---|---|---|---|",
-            f"| {fmt(r['sticky_s'], ' s')} | {fmt(r['local_s'], ' s')} | {fmt(r['speedup'], '×')} | {fmt(r['ideal_s'], ' s')} "
-            f"| {fmt(r['efficiency'])} | {fmt(r['touch_s'], ' s') if 'touch_s' in r else 'n/a'} |",
-            "",
-        ]
+        lines += makespan_markdown(results["makespan"])
     if "models" in results:
-        r = results["models"]
-        lines += [
-            "**Larger models**, the same workflow and settings (sticky only; the fixed costs stay, the ideal grows):",
-            "",
-            "| model | invocation (median) | sticky | ideal | sticky − ideal | efficiency |",
-            "|---|---|---|---|---|---|",
-        ]
-        if "makespan" in results:
-            m = results["makespan"]
-            demo_invocation = statistics.median(p["invocation_s_median"] for p in m["pairs"])
-            overhead = [p["sticky_s"] - p["ideal_s"] for p in m["pairs"]]
-            lines.append(
-                f"| demo: hidden 64, 2 layers | {demo_invocation:.3f} s | {fmt(m['sticky_s'], ' s')} | {fmt(m['ideal_s'], ' s')} "
-                f"| {fmt(spread(overhead), ' s')} | {fmt(m['efficiency'])} |"
-            )
-        for row in r["rows"]:
-            lines.append(
-                f"| {row['model']} | {row['invocation_s_median']['median']:.3f} s | {fmt(row['sticky_s'], ' s')} "
-                f"| {fmt(row['ideal_s'], ' s')} | {fmt(row['overhead_s'], ' s')} | {fmt(row['efficiency'])} |"
-            )
-        lines.append("")
+        lines += models_markdown(results)
     if "dispatch" in results:
-        d = results["dispatch"]
-        lines += [
-            f"**Dispatch**, no-op invocations, W = {d['workers']}, sticky vs `--executor touch` (Snakemake's floor), "
-            f"both with `--cores {d.get('cores', 4 * d['workers'])} {d['flags']}`:",
-            "",
-            "| K | sticky | floor | ms per invocation above the floor |",
-            "|---|---|---|---|",
-        ]
-        for row in results["dispatch"]["rows"]:
-            lines.append(
-                f"| {row['k']:,} | {fmt(row['sticky_s'], ' s')} | {fmt(row['floor_s'], ' s')} | {fmt(row['overhead_ms'])} |"
-            )
-        iso = d.get("isolation")
-        if iso:
-            lines += [
-                "",
-                f"Isolation of each script (its own streams, modules, logging, ...; in one process, {iso['n']:,} "
-                f"no-op scripts, best of three): {iso['added_us']:.0f} µs per invocation above the bare script's "
-                f"{iso['bare_us']:.0f} µs.",
-            ]
-        lines.append("")
+        lines += dispatch_markdown(results["dispatch"])
     if "scale" in results:
-        lines += [
-            "**Scale**, no-op invocations with the large-run flags, beside Snakemake alone (`--executor touch`, "
-            "the same flags) under its greedy scheduler and under firstfit:",
-            "",
-            "| N | sticky | per invocation | Snakemake alone, greedy | Snakemake alone, firstfit "
-            "| the plugin's part per invocation | Snakemake peak RSS | worker peak RSS |",
-            "|---|---|---|---|---|---|---|---|",
-        ]
-        for row in results["scale"]["rows"]:
-            floors = (
-                f"{row['floor_greedy_s']:.1f} s | {row['floor_firstfit_s']:.1f} s | {row['plugin_ms']:.2f} ms"
-                if "floor_greedy_s" in row
-                else "| |"
-            )
-            lines.append(
-                f"| {row['n']:,} | {row['wall_s']:.1f} s | {row['per_invocation_ms']:.2f} ms | {floors} | "
-                f"{row['head_rss_mb']:.0f} MB | {row['worker_rss_mb']:.0f} MB |"
-            )
-        lines += ["", f"Settings at N = {results['scale']['settings_at']:,}:", "", "| settings | wall |", "|---|---|"]
-        for row in results["scale"]["settings"]:
-            lines.append(f"| {row['settings']} | {row['wall_s']:.1f} s |")
-        lines.append("")
+        lines += scale_markdown(results["scale"])
     if "batching" in results:
-        b = results["batching"]
-        lines += [
-            f"**Batching**, the demo on one worker with {b['slots']} slots, at most {b['batch_size']} claims per "
-            "forward pass, with the template's Batcher and without it (each invocation then scores its own claims):",
-            "",
-            "| model | claims per invocation | Batcher | claims/s | mean batch | makespan |",
-            "|---|---|---|---|---|---|",
-        ]
-        for row in b["rows"]:
-            lines.append(
-                f"| {row['model']} | {row['claims_per_invocation']} | {'yes' if row['batcher'] else 'no'} "
-                f"| {fmt(row['claims_per_s'], '', 1)} | {fmt(row['mean_batch'], '', 1)} | {fmt(row['makespan_s'], ' s', 1)} |"
-            )
-        lines.append("")
-    if "staging" in results and "skipped" in results["staging"]:
-        lines += [f"**Staging**: skipped ({results['staging']['skipped']}).", ""]
-    elif "staging" in results:
-        t = results["staging"]
-        lines += [
-            f"**Three task models**, the demo with the larger model ({t['model_mb']:.0f} MB) read from a file system "
-            f"that serves {t['source_mb_per_s']:.0f} MB/s in all, {t['invocations']} invocations × {t['claims_per_invocation']} claims:",
-            "",
-            "| create-destroy | StickyI/O (stage(), warm cache) | sticky |",
-            "|---|---|---|",
-            f"| {fmt(t['create-destroy'], ' s', 1)} | {fmt(t['StickyI/O'], ' s', 1)} | {fmt(t['sticky'], ' s', 1)} |",
-            "",
-        ]
+        lines += batching_markdown(results["batching"])
+    if "staging" in results:
+        lines += staging_markdown(results["staging"])
     if "staging_scale_out" in results:
-        o = results["staging_scale_out"]
-        lines += [
-            f"**Scale-out staging**, a {o['model_mb']} MB model on that file system, time until every node holds a copy:",
-            "",
-            "| nodes | readers of the source | every node staged | reads of the source |",
-            "|---|---|---|---|",
-        ]
-        for row in o["rows"]:
-            lines.append(
-                f"| {row['nodes']} | {row['readers']} | {fmt(row['all_staged_s'], ' s', 1)} | {row['shared_reads']} |"
-            )
-        lines.append("")
+        lines += scale_out_markdown(results["staging_scale_out"])
     if "tls" in results:
-        t = results["tls"]
-        lines += [
-            f"**TLS**, Dask scheduler and one Nanny worker on loopback, with the run's credentials and without, "
-            f"{t['tasks']:,} no-op tasks:",
-            "",
-            "| | worker start | per task, one after another | per task, all at once |",
-            "|---|---|---|---|",
-        ]
-        for name, label in (("tls", "TLS (the default, always)"), ("tcp", "plain TCP (for comparison only)")):
-            row = t[name]
-            lines.append(
-                f"| {label} | {fmt(row['worker_start_s'], ' s')} | {fmt(row['one_by_one_ms'], ' ms')} "
-                f"| {fmt(row['all_at_once_ms'], ' ms', 3)} |"
-            )
-        lines.append("")
+        lines += tls_markdown(results["tls"])
     return "\n".join(lines)
+
+
+def makespan_markdown(r: dict) -> list[str]:
+    """The makespan section's lines: sticky against create-destroy, the ideal and Snakemake alone."""
+    return [
+        f"**Makespan**, demo workflow, {r['invocations']} invocations × {r['claims_per_invocation']} claims, W = {r['workers']}:",
+        "",
+        "| sticky | local (create-destroy) | speedup | ideal | efficiency (ideal ÷ sticky) | Snakemake alone (`--executor touch`) |",
+        "|---|---|---|---|---|---|",
+        f"| {fmt(r['sticky_s'], ' s')} | {fmt(r['local_s'], ' s')} | {fmt(r['speedup'], '×')} | {fmt(r['ideal_s'], ' s')} "
+        f"| {fmt(r['efficiency'])} | {fmt(r['touch_s'], ' s') if 'touch_s' in r else 'n/a'} |",
+        "",
+    ]
+
+
+def models_markdown(results: dict) -> list[str]:
+    """The larger models' lines; the whole results, because the demo's row comes from the makespan
+    section when that was measured."""
+    r = results["models"]
+    lines = [
+        "**Larger models**, the same workflow and settings (sticky only; the fixed costs stay, the ideal grows):",
+        "",
+        "| model | invocation (median) | sticky | ideal | sticky − ideal | efficiency |",
+        "|---|---|---|---|---|---|",
+    ]
+    if "makespan" in results:
+        m = results["makespan"]
+        demo_invocation = statistics.median(p["invocation_s_median"] for p in m["pairs"])
+        overhead = [p["sticky_s"] - p["ideal_s"] for p in m["pairs"]]
+        lines.append(
+            f"| demo: hidden 64, 2 layers | {demo_invocation:.3f} s | {fmt(m['sticky_s'], ' s')} | {fmt(m['ideal_s'], ' s')} "
+            f"| {fmt(spread(overhead), ' s')} | {fmt(m['efficiency'])} |"
+        )
+    for row in r["rows"]:
+        lines.append(
+            f"| {row['model']} | {row['invocation_s_median']['median']:.3f} s | {fmt(row['sticky_s'], ' s')} "
+            f"| {fmt(row['ideal_s'], ' s')} | {fmt(row['overhead_s'], ' s')} | {fmt(row['efficiency'])} |"
+        )
+    lines.append("")
+    return lines
+
+
+def dispatch_markdown(d: dict) -> list[str]:
+    """The dispatch section's lines: sticky against Snakemake's floor, then the isolation's cost
+    where it was measured."""
+    lines = [
+        f"**Dispatch**, no-op invocations, W = {d['workers']}, sticky vs `--executor touch` (Snakemake's floor), "
+        f"both with `--cores {d.get('cores', 4 * d['workers'])} {d['flags']}`:",
+        "",
+        "| K | sticky | floor | ms per invocation above the floor |",
+        "|---|---|---|---|",
+    ]
+    for row in d["rows"]:
+        lines.append(
+            f"| {row['k']:,} | {fmt(row['sticky_s'], ' s')} | {fmt(row['floor_s'], ' s')} | {fmt(row['overhead_ms'])} |"
+        )
+    iso = d.get("isolation")
+    if iso:
+        lines += [
+            "",
+            f"Isolation of each script (its own streams, modules, logging, ...; in one process, {iso['n']:,} "
+            f"no-op scripts, best of three): {iso['added_us']:.0f} µs per invocation above the bare script's "
+            f"{iso['bare_us']:.0f} µs.",
+        ]
+    lines.append("")
+    return lines
+
+
+def scale_markdown(s: dict) -> list[str]:
+    """The scale section's lines: each N beside Snakemake alone, then the settings compared."""
+    lines = [
+        "**Scale**, no-op invocations with the large-run flags, beside Snakemake alone (`--executor touch`, "
+        "the same flags) under its greedy scheduler and under firstfit:",
+        "",
+        "| N | sticky | per invocation | Snakemake alone, greedy | Snakemake alone, firstfit "
+        "| the plugin's part per invocation | Snakemake peak RSS | worker peak RSS |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for row in s["rows"]:
+        floors = (
+            f"{row['floor_greedy_s']:.1f} s | {row['floor_firstfit_s']:.1f} s | {row['plugin_ms']:.2f} ms"
+            if "floor_greedy_s" in row
+            else "| |"
+        )
+        lines.append(
+            f"| {row['n']:,} | {row['wall_s']:.1f} s | {row['per_invocation_ms']:.2f} ms | {floors} | "
+            f"{row['head_rss_mb']:.0f} MB | {row['worker_rss_mb']:.0f} MB |"
+        )
+    lines += ["", f"Settings at N = {s['settings_at']:,}:", "", "| settings | wall |", "|---|---|"]
+    for row in s["settings"]:
+        lines.append(f"| {row['settings']} | {row['wall_s']:.1f} s |")
+    lines.append("")
+    return lines
+
+
+def batching_markdown(b: dict) -> list[str]:
+    """The batching section's lines: each model and invocation size with the Batcher and without."""
+    lines = [
+        f"**Batching**, the demo on one worker with {b['slots']} slots, at most {b['batch_size']} claims per "
+        "forward pass, with the template's Batcher and without it (each invocation then scores its own claims):",
+        "",
+        "| model | claims per invocation | Batcher | claims/s | mean batch | makespan |",
+        "|---|---|---|---|---|---|",
+    ]
+    for row in b["rows"]:
+        lines.append(
+            f"| {row['model']} | {row['claims_per_invocation']} | {'yes' if row['batcher'] else 'no'} "
+            f"| {fmt(row['claims_per_s'], '', 1)} | {fmt(row['mean_batch'], '', 1)} | {fmt(row['makespan_s'], ' s', 1)} |"
+        )
+    lines.append("")
+    return lines
+
+
+def staging_markdown(t: dict) -> list[str]:
+    """The three task models' lines, or why the staging section was skipped."""
+    if "skipped" in t:
+        return [f"**Staging**: skipped ({t['skipped']}).", ""]
+    return [
+        f"**Three task models**, the demo with the larger model ({t['model_mb']:.0f} MB) read from a file system "
+        f"that serves {t['source_mb_per_s']:.0f} MB/s in all, {t['invocations']} invocations × {t['claims_per_invocation']} claims:",
+        "",
+        "| create-destroy | StickyI/O (stage(), warm cache) | sticky |",
+        "|---|---|---|",
+        f"| {fmt(t['create-destroy'], ' s', 1)} | {fmt(t['StickyI/O'], ' s', 1)} | {fmt(t['sticky'], ' s', 1)} |",
+        "",
+    ]
+
+
+def scale_out_markdown(o: dict) -> list[str]:
+    """The scale-out staging's lines: for each number of nodes and readers, the time until all hold a copy."""
+    lines = [
+        f"**Scale-out staging**, a {o['model_mb']} MB model on that file system, time until every node holds a copy:",
+        "",
+        "| nodes | readers of the source | every node staged | reads of the source |",
+        "|---|---|---|---|",
+    ]
+    for row in o["rows"]:
+        lines.append(
+            f"| {row['nodes']} | {row['readers']} | {fmt(row['all_staged_s'], ' s', 1)} | {row['shared_reads']} |"
+        )
+    lines.append("")
+    return lines
+
+
+def tls_markdown(t: dict) -> list[str]:
+    """The TLS section's lines: the run's credentials against plain TCP."""
+    lines = [
+        f"**TLS**, Dask scheduler and one Nanny worker on loopback, with the run's credentials and without, "
+        f"{t['tasks']:,} no-op tasks:",
+        "",
+        "| | worker start | per task, one after another | per task, all at once |",
+        "|---|---|---|---|",
+    ]
+    for name, label in (("tls", "TLS (the default, always)"), ("tcp", "plain TCP (for comparison only)")):
+        row = t[name]
+        lines.append(
+            f"| {label} | {fmt(row['worker_start_s'], ' s')} | {fmt(row['one_by_one_ms'], ' ms')} "
+            f"| {fmt(row['all_at_once_ms'], ' ms', 3)} |"
+        )
+    lines.append("")
+    return lines
 
 
 def plot(results: dict, path: Path) -> None:
@@ -1004,7 +1069,12 @@ def plot(results: dict, path: Path) -> None:
     fig.savefig(path, dpi=110)
 
 
-def main() -> None:
+# Records one section's results under its name, or its failure.
+SectionRunner = Callable[[str, Callable[[], dict]], None]
+
+
+def parse_args() -> argparse.Namespace:
+    """The command line: which sections, and how large their runs are."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="a short version (make bench-quick)")
     parser.add_argument(
@@ -1020,7 +1090,12 @@ def main() -> None:
     parser.add_argument(
         "--batching-models", choices=["demo", "larger"], nargs="+", help="models of the batching section (both)"
     )
-    args = parser.parse_args()
+    return parser.parse_args()
+
+
+def main() -> None:
+    """Measures the chosen sections, saving the results after each, then writes the table and the plot."""
+    args = parse_args()
     sections = args.only or ["makespan", "models", "dispatch", "scale", "tls", "batching", "staging"]
     repeats = 3
     results = {
@@ -1044,50 +1119,70 @@ def main() -> None:
         (RESULTS / f"{stem}.json").write_text(json.dumps(results, indent=2) + "\n")
 
     with tempfile.TemporaryDirectory(prefix="sticky-bench-") as tmp:
-        tmp = Path(tmp)
-        if "makespan" in sections:
-            print("makespan: demo workflow, sticky vs local executor", flush=True)
-            section("makespan", lambda: makespan(tmp / "demo", 12 if args.quick else 48, 8, 2, repeats))
-        if "models" in sections and not args.quick:
-            print("models: the demo with larger models, sticky only", flush=True)
-            section("models", lambda: by_model(tmp / "models", 48, 8, 2, repeats))
-        if "dispatch" in sections:
-            print("dispatch: no-op invocations vs --executor touch", flush=True)
-            ks = args.dispatch or ([100, 1000] if args.quick else [100, 1000, 5000])
-            section("dispatch", lambda: dispatch(tmp / "noop", ks, 2, repeats))
-        if "scale" in sections:
-            print("scale: no-op invocations end to end", flush=True)
-            ns = args.scale or ([1000, 2000] if args.quick else [1000, 5000, 20000])
-            section("scale", lambda: scale(tmp / "scale", ns, 2, args.settings_at or (500 if args.quick else 2000)))
-        if "batching" in sections:
-            print("batching: claims per second with and without the Batcher, by invocation size", flush=True)
-            chosen = args.batching_models or (["demo"] if args.quick else ["demo", "larger"])
-            models = {}
-            if "demo" in chosen:
-                models["demo: hidden 64, 2 layers"] = (None, 96 if args.quick else 384)
-            if "larger" in chosen:
-                models["hidden 512, 8 layers"] = (MODEL_SIZES["hidden 512, 8 layers"], 128)
-            sizes = args.batching_sizes or ([2, 16] if args.quick else BATCHING_SIZES)
-            section("batching", lambda: batching(tmp / "batching", models, sizes, repeats))
-        if "staging" in sections:
-            why_not = fuse_available()
-            if why_not is not None:
-                print(f"staging: skipped ({why_not})", flush=True)
-                section("staging", lambda: {"skipped": why_not})
-            else:
-                print(
-                    "staging: create-destroy, StickyI/O and sticky on a throttled source; scale-out staging", flush=True
-                )
-                parts = args.staging_parts or ["three", "scale-out"]
-                if "three" in parts:
-                    invocations = 8 if args.quick else 16
-                    section("staging", lambda: three_models(tmp / "three" / "demo", invocations, 8, repeats))
-                if "scale-out" in parts:
-                    nodes = [1, 2] if args.quick else [1, 2, 4]
-                    section("staging_scale_out", lambda: scale_out_staging(tmp / "scale-out", nodes, repeats))
-        if "tls" in sections:
-            print("tls: the run's credentials against plain TCP, in Dask itself", flush=True)
-            section("tls", lambda: tls_cost(repeats if args.quick else 5, 1000))
+        measure_sections(Path(tmp), args, sections, repeats, section)
+    write_summary(results, stem)
+
+
+def measure_sections(
+    tmp: Path, args: argparse.Namespace, sections: list[str], repeats: int, section: SectionRunner
+) -> None:
+    """Runs the chosen sections in a fixed order, each in a folder of its own under `tmp`."""
+    if "makespan" in sections:
+        print("makespan: demo workflow, sticky vs local executor", flush=True)
+        section("makespan", lambda: makespan(tmp / "demo", 12 if args.quick else 48, 8, 2, repeats))
+    if "models" in sections and not args.quick:
+        print("models: the demo with larger models, sticky only", flush=True)
+        section("models", lambda: by_model(tmp / "models", 48, 8, 2, repeats))
+    if "dispatch" in sections:
+        print("dispatch: no-op invocations vs --executor touch", flush=True)
+        ks = args.dispatch or ([100, 1000] if args.quick else [100, 1000, 5000])
+        section("dispatch", lambda: dispatch(tmp / "noop", ks, 2, repeats))
+    if "scale" in sections:
+        print("scale: no-op invocations end to end", flush=True)
+        ns = args.scale or ([1000, 2000] if args.quick else [1000, 5000, 20000])
+        section("scale", lambda: scale(tmp / "scale", ns, 2, args.settings_at or (500 if args.quick else 2000)))
+    if "batching" in sections:
+        print("batching: claims per second with and without the Batcher, by invocation size", flush=True)
+        models = batching_models(args)
+        sizes = args.batching_sizes or ([2, 16] if args.quick else BATCHING_SIZES)
+        section("batching", lambda: batching(tmp / "batching", models, sizes, repeats))
+    if "staging" in sections:
+        measure_staging(tmp, args, repeats, section)
+    if "tls" in sections:
+        print("tls: the run's credentials against plain TCP, in Dask itself", flush=True)
+        section("tls", lambda: tls_cost(repeats if args.quick else 5, 1000))
+
+
+def batching_models(args: argparse.Namespace) -> dict[str, tuple[Optional[str], int]]:
+    """The batching section's models, each with its model_size (None: the demo's) and its claims."""
+    chosen = args.batching_models or (["demo"] if args.quick else ["demo", "larger"])
+    models = {}
+    if "demo" in chosen:
+        models["demo: hidden 64, 2 layers"] = (None, 96 if args.quick else 384)
+    if "larger" in chosen:
+        models["hidden 512, 8 layers"] = (MODEL_SIZES["hidden 512, 8 layers"], 128)
+    return models
+
+
+def measure_staging(tmp: Path, args: argparse.Namespace, repeats: int, section: SectionRunner) -> None:
+    """The staging section's parts, or the reason it is skipped where FUSE is missing."""
+    why_not = fuse_available()
+    if why_not is not None:
+        print(f"staging: skipped ({why_not})", flush=True)
+        section("staging", lambda: {"skipped": why_not})
+    else:
+        print("staging: create-destroy, StickyI/O and sticky on a throttled source; scale-out staging", flush=True)
+        parts = args.staging_parts or ["three", "scale-out"]
+        if "three" in parts:
+            invocations = 8 if args.quick else 16
+            section("staging", lambda: three_models(tmp / "three" / "demo", invocations, 8, repeats))
+        if "scale-out" in parts:
+            nodes = [1, 2] if args.quick else [1, 2, 4]
+            section("staging_scale_out", lambda: scale_out_staging(tmp / "scale-out", nodes, repeats))
+
+
+def write_summary(results: dict, stem: str) -> None:
+    """The plot and the Markdown table of the sections measured, with a line for each that failed."""
     failed = {k: v["failed"] for k, v in results.items() if isinstance(v, dict) and "failed" in v}
     done = {k: v for k, v in results.items() if k not in failed}
     plot(done, RESULTS / f"{stem}.png")

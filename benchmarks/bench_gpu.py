@@ -138,7 +138,8 @@ def batching_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
+    """The command line: the sizes of the runs, and --smoke for a check on the CPU."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     # The create-destroy side loads the 3.4 GB model once per invocation: 16 keep a whole run of
     # 3 alternated pairs within minutes.
@@ -151,61 +152,32 @@ def main() -> None:
     parser.add_argument("--batching-claims", type=int, default=512, help="claims of each Batcher run")
     parser.add_argument("--smoke", action="store_true", help="check this script on the CPU with a tiny model")
     parser.add_argument("--results", type=Path, default=RESULTS, help="folder for the JSON and Markdown results")
-    args = parser.parse_args()
+    return parser.parse_args()
 
+
+def pick_device(smoke: bool) -> tuple[str, dict, int, str]:
+    """The device, the model's shape, the GPUs a worker asks for and the GPU's name; without a GPU
+    only --smoke runs."""
     import torch
 
-    if args.smoke:
-        device, shape, gpus, gpu = "cpu", SMOKE_SHAPE, 0, "none (--smoke: CPU, tiny model)"
-    elif torch.cuda.is_available():
-        device, shape, gpus, gpu = "cuda", SMOLLM2_1_7B, 1, torch.cuda.get_device_name(0)
-    else:
-        sys.exit("bench-gpu needs a CUDA GPU (--smoke checks this script on the CPU)")
+    if smoke:
+        return "cpu", SMOKE_SHAPE, 0, "none (--smoke: CPU, tiny model)"
+    if torch.cuda.is_available():
+        return "cuda", SMOLLM2_1_7B, 1, torch.cuda.get_device_name(0)
+    sys.exit("bench-gpu needs a CUDA GPU (--smoke checks this script on the CPU)")
+
+
+def main() -> None:
+    """Builds the model, measures its setup, the makespans and the Batcher, then saves the results."""
+    args = parse_args()
+    device, shape, gpus, gpu = pick_device(args.smoke)
     with tempfile.TemporaryDirectory(prefix="sticky-bench-gpu-") as tmp:
         demo = Path(tmp) / "demo"
-        shutil.copytree(ROOT / "workflow", demo, ignore=shutil.ignore_patterns("results", ".snakemake"))
-        claims = args.invocations * args.claims_per_invocation
-        config = [
-            "--config",
-            f"claims={claims}",
-            f"claims_per_invocation={args.claims_per_invocation}",
-            "batch_size=16",
-        ]
-        run(
-            [
-                SNAKEMAKE,
-                "--executor",
-                "local",
-                "--cores",
-                "2",
-                "results/model/tiny-llama",
-                "results/shards/00000.jsonl",
-                *config,
-            ],
-            demo,
-        )
+        config = prepare_gpu_demo(demo, args.invocations, args.claims_per_invocation)
         model_dir = build_model(Path(tmp) / "smollm2-1.7b-shape", demo / "results/model/tiny-llama", shape, device)
         split = setup_split(model_dir, args.repeats, device)
         gpu_config = [*config, f"model={model_dir}", f"gpus={gpus}"]
-        sticky_cmd = [SNAKEMAKE, "--executor", "sticky", "--cores", "2", "--sticky-workers", "1", *gpu_config]
-        local_cmd = [SNAKEMAKE, "--executor", "local", "--cores", "1", *gpu_config]
-        pairs = []
-        for _ in range(args.repeats):
-            reset_demo(demo)
-            sticky = run(sticky_cmd, demo)
-            reset_demo(demo)
-            local = run(local_cmd, demo)
-            llm = sticky.report["templates"]["llm"]
-            pairs.append(
-                {
-                    "sticky_s": sticky.wall_s,
-                    "local_s": local.wall_s,
-                    "speedup": local.wall_s / sticky.wall_s,
-                    "setup_s": llm["setup_s"]["max"],
-                    "invocation_s": llm["invocation_s"]["median"],
-                }
-            )
-            print(f"  pair: sticky {sticky.wall_s:.1f} s, local {local.wall_s:.1f} s", flush=True)
+        pairs = sticky_vs_local(demo, gpu_config, args.repeats)
         batching = batcher_rows(demo, gpu_config, args.batching_sizes, args.batching_claims, args.repeats)
     results = {
         "date": datetime.datetime.now().isoformat(timespec="seconds"),
@@ -227,10 +199,68 @@ def main() -> None:
     args.results.mkdir(parents=True, exist_ok=True)
     stem = f"{datetime.date.today().isoformat()}-{socket.gethostname()}-gpu" + ("-smoke" if args.smoke else "")
     (args.results / f"{stem}.json").write_text(json.dumps(results, indent=2) + "\n")
-    s = results
-    table = "\n".join(
+    table = results_table(results, args.repeats) + "\n\n" + batching_table(batching)
+    (args.results / f"{stem}.md").write_text(table + "\n")
+    print("\n" + table)
+
+
+def prepare_gpu_demo(demo: Path, invocations: int, claims_per_invocation: int) -> list[str]:
+    """A copy of the demo workflow with its claims and shards made once, outside the measurement;
+    returns its --config arguments."""
+    shutil.copytree(ROOT / "workflow", demo, ignore=shutil.ignore_patterns("results", ".snakemake"))
+    claims = invocations * claims_per_invocation
+    config = [
+        "--config",
+        f"claims={claims}",
+        f"claims_per_invocation={claims_per_invocation}",
+        "batch_size=16",
+    ]
+    run(
         [
-            f"GPU: {gpu}; {s['model']}; {s['invocations']} invocations × {s['claims_per_invocation']} claims; median (min–max) of {args.repeats}.",
+            SNAKEMAKE,
+            "--executor",
+            "local",
+            "--cores",
+            "2",
+            "results/model/tiny-llama",
+            "results/shards/00000.jsonl",
+            *config,
+        ],
+        demo,
+    )
+    return config
+
+
+def sticky_vs_local(demo: Path, gpu_config: list[str], repeats: int) -> list[dict]:
+    """The demo on the GPU model, sticky and create-destroy alternated: one pair of runs per repeat."""
+    sticky_cmd = [SNAKEMAKE, "--executor", "sticky", "--cores", "2", "--sticky-workers", "1", *gpu_config]
+    local_cmd = [SNAKEMAKE, "--executor", "local", "--cores", "1", *gpu_config]
+    pairs = []
+    for _ in range(repeats):
+        reset_demo(demo)
+        sticky = run(sticky_cmd, demo)
+        reset_demo(demo)
+        local = run(local_cmd, demo)
+        llm = sticky.report["templates"]["llm"]
+        pairs.append(
+            {
+                "sticky_s": sticky.wall_s,
+                "local_s": local.wall_s,
+                "speedup": local.wall_s / sticky.wall_s,
+                "setup_s": llm["setup_s"]["max"],
+                "invocation_s": llm["invocation_s"]["median"],
+            }
+        )
+        print(f"  pair: sticky {sticky.wall_s:.1f} s, local {local.wall_s:.1f} s", flush=True)
+    return pairs
+
+
+def results_table(s: dict, repeats: int) -> str:
+    """The Markdown table of the setup split and the makespans."""
+    split = s["setup_split"]
+    return "\n".join(
+        [
+            f"GPU: {s['gpu']}; {s['model']}; {s['invocations']} invocations × {s['claims_per_invocation']} claims; median (min–max) of {repeats}.",
             "",
             "| disk → CPU | CPU → GPU | setup (in worker) | per invocation | sticky | create-destroy | speedup |",
             "|---|---|---|---|---|---|---|",
@@ -238,9 +268,6 @@ def main() -> None:
             f"{s['invocation_s']['median']:.3f} s | {s['sticky_s']['median']:.1f} s | {s['local_s']['median']:.1f} s | {s['speedup']['median']:.1f}× |",
         ]
     )
-    table += "\n\n" + batching_table(batching)
-    (args.results / f"{stem}.md").write_text(table + "\n")
-    print("\n" + table)
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@ changes nothing in a process beyond a run's length."""
 
 from __future__ import annotations
 
+import ast
 import re
 import subprocess
 import sys
@@ -107,3 +108,85 @@ def test_what_a_run_changes_in_the_snakemake_process_is_undone_when_it_ends(work
     )
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
     assert len(list(workflow.root.glob("out/*.json"))) == 2
+
+
+PACKAGE = ROOT / "snakemake_executor_plugin_sticky"
+# Where code runs, and what each place may import: head -> worker -> api -> the contract.
+MAY_IMPORT = {
+    "wire": set(),
+    "environment": set(),
+    "settings": set(),
+    "templates": {"environment", "wire"},
+    "api": {"api", "templates", "environment", "wire"},
+    "worker": {"worker", "api", "templates", "environment", "wire"},
+    "head": {"head", "worker", "templates", "environment", "settings", "wire"},
+}
+
+
+def package_imports() -> dict[str, set[str]]:
+    """Each module of the package (dotted, from the package) and the package modules it imports,
+    at module level or inside functions alike."""
+    graph: dict[str, set[str]] = {}
+    for path in PACKAGE.rglob("*.py"):
+        parts = list(path.relative_to(PACKAGE).with_suffix("").parts)
+        package = parts[:-1] if parts[-1] == "__init__" else parts[:-1]
+        name = ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+        graph[name] = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            targets: list[str] = []
+            if isinstance(node, ast.ImportFrom) and node.level:
+                base = package[: len(package) - node.level + 1]
+                module = ".".join(base + ([node.module] if node.module else []))
+                targets = [f"{module}.{a.name}" if module else a.name for a in node.names] + [module]
+            elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith(PACKAGE.name):
+                module = node.module.removeprefix(PACKAGE.name).lstrip(".")
+                targets = [f"{module}.{a.name}" if module else a.name for a in node.names] + [module]
+            graph[name].update(targets)
+    for name, targets in graph.items():
+        graph[name] = {t for t in targets if t in graph and t != name}
+    return graph
+
+
+def test_imports_point_one_way_from_where_code_runs():
+    for module, targets in package_imports().items():
+        place = module.split(".")[0]
+        if place not in MAY_IMPORT:
+            continue  # the package's face: it re-exports the api and loads the executor lazily
+        for target in targets:
+            assert target.split(".")[0] in MAY_IMPORT[place], f"{module} imports {target}"
+
+
+def test_the_imports_of_the_package_draw_no_circle():
+    graph = package_imports()
+    done: set[str] = set()
+
+    def visit(module: str, path: list[str]) -> None:
+        if module in path:
+            raise AssertionError("import circle: " + " -> ".join(path[path.index(module) :] + [module]))
+        if module in done:
+            return
+        for target in sorted(graph[module]):
+            if not target.startswith(module + "."):  # a package imports its own modules
+                visit(target, path + [module])
+        done.add(module)
+
+    for module in sorted(graph):
+        visit(module, [])
+
+
+def test_the_package_top_holds_few_entries_grouped_by_where_they_run():
+    entries = [p.name for p in PACKAGE.iterdir() if p.name != "__pycache__"]
+    assert len(entries) <= 12, sorted(entries)
+    assert {"head", "worker", "api"} <= set(entries) and "wire.py" in entries
+
+
+def test_functions_fit_a_screen():
+    too_long = []
+    for folder in ("snakemake_executor_plugin_sticky", "tests", "benchmarks", "workflow"):
+        for path in (ROOT / folder).rglob("*.py"):
+            for node in ast.walk(ast.parse(path.read_text())):
+                if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                    lines = node.end_lineno - node.lineno + 1
+                    if lines > 60:
+                        too_long.append(f"{path.relative_to(ROOT)}:{node.lineno} {node.name} ({lines} lines)")
+    assert not too_long, too_long

@@ -1,4 +1,4 @@
-"""The internals of Dask, dask-jobqueue, Snakemake and Python's multiprocessing that the plugin
+"""The internals of Dask, dask-jobqueue, Snakemake and Python's standard library that the plugin
 relies on are still there, in the shape it uses. A failure here names the internal: the plugin
 must follow it before the dependency's new version is admitted in pyproject.toml."""
 
@@ -40,6 +40,10 @@ def test_distributed_internals():
         assert hasattr(Scheduler, name), f"Scheduler.{name}"
     assert "http_server" in inspect.getsource(distributed.node.ServerNode.start_http_server), "ServerNode.http_server"
     assert "connect" in vars(pytest.importorskip("distributed.dashboard.scheduler")), "the dashboard's connect()"
+    broker = inspect.getsource(distributed.broker.Broker.__init__)
+    assert "self._topics" in broker and "subscribers" in inspect.getsource(distributed.broker.Topic), (
+        "Scheduler._broker._topics[topic].subscribers (scheduler_plugin.subscribed)"
+    )
     for key in (
         "distributed.scheduler.allowed-failures",
         "distributed.worker.multiprocessing-method",
@@ -93,3 +97,32 @@ def test_multiprocessing_internals():
     assert "from multiprocessing.forkserver import main" in inspect.getsource(multiprocessing.forkserver)
     assert hasattr(multiprocessing.resource_tracker._resource_tracker, "_pid")
     assert hasattr(multiprocessing.forkserver._forkserver, "_forkserver_pid")
+
+
+def test_standard_library_internals_of_isolation():
+    """worker/isolation routes what a script changes through these."""
+    import importlib._bootstrap
+    import logging
+    import random
+    import sys
+    import warnings
+
+    assert "_new_module" in importlib._bootstrap.module_from_spec.__code__.co_names, (
+        "importlib._bootstrap._new_module makes the modules of module_from_spec (system.py)"
+    )
+    assert callable(logging._checkLevel), "logging._checkLevel (logs.py: Manager.disable)"
+    disable = logging.Manager.__dict__.get("disable")
+    assert disable is None or isinstance(disable, property), "logging.Manager.disable (logs.py)"
+    assert "_cache" in vars(logging.getLogger("sticky-internals")), "Logger._cache (logs.py)"
+    assert isinstance(random._inst, random.Random), "random._inst (libraries.py)"
+    assert callable(warnings._filters_mutated) and isinstance(warnings.filters, list), "warnings (libraries.py)"
+    assert isinstance(vars(sys)["stdout"], object) and sys._getframe(0) is not None, "sys (context.py)"
+    assert type(sys) is type(warnings), "modules are plain module objects (system.py, libraries.py)"
+
+
+def test_optional_library_internals_of_isolation():
+    """Routed only where the script's process has them loaded."""
+    numpy_random = pytest.importorskip("numpy.random")
+    assert isinstance(numpy_random.mtrand._rand, numpy_random.RandomState), "numpy.random.mtrand._rand"
+    helpers = pytest.importorskip("matplotlib._pylab_helpers")
+    assert isinstance(helpers.Gcf.figs, dict), "matplotlib._pylab_helpers.Gcf.figs (pyplot's figures)"

@@ -190,13 +190,12 @@ def probe(env: Environment, command: tuple[str, ...], template: str) -> dict[str
             problems.append(f"{name} {found or 'missing'} there, {wanted} here")
     if problems:
         listed = "\n  - ".join(problems)
-        raise WorkflowError(
-            f"{where} cannot hold its workers ({there['executable']}):\n  - {listed}\n{fix(env, command, ours)}"
-        )
+        hint = install_hint(env, command, ours)
+        raise WorkflowError(f"{where} cannot hold its workers ({there['executable']}):\n  - {listed}\n{hint}")
     return there
 
 
-def fix(env: Environment, command: tuple[str, ...], ours: dict[str, Optional[str]]) -> str:
+def install_hint(env: Environment, command: tuple[str, ...], ours: dict[str, Optional[str]]) -> str:
     """How to give the environment this run's versions."""
     pins = [f"{name}=={ours[name]}" for name in SHARED if ours[name]]
     source = checkout()

@@ -1,12 +1,28 @@
 """Snakemake face: sticky jobs go to resident workers, every other job to the delegate.
 
+The processes of a run and their channels (embedded engine; with batch jobs the workers run
+on compute nodes, in attach mode the scheduler runs elsewhere):
+
+    Snakemake process (head/)                            resident worker (worker/, api/)
+    +---------------------------------------+  TLS    +----------------------------------+
+    | Snakemake's scheduler thread          |         | Dask worker + StickyWorkerPlugin |
+    |   Executor.run_jobs -> Invocation ----+-------->|   ResidentState: built once      |
+    |   CompletionBatcher <- InvocationResult <-------+   run_invocation: the script in  |
+    | Dask scheduler thread                 |         |   isolation/, with the state     |
+    |   WorkerRemovalPlugin: Removed        |  events |   Batcher, stage() (api/)        |
+    |   wire.Event -> RunReport, Executor   |<--------+----------------------------------+
+    | delegate: jobs that are not sticky    |               ^ a Nanny per worker, forked
+    +---------------------------------------+               | from the forkserver; batch
+      forkserver process (the workers' reaper) -------------+ jobs and other environments
+      timeline painter process                                under a supervisor
+
 A job is sticky when its rule declares `resources: sticky="<template>"`. Its declaration is
 checked for the whole DAG before any job runs (declarations.py), the template's workers are
-started right away, and each sticky job becomes one invocation on a worker holding the template
-(invocation.py, worker.py). Its outcome comes back through the engine (backends/), is reported to
-Snakemake a few at a time (completions.py), and Snakemake's own post-processing checks the
-outputs, as for any job. Jobs that are not sticky go to the local executor or another executor
-plugin (delegate.py).
+started right away (engines/), and each sticky job becomes one `wire.Invocation` (invocations.py)
+that runs on a worker holding the template (worker/task.py). Its outcome comes back through the
+engine, is reported to Snakemake a few at a time (completions.py), and Snakemake's own
+post-processing checks the outputs, as for any job. Jobs that are not sticky go to the local
+executor or another executor plugin (delegate.py).
 """
 
 from __future__ import annotations
@@ -36,9 +52,9 @@ from .declarations import check_declarations, is_sticky, ready_templates, sticky
 from .delegate import Delegate
 from .environments import launch_command, probe
 from .invocations import InvocationCrashedWorkers, build_invocation
-from .process_changes import ProcessTweaks, cancel_pending_reevaluations
+from .process_changes import ProcessChanges, cancel_pending_reevaluations
 from .report import RunReport, WorkerRecord
-from .template_jobs import PoolBook
+from .template_jobs import TemplateJobs
 from .validation import check_settings
 
 if TYPE_CHECKING:  # Dask loads with the engine, not whenever Snakemake lists its plugins
@@ -51,11 +67,11 @@ class Executor(RealExecutor):
     def __post_init__(self) -> None:
         self.settings: ExecutorSettings = self.workflow.executor_settings or ExecutorSettings()
         check_settings(self.settings)
-        self.tweaks = ProcessTweaks()
+        self.changes = ProcessChanges()
         if self.settings.cluster == "local" and not self.settings.scheduler and forkserver.available():
             # Local workers are forked from it: started first, it imports Dask on the other core
             # while this process does the rest of its start (see forkserver.py).
-            self.tweaks.on_undo(forkserver.start_forkserver())
+            self.changes.on_undo(forkserver.start_forkserver())
         self.workdir = os.getcwd()
         # the run refuses a misdeclared job before any worker starts, as a dry run does (dryrun.py)
         self.declarations, used, jobs = check_declarations(self.workflow, self.dag.needrun_jobs(), self.settings)
@@ -69,12 +85,13 @@ class Executor(RealExecutor):
         self._stop_status = threading.Event()
         self.completions = CompletionBatcher(on_error=self.report_failed)
         self.report = RunReport(self.templates, Path(self.workflow.persistence.path) / "sticky", self.logger)
-        self.tweaks.freeze_collections()
-        self._closing = self.tweaks.quiet_closing_handshakes()
+        self.changes.freeze_collections()
+        self._closing = self.changes.quiet_closing_handshakes()
         for note in sorted(self.declarations.notes):
             self.logger.info(note)
         # A checkpoint may add sticky jobs to the DAG later: then pools last until the run ends.
-        self.pools = PoolBook(jobs, retire_early=not any(rule.is_checkpoint for rule in self.workflow.rules))
+        checkpoints = any(rule.is_checkpoint for rule in self.workflow.rules)
+        self.template_jobs = TemplateJobs(jobs, retire_early=not checkpoints)
         try:
             used = {name: self.place(template) for name, template in used.items()}
             for template in ready_templates(used, self.dag.ready_jobs):
@@ -83,7 +100,7 @@ class Executor(RealExecutor):
             # Snakemake never calls shutdown() for an executor that failed to start.
             self.completions.close(deliver=False)
             self.close_backend()
-            self.tweaks.undo()
+            self.changes.undo()
             raise
         self.advise(used)
 
@@ -119,7 +136,7 @@ class Executor(RealExecutor):
         if window is not None:
             level, text = window
             (self.logger.warning if level == "warning" else self.logger.info)(text)
-        large = large_run_advice(self.pools.sticky_jobs, *scheduling_of(self.workflow), firstfit_installed())
+        large = large_run_advice(self.template_jobs.sticky_jobs, *scheduling_of(self.workflow), firstfit_installed())
         if large is not None:
             level, text = large
             (self.logger.warning if level == "warning" else self.logger.info)(text)
@@ -131,7 +148,7 @@ class Executor(RealExecutor):
         """The engine, made with the first pool that needs it."""
         with self._backend_lock:
             if self._backend is None:
-                self._backend = make_backend(self.workdir, self.settings, self.logger, self.worker_event, self.tweaks)
+                self._backend = make_backend(self.workdir, self.settings, self.logger, self.worker_event, self.changes)
                 if self.settings.status_interval > 0:
                     threading.Thread(target=self.log_status, name="sticky-status", daemon=True).start()
             return self._backend
@@ -142,7 +159,7 @@ class Executor(RealExecutor):
         if started:
             self.report.workers_requested(template, started)
             self.report.start_painter()
-        self.pools.offer(template.name, self.slots_of(template))
+        self.template_jobs.offer(template.name, self.slots_of(template))
 
     def slots_of(self, template: TemplateSpec) -> int:
         """Invocations the template's workers run at once."""
@@ -152,7 +169,7 @@ class Executor(RealExecutor):
         """When the last job of a template is done, its workers retire at once rather than at the
         end of the run: their memory and GPUs go back while the rest of the workflow runs (and
         their teardown overlaps it). A failed job is not done: its retry needs the workers."""
-        retire, all_done = self.pools.job_done(template.name)
+        retire, all_done = self.template_jobs.job_done(template.name)
         if not retire:
             return
         self.report.retiring(template.name)
@@ -176,7 +193,7 @@ class Executor(RealExecutor):
         if event.running:
             self.backend.worker_lost(event.address, list(event.running))
             return
-        losses = self.pools.lost_worker(lost.template)
+        losses = self.template_jobs.lost_worker(lost.template)
         if losses > self.settings.max_worker_losses:
             self.backend.fail_pool(
                 self.templates[lost.template],
@@ -220,6 +237,11 @@ class Executor(RealExecutor):
         self.report.closing = True
         for name, count in self.report.workers_alive(retiring=False).items():
             self.logger.info(f"Sticky template '{name}': retiring {count} worker(s).")
+        if cancel:
+            self.logger.info(
+                f"Sticky: waiting up to {self.settings.teardown_grace:g} s for the templates' teardown; "
+                "press Ctrl-C again to stop at once."
+            )
         try:
             self._backend.cancel() if cancel else self._backend.close()
         finally:
@@ -290,7 +312,7 @@ class Executor(RealExecutor):
                 self.report_job_error(job_info, msg=f"Sticky job could not be dispatched: {type(e).__name__}: {e}")
                 continue
             batch.append((invocation, partial(self.invocation_done, job_info)))
-        self.pools.sent(len(batch))
+        self.template_jobs.sent(len(batch))
         self.backend.submit(batch)
 
     def invocation_done(self, job_info: SubmittedJobInfo, invocation: Invocation, outcome: Any) -> None:
@@ -299,7 +321,7 @@ class Executor(RealExecutor):
             self.report.invocation_finished(invocation, outcome)
         except Exception as e:  # the record is lost, never the job: Snakemake must hear of it
             self.logger.warning(f"Sticky report: invocation of rule '{invocation.rule}' not recorded: {e!r}")
-        running_low = self.pools.returned()
+        running_low = self.template_jobs.returned()
         ok = isinstance(outcome, InvocationResult) and outcome.ok
         self.completions.add(
             partial(self.tell_snakemake, job_info, invocation, outcome),
@@ -384,7 +406,7 @@ class Executor(RealExecutor):
         finally:
             self.close_backend("failed" if self._errors else "success")
             cancel_pending_reevaluations()
-            self.tweaks.undo()
+            self.changes.undo()
 
     def cancel(self) -> None:
         """Ctrl-C: drop what waits, cancel the delegate and the engine, write the report."""
@@ -394,7 +416,7 @@ class Executor(RealExecutor):
             self.delegate.cancel()
         finally:
             self.close_backend("cancelled", cancel=True)
-            self.tweaks.undo()
+            self.changes.undo()
 
     # -- RealExecutor -------------------------------------------------------------------------
 
@@ -412,7 +434,9 @@ class Executor(RealExecutor):
         return sys.executable
 
 
-def make_backend(workdir: str, settings: ExecutorSettings, log: Any, on_event: Any, tweaks: ProcessTweaks) -> "Backend":
+def make_backend(
+    workdir: str, settings: ExecutorSettings, log: Any, on_event: Any, changes: ProcessChanges
+) -> "Backend":
     """The engine the settings ask for: attached to a scheduler, batch jobs, or embedded."""
     if settings.scheduler:
         from .engines.attach import AttachedBackend
@@ -421,10 +445,10 @@ def make_backend(workdir: str, settings: ExecutorSettings, log: Any, on_event: A
     if settings.cluster != "local":
         from .engines.jobqueue import BatchBackend
 
-        return BatchBackend(workdir, settings, log, on_event, tweaks)
+        return BatchBackend(workdir, settings, log, on_event, changes)
     from .engines.local import EmbeddedBackend
 
-    return EmbeddedBackend(workdir, settings, log, on_event, tweaks)
+    return EmbeddedBackend(workdir, settings, log, on_event, changes)
 
 
 def scheduling_of(workflow: Any) -> tuple[Optional[str], Optional[int], Optional[float]]:

@@ -1,11 +1,12 @@
 """Where local worker processes come from: a forkserver started first thing when the executor
 starts, while the Snakemake process does the rest of its start on the other core.
 
-Every worker process needs Dask, about 0.4 s of CPU to import. The forkserver imports it once,
-on a core that is idle at that point, and each worker is then a fork of it: on 2 cores a worker
-builds its state 0.16 s after its start instead of 0.65-0.75 s, and N workers cost one import
-instead of N. The forkserver imports nothing of any template (so no worker is forked after CUDA
-was initialised), ignores Ctrl-C, and exits when the Snakemake process does.
+Every worker process needs Dask, which takes a good part of a second of CPU to import. The
+forkserver imports it once, on a core that is idle at that point, and each worker is then a fork
+of it: a worker builds its state a fraction of that time after its start, and N workers cost one
+import instead of N (docs/benchmarks.md, "Start-up costs"). The forkserver imports nothing of any
+template (so no worker is forked after CUDA was initialised), ignores Ctrl-C, and exits when the
+Snakemake process does.
 
 This module stays light: Snakemake imports the plugin (and its settings) whenever it lists
 executors.
@@ -68,7 +69,7 @@ def pre_spawn_environ() -> dict[str, Any]:
         spec = importlib.util.find_spec("distributed")
         folder = list(spec.submodule_search_locations or [])[0]
         with open(os.path.join(folder, "distributed.yaml")) as defaults:
-            # libyaml's loader where there is one: 1.5 ms of this process's start instead of 13 ms
+            # libyaml's loader where there is one: a tenth of the pure-Python loader's time
             loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
             dask.config.update_defaults(yaml.load(defaults, Loader=loader))
     environ = dict(dask.config.get(key, default=None) or {})
@@ -81,7 +82,7 @@ def pre_spawn_environ() -> dict[str, Any]:
 
 def skip_snakemake_cli_in_children() -> Callable[[], None]:
     """A spawned process (the forkserver too) re-imports its parent's `__main__`. Under the
-    `snakemake` console script that is all of snakemake.cli (about 0.7 s of CPU), which no worker
+    `snakemake` console script that is all of snakemake.cli (most of a second of CPU), which no worker
     uses. Only when `__main__` is that script, child processes skip it. Returns the undo."""
     import multiprocessing.spawn
 

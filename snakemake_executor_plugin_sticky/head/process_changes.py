@@ -1,10 +1,10 @@
-"""Process-wide tweaks: every change a run makes to the Snakemake process beyond its own
+"""Process-wide changes: every change a run makes to the Snakemake process beyond its own
 objects, in one place, each undone when the run ends (a process that runs more workflows through
 Snakemake's API gets its state back).
 
 - Python's full garbage collections of the objects Snakemake built before the run (the workflow,
-  the DAG): one took 64 ms mid-run in the demo, a stall of every thread here, the Dask
-  scheduler's included. They are frozen out of collections while the run lasts.
+  the DAG): one mid-run is a stall of every thread here, the Dask scheduler's included
+  (docs/benchmarks.md, "Start-up costs"). They are frozen out of collections while the run lasts.
 - Dask's config values the engine needs, and the level of Dask's loggers (its INFO chatter is
   noise in a Snakemake log).
 - multiprocessing's spawn preparation, so that spawned children skip re-importing the snakemake
@@ -21,8 +21,8 @@ import threading
 from typing import Any, Callable
 
 
-class ProcessTweaks:
-    """The tweaks of one run, and their undoing (in reverse order)."""
+class ProcessChanges:
+    """The changes of one run, and their undoing (in reverse order)."""
 
     def __init__(self) -> None:
         self._undo: list[Callable[[], Any]] = []
@@ -33,7 +33,7 @@ class ProcessTweaks:
         self._undo.append(gc.unfreeze)
         if snakemake_cli_process():
             # At interpreter exit the objects are frozen again, which skips the last collection:
-            # about 0.4 s after the run is over. Files, workers and logs are closed before then.
+            # a stall after the run is over. Files, workers and logs are closed before then.
             atexit.unregister(gc.freeze)
             atexit.register(gc.freeze)
 

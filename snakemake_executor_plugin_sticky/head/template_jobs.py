@@ -7,7 +7,7 @@ from __future__ import annotations
 import threading
 
 
-class PoolBook:
+class TemplateJobs:
     """Counts of a run's templates; `retire_early` when no checkpoint can add sticky jobs later."""
 
     def __init__(self, jobs: dict[str, int], retire_early: bool):

@@ -13,9 +13,9 @@ children with `os.waitpid(-1, WNOHANG)` when SIGCHLD wakes it. Both are wrapped 
 
 When Snakemake exits, or dies, the forkserver's pipe from it closes and the loop raises
 SystemExit: every worker tree is killed then. The forkserver then leaves through `os._exit`:
-Python's usual finalization of a process that has Dask imported takes about 0.1 s, during which
-it would still hold Snakemake's stdout and stderr open, so whoever reads Snakemake's output would
-wait that long for the end.
+Python's usual finalization of a process that has Dask imported is slow (docs/benchmarks.md,
+"Start-up costs"), and meanwhile it would still hold Snakemake's stdout and stderr open, so
+whoever reads Snakemake's output would wait that long for the end.
 """
 
 import atexit
@@ -27,7 +27,7 @@ from ..wire import REAPER_ENV
 from .processes import Reaper, set_subreaper
 
 
-def say(message: str) -> None:
+def to_stderr(message: str) -> None:
     """A line on Snakemake's stderr, which the forkserver shares."""
     print(message, file=sys.stderr, flush=True)
 
@@ -42,7 +42,7 @@ def in_forkserver() -> bool:
 
 
 _fork, _waitpid = os.fork, os.waitpid
-reaper = Reaper(say) if in_forkserver() else None
+reaper = Reaper(to_stderr) if in_forkserver() else None
 
 
 def fork() -> int:

@@ -40,7 +40,7 @@ PR_SET_CHILD_SUBREAPER = 36
 PR_GET_CHILD_SUBREAPER = 37
 POLL_S = 0.05
 KILL_WAIT_S = 10.0  # how long SIGKILLed processes may take to go (a GPU context takes a moment)
-SAY_AFTER_S = 2.0
+WARN_AFTER_S = 2.0
 TRACKER_GRACE_S = 1.0  # a reaper that waits longer than this says what it waits for
 REAPER_GIVES_UP_S = 60.0  # processes that survive SIGKILL this long are stuck in the kernel
 # set by a reaper (the forkserver, the supervisor) in the environment of the workers it guards
@@ -219,9 +219,9 @@ class Reaper:
     is an orphan that a dead worker left (a live worker, a subreaper itself, keeps its own), and is
     killed with everything below it."""
 
-    def __init__(self, say: Callable[[str], None]) -> None:
+    def __init__(self, warn: Callable[[str], None]) -> None:
         self.workers: set[int] = set()
-        self.say = say
+        self.warn = warn
         set_subreaper()
 
     def orphans(self, table: dict[int, Proc]) -> list[Proc]:
@@ -251,14 +251,14 @@ class Reaper:
             for orphan in orphans:
                 reap(orphan.pid)
             if waited >= REAPER_GIVES_UP_S:
-                self.say(
+                self.warn(
                     f"Sticky: {len(tree)} process(es) that {cause} left did not end after SIGKILL "
                     f"within {REAPER_GIVES_UP_S:.0f} s ({', '.join(map(str, tree[:5]))}); going on without them."
                 )
                 return
-            if waited >= SAY_AFTER_S and (not said or waited - said >= 10):
+            if waited >= WARN_AFTER_S and (not said or waited - said >= 10):
                 said = waited
-                self.say(
+                self.warn(
                     f"Sticky: {cause} left {len(tree)} process(es); waiting for them to end before "
                     f"another worker starts ({', '.join(map(str, tree[:5]))})."
                 )

@@ -40,7 +40,7 @@ USAGE = (
 )
 
 
-def say(message: str) -> None:
+def to_stderr(message: str) -> None:
     """A line on the job's stderr."""
     print(message, file=sys.stderr, flush=True)
 
@@ -100,7 +100,7 @@ def keep(argv: list[str]) -> int:
     if not argv:
         raise SystemExit(USAGE)
     command = command_of(argv)
-    reaper = Reaper(say)
+    reaper = Reaper(to_stderr)
     # A signal that comes between the spawn and the handlers waits (blocked) and is then passed
     # on: it neither kills the supervisor, orphaning the worker, nor gets lost. The worker starts
     # with no signal blocked.
@@ -117,7 +117,7 @@ def keep(argv: list[str]) -> int:
     status = None
     while status is None:
         if watch is not None and orphaned_at is None and select.select([watch], [], [], 0)[0]:
-            say(f"supervisor: the process that started worker process {worker} is gone: ending the worker.")
+            to_stderr(f"supervisor: the process that started worker process {worker} is gone: ending the worker.")
             orphaned_at = time.monotonic()
             forward(signal.SIGTERM, None)
         elif orphaned_at is not None and time.monotonic() - orphaned_at > ORPHANED_GRACE_S:

@@ -117,10 +117,7 @@ def test_a_worker_that_ends_mid_run_takes_its_helpers_along(workflow: Workflow, 
     assert workflow.leftover_processes() == []
 
 
-def test_a_gpu_goes_to_the_next_template_once_the_last_ones_processes_are_gone(workflow: Workflow):
-    workflow.write(
-        "Snakefile",
-        """
+GPU_SNAKEFILE = """
         configfile: "config.yaml"
         rule all:
             input: expand("second/{i}.txt", i=range(2))
@@ -133,20 +130,17 @@ def test_a_gpu_goes_to_the_next_template_once_the_last_ones_processes_are_gone(w
             output: "second/{i}.txt"
             resources: sticky="second"
             script: "scripts/note.py"
-    """,
-    )
-    workflow.write(
-        "config.yaml",
-        """
+    """
+
+
+GPU_CONFIG = """
         sticky:
           first: {setup: templates/holder.py, kwargs: {name: first}, gpus: 1}
           second: {setup: templates/holder.py, kwargs: {name: second}, gpus: 1}
-    """,
-    )
-    # The first template's server ignores SIGTERM: it holds "the GPU" until SIGKILL at the grace.
-    workflow.write(
-        "templates/holder.py",
-        """
+    """
+
+
+GPU_HOLDER = """
         import glob, os, subprocess, sys
 
         def running(pid):
@@ -164,15 +158,21 @@ def test_a_gpu_goes_to_the_next_template_once_the_last_ones_processes_are_gone(w
             server = subprocess.Popen([sys.executable, "-c", code])
             open(f"holders/{name}.txt", "w").write(f"{os.getpid()} {server.pid}")
             return {"gpus": os.environ["CUDA_VISIBLE_DEVICES"]}
-    """,
-    )
-    workflow.write(
-        "scripts/note.py",
-        """
+    """
+
+
+GPU_NOTE = """
         from snakemake_executor_plugin_sticky import sticky_state
         open(snakemake.output[0], "w").write(sticky_state(snakemake)["gpus"])
-    """,
-    )
+    """
+
+
+def test_a_gpu_goes_to_the_next_template_once_the_last_ones_processes_are_gone(workflow: Workflow):
+    workflow.write("Snakefile", GPU_SNAKEFILE)
+    workflow.write("config.yaml", GPU_CONFIG)
+    # The first template's server ignores SIGTERM: it holds "the GPU" until SIGKILL at the grace.
+    workflow.write("templates/holder.py", GPU_HOLDER)
+    workflow.write("scripts/note.py", GPU_NOTE)
     run = workflow.run(*GRACE, cores=2, env={"CUDA_VISIBLE_DEVICES": "0"})
     assert run.returncode == 0, run.output
     assert workflow.read("second/0.txt") == "0", "both templates ran on GPU 0"
@@ -204,10 +204,7 @@ def test_the_whole_tree_is_gone_when_the_run_ends(workflow: Workflow, end: str):
     assert workflow.leftover_processes() == []
 
 
-def test_rebuild_with_four_slots_waits_for_the_invocations_holding_the_poisoned_state(workflow: Workflow):
-    workflow.write(
-        "Snakefile",
-        """
+POISON_SNAKEFILE = """
         configfile: "config.yaml"
         rule all:
             input: expand("out/{i}.json", i=range(40))
@@ -215,12 +212,10 @@ def test_rebuild_with_four_slots_waits_for_the_invocations_holding_the_poisoned_
             output: "out/{i}.json"
             resources: sticky="engine"
             script: "scripts/poison.py"
-    """,
-    )
-    workflow.write("config.yaml", "sticky:\n  engine:\n    setup: templates/model.py\n    slots: 4\n")
-    workflow.write(
-        "templates/model.py",
-        """
+    """
+
+
+POISON_CONFIG = """
         import os, time
         poisoned_by = ["CorruptedModel"]
 
@@ -235,11 +230,10 @@ def test_rebuild_with_four_slots_waits_for_the_invocations_holding_the_poisoned_
         def teardown(state):
             state["alive"] = False
             open("teardowns.txt", "a").write(f"{state['generation']} {time.time()}\\n")
-    """,
-    )
-    workflow.write(
-        "scripts/poison.py",
-        """
+    """
+
+
+POISON_TEMPLATE = """
         import json, os, time
         from snakemake_executor_plugin_sticky import sticky_state
 
@@ -253,8 +247,17 @@ def test_rebuild_with_four_slots_waits_for_the_invocations_holding_the_poisoned_
             raise state["error"]("the model is corrupted")
         with open(snakemake.output[0], "w") as f:
             json.dump({"generation": state["generation"], "seen": seen, "began": began, "ended": time.time()}, f)
-    """,
-    )
+    """
+
+
+POISON_SCRIPT = "sticky:\n  engine:\n    setup: templates/model.py\n    slots: 4\n"
+
+
+def test_rebuild_with_four_slots_waits_for_the_invocations_holding_the_poisoned_state(workflow: Workflow):
+    workflow.write("Snakefile", POISON_SNAKEFILE)
+    workflow.write("config.yaml", POISON_SCRIPT)
+    workflow.write("templates/model.py", POISON_CONFIG)
+    workflow.write("scripts/poison.py", POISON_TEMPLATE)
     run = workflow.run("--sticky-workers", "1", "--retries", "1", cores=8)
     assert run.returncode == 0, run.output
     assert "poisoned its state" in run.output

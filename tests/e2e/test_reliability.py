@@ -216,7 +216,7 @@ def test_ctrl_c_twice_exits_at_once(workflow: Workflow):
     wait_for(lambda: len(workflow.lines("setups-llm.txt")) == 2)
     wait_for(lambda: "rule infer" in proc.log.read_text())
     interrupt(proc)
-    wait_for(lambda: "Shutting down" in proc.log.read_text() or "Terminating" in proc.log.read_text())
+    wait_for(lambda: "press Ctrl-C again to stop at once" in proc.log.read_text())
     interrupt(proc)
     proc.communicate(timeout=60)  # far below the first Ctrl-C's 120 s of teardown grace
     assert workflow.leftover_processes(wait_s=10) == []

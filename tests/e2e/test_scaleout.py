@@ -19,7 +19,7 @@ from distributed.security import Security
 from snakemake_interface_common.exceptions import WorkflowError
 
 from snakemake_executor_plugin_sticky.head.engines.jobqueue import BatchBackend
-from snakemake_executor_plugin_sticky.head.process_changes import ProcessTweaks
+from snakemake_executor_plugin_sticky.head.process_changes import ProcessChanges
 from snakemake_executor_plugin_sticky.settings import ExecutorSettings
 
 from conftest import Workflow, snakemake_env
@@ -238,7 +238,7 @@ def test_network_scheduler_refuses_clients_without_the_run_credentials(tmp_path:
         def warning(self, msg: str) -> None: ...
 
     backend = BatchBackend(
-        str(tmp_path), ExecutorSettings(cluster="pbs", interface="lo"), Log(), lambda event: None, ProcessTweaks()
+        str(tmp_path), ExecutorSettings(cluster="pbs", interface="lo"), Log(), lambda event: None, ProcessChanges()
     )
     try:
         address = backend.client.scheduler.address

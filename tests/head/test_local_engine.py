@@ -11,7 +11,7 @@ import psutil
 
 from snakemake_executor_plugin_sticky import ExecutorSettings
 from snakemake_executor_plugin_sticky.head.engines.local import EmbeddedBackend
-from snakemake_executor_plugin_sticky.head.process_changes import ProcessTweaks
+from snakemake_executor_plugin_sticky.head.process_changes import ProcessChanges
 from snakemake_executor_plugin_sticky.templates import parse_templates
 from snakemake_executor_plugin_sticky.wire import Invocation
 
@@ -43,7 +43,7 @@ def test_worker_stays_responsive_while_building_state_and_tears_down(tmp_path: P
     (tmp_path / "script.py").write_text(SCRIPT)
     spec = parse_templates({"sticky": {"slow": {"setup": "slow.py", "kwargs": {"seconds": 8}}}}, tmp_path)["slow"]
     settings = ExecutorSettings(workers=1, setup_attempts=1, setup_retry_delay=0.0)
-    backend = EmbeddedBackend(str(tmp_path), settings, Log(), lambda event: None, ProcessTweaks())
+    backend = EmbeddedBackend(str(tmp_path), settings, Log(), lambda event: None, ProcessChanges())
     try:
         backend.start_pool(spec)
         backend.client.wait_for_workers(1, timeout=60)

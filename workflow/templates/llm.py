@@ -17,6 +17,14 @@ from snakemake_executor_plugin_sticky import Batcher, stage
 LABELS = ("SUPPORTS", "REFUTES", "NOT ENOUGH INFO")
 
 
+def dtype_for(torch, dtype, device):
+    """bfloat16 where the GPU has it, float32 elsewhere, unless the template names one."""
+    if dtype != "auto":
+        return getattr(torch, dtype)
+    use_bf16 = device.startswith("cuda") and torch.cuda.is_bf16_supported()
+    return torch.bfloat16 if use_bf16 else torch.float32
+
+
 def setup(
     model,
     dtype="auto",
@@ -45,11 +53,7 @@ def setup(
         # several slots, and splits its batch over cpu_threads passes at once.
         torch.set_num_threads(1)
         parts = max(1, min(int(cpu_threads), len(os.sched_getaffinity(0))))
-    if dtype == "auto":
-        use_bf16 = device.startswith("cuda") and torch.cuda.is_bf16_supported()
-        torch_dtype = torch.bfloat16 if use_bf16 else torch.float32
-    else:
-        torch_dtype = getattr(torch, dtype)
+    torch_dtype = dtype_for(torch, dtype, device)
     tokenizer = AutoTokenizer.from_pretrained(local)
     loaded = AutoModelForCausalLM.from_pretrained(local, dtype=torch_dtype)
     loaded.to(device).eval()

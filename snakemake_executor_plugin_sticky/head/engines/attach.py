@@ -22,7 +22,8 @@ from snakemake_interface_common.exceptions import WorkflowError
 from ...settings import ExecutorSettings
 from ...templates import TemplateSpec
 from ...wire import PACKAGE
-from .base import DaskBackend, OnEvent, WorkerRemovalPlugin, worker_plugin
+from .base import DaskBackend, OnEvent, worker_plugin
+from .scheduler_plugin import WorkerRemovalPlugin
 
 CLOSE_TIMEOUT_S = 10.0
 

@@ -18,56 +18,22 @@ from concurrent.futures import wait as futures_wait
 from typing import Any, Callable, Optional, Sequence, Union
 
 from distributed import Client, Future
-from distributed.diagnostics.plugin import SchedulerPlugin
 
 from ...settings import ExecutorSettings
 from ...templates import TemplateSpec
-from ...wire import EVENT_TOPIC, RUNNING_TOPIC, Event, Invocation, InvocationResult, Removed
+from ...wire import EVENT_TOPIC, Event, Invocation, InvocationResult
 from ...worker.plugin import StickyWorkerPlugin
 from ...worker.task import run_invocation
 from ..invocations import InvocationCrashedWorkers
+from .scheduler_plugin import WorkerRemovalPlugin, subscribed
 
 Outcome = Union[InvocationResult, BaseException]
 OnDone = Callable[[Invocation, Outcome], None]
 OnEvent = Callable[[dict[str, Any]], None]
-# stimulus ids of Dask's orderly removals: Scheduler.retire_workers and Worker.close_gracefully
-GRACEFUL_REMOVALS = ("retire-workers", "worker-close-gracefully")
 # The longest a fetched result stays held when no submission comes to carry its release.
 RELEASE_DELAY_S = 0.02
 EVENTS_DRAIN_S = 5.0  # at the end of a run, events already received are handled within this
 SUBSCRIBE_TIMEOUT_S = 30.0  # the scheduler has the run's subscription to worker events within this
-
-
-class WorkerRemovalPlugin(SchedulerPlugin):
-    """Runs in the scheduler: announces every worker that leaves, lost or retired, with the
-    invocations that were running on it (the evidence against an invocation that crashes its
-    workers). Workers say when an invocation starts and ends running with its state (topic
-    RUNNING_TOPIC); invocations waiting for a state being built are not running."""
-
-    name = "sticky-worker-removals"
-
-    def __init__(self) -> None:
-        self.running: dict[str, set[str]] = {}  # worker address -> Dask keys
-
-    def log_event(self, topic: str, msg: Any) -> None:
-        """Keep track of the invocations each worker is running."""
-        if topic != RUNNING_TOPIC or not isinstance(msg, dict):
-            return
-        keys = self.running.setdefault(msg["worker"], set())
-        (keys.add if msg["running"] else keys.discard)(msg["key"])
-
-    def remove_worker(self, scheduler: Any, worker: str, *, stimulus_id: str, **kwargs: Any) -> None:
-        # Retired on purpose (idle, walltime near, end of run): not a loss.
-        """Announce the removal, graceful or not, with the invocations the worker was running."""
-        graceful = stimulus_id.startswith(GRACEFUL_REMOVALS)
-        running = sorted(self.running.pop(worker, ()))
-        removed = Removed(address=worker, graceful=graceful, running=tuple(running), time=time.time())
-        scheduler.log_event(EVENT_TOPIC, removed.to_message())
-
-
-def subscribed(dask_scheduler: Any, topic: str, client: str) -> bool:
-    """On the scheduler: whether the client's subscription to the topic has arrived."""
-    return client in dask_scheduler._broker._topics[topic].subscribers
 
 
 def worker_plugin(template: TemplateSpec, workdir: str, settings: ExecutorSettings, owned: bool) -> StickyWorkerPlugin:

@@ -15,7 +15,7 @@ from distributed import Client, Scheduler
 from distributed.security import Security
 
 from ...settings import ExecutorSettings
-from ..process_changes import ProcessTweaks
+from ..process_changes import ProcessChanges
 from .base import DaskBackend, OnEvent
 
 LOOPBACK = "127.0.0.1"
@@ -42,13 +42,13 @@ class HostedScheduler(DaskBackend):
     host = LOOPBACK
 
     def __init__(
-        self, settings: ExecutorSettings, log: Any, on_event: OnEvent, security: Security, tweaks: ProcessTweaks
+        self, settings: ExecutorSettings, log: Any, on_event: OnEvent, security: Security, changes: ProcessChanges
     ):
         super().__init__(on_event, crash_limit=settings.invocation_crashes)
         self.log = log
         self.settings = settings
         self.security = security
-        self.tweaks = tweaks
+        self.changes = changes
         self.dashboard = bool(settings.dashboard_address)
         if self.dashboard and not dashboard_available():
             log.warning(
@@ -57,7 +57,7 @@ class HostedScheduler(DaskBackend):
             )
             self.dashboard = False
         # Dask's own INFO chatter (comms, plugin registration) is noise in a Snakemake log.
-        tweaks.logger_level("distributed", logging.WARNING)
+        changes.logger_level("distributed", logging.WARNING)
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="sticky-engine", daemon=True)
         self._thread.start()
@@ -82,7 +82,7 @@ class HostedScheduler(DaskBackend):
             )
         # The plugin stops an invocation that crashes its workers itself (DaskBackend.worker_lost);
         # Dask's own limit, one above, is the safety net.
-        self.tweaks.dask_config({"distributed.scheduler.allowed-failures": self.settings.invocation_crashes})
+        self.changes.dask_config({"distributed.scheduler.allowed-failures": self.settings.invocation_crashes})
         scheduler = Scheduler(
             host=self.host,
             port=0,

@@ -30,7 +30,7 @@ from snakemake_interface_common.exceptions import WorkflowError
 
 from ...settings import ExecutorSettings
 from ...templates import TemplateSpec
-from ..process_changes import ProcessTweaks
+from ..process_changes import ProcessChanges
 from ..run_folders import RunFolder, clean_stale_runs
 from ..security import run_credentials, write_credentials
 from .base import OnEvent, worker_plugin
@@ -100,7 +100,7 @@ class BatchBackend(HostedScheduler):
 
     replaces_hung_workers = True
 
-    def __init__(self, workdir: str, settings: ExecutorSettings, log: Any, on_event: OnEvent, tweaks: ProcessTweaks):
+    def __init__(self, workdir: str, settings: ExecutorSettings, log: Any, on_event: OnEvent, changes: ProcessChanges):
         self.workdir = workdir
         self.system = SYSTEMS[settings.cluster]
         self.run_dir = Path(workdir, ".snakemake", "sticky")
@@ -117,7 +117,7 @@ class BatchBackend(HostedScheduler):
         self._closing = False
         self._last_poll = 0.0
         super().__init__(
-            settings, log, on_event, security=write_credentials(run_credentials(), self.credentials), tweaks=tweaks
+            settings, log, on_event, security=write_credentials(run_credentials(), self.credentials), changes=changes
         )
         self._scaler = asyncio.run_coroutine_threadsafe(self._scale_forever(), self._loop)
         log.info(

@@ -29,7 +29,7 @@ from ...templates import TemplateSpec
 from ...wire import EVENT_TOPIC, WorkerExited
 from .. import forkserver
 from ..gpus import GpuPlan, visible_gpus
-from ..process_changes import ProcessTweaks
+from ..process_changes import ProcessChanges
 from ..run_folders import RunFolder, clean_stale_runs
 from ..security import run_credentials, write_credentials
 from .base import OnEvent, worker_plugin
@@ -57,15 +57,15 @@ class EmbeddedBackend(HostedScheduler):
 
     replaces_hung_workers = True
 
-    def __init__(self, workdir: str, settings: ExecutorSettings, log: Any, on_event: OnEvent, tweaks: ProcessTweaks):
+    def __init__(self, workdir: str, settings: ExecutorSettings, log: Any, on_event: OnEvent, changes: ProcessChanges):
         self.workdir = workdir
         self.gpu_plan = GpuPlan(visible_gpus(), log)
         self.forked = forkserver.available()
         if self.forked:
-            tweaks.on_undo(forkserver.start_forkserver())  # running already: the executor started it
-            tweaks.dask_config({"distributed.worker.multiprocessing-method": "forkserver"})
+            changes.on_undo(forkserver.start_forkserver())  # running already: the executor started it
+            changes.dask_config({"distributed.worker.multiprocessing-method": "forkserver"})
         else:
-            tweaks.on_undo(forkserver.skip_snakemake_cli_in_children())
+            changes.on_undo(forkserver.skip_snakemake_cli_in_children())
         self._pools: dict[str, list[Supervisor]] = {}
         self._pool_gpus: dict[str, list[str]] = {}  # GPU ids taken by each pool's workers
         self._retiring: list[Any] = []  # futures of pools closing before the run ends
@@ -77,7 +77,7 @@ class EmbeddedBackend(HostedScheduler):
         # pipe whose closing tells their supervisors that this process is gone
         self._env_run: Optional[RunFolder] = None
         self._watch_pipe: tuple[int, int] = (-1, -1)
-        super().__init__(settings, log, on_event, security=run_credentials(), tweaks=tweaks)
+        super().__init__(settings, log, on_event, security=run_credentials(), changes=changes)
         # Runs before multiprocessing's own exit handler, which would wait for every worker.
         atexit.register(self.kill_workers)
 

@@ -29,7 +29,7 @@ def natural(text: str) -> list[Any]:
 
 class TimelinePainter:
     """Draws timeline.png in a process of its own, started with the workers. It loads matplotlib
-    (about 0.5 s of CPU) at the lowest CPU priority, on cycles the workers leave idle, instead of
+    (half a second of CPU or more) at the lowest CPU priority, on cycles the workers leave idle, instead of
     in this process after the last invocation, where every second adds to the makespan. Forked
     from the workers' forkserver where there is one (cheap, no CUDA, no copy of this process)."""
 
@@ -109,55 +109,28 @@ def _import_pyplot() -> Any:
     return plt
 
 
+Spans = dict[int, list[tuple[float, float]]]
+
+
 def draw_timeline(report: dict[str, Any], invocations: list[InvocationRecord], origin: float, path: Path) -> None:
     """One row per worker: setup (hatched) and invocations as bars coloured by template."""
     plt = _import_pyplot()
-    from matplotlib.patches import Patch
-
-    order = {name: i for i, name in enumerate(report["templates"])}
     rows = [w for t in report["templates"].values() for w in t["workers"]]
+    order = {name: i for i, name in enumerate(report["templates"])}
     rows.sort(key=lambda w: (order[w["template"]], natural(w["id"])))
     palette = plt.get_cmap("tab10")
     colors = {name: palette(i % 10) for i, name in enumerate(report["templates"])}
-    index = {w["id"]: i for i, w in enumerate(rows)}
+    bars, failed, calls = _spans_by_row(invocations, {w["id"]: i for i, w in enumerate(rows)}, origin)
     height = min(max(2.8, 0.26 * len(rows) + 1.6), 40)
     fig, ax = plt.subplots(figsize=(11, height))
-    bars: dict[int, list[tuple[float, float]]] = {}
-    failed: dict[int, list[tuple[float, float]]] = {}
-    calls: dict[int, list[tuple[float, float]]] = {}
-    for inv in invocations:
-        if inv.worker in index:
-            (bars if inv.ok else failed).setdefault(index[inv.worker], []).append(
-                (inv.started - origin, inv.finished - inv.started)
-            )
-            calls.setdefault(index[inv.worker], []).extend((start - origin, end - start) for start, end, _ in inv.calls)
+    thin = 0.3 if len(invocations) < 2000 else 0
     for i, worker in enumerate(rows):
-        color = colors[worker["template"]]
-        if worker["setup_started"] is not None:
-            end = worker["setup_finished"] if worker["setup_finished"] is not None else report["wall_s"]
-            ax.broken_barh(
-                [(worker["setup_started"], end - worker["setup_started"])],
-                (i - 0.4, 0.8),
-                facecolors="white",
-                edgecolors=color,
-                hatch="////",
-                linewidth=0.8,
-            )
-        for staging in worker.get("stagings", ()):
-            ax.broken_barh(
-                [(staging["stage_started"], staging["seconds"])],
-                (i - 0.4, 0.8),
-                facecolors="whitesmoke",
-                edgecolors="grey",
-                hatch="....",
-                linewidth=0.8,
-            )
-        thin = 0.3 if len(invocations) < 2000 else 0
-        ax.broken_barh(bars.get(i, []), (i - 0.35, 0.7), facecolors=color, edgecolors="white", linewidth=thin)
+        _draw_row(ax, i, worker, colors[worker["template"]], report["wall_s"])
+        ax.broken_barh(
+            bars.get(i, []), (i - 0.35, 0.7), facecolors=colors[worker["template"]], edgecolors="white", linewidth=thin
+        )
         ax.broken_barh(failed.get(i, []), (i - 0.35, 0.7), facecolors="black")
         ax.broken_barh(calls.get(i, []), (i - 0.48, 0.12), facecolors="dimgrey")  # model calls
-        if worker["lost"]:
-            ax.plot([worker["gone_at"]], [i], marker="X", color="red", markersize=9, zorder=5)
     step = max(1, len(rows) // 60)
     labels = [rows[i]["id"] for i in range(0, len(rows), step)]
     label_size = 8 if len(rows) < 30 else 6
@@ -167,7 +140,64 @@ def draw_timeline(report: dict[str, Any], invocations: list[InvocationRecord], o
     ax.invert_yaxis()
     ax.set_xlim(0, max(report["wall_s"], 1e-3))
     ax.set_xlabel("seconds since the run started")
-    state = report["status"] if report["status"] == STICKY_DONE else f"run {report['status']}"
+    ax.grid(axis="x", alpha=0.3)
+    legend_rows = _legend_and_title(ax, _legend_handles(plt, colors, rows, bool(failed), bool(calls)), report["status"])
+    # Margins from the label lengths: tight_layout measures every text by drawing the figure
+    # once more, a third of the drawing time, which the run's exit waits for.
+    label_width = max((len(label) for label in labels), default=0) * label_size * 0.62 / 72 + 0.25
+    width, height = fig.get_size_inches()
+    top = 0.3 + 0.19 * legend_rows
+    fig.subplots_adjust(left=label_width / width, right=1 - 0.2 / width, bottom=0.6 / height, top=1 - top / height)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _spans_by_row(
+    invocations: list[InvocationRecord], index: dict[str, int], origin: float
+) -> tuple[Spans, Spans, Spans]:
+    """(start, length) of each row's invocations that succeeded, that failed, and of its model calls."""
+    bars: Spans = {}
+    failed: Spans = {}
+    calls: Spans = {}
+    for inv in invocations:
+        if inv.worker in index:
+            row = index[inv.worker]
+            (bars if inv.ok else failed).setdefault(row, []).append((inv.started - origin, inv.finished - inv.started))
+            calls.setdefault(row, []).extend((start - origin, end - start) for start, end, _ in inv.calls)
+    return bars, failed, calls
+
+
+def _draw_row(ax: Any, i: int, worker: dict[str, Any], color: Any, wall_s: float) -> None:
+    """A worker's setup, its stagings and the mark of its loss."""
+    if worker["setup_started"] is not None:
+        end = worker["setup_finished"] if worker["setup_finished"] is not None else wall_s
+        ax.broken_barh(
+            [(worker["setup_started"], end - worker["setup_started"])],
+            (i - 0.4, 0.8),
+            facecolors="white",
+            edgecolors=color,
+            hatch="////",
+            linewidth=0.8,
+        )
+    for staging in worker.get("stagings", ()):
+        ax.broken_barh(
+            [(staging["stage_started"], staging["seconds"])],
+            (i - 0.4, 0.8),
+            facecolors="whitesmoke",
+            edgecolors="grey",
+            hatch="....",
+            linewidth=0.8,
+        )
+    if worker["lost"]:
+        ax.plot([worker["gone_at"]], [i], marker="X", color="red", markersize=9, zorder=5)
+
+
+def _legend_handles(
+    plt: Any, colors: dict[str, Any], rows: list[dict[str, Any]], failed: bool, calls: bool
+) -> list[Any]:
+    """One entry per template and one per kind of mark the picture holds."""
+    from matplotlib.patches import Patch
+
     handles = [Patch(facecolor=c, label=f"invocations of '{n}'") for n, c in colors.items()]
     handles += [Patch(facecolor="white", edgecolor="grey", hatch="////", label="setup")]
     if any(w.get("stagings") for w in rows):
@@ -178,7 +208,12 @@ def draw_timeline(report: dict[str, Any], invocations: list[InvocationRecord], o
         handles.append(Patch(facecolor="dimgrey", label="model call (Batcher)"))
     if any(w["lost"] for w in rows):
         handles.append(plt.Line2D([], [], marker="X", color="red", linestyle="", label="worker lost"))
-    # The legend in rows of 4 between the title and the plot, so long template names overlap nothing.
+    return handles
+
+
+def _legend_and_title(ax: Any, handles: list[Any], status: str) -> int:
+    """The legend in rows of 4 between the title and the plot, so long template names overlap
+    nothing; returns the number of legend rows."""
     columns = min(len(handles), 4)
     legend_rows = -(-len(handles) // columns)
     ax.legend(
@@ -190,15 +225,8 @@ def draw_timeline(report: dict[str, Any], invocations: list[InvocationRecord], o
         frameon=False,
         borderaxespad=0.2,
     )
+    state = status if status == STICKY_DONE else f"run {status}"
     ax.set_title(
         f"Sticky workers: state setup and invocations ({state})", loc="left", fontsize=10, pad=6 + 13 * legend_rows
     )
-    ax.grid(axis="x", alpha=0.3)
-    # Margins from the label lengths: tight_layout measures every text by drawing the figure
-    # once more, a third of the drawing time, which the run's exit waits for.
-    label_width = max((len(label) for label in labels), default=0) * label_size * 0.62 / 72 + 0.25
-    width, height = fig.get_size_inches()
-    top = 0.3 + 0.19 * legend_rows
-    fig.subplots_adjust(left=label_width / width, right=1 - 0.2 / width, bottom=0.6 / height, top=1 - top / height)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    return legend_rows
