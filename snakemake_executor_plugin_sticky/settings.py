@@ -116,6 +116,13 @@ class ExecutorSettings(ExecutorSettingsBase):
         "Seconds a batch-job worker may sit idle, with nothing waiting for its template, "
         "before it is retired and its job ends.",
     )
+    node_timeout: float = option(
+        60.0,
+        "Seconds a batch-job worker may go unheard (its node cut off the network, frozen or "
+        "crashed) before the run gives it up: its invocations run again on other workers, its job "
+        "is cancelled, and nothing it still writes reaches an output. Raise it when a template's "
+        "setup holds Python's interpreter lock for that long.",
+    )
     queue: Optional[str] = option(None, "Batch queue or partition of the worker jobs (Slurm: --partition).")
     account: Optional[str] = option(None, "Account or project the worker jobs are charged to.")
     walltime: str = option(

@@ -12,6 +12,7 @@ It imports nothing of the package, and nothing heavier than the standard library
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Optional
 
@@ -44,6 +45,7 @@ class Invocation:
     snakemake: Any  # snakemake.iocontainers.Snakemake
     timeout_s: Optional[float] = None
     basedir: Optional[str] = None  # the folder of the rule's Snakefile: its modules are the workflow's
+    attempts: Optional[str] = None  # where fenced attempts write (see attempt_path); None: in place
 
 
 @dataclass
@@ -65,6 +67,13 @@ class InvocationResult:
     def ok(self) -> bool:
         """Whether the script ran to its end without an error."""
         return self.error is None
+
+
+def attempt_path(attempt: str, kind: str, index: int, path: str) -> str:
+    """Where a fenced attempt writes its job's `kind` ("output" or "log") number `index`: in the
+    attempt's folder, under the file's own name (libraries choose formats by the name). The head
+    moves it to `path` when it accepts the attempt's result."""
+    return os.path.join(attempt, f"{kind}{index}", os.path.basename(os.path.normpath(path)))
 
 
 # -- event records ------------------------------------------------------------------------------

@@ -145,14 +145,21 @@ class Workflow:
         )
         return Run(proc.returncode, proc.stdout, time.monotonic() - started)
 
-    def popen(self, *args: str, executor: Optional[str] = "sticky", cores: int = 4, pipe: bool = False) -> Background:
+    def popen(
+        self,
+        *args: str,
+        executor: Optional[str] = "sticky",
+        cores: int = 4,
+        pipe: bool = False,
+        env: Optional[dict[str, str]] = None,
+    ) -> Background:
         """Start snakemake in its own process group, as a terminal would run it."""
         return Background(
             self.command(*args, executor=executor, cores=cores),
             log=self.root / "snakemake.log",
             pipe=pipe,
             cwd=self.root,
-            env=snakemake_env(),
+            env={**snakemake_env(), **(env or {})},
             start_new_session=True,
         )
 
@@ -213,6 +220,33 @@ def slurm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
         pytest.skip(message)
     with one_at_a_time(tmp_path_factory, "slurm"):
         yield
+
+
+NETCLUSTER = Path(__file__).resolve().parents[1] / ".ci" / "netcluster"
+NETCLUSTER_CONF = "/etc/slurm-netcluster/slurm.conf"
+
+
+def netcluster_nodes() -> list[tuple[str, str, str]]:
+    """The compute nodes of the multi-node cluster (.ci/netcluster): name, address, netns."""
+    if not NETCLUSTER.exists() or not Path(NETCLUSTER_CONF).exists() or os.geteuid() != 0:
+        return []
+    listed = subprocess.run([str(NETCLUSTER), "nodes"], capture_output=True, text=True).stdout
+    return [tuple(line.split()) for line in listed.splitlines() if len(line.split()) == 3]
+
+
+@pytest.fixture
+def netcluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[tuple[str, str, str]]]:
+    """The multi-node Slurm cluster of three compute nodes or more, for one test at a time."""
+    nodes = netcluster_nodes()
+    if len(nodes) < 3:
+        message = "no multi-node cluster here: start one with `sudo .ci/netcluster up 3`"
+        if os.environ.get("STICKY_REQUIRE_NETCLUSTER"):  # CI starts one: its absence is a failure there
+            pytest.fail(message)
+        pytest.skip(message)
+    with one_at_a_time(tmp_path_factory, "netcluster"):
+        # every node up and idle (a node an earlier test cut off or crashed comes back first)
+        subprocess.run([str(NETCLUSTER), "up", str(len(nodes))], capture_output=True, check=True, timeout=300)
+        yield nodes
 
 
 def shared_root(factory: pytest.TempPathFactory) -> Path:

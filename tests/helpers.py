@@ -4,6 +4,7 @@ that several use, waiting for processes and files, and the api's resident worker
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import os
 import subprocess
@@ -373,3 +374,22 @@ def engine_workflow(workflow: Workflow, kwargs: str = "{}", extra: str = "") -> 
     """,
     )
     return workflow
+
+
+SIZE_MB = 8  # four files of 8 MB: a 32 MB model folder
+
+
+def make_model(folder: Path, files: int = 4, size_mb: int = SIZE_MB, seed: int = 0) -> Path:
+    """A model folder of `files` shards of made-up bytes (fixed by the seed)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(files):
+        (folder / f"shard-{i}.bin").write_bytes(hashlib.sha256(f"{seed}-{i}".encode()).digest() * (size_mb * 2**15))
+    return folder
+
+
+def digest_of(folder: Path) -> str:
+    """The digest of a folder's files' bytes, in name order."""
+    digest = hashlib.sha256()
+    for path in sorted(folder.iterdir()):
+        digest.update(path.read_bytes())
+    return digest.hexdigest()

@@ -103,8 +103,25 @@ def pool_client() -> Any:
         from distributed import Client
 
         worker = dask_worker()
-        _client = Client(worker.scheduler.address, security=worker.security, set_as_default=False, timeout="60s")
+        security = client_security(worker.security)
+        _client = Client(worker.scheduler.address, security=security, set_as_default=False, timeout="60s")
     return _client
+
+
+def client_security(security: Any) -> Any:
+    """The worker's credentials for a client. A worker started from the command line (a batch
+    job, a worker in another environment) holds them for its worker role alone; the client then
+    presents the worker's certificate."""
+    if security.tls_client_cert or not security.tls_worker_cert:
+        return security
+    from distributed.security import Security
+
+    return Security(
+        tls_ca_file=security.tls_ca_file,
+        tls_client_cert=security.tls_worker_cert,
+        tls_client_key=security.tls_worker_key,
+        require_encryption=security.require_encryption,
+    )
 
 
 def stage(path: str | os.PathLike, hash_content: bool = False) -> Path:

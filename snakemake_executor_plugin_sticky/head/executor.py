@@ -182,6 +182,8 @@ class Executor(RealExecutor):
     def worker_event(self, event: Event) -> None:
         """Engine events: the report records each; the executor acts on two kinds."""
         lost = self.report.record(event)
+        if isinstance(event, Removed) and not event.graceful and self.backend.fence is not None:
+            self.backend.fence.worker_left(event.address, self.backend.invocations_of(event.running))
         if isinstance(event, InvocationTimedOut):
             self.invocation_timed_out(event)
         elif isinstance(event, Removed) and lost is not None:
@@ -305,6 +307,8 @@ class Executor(RealExecutor):
                     self.workflow.config,
                     self.settings.invocation_timeout,
                 )
+                if self.backend.fence is not None:
+                    invocation.attempts = str(self.backend.fence.folder)
                 job_info.external_jobid = invocation.key
                 self.report_job_submission(job_info)
                 self.report.invocation_submitted(invocation)
@@ -317,6 +321,8 @@ class Executor(RealExecutor):
 
     def invocation_done(self, job_info: SubmittedJobInfo, invocation: Invocation, outcome: Any) -> None:
         """An invocation's outcome is back: record it and queue its report to Snakemake."""
+        if self.backend.fence is not None:
+            outcome = self.backend.fence.accept(invocation, outcome)
         try:
             self.report.invocation_finished(invocation, outcome)
         except Exception as e:  # the record is lost, never the job: Snakemake must hear of it

@@ -13,11 +13,13 @@ Snakemake's API gets its state back).
 
 from __future__ import annotations
 
+import asyncio
 import atexit
 import gc
 import logging
 import sys
 import threading
+from functools import partial
 from typing import Any, Callable
 
 
@@ -53,20 +55,28 @@ class ProcessChanges:
         self._undo.append(lambda: logger.setLevel(before))
 
     def quiet_closing_handshakes(self) -> threading.Event:
-        """As the engine closes, a connection that Dask opens to the scheduler is cut before its
-        TLS handshake ends, and Dask logs a warning that reads like a failure of credentials. Once
-        the returned event is set (the run closes), that warning (an EOF in the handshake, on
-        loopback) is kept out of the log; every other handshake failure is still said."""
+        """Two things Dask logs as the engine closes read like failures and are none. A connection
+        that Dask opens to the scheduler is cut before its TLS handshake ends (a warning that reads
+        like a failure of credentials); and the scheduler's close cuts the connection of a worker it
+        removed but that has not hung up yet (a worker on another host, or one given up), which Dask
+        logs as an error with a traceback of a CancelledError. Once the returned event is set (the
+        run closes), those two are kept out of the log; every other failure is still said."""
         closing = threading.Event()
 
-        def keep(record: logging.LogRecord) -> bool:
+        def keep_handshake(record: logging.LogRecord) -> bool:
             text = record.getMessage()
             cut = "TLS handshake failed" in text and "UNEXPECTED_EOF" in text and "remote 'tls://127." in text
             return not (closing.is_set() and cut)
 
-        logger = logging.getLogger("distributed.comm.tcp")
-        logger.addFilter(keep)
-        self._undo.append(lambda: logger.removeFilter(keep))
+        def keep_stream(record: logging.LogRecord) -> bool:
+            kind = record.exc_info[0] if record.exc_info else None
+            cut = kind is not None and issubclass(kind, asyncio.CancelledError)
+            return not (closing.is_set() and cut)
+
+        for name, keep in (("distributed.comm.tcp", keep_handshake), ("distributed.scheduler", keep_stream)):
+            logger = logging.getLogger(name)
+            logger.addFilter(keep)
+            self._undo.append(partial(logger.removeFilter, keep))
         return closing
 
     def on_undo(self, undo: Callable[[], Any]) -> None:

@@ -4,18 +4,21 @@ state at hand, in a view of the process of its own (isolation/), and reports wha
 from __future__ import annotations
 
 import contextvars
+import copy
+import dataclasses
 import os
 import shutil
 import threading
 import time
 import traceback
+import uuid
 from contextlib import contextmanager
-from typing import Any, Iterator
+from typing import Any, Iterator, Optional
 
 from distributed import get_worker
 
 from ..api import batcher, resident
-from ..wire import RUNNING_TOPIC, Invocation, InvocationResult
+from ..wire import RUNNING_TOPIC, Invocation, InvocationResult, attempt_path
 from .isolation import current
 from .resident import ResidentState, ResidentWorker, TemplateSetupError
 
@@ -39,6 +42,9 @@ def run_invocation(invocation: Invocation) -> InvocationResult:
             f"This worker does not hold sticky template '{invocation.template}' ({invocation.identity[:12]})."
         )
         return result
+    invocation, attempt = fenced(invocation)
+    if attempt is not None:
+        result.extra["attempt"] = attempt
     context = None
     try:
         with this.isolation.invocation(invocation) as context:
@@ -55,6 +61,26 @@ def run_invocation(invocation: Invocation) -> InvocationResult:
     if calls:
         result.extra["model_calls"] = calls
     return result
+
+
+def fenced(invocation: Invocation) -> tuple[Invocation, Optional[str]]:
+    """Where the run fences its workers (batch jobs: a node may be cut off or frozen, and its
+    writes still reach the shared file system), the script writes its outputs and logs in a
+    folder of this attempt's own; the head moves them into place when it accepts this result,
+    never once it has given this worker up. Returns the invocation the script sees and the folder."""
+    if invocation.attempts is None:
+        return invocation, None
+    from snakemake.iocontainers import Namedlist
+
+    attempt = os.path.join(invocation.attempts, f"{invocation.key}.{uuid.uuid4().hex[:8]}")
+    seen = copy.copy(invocation.snakemake)
+    for kind in ("output", "log"):
+        paths = [attempt_path(attempt, kind, i, str(p)) for i, p in enumerate(getattr(seen, kind))]
+        for path in paths:
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+        moved = iter(paths)
+        setattr(seen, kind, Namedlist(toclone=getattr(seen, kind), custom_map=lambda _: next(moved)))
+    return dataclasses.replace(invocation, snakemake=seen), attempt
 
 
 def run_with_state(invocation: Invocation, holder: ResidentState, worker: Any, result: InvocationResult) -> None:

@@ -9,7 +9,6 @@ stages: every `open` of a file under the source is written to opens.txt.
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import json
 import os
 import re
@@ -25,16 +24,7 @@ from snakemake_executor_plugin_sticky.api import stage as staging
 from snakemake_executor_plugin_sticky.api.stage import StageError, stage
 
 from conftest import Workflow, snakemake_env
-from helpers import as_resident, start_scheduler
-
-SIZE_MB = 8  # four files of 8 MB: a 32 MB model folder
-
-
-def make_model(folder: Path, files: int = 4, size_mb: int = SIZE_MB, seed: int = 0) -> Path:
-    folder.mkdir(parents=True, exist_ok=True)
-    for i in range(files):
-        (folder / f"shard-{i}.bin").write_bytes(hashlib.sha256(f"{seed}-{i}".encode()).digest() * (size_mb * 2**15))
-    return folder
+from helpers import as_resident, digest_of, make_model, start_scheduler
 
 
 @pytest.fixture
@@ -235,13 +225,6 @@ def staging_workflow(workflow: Workflow, source: Path) -> None:
 
 def loaded(workflow: Workflow) -> list[tuple[str, str]]:
     return [tuple(line.split()[1:]) for line in workflow.read("loaded.txt").splitlines()]
-
-
-def digest_of(folder: Path) -> str:
-    digest = hashlib.sha256()
-    for path in sorted(folder.iterdir()):
-        digest.update(path.read_bytes())
-    return digest.hexdigest()
 
 
 def stagings(workflow: Workflow) -> list[dict]:

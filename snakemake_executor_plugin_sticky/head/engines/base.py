@@ -24,6 +24,7 @@ from ...templates import TemplateSpec
 from ...wire import EVENT_TOPIC, Event, Invocation, InvocationResult
 from ...worker.plugin import StickyWorkerPlugin
 from ...worker.task import run_invocation
+from ..fence import Fence
 from ..invocations import InvocationCrashedWorkers
 from .scheduler_plugin import WorkerRemovalPlugin, subscribed
 
@@ -195,6 +196,11 @@ class DaskBackend(Backend):
     def _when_done(self, invocation: Invocation, future: Future, on_done: OnDone) -> None:
         future.add_done_callback(lambda f: self._finished.put((invocation, f, on_done)))
 
+    def invocations_of(self, dask_keys: Sequence[str]) -> list[str]:
+        """The invocations these Dask tasks run."""
+        with self._lock:
+            return [self._invocation_of[k] for k in dask_keys if k in self._invocation_of]
+
     def worker_lost(self, address: str, running: Sequence[str]) -> None:
         """A worker died while running these tasks: each of their invocations was running there
         once more when a worker died. One that has been so `crash_limit` times fails alone; the
@@ -322,6 +328,7 @@ class DaskBackend(Backend):
         builds the state anew. Only for workers of ours; see `replaces_hung_workers`."""
 
     replaces_hung_workers = False
+    fence: Optional[Fence] = None  # where workers may be given up while they still write
 
     def close_events(self) -> None:
         """Stop handling the engine's events and results: the run is closing. The events that

@@ -159,6 +159,7 @@ class BatchSystem:
     name: str
     gpu_directive: str
     status_command: str  # {job_id} is filled in; the job is gone when it fails or prints nothing
+    nodes_command: Optional[str] = None  # prints the compute nodes' addresses, one per line
     finished_states: tuple[str, ...] = ()
     memory_directives: tuple[str, ...] = ()  # dropped when no memory is asked for
     account_keyword = "account"  # what the Job class calls the account ("project" on some)
@@ -198,6 +199,7 @@ class Slurm(BatchSystem):
     memory_directives = ("--mem",)
     gpu_directive = "--gres=gpu:{gpus}"
     status_command = "squeue -h -j {job_id} -o %T"
+    nodes_command = "sinfo -h -N -o %o"
     finished_states = ("COMPLETED", "CANCELLED", "FAILED", "TIMEOUT", "PREEMPTED", "NODE_FAIL", "OUT_OF_MEMORY")
     job_class = SLURMJob
 
@@ -415,3 +417,15 @@ def check_pools(templates: list[TemplateSpec], settings: ExecutorSettings) -> No
                     f"Sticky template '{template.name}', cluster pool {index}: its {system.name} job cannot be "
                     f"written ({type(e).__name__}: {e}). Check its settings: {pool}."
                 ) from e
+
+
+def node_addresses(system: BatchSystem) -> list[str]:
+    """The compute nodes' addresses as the batch system lists them, in its order; none where it
+    cannot say (then the scheduler's address comes from this host's name)."""
+    if system.nodes_command is None:
+        return []
+    try:
+        listed = subprocess.run(shlex.split(system.nodes_command), capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return []
+    return list(dict.fromkeys(line.strip() for line in listed.stdout.splitlines() if line.strip()))

@@ -9,7 +9,7 @@ import asyncio
 import importlib.util
 import logging
 import threading
-from typing import Any, Coroutine
+from typing import Any, Coroutine, Optional
 
 from distributed import Client, Scheduler
 from distributed.security import Security
@@ -40,6 +40,7 @@ class HostedScheduler(DaskBackend):
     come to it."""
 
     host = LOOPBACK
+    worker_ttl: Optional[float] = None  # seconds between checks of workers' heartbeats; None: Dask's
 
     def __init__(
         self, settings: ExecutorSettings, log: Any, on_event: OnEvent, security: Security, changes: ProcessChanges
@@ -90,6 +91,7 @@ class HostedScheduler(DaskBackend):
             security=self.security,
             dashboard=False,
             dashboard_address=address,
+            worker_ttl=self.worker_ttl,
         )
         await scheduler
         if not self.dashboard:

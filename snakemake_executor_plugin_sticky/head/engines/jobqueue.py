@@ -24,17 +24,18 @@ import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 from snakemake_interface_common.exceptions import WorkflowError
 
 from ...settings import ExecutorSettings
 from ...templates import TemplateSpec
+from ..fence import Fence
 from ..process_changes import ProcessChanges
 from ..run_folders import RunFolder, clean_stale_runs
 from ..security import run_credentials, write_credentials
 from .base import OnEvent, worker_plugin
-from .batch_systems import SYSTEMS, PoolSpec, cancel, check_pools, job_for, pools_of, submit
+from .batch_systems import SYSTEMS, PoolSpec, cancel, check_pools, job_for, node_addresses, pools_of, submit
 from .hosted import HostedScheduler, worker_close_s
 
 __all__ = ["BatchBackend", "check_pools", "network_host"]
@@ -45,16 +46,22 @@ FAILED_STARTS = 3  # jobs in a row that end before their worker connects: the po
 COMMAND_TIMEOUT_S = 60  # squeue, qstat and their kind
 
 
-def network_host(interface: Optional[str]) -> str:
-    """The address the workers reach this host at: the interface's, or else that of this host's
-    name, which must not be a loopback address (a Debian hosts file maps the name to 127.0.1.1)."""
+def network_host(interface: Optional[str], nodes: Sequence[str] = ()) -> tuple[str, str]:
+    """The address the workers reach this host at, and where it comes from: the interface's;
+    else the one this host sends from to the first compute node it has a route to (the batch
+    system names its nodes); else that of this host's name, which must not be a loopback address
+    (a Debian hosts file maps the name to 127.0.1.1)."""
     if interface:
         from distributed.utils import get_ip_interface
 
         try:
-            return get_ip_interface(interface)
+            return get_ip_interface(interface), f"interface {interface} (--sticky-interface)"
         except ValueError as e:
             raise WorkflowError(f"--sticky-interface {interface}: {e} Interfaces here: {interfaces()}.") from e
+    for node in nodes:
+        source = route_source(node)
+        if source is not None:
+            return source, f"the route to compute node {node}; --sticky-interface chooses another"
     name = socket.getfqdn()
     try:
         address = socket.gethostbyname(name)
@@ -68,7 +75,18 @@ def network_host(interface: Optional[str]) -> str:
             f"network interface the compute nodes reach this host through with --sticky-interface "
             f"(interfaces here: {interfaces()}); on a one-node cluster, --sticky-interface lo."
         )
-    return address
+    return address, f"this host's name {name!r}; --sticky-interface chooses another"
+
+
+def route_source(node: str) -> Optional[str]:
+    """The address this host sends from to the node (a UDP connect sends nothing), or None
+    when there is no route to it."""
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+            probe.connect((node, 9))
+            return str(probe.getsockname()[0])
+    except OSError:
+        return None
 
 
 def interfaces() -> str:
@@ -93,6 +111,7 @@ class BatchJob:
     address: Optional[str] = None  # once its worker connected
     idle_since: Optional[float] = None
     ended: bool = False
+    cancelled: bool = False
 
 
 class BatchBackend(HostedScheduler):
@@ -104,10 +123,14 @@ class BatchBackend(HostedScheduler):
         self.workdir = workdir
         self.system = SYSTEMS[settings.cluster]
         self.run_dir = Path(workdir, ".snakemake", "sticky")
-        self.host = network_host(settings.interface)
+        self.host, self.host_origin = network_host(settings.interface, node_addresses(self.system))
+        # Dask checks heartbeats every worker_ttl and removes a worker unheard for longer: a
+        # worker is given up between one and two worker_ttl after its last heartbeat.
+        self.worker_ttl = settings.node_timeout / 2
         clean_stale_runs(self.run_dir / "runs", log)
         self.run = RunFolder.create(self.run_dir / "runs", self.system.name, self.system.job_class.cancel_command)
         self.credentials = self.run.credentials
+        self.fence = Fence(self.run.path / "attempts")
         self.log_directory = str(self.run_dir / "jobs")
         self._templates: dict[str, TemplateSpec] = {}
         self._pools: dict[str, list[PoolSpec]] = {}
@@ -122,7 +145,8 @@ class BatchBackend(HostedScheduler):
         self._scaler = asyncio.run_coroutine_threadsafe(self._scale_forever(), self._loop)
         log.info(
             f"Sticky workers run as {self.system.name} jobs named sticky-<template>-{self.run.run_id}; "
-            f"scheduler at {self._scheduler.address} (TLS, credentials of this run in {self.credentials}); "
+            f"scheduler at {self._scheduler.address} (from {self.host_origin}; TLS, credentials of this run "
+            f"in {self.credentials}); "
             f"job logs in {self.log_directory}."
         )
 
@@ -164,6 +188,7 @@ class BatchBackend(HostedScheduler):
     async def _scale_once(self) -> None:
         now = time.time()
         self._track_workers(now)
+        await self._cancel_given_up()
         if now - self._last_poll >= STATUS_POLL_S:
             self._last_poll = now
             await self._poll_unconnected()
@@ -194,6 +219,20 @@ class BatchBackend(HostedScheduler):
                 self._failed_starts[job.template] = 0
             job.address = ws.address
             job.idle_since = None if ws.processing else (job.idle_since or now)
+
+    async def _cancel_given_up(self) -> None:
+        """The job of a worker that left without retiring (lost, preempted, unheard) is
+        cancelled: a node cut off or frozen holds no allocation once it is back, and a job that
+        Slurm requeued does not wait in the queue or start again for nothing."""
+        for job in self._jobs:
+            if job.address in self.fence.left and not job.cancelled:
+                job.cancelled = job.ended = True
+                self.log.warning(
+                    f"Sticky worker {job.job.name} left the run without retiring (lost, preempted, or unheard "
+                    f"for --sticky-node-timeout {self.settings.node_timeout:g} s): cancelling its "
+                    f"{self.system.name} job {job.job.job_id}."
+                )
+                await asyncio.to_thread(cancel, job.job)
 
     def _running(self, identity: str) -> int:
         addresses = {j.address for j in self._jobs if j.template == identity and j.address and not j.ended}
@@ -292,6 +331,7 @@ class BatchBackend(HostedScheduler):
         self._closing = True
         self._scaler.cancel()
         self._track_workers(time.time())
+        await self._cancel_given_up()
         connected = list(self._scheduler.workers)
         if connected:
             try:

@@ -1,0 +1,96 @@
+"""The fence: a fenced attempt writes in a folder of its own (worker/task.py), and its outputs and
+logs move into place only when the run accepts its result. Pure file operations, no run."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from snakemake.iocontainers import Namedlist, Snakemake
+
+from snakemake_executor_plugin_sticky.head.fence import Fence
+from snakemake_executor_plugin_sticky.wire import Invocation, InvocationResult
+from snakemake_executor_plugin_sticky.worker.task import fenced
+
+
+def invocation(tmp_path: Path, attempts: Path) -> Invocation:
+    output = Namedlist(fromdict={"table": str(tmp_path / "out" / "a.tsv"), "plot": str(tmp_path / "out" / "b.png")})
+    log = Namedlist(fromdict={"log": str(tmp_path / "logs" / "a.log")})
+    snakemake = Snakemake(Namedlist(), output, Namedlist(), Namedlist(), 1, Namedlist(), log, {}, "r", None, "")
+    return Invocation("sticky-r-1-abc", "t", "id", "tag", "r", 1, "s.py", snakemake, attempts=str(attempts))
+
+
+def run_attempt(tmp_path: Path, fence: Fence, error: str | None = None, address: str = "tls://w1:1") -> tuple:
+    """What a worker does: write every output and log of a fenced attempt; then the result."""
+    original = invocation(tmp_path, fence.folder)
+    seen, attempt = fenced(original)
+    for path in [*seen.snakemake.output, *seen.snakemake.log]:
+        Path(path).write_text(f"from {address}")
+    result = InvocationResult(original.key, "w1", address, 1, 0.0, 1.0, error=error, extra={"attempt": attempt})
+    return original, seen, result
+
+
+def test_a_fenced_attempt_writes_in_its_folder_under_the_files_own_names(tmp_path: Path):
+    fence = Fence(tmp_path / "attempts")
+    original, seen, _ = run_attempt(tmp_path, fence)
+    assert seen.snakemake.output.table.startswith(str(fence.folder)) and seen.snakemake.output.table.endswith("a.tsv")
+    assert seen.snakemake.output.plot == seen.snakemake.output[1] and seen.snakemake.log.log.endswith("a.log")
+    assert not (tmp_path / "out").exists(), "nothing in place before the head accepts the attempt"
+    assert original.snakemake.output.table == str(tmp_path / "out" / "a.tsv"), "the head's invocation is unchanged"
+
+
+def test_an_accepted_attempt_moves_its_outputs_and_logs_into_place_and_leaves_no_folder(tmp_path: Path):
+    fence = Fence(tmp_path / "attempts")
+    original, _, result = run_attempt(tmp_path, fence)
+    _, _, late = run_attempt(tmp_path, fence, address="tls://w2:1")  # an attempt that lost the race
+    assert fence.accept(original, result) is result
+    assert (tmp_path / "out" / "a.tsv").read_text() == "from tls://w1:1"
+    assert (tmp_path / "logs" / "a.log").read_text() == "from tls://w1:1"
+    assert os.listdir(fence.folder) == [], "every attempt folder of the invocation is gone"
+
+
+def test_a_failed_attempt_moves_its_logs_alone(tmp_path: Path):
+    fence = Fence(tmp_path / "attempts")
+    original, _, result = run_attempt(tmp_path, fence, error="Traceback ...")
+    assert fence.accept(original, result).error == "Traceback ..."
+    assert (tmp_path / "logs" / "a.log").exists() and not (tmp_path / "out" / "a.tsv").exists()
+
+
+def test_a_result_of_an_invocation_given_up_on_its_worker_is_discarded(tmp_path: Path):
+    fence = Fence(tmp_path / "attempts")
+    original, _, result = run_attempt(tmp_path, fence)
+    fence.worker_left("tls://w1:1", [original.key])
+    outcome = fence.accept(original, result)
+    assert not outcome.ok and "had given up" in outcome.error and "w1" in outcome.error
+    assert not (tmp_path / "out").exists() and not (tmp_path / "logs").exists()
+
+
+def test_a_worker_that_left_after_its_invocations_finished_loses_none_of_them(tmp_path: Path):
+    fence = Fence(tmp_path / "attempts")
+    original, _, result = run_attempt(tmp_path, fence)
+    fence.worker_left("tls://w1:1", [])  # preempted: it finished what it ran, then left
+    assert fence.accept(original, result).ok and (tmp_path / "out" / "a.tsv").exists()
+    assert fence.left == {"tls://w1:1"}
+
+
+def test_an_attempt_that_made_a_folder_output_moves_it_whole(tmp_path: Path):
+    fence = Fence(tmp_path / "attempts")
+    original = invocation(tmp_path, fence.folder)
+    seen, attempt = fenced(original)
+    folder = Path(seen.snakemake.output.table)
+    folder.mkdir()
+    (folder / "part-0").write_text("x")
+    (tmp_path / "out" / "a.tsv").mkdir(parents=True)  # a leftover Snakemake did not remove
+    result = InvocationResult(original.key, "w1", "tls://w1:1", 1, 0.0, 1.0, extra={"attempt": attempt})
+    assert fence.accept(original, result).ok
+    assert (tmp_path / "out" / "a.tsv" / "part-0").read_text() == "x"
+
+
+def test_an_invocation_without_an_attempt_is_left_as_it_is(tmp_path: Path):
+    fence = Fence(tmp_path / "attempts")
+    original = invocation(tmp_path, fence.folder)
+    error = RuntimeError("lost")
+    assert fence.accept(original, error) is error
+    unfenced = invocation(tmp_path, fence.folder)
+    unfenced.attempts = None
+    assert fenced(unfenced) == (unfenced, None)
