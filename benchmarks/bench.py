@@ -47,6 +47,8 @@ from typing import Any, Callable, Optional
 
 import psutil
 
+from bench_nodes import nodes_markdown, nodes_section
+
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 # The snakemake of this Python's environment, else the first on PATH (packages installed elsewhere
@@ -855,6 +857,8 @@ def markdown(results: dict) -> str:
         lines += scale_out_markdown(results["staging_scale_out"])
     if "tls" in results:
         lines += tls_markdown(results["tls"])
+    if "nodes" in results:
+        lines += nodes_markdown(results["nodes"])
     return "\n".join(lines)
 
 
@@ -1078,7 +1082,9 @@ def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="a short version (make bench-quick)")
     parser.add_argument(
-        "--only", choices=["makespan", "models", "dispatch", "scale", "tls", "batching", "staging"], action="append"
+        "--only",
+        choices=["makespan", "models", "dispatch", "scale", "tls", "batching", "staging", "nodes"],
+        action="append",
     )
     parser.add_argument("--dispatch", type=int, nargs="+", help="invocation counts K of the dispatch section")
     parser.add_argument("--scale", type=int, nargs="+", help="invocation counts N of the scale section")
@@ -1096,7 +1102,7 @@ def parse_args() -> argparse.Namespace:
 def main() -> None:
     """Measures the chosen sections, saving the results after each, then writes the table and the plot."""
     args = parse_args()
-    sections = args.only or ["makespan", "models", "dispatch", "scale", "tls", "batching", "staging"]
+    sections = args.only or ["makespan", "models", "dispatch", "scale", "tls", "batching", "staging", "nodes"]
     repeats = 3
     results = {
         "date": datetime.datetime.now().isoformat(timespec="seconds"),
@@ -1151,6 +1157,9 @@ def measure_sections(
     if "tls" in sections:
         print("tls: the run's credentials against plain TCP, in Dask itself", flush=True)
         section("tls", lambda: tls_cost(repeats if args.quick else 5, 1000))
+    if "nodes" in sections:
+        print("nodes: a sleepy workload on 1, 2 and 3 nodes of the multi-node cluster; staging on each", flush=True)
+        section("nodes", lambda: nodes_section(tmp / "nodes", args.quick, repeats))
 
 
 def batching_models(args: argparse.Namespace) -> dict[str, tuple[Optional[str], int]]:

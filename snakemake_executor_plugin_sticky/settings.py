@@ -158,7 +158,8 @@ class ExecutorSettings(ExecutorSettingsBase):
     interface: Optional[str] = option(
         None,
         "Network interface the scheduler listens on and workers connect through (e.g. ib0). "
-        "Default: the address of this host's name.",
+        "Default: on Slurm, the one this host reaches the compute nodes through; else the address "
+        "of this host's name. The log says which address is used.",
     )
     other_executor: Optional[str] = option(
         None,

@@ -134,15 +134,19 @@ class Workflow:
     ) -> Run:
         started = time.monotonic()
         environment = {k: v for k, v in {**snakemake_env(), **(env or {})}.items() if k not in unset}
-        proc = subprocess.run(
-            self.command(*args, executor=executor, cores=cores, python=python),
-            cwd=self.root,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-            timeout=timeout,
-            env=environment,
-        )
+        try:
+            proc = subprocess.run(
+                self.command(*args, executor=executor, cores=cores, python=python),
+                cwd=self.root,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+                timeout=timeout,
+                env=environment,
+            )
+        except subprocess.TimeoutExpired as e:
+            output = e.output.decode(errors="replace") if isinstance(e.output, bytes) else str(e.output or "")
+            raise AssertionError(f"snakemake ran longer than {timeout:g} s; its output ended:\n{output[-6000:]}") from e
         return Run(proc.returncode, proc.stdout, time.monotonic() - started)
 
     def popen(
@@ -269,10 +273,16 @@ def made_once(factory: pytest.TempPathFactory, name: str, make: Callable[[Path],
     even when tests run in several processes: the first to ask makes it, the others wait for it."""
     folder = shared_root(factory) / name
     with one_at_a_time(factory, name):
-        made = folder / "made.json"
+        made, failed = folder / "made.json", folder / "failed.txt"
         if made.exists():
             return json.loads(made.read_text())
+        if failed.exists():  # one cause, reported once, not a cascade of errors of other tests
+            pytest.fail(f"{name} failed in an earlier test: {failed.read_text()}", pytrace=False)
         folder.mkdir(exist_ok=True)
-        value = make(folder)
+        try:
+            value = make(folder)
+        except BaseException as e:
+            failed.write_text(f"{type(e).__name__}: {e}")
+            raise
         made.write_text(json.dumps(value))
         return value
