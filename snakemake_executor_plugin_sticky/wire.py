@@ -197,6 +197,7 @@ class Removed(Event):
     graceful: bool
     running: tuple[str, ...]
     time: float
+    name: str = ""  # the worker's name (a batch job's), as it joined
 
 
 @dataclass(frozen=True)

@@ -183,7 +183,7 @@ class Executor(RealExecutor):
         """Engine events: the report records each; the executor acts on two kinds."""
         lost = self.report.record(event)
         if isinstance(event, Removed) and not event.graceful and self.backend.fence is not None:
-            self.backend.fence.worker_left(event.address, self.backend.invocations_of(event.running))
+            self.backend.fence.worker_left(event.address, event.name, self.backend.invocations_of(event.running))
         if isinstance(event, InvocationTimedOut):
             self.invocation_timed_out(event)
         elif isinstance(event, Removed) and lost is not None:

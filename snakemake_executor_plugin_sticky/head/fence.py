@@ -11,6 +11,7 @@ import errno
 import glob
 import os
 import shutil
+import time
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -23,14 +24,14 @@ class Fence:
     def __init__(self, folder: Path) -> None:
         self.folder = folder
         folder.mkdir(parents=True, exist_ok=True)
-        self.left: set[str] = set()  # workers that left without retiring (lost, preempted, unheard)
+        self.left: dict[str, float] = {}  # name -> when: workers that left without retiring
         self.given_up: set[tuple[str, str]] = set()  # (worker, invocation) that runs again elsewhere
 
-    def worker_left(self, address: str, running: Sequence[str]) -> None:
-        """A worker left without retiring, with these invocations running: they run again on
-        other workers, and nothing of them is accepted from this one from now on. A worker that
-        finished its invocations before it left (preempted, say) loses nothing."""
-        self.left.add(address)
+    def worker_left(self, address: str, name: str, running: Sequence[str]) -> None:
+        """A worker left without retiring (lost, preempted, unheard), with these invocations
+        running: they run again on other workers, and nothing of them is accepted from this one
+        from now on. A worker that finished its invocations before it left loses nothing."""
+        self.left.setdefault(name or address, time.monotonic())
         self.given_up.update((address, key) for key in running)
 
     def accept(self, invocation: Invocation, outcome: Any) -> Any:

@@ -152,7 +152,7 @@ def test_a_node_cut_off_and_frozen_mid_run_is_given_up_and_rewrites_nothing_when
         assert (
             "Sticky worker model-1-" in output
             and "left the run without retiring" in output
-            and "cancelling its slurm job" in output
+            and "goes on: cancelling it" in output
         )
         done = outputs(workflow)
         assert len(done) == 18 and "node3" not in {o["host"] for o in done.values()}

@@ -59,7 +59,7 @@ def test_a_failed_attempt_moves_its_logs_alone(tmp_path: Path):
 def test_a_result_of_an_invocation_given_up_on_its_worker_is_discarded(tmp_path: Path):
     fence = Fence(tmp_path / "attempts")
     original, _, result = run_attempt(tmp_path, fence)
-    fence.worker_left("tls://w1:1", [original.key])
+    fence.worker_left("tls://w1:1", "w1", [original.key])
     outcome = fence.accept(original, result)
     assert not outcome.ok and "had given up" in outcome.error and "w1" in outcome.error
     assert not (tmp_path / "out").exists() and not (tmp_path / "logs").exists()
@@ -68,9 +68,9 @@ def test_a_result_of_an_invocation_given_up_on_its_worker_is_discarded(tmp_path:
 def test_a_worker_that_left_after_its_invocations_finished_loses_none_of_them(tmp_path: Path):
     fence = Fence(tmp_path / "attempts")
     original, _, result = run_attempt(tmp_path, fence)
-    fence.worker_left("tls://w1:1", [])  # preempted: it finished what it ran, then left
+    fence.worker_left("tls://w1:1", "w1", [])  # preempted: it finished what it ran, then left
     assert fence.accept(original, result).ok and (tmp_path / "out" / "a.tsv").exists()
-    assert fence.left == {"tls://w1:1"}
+    assert list(fence.left) == ["w1"]
 
 
 def test_an_attempt_that_made_a_folder_output_moves_it_whole(tmp_path: Path):

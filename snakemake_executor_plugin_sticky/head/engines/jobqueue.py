@@ -44,6 +44,7 @@ SCALE_PERIOD_S = 1.0
 STATUS_POLL_S = 15.0
 FAILED_STARTS = 3  # jobs in a row that end before their worker connects: the pool fails
 COMMAND_TIMEOUT_S = 60  # squeue, qstat and their kind
+LEFT_JOB_GRACE_S = 10.0  # a job whose worker left unasked ends by itself within this, or is cancelled
 
 
 def network_host(interface: Optional[str], nodes: Sequence[str] = ()) -> tuple[str, str]:
@@ -188,7 +189,7 @@ class BatchBackend(HostedScheduler):
     async def _scale_once(self) -> None:
         now = time.time()
         self._track_workers(now)
-        await self._cancel_given_up()
+        await self._end_left_jobs()
         if now - self._last_poll >= STATUS_POLL_S:
             self._last_poll = now
             await self._poll_unconnected()
@@ -220,19 +221,42 @@ class BatchBackend(HostedScheduler):
             job.address = ws.address
             job.idle_since = None if ws.processing else (job.idle_since or now)
 
-    async def _cancel_given_up(self) -> None:
-        """The job of a worker that left without retiring (lost, preempted, unheard) is
-        cancelled: a node cut off or frozen holds no allocation once it is back, and a job that
-        Slurm requeued does not wait in the queue or start again for nothing."""
+    async def _end_left_jobs(self, final: bool = False) -> None:
+        """The job of a worker that left without retiring (lost, preempted, unheard) no longer
+        counts as live, and once its supervisor has had LEFT_JOB_GRACE_S to end it with the
+        worker's status, it is cancelled if it still runs or waits: a node cut off or frozen holds
+        no allocation once it is back, and a job that Slurm requeued does not wait in the queue or
+        start again for nothing. At the end of the run (`final`) the grace is waited out."""
         for job in self._jobs:
-            if job.address in self.fence.left and not job.cancelled:
-                job.cancelled = job.ended = True
-                self.log.warning(
-                    f"Sticky worker {job.job.name} left the run without retiring (lost, preempted, or unheard "
-                    f"for --sticky-node-timeout {self.settings.node_timeout:g} s): cancelling its "
-                    f"{self.system.name} job {job.job.job_id}."
-                )
-                await asyncio.to_thread(cancel, job.job)
+            left_at = self.fence.left.get(job.job.name)
+            if left_at is None or job.cancelled:
+                continue
+            job.ended = True
+            wait = left_at + LEFT_JOB_GRACE_S - time.monotonic()
+            if wait > 0 and not final:
+                continue
+            await asyncio.sleep(max(wait, 0))
+            job.cancelled = True
+            if await self._job_gone(job):
+                continue
+            self.log.warning(
+                f"Sticky worker {job.job.name} left the run without retiring (lost, preempted, or unheard "
+                f"for --sticky-node-timeout {self.settings.node_timeout:g} s) and its {self.system.name} job "
+                f"{job.job.job_id} goes on: cancelling it."
+            )
+            await asyncio.to_thread(cancel, job.job)
+
+    async def _job_gone(self, job: BatchJob) -> bool:
+        """Whether the batch system says the job has ended; not when it cannot say."""
+        command = shlex.split(self.system.status_command.format(job_id=job.job.job_id))
+        try:
+            status = await asyncio.to_thread(
+                subprocess.run, command, capture_output=True, text=True, timeout=COMMAND_TIMEOUT_S
+            )
+        except (OSError, subprocess.SubprocessError) as e:
+            self.log.warning(f"Cannot ask {self.system.name} about job {job.job.job_id}: {e}")
+            return False
+        return self.system.gone(status.returncode, status.stdout)
 
     def _running(self, identity: str) -> int:
         addresses = {j.address for j in self._jobs if j.template == identity and j.address and not j.ended}
@@ -293,15 +317,7 @@ class BatchBackend(HostedScheduler):
         """Ask the batch system about jobs whose worker never connected: one that is gone failed
         to start. After a few in a row the pool fails, pointing at the job logs."""
         for job in [j for j in self._jobs if j.address is None and not j.ended]:
-            command = shlex.split(self.system.status_command.format(job_id=job.job.job_id))
-            try:
-                status = await asyncio.to_thread(
-                    subprocess.run, command, capture_output=True, text=True, timeout=COMMAND_TIMEOUT_S
-                )
-            except (OSError, subprocess.SubprocessError) as e:
-                self.log.warning(f"Cannot ask {self.system.name} about job {job.job.job_id}: {e}")
-                return
-            if not self.system.gone(status.returncode, status.stdout):
+            if not await self._job_gone(job):
                 continue
             job.ended = True
             if job.job.name in {str(ws.name) for ws in self._scheduler.workers.values()}:
@@ -331,7 +347,7 @@ class BatchBackend(HostedScheduler):
         self._closing = True
         self._scaler.cancel()
         self._track_workers(time.time())
-        await self._cancel_given_up()
+        await self._end_left_jobs(final=True)
         connected = list(self._scheduler.workers)
         if connected:
             try:

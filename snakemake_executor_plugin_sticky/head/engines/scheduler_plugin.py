@@ -24,6 +24,11 @@ class WorkerRemovalPlugin(SchedulerPlugin):
 
     def __init__(self) -> None:
         self.running: dict[str, set[str]] = {}  # worker address -> Dask keys
+        self.names: dict[str, str] = {}  # worker address -> name: gone from the scheduler at removal
+
+    def add_worker(self, scheduler: Any, worker: str) -> None:
+        """Remember the worker's name, which its removal no longer has."""
+        self.names[worker] = str(scheduler.workers[worker].name)
 
     def log_event(self, topic: str, msg: Any) -> None:
         """Keep track of the invocations each worker is running."""
@@ -37,7 +42,8 @@ class WorkerRemovalPlugin(SchedulerPlugin):
         """Announce the removal, graceful or not, with the invocations the worker was running."""
         graceful = stimulus_id.startswith(GRACEFUL_REMOVALS)
         running = sorted(self.running.pop(worker, ()))
-        removed = Removed(address=worker, graceful=graceful, running=tuple(running), time=time.time())
+        name = self.names.pop(worker, "")
+        removed = Removed(address=worker, graceful=graceful, running=tuple(running), time=time.time(), name=name)
         scheduler.log_event(EVENT_TOPIC, removed.to_message())
 
 
