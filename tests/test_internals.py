@@ -85,8 +85,16 @@ def test_snakemake_internals():
     assert hasattr(Job, "_path_to_source_file"), "Job._path_to_source_file (the script's path)"
     assert "_localrules" in inspect.getsource(Workflow.is_local), "Workflow._localrules (localrules stay local)"
     assert hasattr(Workflow, "async_run")
-    source = inspect.getsource(pytest.importorskip("snakemake.scheduling.job_scheduler"))
+    scheduling = pytest.importorskip("snakemake.scheduling.job_scheduler")
+    source = inspect.getsource(scheduling)
     assert "_schedule_reevalutation" in source, "the job rate limiter's Timer (cancel_pending_reevaluations)"
+    init, finish = inspect.getsource(scheduling.JobScheduler.__init__), inspect.getsource(scheduling.JobScheduler)
+    assert "self.finish_callback = self._proceed" in init and "self._open_jobs = threading.Semaphore(0)" in init, (
+        "JobScheduler.finish_callback and its semaphore (ProcessChanges.coalesce_finish_wakeups)"
+    )
+    assert "self._tofinish.clear()" in finish and "self._finish_jobs()" in finish, (
+        "a pass of the scheduler's loop finishes every job in _tofinish (coalesce_finish_wakeups)"
+    )
 
 
 def test_multiprocessing_internals():

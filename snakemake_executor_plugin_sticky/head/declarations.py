@@ -7,6 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Iterable, Optional
 
+from snakemake.resources import Resource
 from snakemake_interface_common.exceptions import WorkflowError
 from snakemake_interface_executor_plugins.jobs import JobExecutorInterface
 
@@ -45,7 +46,7 @@ class Declarations:
     def template_for(self, job: JobExecutorInterface) -> Optional[TemplateSpec]:
         """The job's template, or None for a job that is not sticky; WorkflowError if misdeclared.
         A rule is checked once per template (and per script, when its path has wildcards)."""
-        name = job.resources.get(RESOURCE)
+        name = sticky_name(job)
         if name is None:
             return None
         if (job.rule.name, name) in self._checked and job.rule.name in self._scripts:
@@ -116,7 +117,7 @@ def refuse_pipe_groups(jobs: Iterable[JobExecutorInterface]) -> None:
     """A sticky job in a pipe or service group (its jobs run at once, joined by a pipe) cannot
     run as an invocation: refused before any worker starts, with the rule named."""
     for job in jobs:
-        name = job.resources.get(RESOURCE)
+        name = sticky_name(job)
         if name is not None and getattr(job, "pipe_group", None) is not None:
             raise WorkflowError(
                 f"Rule '{job.rule.name}' is sticky (template '{name}') but runs in a pipe or service group: "
@@ -151,13 +152,26 @@ def ready_templates(used: dict[str, TemplateSpec], ready_jobs: Iterable[JobExecu
     """Templates with an invocation that can run at once: their workers start right away. The
     others start with their first invocation, once the jobs upstream of it are done, as a
     template's setup may read what those jobs write (a model built by the workflow, say)."""
-    names = {job.resources.get(RESOURCE) for job in ready_jobs}
+    names = {sticky_name(job) for job in ready_jobs}
     return [template for name, template in used.items() if name in names]
+
+
+def sticky_name(job: JobExecutorInterface) -> Optional[str]:
+    """The template a job's rule names in its `sticky` resource. Where the rule gives a plain name
+    it is read from the rule: evaluating the job's resources evaluates all of them (sizes of its
+    input, its tmpdir), and Snakemake evaluates them anew once the job's input exists, so reading
+    them here would double their cost for every job of a large run."""
+    rule = getattr(job, "rule", None)
+    declared = rule.resources.get(RESOURCE) if rule is not None and hasattr(rule.resources, "get") else None
+    if isinstance(declared, Resource) and not declared.is_evaluable():
+        value = declared.value
+        return None if value is None else str(value)
+    return job.resources.get(RESOURCE)
 
 
 def is_sticky(job: JobExecutorInterface) -> bool:
     """Whether the job runs as an invocation (groups never do: they are refused when sticky)."""
-    return not job.is_group() and job.resources.get(RESOURCE) is not None
+    return not job.is_group() and sticky_name(job) is not None
 
 
 def sticky_rules_in_group(job: JobExecutorInterface) -> list[str]:

@@ -80,6 +80,7 @@ class Executor(RealExecutor):
         self._backend: Optional["Backend"] = None
         self._backend_lock = threading.Lock()
         self._cancelled = False
+        self._wakeups_coalesced = False
         self._placed: set[str] = set()  # identities of the templates whose environment is checked
         self._errors = 0
         self._stop_status = threading.Event()
@@ -256,6 +257,9 @@ class Executor(RealExecutor):
 
     def run_jobs(self, jobs: list[JobExecutorInterface]) -> None:
         """The jobs of one scheduling round: sticky ones go to the workers in one batch."""
+        if not self._wakeups_coalesced:
+            self._wakeups_coalesced = True
+            self.changes.coalesce_finish_wakeups(self.workflow.scheduler)
         sticky = []
         for job in jobs:
             self.run_job_pre(job)

@@ -11,7 +11,7 @@ import os
 import uuid
 from typing import Any, Optional
 
-from snakemake.iocontainers import Snakemake
+from snakemake.iocontainers import Params, Snakemake
 from snakemake.sourcecache import LocalSourceFile
 from snakemake_interface_common.exceptions import WorkflowError
 
@@ -50,19 +50,7 @@ def build_invocation(
     job: Any, template: TemplateSpec, script: str, config: dict[str, Any], default_timeout_s: Optional[float] = None
 ) -> Invocation:
     """The invocation of a Snakemake job, with the `snakemake` object Snakemake's script preamble would give."""
-    snakemake = Snakemake(
-        input_=job.input,
-        output=job.output,
-        params=job.params,
-        wildcards=job.wildcards,
-        threads=job.threads,
-        resources=job.resources,
-        log=job.log,
-        config=config,
-        rulename=job.rule.name,
-        bench_iteration=None,
-        scriptdir=os.path.dirname(script),
-    )
+    snakemake = script_object(job, config, os.path.dirname(script))
     return Invocation(
         key=f"sticky-{job.rule.name}-{job.jobid}-{uuid.uuid4().hex[:8]}",
         template=template.name,
@@ -75,6 +63,39 @@ def build_invocation(
         timeout_s=invocation_timeout(job.resources, default_timeout_s),
         basedir=rule_folder(job.rule),
     )
+
+
+# Libraries whose params Snakemake's `snakemake` object stores converted (Snakemake._safely_store_params).
+PARAM_LIBRARIES = ("pandas", "numpy", "polars")
+
+
+def script_object(job: Any, config: dict[str, Any], scriptdir: str) -> Snakemake:
+    """The `snakemake` object of a job, as Snakemake's constructor builds it. That constructor
+    imports pandas, numpy and polars for every job to convert params of their types, and an import
+    that fails searches sys.path anew each time: in Snakemake's scheduler thread, once per
+    invocation. A param can only be of those types when its library is loaded, so where no param
+    is, the object gets the same fields without the imports."""
+    params = job.params
+    if any(type(value).__module__.split(".")[0] in PARAM_LIBRARIES for value in params):
+        return Snakemake(
+            job.input, job.output, params, job.wildcards, job.threads, job.resources, job.log, config,
+            job.rule.name, None, scriptdir,
+        )  # fmt: skip
+    made = Snakemake.__new__(Snakemake)
+    made.input = job.input._plainstrings()
+    made.output = job.output._plainstrings()
+    made._params_store = Params(toclone=list(params))
+    made._params_store._take_names(params._get_names())
+    made._params_types = {}
+    made.wildcards = job.wildcards
+    made.threads = job.threads
+    made.resources = job.resources
+    made.log = job.log._plainstrings()
+    made.config = config
+    made.rule = job.rule.name
+    made.bench_iteration = None
+    made.scriptdir = scriptdir
+    return made
 
 
 def rule_folder(rule: Any) -> Optional[str]:

@@ -79,6 +79,26 @@ class ProcessChanges:
             self._undo.append(partial(logger.removeFilter, keep))
         return closing
 
+    def coalesce_finish_wakeups(self, scheduler: Any) -> None:
+        """Snakemake's scheduler runs a pass of its loop for every job reported finished (a
+        counting semaphore), and every pass looks at all ready jobs and, with a job rate limit,
+        starts a timer thread: a pass per invocation costs more than the invocation. A pass
+        handles every job reported finished before it, so a report wakes the loop only when it is
+        the first since the last pass took them: the same passes, without the empty ones."""
+        original = scheduler.finish_callback
+        if getattr(original, "__func__", None) is not type(scheduler)._proceed or scheduler.dryrun:
+            return  # another executor's callbacks (--immediate-submit), or a dry run: left as they are
+
+        def proceed(job: Any) -> None:
+            with scheduler._lock:
+                scheduler._tofinish.append(job)
+                first = len(scheduler._tofinish) == 1
+            if first:
+                scheduler._open_jobs.release()
+
+        scheduler.finish_callback = proceed
+        self._undo.append(partial(setattr, scheduler, "finish_callback", original))
+
     def on_undo(self, undo: Callable[[], Any]) -> None:
         """Undo this, too, when the run ends."""
         self._undo.append(undo)
