@@ -70,6 +70,7 @@ DRIVE = """
 import gc, logging, multiprocessing.spawn, sys
 from pathlib import Path
 import dask, distributed  # noqa: F401  (its config defaults)
+import snakemake.jobs
 from snakemake.api import SnakemakeApi
 from snakemake.settings.types import ConfigSettings, OutputSettings, ResourceSettings
 from snakemake_executor_plugin_sticky import ExecutorSettings
@@ -77,7 +78,8 @@ from snakemake_executor_plugin_sticky import ExecutorSettings
 def state():
     return (gc.get_freeze_count(), dask.config.get("distributed.scheduler.allowed-failures"),
             dask.config.get("distributed.worker.multiprocessing-method"),
-            logging.getLogger("distributed").level, multiprocessing.spawn.get_preparation_data.__module__)
+            logging.getLogger("distributed").level, multiprocessing.spawn.get_preparation_data.__module__,
+            snakemake.jobs.Job.__dict__["is_pipe_or_service_input"].__module__)
 
 if __name__ == "__main__":
     before = state()

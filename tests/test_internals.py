@@ -92,6 +92,12 @@ def test_snakemake_internals():
     assert "self.finish_callback = self._proceed" in init and "self._open_jobs = threading.Semaphore(0)" in init, (
         "JobScheduler.finish_callback and its semaphore (ProcessChanges.coalesce_finish_wakeups)"
     )
+    walk = inspect.getsource(Job.is_pipe_or_service_input)
+    assert "self.dag.dependencies[self]" in walk and "pipe_or_service_output" in walk, (
+        "Job.is_pipe_or_service_input walks the dependencies (ProcessChanges.skip_pipe_lookups)"
+    )
+    flags = inspect.getsource(Job.__init__)
+    assert 'is_flagged(f_, "pipe") or is_flagged(f_, "service")' in flags, "a job's pipe outputs are its rule's"
     assert "self._tofinish.clear()" in finish and "self._finish_jobs()" in finish, (
         "a pass of the scheduler's loop finishes every job in _tofinish (coalesce_finish_wakeups)"
     )

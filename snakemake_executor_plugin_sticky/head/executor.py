@@ -87,12 +87,14 @@ class Executor(RealExecutor):
         self.completions = CompletionBatcher(on_error=self.report_failed)
         self.report = RunReport(self.templates, Path(self.workflow.persistence.path) / "sticky", self.logger)
         self.changes.freeze_collections()
+        self.changes.skip_pipe_lookups(self.workflow.rules)
         self._closing = self.changes.quiet_closing_handshakes()
         for note in sorted(self.declarations.notes):
             self.logger.info(note)
         # A checkpoint may add sticky jobs to the DAG later: then pools last until the run ends.
         checkpoints = any(rule.is_checkpoint for rule in self.workflow.rules)
-        self.template_jobs = TemplateJobs(jobs, retire_early=not checkpoints)
+        window = self.cores if isinstance(self.cores, int) else 0
+        self.template_jobs = TemplateJobs(jobs, retire_early=not checkpoints, window=window)
         try:
             used = {name: self.place(template) for name, template in used.items()}
             for template in ready_templates(used, self.dag.ready_jobs):

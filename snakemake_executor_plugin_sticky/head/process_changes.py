@@ -99,6 +99,21 @@ class ProcessChanges:
         scheduler.finish_callback = proceed
         self._undo.append(partial(setattr, scheduler, "finish_callback", original))
 
+    def skip_pipe_lookups(self, rules: Any) -> None:
+        """Snakemake's `Job.prepare` asks, for each input of a job, whether a pipe or a service
+        feeds it, by walking all of the job's dependencies: quadratic in a job that gathers the
+        outputs of N invocations (a `rule all`), which the local executor prepares in Snakemake's
+        scheduler thread. Where no rule of the workflow has a pipe or service output, no job has
+        one, and the answer is no for every input: it is given without the walk."""
+        from snakemake.io import is_flagged
+        from snakemake.jobs import Job
+
+        if any(is_flagged(f, "pipe") or is_flagged(f, "service") for rule in rules for f in rule.output):
+            return
+        original = Job.__dict__["is_pipe_or_service_input"]
+        Job.is_pipe_or_service_input = no_pipe_or_service_input  # type: ignore[method-assign]
+        self._undo.append(partial(setattr, Job, "is_pipe_or_service_input", original))
+
     def on_undo(self, undo: Callable[[], Any]) -> None:
         """Undo this, too, when the run ends."""
         self._undo.append(undo)
@@ -107,6 +122,11 @@ class ProcessChanges:
         """Put everything back, last change first."""
         while self._undo:
             self._undo.pop()()
+
+
+def no_pipe_or_service_input(job: Any, path: Any) -> bool:
+    """`Job.is_pipe_or_service_input` in a workflow without pipes or services."""
+    return False
 
 
 def snakemake_cli_process() -> bool:

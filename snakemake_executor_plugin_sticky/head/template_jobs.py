@@ -8,10 +8,12 @@ import threading
 
 
 class TemplateJobs:
-    """Counts of a run's templates; `retire_early` when no checkpoint can add sticky jobs later."""
+    """Counts of a run's templates; `retire_early` when no checkpoint can add sticky jobs later;
+    `window`, the jobs Snakemake runs at once (its --cores)."""
 
-    def __init__(self, jobs: dict[str, int], retire_early: bool):
+    def __init__(self, jobs: dict[str, int], retire_early: bool, window: int = 0):
         self._jobs_left = dict(jobs)
+        self.window = window
         self._slots: dict[str, int] = {}
         self._losses: dict[str, int] = {}
         self._in_flight = 0
@@ -35,11 +37,12 @@ class TemplateJobs:
             self._in_flight += count
 
     def returned(self) -> bool:
-        """One invocation is back; True when the workers are about to run out of queued ones
-        (fewer than one waiting behind each running one): Snakemake must hear of it at once."""
+        """One invocation is back; True when Snakemake must hear of it at once: the workers are
+        about to run out of queued ones (fewer than one waiting behind each running one), or half
+        the window is back, so that Snakemake refills it while the workers still run the rest."""
         with self._lock:
             self._in_flight -= 1
-            return self._in_flight <= 2 * sum(self._slots.values())
+            return self._in_flight <= max(2 * sum(self._slots.values()), self.window // 2)
 
     def job_done(self, template: str) -> tuple[bool, bool]:
         """One job of the template is done: (retire its workers now, every sticky job is done)."""
