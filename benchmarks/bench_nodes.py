@@ -120,7 +120,6 @@ def staging(folder: Path, size_mb: int, readers_options: list[int]) -> dict:
         (source / f"shard-{i}.bin").write_bytes(os.urandom(size_mb * 2**20 // 4))
     rows = {}
     for readers in readers_options:
-        subprocess.run(["rm", "-rf", f"{NODE_LOCAL}/sticky-cache-0"], check=False)  # the head's view only
         workflow(folder, 0.0, source)
         extra = ["--sticky-cache-dir", f"{NODE_LOCAL}/readers-{readers}-{time.time_ns()}"]
         extra += ["--sticky-stage-readers", str(readers)]

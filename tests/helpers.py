@@ -393,3 +393,15 @@ def digest_of(folder: Path) -> str:
     for path in sorted(folder.iterdir()):
         digest.update(path.read_bytes())
     return digest.hexdigest()
+
+
+# A template's audit hook that writes every open of a file under its SOURCE to opens.txt: how the
+# stage() tests count reads of the shared source (no braces: it goes into templates that are formatted).
+COUNT_OPENS = """
+def count_opens(event, args):
+    if event == "open" and isinstance(args[0], (str, bytes, os.PathLike)):
+        path = os.fsdecode(args[0])
+        if path.startswith(SOURCE + os.sep):
+            with open("opens.txt", "a") as f:
+                f.write(path + "\\n")
+"""

@@ -162,7 +162,7 @@ def sticky_name(job: JobExecutorInterface) -> Optional[str]:
     input, its tmpdir), and Snakemake evaluates them anew once the job's input exists, so reading
     them here would double their cost for every job of a large run."""
     rule = getattr(job, "rule", None)
-    declared = rule.resources.get(RESOURCE) if rule is not None and hasattr(rule.resources, "get") else None
+    declared = rule.resources.get(RESOURCE) if rule is not None else None
     if isinstance(declared, Resource) and not declared.is_evaluable():
         value = declared.value
         return None if value is None else str(value)

@@ -24,7 +24,7 @@ from snakemake_executor_plugin_sticky.api import stage as staging
 from snakemake_executor_plugin_sticky.api.stage import StageError, stage
 
 from conftest import Workflow, snakemake_env
-from helpers import as_resident, digest_of, make_model, start_scheduler
+from helpers import COUNT_OPENS, as_resident, digest_of, make_model, start_scheduler
 
 
 @pytest.fixture
@@ -172,19 +172,16 @@ def test_eviction_removes_the_least_recently_used_copies_but_never_one_in_use(tm
 
 # -- in workflows ---------------------------------------------------------------------------------
 
-TEMPLATE = """
+TEMPLATE = (
+    """
 import hashlib, os, sys
 from snakemake_executor_plugin_sticky import stage
 
 SOURCE = {source!r}
 
-def count_opens(event, args):
-    if event == "open" and isinstance(args[0], (str, bytes, os.PathLike)):
-        path = os.fsdecode(args[0])
-        if path.startswith(SOURCE + os.sep):
-            with open("opens.txt", "a") as f:
-                f.write(path + "\\n")
-
+"""
+    + COUNT_OPENS
+    + """
 def setup():
     sys.addaudithook(count_opens)
     local = stage(SOURCE)
@@ -196,6 +193,7 @@ def setup():
         f.write(f"{{os.getpid()}} {{local}} {{digest.hexdigest()}}\\n")
     return {{"local": str(local), "digest": digest.hexdigest()}}
 """
+)
 
 SNAKEFILE = """
 configfile: "config.yaml"

@@ -10,8 +10,8 @@ import subprocess
 import time
 from pathlib import Path
 
-from conftest import NETCLUSTER, NETCLUSTER_CONF, Workflow
-from helpers import digest_of, make_model, wait_for
+from conftest import NETCLUSTER, NETCLUSTER_CONF, Background, Workflow
+from helpers import COUNT_OPENS, digest_of, make_model, wait_for
 
 ENV = {"SLURM_CONF": NETCLUSTER_CONF}
 NODE_LOCAL = "/var/tmp/netcluster-local"
@@ -27,19 +27,16 @@ rule use:
     script: "scripts/use.py"
 """
 
-TEMPLATE = """
+TEMPLATE = (
+    """
 import hashlib, os, socket, sys
 from snakemake_executor_plugin_sticky import stage
 
 SOURCE = {source!r}
 
-def count_opens(event, args):
-    if event == "open" and isinstance(args[0], (str, bytes, os.PathLike)):
-        path = os.fsdecode(args[0])
-        if path.startswith(SOURCE + os.sep):
-            with open("opens.txt", "a") as f:
-                f.write(path + "\\n")
-
+"""
+    + COUNT_OPENS
+    + """
 def setup():
     sys.addaudithook(count_opens)
     local = stage(SOURCE) if SOURCE else None
@@ -49,6 +46,7 @@ def setup():
             digest.update(f.read())
     return {{"host": socket.gethostname(), "pid": os.getpid(), "local": str(local), "digest": digest.hexdigest()}}
 """
+)
 
 USE = """
 import json, os, socket, time
@@ -67,6 +65,14 @@ def node_workflow(workflow: Workflow, source: str = "") -> None:
     workflow.write("config.yaml", "sticky:\n  model:\n    setup: templates/model.py\n")
     workflow.write("templates/model.py", TEMPLATE.format(source=source))
     workflow.write("scripts/use.py", USE)
+
+
+def busy_on_node3(workflow: Workflow, *args: str) -> Background:
+    """A run on the three nodes, once one of its invocations has started on node3."""
+    node_workflow(workflow)
+    proc = workflow.popen(*ON_NODES, *args, cores=1, env=ENV)
+    wait_for(lambda: any(p.suffix == ".node3" for p in (workflow.root / "started").glob("*")), timeout=180)
+    return proc
 
 
 def cluster(*args: str) -> str:
@@ -141,10 +147,8 @@ def test_workers_on_three_nodes_stage_a_copy_each_reading_the_source_once(workfl
 def test_a_node_cut_off_and_frozen_mid_run_is_given_up_and_rewrites_nothing_when_it_resumes(
     workflow: Workflow, netcluster
 ):
-    node_workflow(workflow)
-    proc = workflow.popen(*ON_NODES, "--sticky-node-timeout", "10", "--config", "count=18", "sleep=3", cores=1, env=ENV)
+    proc = busy_on_node3(workflow, "--sticky-node-timeout", "10", "--config", "count=18", "sleep=3")
     try:
-        wait_for(lambda: any(p.suffix == ".node3" for p in (workflow.root / "started").glob("*")), timeout=180)
         cluster("cut", "node3")
         cluster("freeze", "node3")
         output, _ = proc.communicate(timeout=300)
@@ -169,10 +173,8 @@ def test_a_node_cut_off_and_frozen_mid_run_is_given_up_and_rewrites_nothing_when
 
 
 def test_a_node_that_crashes_mid_run_loses_nothing_and_leaves_nothing(workflow: Workflow, netcluster):
-    node_workflow(workflow)
-    proc = workflow.popen(*ON_NODES, "--config", "count=18", "sleep=2", cores=1, env=ENV)
+    proc = busy_on_node3(workflow, "--config", "count=18", "sleep=2")
     try:
-        wait_for(lambda: any(p.suffix == ".node3" for p in (workflow.root / "started").glob("*")), timeout=180)
         cluster("crash", "node3")
         output, _ = proc.communicate(timeout=300)
         assert proc.returncode == 0, output
@@ -188,9 +190,7 @@ def test_a_node_that_crashes_mid_run_loses_nothing_and_leaves_nothing(workflow: 
 def test_a_worker_job_that_slurm_requeues_mid_run_loses_nothing_and_leaves_nothing_queued(
     workflow: Workflow, netcluster
 ):
-    node_workflow(workflow)
-    proc = workflow.popen(*ON_NODES, "--sticky-preempt-grace", "2", "--config", "count=18", "sleep=2", cores=1, env=ENV)
-    wait_for(lambda: any(p.suffix == ".node3" for p in (workflow.root / "started").glob("*")), timeout=180)
+    proc = busy_on_node3(workflow, "--sticky-preempt-grace", "2", "--config", "count=18", "sleep=2")
     listing = subprocess.run(["squeue", "-h", "-w", "node3", "-o", "%i"], capture_output=True, text=True, env=ENV)
     job = listing.stdout.split()[0]
     subprocess.run(["scontrol", "requeue", job], check=True, env=ENV)

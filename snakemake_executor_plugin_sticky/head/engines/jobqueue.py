@@ -35,7 +35,17 @@ from ..process_changes import ProcessChanges
 from ..run_folders import RunFolder, clean_stale_runs
 from ..security import run_credentials, write_credentials
 from .base import OnEvent, worker_plugin
-from .batch_systems import SYSTEMS, PoolSpec, cancel, check_pools, job_for, node_addresses, pools_of, submit
+from .batch_systems import (
+    COMMAND_TIMEOUT_S,
+    SYSTEMS,
+    PoolSpec,
+    cancel,
+    check_pools,
+    job_for,
+    node_addresses,
+    pools_of,
+    submit,
+)
 from .hosted import HostedScheduler, worker_close_s
 
 __all__ = ["BatchBackend", "check_pools", "network_host"]
@@ -43,7 +53,6 @@ __all__ = ["BatchBackend", "check_pools", "network_host"]
 SCALE_PERIOD_S = 1.0
 STATUS_POLL_S = 15.0
 FAILED_STARTS = 3  # jobs in a row that end before their worker connects: the pool fails
-COMMAND_TIMEOUT_S = 60  # squeue, qstat and their kind
 LEFT_JOB_GRACE_S = 10.0  # a job whose worker left unasked ends by itself within this, or is cancelled
 
 
