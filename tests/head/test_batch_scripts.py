@@ -284,7 +284,7 @@ def test_an_address_other_nodes_cannot_reach_is_refused_naming_the_interface_set
     message = str(error.value)
     assert "127.0.1.1" in message and "loopback" in message and "--sticky-interface" in message and "lo " in message
     assert network_host("lo")[0] == "127.0.0.1", "a loopback interface named on purpose (one-node cluster)"
-    address, origin = network_host(None, ["no-such-node.invalid", "127.0.0.1"])
+    address, origin = network_host(None, lambda: ["no-such-node.invalid", "127.0.0.1"])
     assert address == "127.0.0.1" and "route to compute node 127.0.0.1" in origin, "the route to the first node"
     with pytest.raises(WorkflowError, match="--sticky-interface no-such-if"):
         network_host("no-such-if")

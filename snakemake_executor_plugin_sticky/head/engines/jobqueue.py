@@ -23,8 +23,9 @@ import socket
 import subprocess
 import time
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 from snakemake_interface_common.exceptions import WorkflowError
 
@@ -56,11 +57,11 @@ FAILED_STARTS = 3  # jobs in a row that end before their worker connects: the po
 LEFT_JOB_GRACE_S = 10.0  # a job whose worker left unasked ends by itself within this, or is cancelled
 
 
-def network_host(interface: Optional[str], nodes: Sequence[str] = ()) -> tuple[str, str]:
+def network_host(interface: Optional[str], nodes: Callable[[], Sequence[str]] = tuple) -> tuple[str, str]:
     """The address the workers reach this host at, and where it comes from: the interface's;
-    else the one this host sends from to the first compute node it has a route to (the batch
-    system names its nodes); else that of this host's name, which must not be a loopback address
-    (a Debian hosts file maps the name to 127.0.1.1)."""
+    else the one this host sends from to the first compute node it has a route to (`nodes`
+    asks the batch system, only when no interface is named); else that of this host's name,
+    which must not be a loopback address (a Debian hosts file maps the name to 127.0.1.1)."""
     if interface:
         from distributed.utils import get_ip_interface
 
@@ -68,7 +69,7 @@ def network_host(interface: Optional[str], nodes: Sequence[str] = ()) -> tuple[s
             return get_ip_interface(interface), f"interface {interface} (--sticky-interface)"
         except ValueError as e:
             raise WorkflowError(f"--sticky-interface {interface}: {e} Interfaces here: {interfaces()}.") from e
-    for node in nodes:
+    for node in nodes():
         source = route_source(node)
         if source is not None:
             return source, f"the route to compute node {node}; --sticky-interface chooses another"
@@ -133,7 +134,7 @@ class BatchBackend(HostedScheduler):
         self.workdir = workdir
         self.system = SYSTEMS[settings.cluster]
         self.run_dir = Path(workdir, ".snakemake", "sticky")
-        self.host, self.host_origin = network_host(settings.interface, node_addresses(self.system))
+        self.host, self.host_origin = network_host(settings.interface, partial(node_addresses, self.system))
         # Dask checks heartbeats every worker_ttl and removes a worker unheard for longer: a
         # worker is given up between one and two worker_ttl after its last heartbeat.
         self.worker_ttl = settings.node_timeout / 2
