@@ -88,7 +88,7 @@ class Executor(RealExecutor):
         self.report = RunReport(self.templates, Path(self.workflow.persistence.path) / "sticky", self.logger)
         self.changes.freeze_collections()
         self.changes.skip_pipe_lookups(self.workflow.rules)
-        self._closing = self.changes.quiet_closing_handshakes()
+        self._closing = self.changes.quiet_closing_noise()
         for note in sorted(self.declarations.notes):
             self.logger.info(note)
         # A checkpoint may add sticky jobs to the DAG later: then pools last until the run ends.

@@ -54,7 +54,7 @@ class ProcessChanges:
         logger.setLevel(level)
         self._undo.append(lambda: logger.setLevel(before))
 
-    def quiet_closing_handshakes(self) -> threading.Event:
+    def quiet_closing_noise(self) -> threading.Event:
         """Two things Dask logs as the engine closes read like failures and are none. A connection
         that Dask opens to the scheduler is cut before its TLS handshake ends (a warning that reads
         like a failure of credentials); and the scheduler's close cuts the connection of a worker it
