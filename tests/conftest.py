@@ -203,7 +203,10 @@ def workflow(tmp_path: Path) -> Workflow:
     wf = Workflow(tmp_path)
     yield wf
     for process in wf.leftover_processes(wait_s=0):
-        process.kill()
+        try:
+            process.kill()
+        except psutil.NoSuchProcess:
+            pass  # it ended between the listing and the kill
 
 
 def slurm_up() -> bool:
