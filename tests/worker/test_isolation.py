@@ -276,18 +276,23 @@ SCRIPTS = {
         def cube(x):
             return x ** 3
 
+        def handlers(_):
+            import signal
+            return [str(signal.getsignal(s)) for s in (signal.SIGTERM, signal.SIGINT)]
+
         if __name__ == "__main__":
             if not pairs.first(snakemake):
                 pairs.look(snakemake)
             with multiprocessing.Pool(2) as pool:
                 squares = pool.map(Square(), range(4))
+                signals = pool.map(handlers, range(2))  # a fresh Python's, not the worker's
             with multiprocessing.get_context("spawn").Pool(1) as pool:
                 cubes = pool.map(cube, range(3))
             if pairs.first(snakemake):
                 pairs.changed(snakemake)
             else:
                 pairs.looked(snakemake)
-            open(snakemake.output[0], "w").write(f"{squares} {cubes}\\n")
+            open(snakemake.output[0], "w").write(f"{squares} {cubes} {signals}\\n")
     """,
     "omp": """
         import os

@@ -9,6 +9,7 @@
 - `atexit` hooks a script registers run at its end, as its process's exit would run them, after
   the threads it started have ended (an executor's idle threads are shut down, as at exit).
 - Threads a script starts work for its invocation: their prints and logs are the job's.
+- A process forked in the worker starts with a fresh Python's SIGTERM and SIGINT handlers.
 - Signal handlers, the umask and the locale a script sets, and the standard file descriptors it
   points elsewhere (`os.dup2(log, 1)`), are put back at its end; moving a standard descriptor
   beside a neighbour fails as a directory change does.
@@ -40,6 +41,9 @@ _set = os._Environ.__setitem__
 _unset = os._Environ.__delitem__
 _admission: Optional[Admission] = None
 _installed = False
+# The process's own, before the worker relays and journals `signal.signal`: a fork child sets its
+# handlers with it (it has one thread, and nothing to journal).
+_set_handler = signal.signal
 
 
 class InvocationEnviron(os._Environ):
@@ -138,7 +142,14 @@ def _unregister(real: Callable) -> Callable:
 
 
 def _after_fork_in_child() -> None:
-    context = current() if _installed else None
+    """A process forked in a resident worker (a script's `multiprocessing.Pool`) is not the
+    worker: it gets a fresh Python's SIGTERM and SIGINT, not the worker's. With the worker's
+    handler a pool child outlives `Pool.terminate`, and the script waits for it forever."""
+    if not _installed:
+        return
+    _set_handler(signal.SIGTERM, signal.SIG_DFL)
+    _set_handler(signal.SIGINT, signal.default_int_handler)
+    context = current()
     if context is not None:
         context.forked = True  # the child's prints go to the descriptors it inherited
 
