@@ -87,10 +87,12 @@ def test_snakemake_internals():
     assert hasattr(Workflow, "async_run")
     scheduling = pytest.importorskip("snakemake.scheduling.job_scheduler")
     source = inspect.getsource(scheduling)
-    assert "_schedule_reevalutation" in source, "the job rate limiter's Timer (cancel_pending_reevaluations)"
+    assert "self._schedule_reevalutation(self.job_rate_limiter.timespan)" in source, (
+        "the job rate limiter's Timer, a method of the scheduler (coalesce_wakeups, cancel_pending_reevaluations)"
+    )
     init, finish = inspect.getsource(scheduling.JobScheduler.__init__), inspect.getsource(scheduling.JobScheduler)
     assert "self.finish_callback = self._proceed" in init and "self._open_jobs = threading.Semaphore(0)" in init, (
-        "JobScheduler.finish_callback and its semaphore (ProcessChanges.coalesce_finish_wakeups)"
+        "JobScheduler.finish_callback and its semaphore (ProcessChanges.coalesce_wakeups)"
     )
     walk = inspect.getsource(Job.is_pipe_or_service_input)
     assert "self.dag.dependencies[self]" in walk and "pipe_or_service_output" in walk, (
@@ -99,7 +101,7 @@ def test_snakemake_internals():
     flags = inspect.getsource(Job.__init__)
     assert 'is_flagged(f_, "pipe") or is_flagged(f_, "service")' in flags, "a job's pipe outputs are its rule's"
     assert "self._tofinish.clear()" in finish and "self._finish_jobs()" in finish, (
-        "a pass of the scheduler's loop finishes every job in _tofinish (coalesce_finish_wakeups)"
+        "a pass of the scheduler's loop finishes every job in _tofinish (coalesce_wakeups)"
     )
 
 

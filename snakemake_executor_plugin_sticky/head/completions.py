@@ -1,10 +1,11 @@
 """Finished invocations reported to Snakemake a few at a time.
 
-Snakemake runs one scheduling round for every job reported finished, and each round looks at
-every ready job: with thousands of short invocations, a round per invocation costs more than the
-invocation. While the workers still have invocations queued to go on with, a report waits a few
-milliseconds for others, and they go out together, so that one round refills several slots.
-Reports go out at once when the queue runs low, so a worker never waits for them.
+Snakemake runs a scheduling round whenever jobs are reported finished, and each round costs
+about as much as a few no-op invocations whatever the number of jobs it takes: a busy Snakemake
+thread that takes reports as they trickle in runs a round for every few invocations. Reports
+therefore wait, for at most a tenth of a second, until `batch` of them (half of Snakemake's
+window) are back, and go out together, so that one round refills half the window. They go out at
+once when the workers run low on queued invocations, or when one failed.
 """
 
 from __future__ import annotations
@@ -22,9 +23,10 @@ HOLD_S = 0.1  # the longest a report waits for company
 class CompletionBatcher:
     """Collects reports; a thread of its own delivers them, in the order they came."""
 
-    def __init__(self, on_error: Callable[[BaseException], None], hold_s: float = HOLD_S):
+    def __init__(self, on_error: Callable[[BaseException], None], hold_s: float = HOLD_S, batch: int = 0):
         self.on_error = on_error
         self.hold_s = hold_s
+        self.batch = batch  # 0: no batch size, reports wait for urgency or the hold
         self._pending: list[tuple[Report, Fallback]] = []
         self._first_at = 0.0
         self._urgent = False
@@ -34,14 +36,15 @@ class CompletionBatcher:
         self._thread.start()
 
     def add(self, report: Report, urgent: bool, fallback: Fallback) -> None:
-        """Queue a report; `urgent` sends it and all before it now (the workers run low).
+        """Queue a report; `urgent` sends it and all before it now (the workers run low), as does
+        a full batch.
         Should the report fail, `fallback` gets the error: the job must end somehow, or Snakemake
         would wait for it forever."""
         with self._changed:
             if not self._pending:
                 self._first_at = time.monotonic()
             self._pending.append((report, fallback))
-            self._urgent = self._urgent or urgent
+            self._urgent = self._urgent or urgent or len(self._pending) >= self.batch > 0
             self._changed.notify()
 
     def close(self, deliver: bool = True) -> None:

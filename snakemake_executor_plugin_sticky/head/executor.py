@@ -84,7 +84,8 @@ class Executor(RealExecutor):
         self._placed: set[str] = set()  # identities of the templates whose environment is checked
         self._errors = 0
         self._stop_status = threading.Event()
-        self.completions = CompletionBatcher(on_error=self.report_failed)
+        window = self.cores if isinstance(self.cores, int) else 0  # the jobs Snakemake runs at once
+        self.completions = CompletionBatcher(on_error=self.report_failed, batch=window // 2)
         self.report = RunReport(self.templates, Path(self.workflow.persistence.path) / "sticky", self.logger)
         self.changes.freeze_collections()
         self.changes.skip_pipe_lookups(self.workflow.rules)
@@ -93,8 +94,7 @@ class Executor(RealExecutor):
             self.logger.info(note)
         # A checkpoint may add sticky jobs to the DAG later: then pools last until the run ends.
         checkpoints = any(rule.is_checkpoint for rule in self.workflow.rules)
-        window = self.cores if isinstance(self.cores, int) else 0
-        self.template_jobs = TemplateJobs(jobs, retire_early=not checkpoints, window=window)
+        self.template_jobs = TemplateJobs(jobs, retire_early=not checkpoints)
         try:
             used = {name: self.place(template) for name, template in used.items()}
             for template in ready_templates(used, self.dag.ready_jobs):
@@ -261,7 +261,7 @@ class Executor(RealExecutor):
         """The jobs of one scheduling round: sticky ones go to the workers in one batch."""
         if not self._wakeups_coalesced:
             self._wakeups_coalesced = True
-            self.changes.coalesce_finish_wakeups(self.workflow.scheduler)
+            self.changes.coalesce_wakeups(self.workflow.scheduler)
         sticky = []
         for job in jobs:
             self.run_job_pre(job)
@@ -302,10 +302,12 @@ class Executor(RealExecutor):
         if self._cancelled:
             return
         batch = []
-        for job, template in jobs:
+        prepared = self.workflow.async_run(prepare_all([job for job, _ in jobs]))
+        for (job, template), error in zip(jobs, prepared):
             job_info = SubmittedJobInfo(job=job)
             try:
-                self.workflow.async_run(job.prepare())
+                if error is not None:
+                    raise error
                 invocation = build_invocation(
                     job,
                     template,
@@ -471,3 +473,16 @@ def scheduling_of(workflow: Any) -> tuple[Optional[str], Optional[int], Optional
     limit = scheduling.max_jobs_per_timespan
     rate = limit.max_jobs / limit.timespan if limit is not None and limit.timespan else None
     return scheduling.scheduler, scheduling.subsample, rate
+
+
+async def prepare_all(jobs: list[JobExecutorInterface]) -> list[Optional[Exception]]:
+    """`job.prepare()` for a round's jobs in one run of Snakemake's event loop (a run of its own
+    per job costs as much as a no-op job's preparation); each job's error, or None."""
+    errors: list[Optional[Exception]] = []
+    for job in jobs:
+        try:
+            await job.prepare()
+            errors.append(None)
+        except Exception as e:
+            errors.append(e)
+    return errors

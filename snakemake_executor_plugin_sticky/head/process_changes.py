@@ -9,6 +9,8 @@ Snakemake's API gets its state back).
   noise in a Snakemake log).
 - multiprocessing's spawn preparation, so that spawned children skip re-importing the snakemake
   CLI (see forkserver.py).
+- Snakemake's scheduler: its wakeups are coalesced, and a job's check for pipe inputs is skipped
+  where no rule has a pipe (both cost more than a no-op invocation in a large run).
 """
 
 from __future__ import annotations
@@ -79,12 +81,16 @@ class ProcessChanges:
             self._undo.append(partial(logger.removeFilter, keep))
         return closing
 
-    def coalesce_finish_wakeups(self, scheduler: Any) -> None:
-        """Snakemake's scheduler runs a pass of its loop for every job reported finished (a
-        counting semaphore), and every pass looks at all ready jobs and, with a job rate limit,
-        starts a timer thread: a pass per invocation costs more than the invocation. A pass
-        handles every job reported finished before it, so a report wakes the loop only when it is
-        the first since the last pass took them: the same passes, without the empty ones."""
+    def coalesce_wakeups(self, scheduler: Any) -> None:
+        """Snakemake's scheduler runs a pass of its loop for every release of a counting
+        semaphore, and every pass looks at all ready jobs: a pass per invocation costs more than
+        the invocation. Two kinds of release are coalesced, without losing a pass that has work:
+        - a job reported finished wakes the loop only when it is the first since the last pass
+          took them (a pass handles every job reported before it);
+        - with a job rate limit (the CLI always sets one) every pass starts a timer that releases
+          the semaphore a timespan later, so every pass echoes once a timespan until the run
+          ends: hundreds of idle passes a second in a long run. One timer waits at a time; its
+          pass starts the next, so the loop still looks again within a timespan."""
         original = scheduler.finish_callback
         if getattr(original, "__func__", None) is not type(scheduler)._proceed or scheduler.dryrun:
             return  # another executor's callbacks (--immediate-submit), or a dry run: left as they are
@@ -98,6 +104,8 @@ class ProcessChanges:
 
         scheduler.finish_callback = proceed
         self._undo.append(partial(setattr, scheduler, "finish_callback", original))
+        scheduler._schedule_reevalutation = ReevaluationTimer(scheduler._open_jobs).schedule
+        self._undo.append(partial(delattr, scheduler, "_schedule_reevalutation"))
 
     def skip_pipe_lookups(self, rules: Any) -> None:
         """Snakemake's `Job.prepare` asks, for each input of a job, whether a pipe or a service
@@ -135,6 +143,33 @@ def snakemake_cli_process() -> bool:
     return getattr(getattr(main, "main", None), "__module__", "") == "snakemake.cli"
 
 
+class ReevaluationTimer:
+    """Releases Snakemake's scheduling semaphore a timespan after it is asked to, with at most
+    one release waiting (see ProcessChanges.coalesce_wakeups)."""
+
+    def __init__(self, semaphore: threading.Semaphore):
+        self.semaphore = semaphore
+        self._lock = threading.Lock()
+        self._waiting = False
+
+    def schedule(self, delay: float) -> None:
+        with self._lock:
+            if self._waiting:
+                return
+            self._waiting = True
+        timer = threading.Timer(delay, self._release)
+        timer.name = REEVALUATION_THREAD
+        timer.start()
+
+    def _release(self) -> None:
+        with self._lock:
+            self._waiting = False
+        self.semaphore.release()
+
+
+REEVALUATION_THREAD = "sticky-reevaluation"
+
+
 def cancel_pending_reevaluations() -> None:
     """Snakemake's job rate limiter starts a Timer thread (not a daemon) in every scheduling round
     to look again one timespan later, and at exit the interpreter waits for the last one: up to
@@ -142,5 +177,6 @@ def cancel_pending_reevaluations() -> None:
     have nothing left to do."""
     for thread in threading.enumerate():
         function = getattr(thread, "function", None)
-        if isinstance(thread, threading.Timer) and "_schedule_reevalutation" in getattr(function, "__qualname__", ""):
+        snakemakes = "_schedule_reevalutation" in getattr(function, "__qualname__", "")
+        if isinstance(thread, threading.Timer) and (snakemakes or thread.name == REEVALUATION_THREAD):
             thread.cancel()

@@ -8,12 +8,10 @@ import threading
 
 
 class TemplateJobs:
-    """Counts of a run's templates; `retire_early` when no checkpoint can add sticky jobs later;
-    `window`, the jobs Snakemake runs at once (its --cores)."""
+    """Counts of a run's templates; `retire_early` when no checkpoint can add sticky jobs later."""
 
-    def __init__(self, jobs: dict[str, int], retire_early: bool, window: int = 0):
+    def __init__(self, jobs: dict[str, int], retire_early: bool):
         self._jobs_left = dict(jobs)
-        self.window = window
         self._slots: dict[str, int] = {}
         self._losses: dict[str, int] = {}
         self._in_flight = 0
@@ -38,11 +36,10 @@ class TemplateJobs:
 
     def returned(self) -> bool:
         """One invocation is back; True when Snakemake must hear of it at once: the workers are
-        about to run out of queued ones (fewer than one waiting behind each running one), or half
-        the window is back, so that Snakemake refills it while the workers still run the rest."""
+        about to run out of queued ones (fewer than one waiting behind each running one)."""
         with self._lock:
             self._in_flight -= 1
-            return self._in_flight <= max(2 * sum(self._slots.values()), self.window // 2)
+            return self._in_flight <= 2 * sum(self._slots.values())
 
     def job_done(self, template: str) -> tuple[bool, bool]:
         """One job of the template is done: (retire its workers now, every sticky job is done)."""

@@ -85,3 +85,19 @@ def test_a_failing_report_goes_to_its_fallback_and_the_rest_still_go_out():
     assert [name for name, _ in seen.delivered] == ["after"]
     assert [str(e) for e in fallen_back] == ["callback broke"], "the job's fallback heard of it"
     assert [str(e) for e in seen.errors] == ["fallback broke after callback broke"]
+
+
+def test_a_full_batch_goes_out_without_waiting():
+    seen = Recorder()
+    batcher = CompletionBatcher(seen.errors.append, hold_s=30, batch=3)
+    try:
+        for name in "ab":
+            batcher.add(seen.report(name), urgent=False, fallback=seen.errors.append)
+        time.sleep(0.1)
+        assert seen.delivered == [], "two of a batch of three wait"
+        batcher.add(seen.report("c"), urgent=False, fallback=seen.errors.append)
+        assert seen.arrived.wait(5), "not held for the 30 s"
+        time.sleep(0.05)
+        assert [name for name, _ in seen.delivered] == ["a", "b", "c"]
+    finally:
+        batcher.close()
