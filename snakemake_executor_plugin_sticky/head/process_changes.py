@@ -21,8 +21,9 @@ import gc
 import logging
 import sys
 import threading
+import time
 from functools import partial
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 
 class ProcessChanges:
@@ -144,26 +145,29 @@ def snakemake_cli_process() -> bool:
 
 
 class ReevaluationTimer:
-    """Releases Snakemake's scheduling semaphore a timespan after it is asked to, with at most
-    one release waiting (see ProcessChanges.coalesce_wakeups)."""
+    """Releases Snakemake's scheduling semaphore a timespan after it is asked to, with one
+    release waiting at a time unless a request falls due sooner (the rate limiter's second after
+    a queue-input wait of ten; see ProcessChanges.coalesce_wakeups)."""
 
     def __init__(self, semaphore: threading.Semaphore):
         self.semaphore = semaphore
         self._lock = threading.Lock()
-        self._waiting = False
+        self._due: Optional[float] = None  # when the waiting release falls due
 
     def schedule(self, delay: float) -> None:
+        due = time.monotonic() + delay
         with self._lock:
-            if self._waiting:
+            if self._due is not None and self._due <= due:
                 return
-            self._waiting = True
-        timer = threading.Timer(delay, self._release)
+            self._due = due
+        timer = threading.Timer(delay, self._release, args=(due,))
         timer.name = REEVALUATION_THREAD
         timer.start()
 
-    def _release(self) -> None:
+    def _release(self, due: float) -> None:
         with self._lock:
-            self._waiting = False
+            if self._due == due:
+                self._due = None
         self.semaphore.release()
 
 

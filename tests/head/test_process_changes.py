@@ -52,3 +52,12 @@ def test_a_rounds_jobs_are_prepared_in_order_each_with_its_own_error():
     errors = asyncio.run(prepare_all(jobs))
     assert errors == [None, broken, None]
     assert [job.prepared for job in jobs] == [True, False, True], "a failed job does not stop the others"
+
+
+def test_a_request_that_falls_due_sooner_than_the_waiting_one_is_kept():
+    semaphore = threading.Semaphore(0)
+    timer = ReevaluationTimer(semaphore)
+    timer.schedule(30)  # Snakemake waiting ten seconds for queue input, say
+    timer.schedule(0.05)  # then the rate limiter's timespan
+    assert semaphore.acquire(timeout=5), "the sooner one is not held back by the later one"
+    cancel_pending_reevaluations()
