@@ -83,6 +83,25 @@ def test_a_removal_is_a_loss_unless_the_worker_retired_or_was_preempted(tmp_path
     assert run.workers["tls://w0b"].id == "llm-0#2", "a replacement is the next incarnation"
 
 
+def test_a_worker_that_dies_before_its_first_event_is_a_loss_all_the_same(tmp_path: Path):
+    """Killed as its setup began, before its first event left it: the scheduler's removal is all
+    the run hears. It is counted (the template's loss budget depends on it) and named."""
+    run, log = records(tmp_path)
+    lost = run.record(Removed(address="tls://w1", graceful=False, running=(), time=20.0, name="llm-1"))
+    assert lost is not None and lost.lost and lost.template == "llm" and lost.id == "llm-1#1"
+    assert (
+        "warning",
+        "Sticky worker llm-1#1 (template 'llm') was lost; its running invocations go to another worker.",
+    ) in log.lines
+    assert run.describe_worker("tls://w1") == "worker llm-1#1"
+    run.record(SetupStarted(**{**worker(1), "address": "tls://w1b"}))
+    assert run.workers["tls://w1b"].id == "llm-1#2" and "replaces a lost one" in log.lines[-1][1]
+    # a worker that is not the run's (attach mode), or one that left on purpose, is not counted
+    assert run.record(Removed(address="tls://x", graceful=False, running=(), time=21.0, name="theirs-0")) is None
+    assert run.record(Removed(address="tls://w2", graceful=True, running=(), time=21.0, name="llm-2")) is None
+    assert set(run.workers) == {"tls://w1", "tls://w1b"}
+
+
 def test_a_rebuild_keeps_the_first_setup_and_counts(tmp_path: Path):
     run, log = records(tmp_path)
     run.record(Ready(**worker(0), setup_s=2.0, setup_started=8.0))

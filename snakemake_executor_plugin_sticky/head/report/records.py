@@ -164,7 +164,7 @@ class RunRecords:
         return record if isinstance(event, Removed) and record is not None and record.lost else None
 
     def _removed(self, event: Removed) -> tuple[Optional[WorkerRecord], Optional[str]]:
-        record = self.workers.get(event.address)
+        record = self.workers.get(event.address) or self._unannounced(event)
         if record is None or record.gone_at is not None:
             return None, None
         record.gone_at = event.time
@@ -177,6 +177,19 @@ class RunRecords:
                 "its running invocations go to another worker."
             )
         return record, f"Sticky worker {record.id} left after preemption." if record.preempted else None
+
+    def _unannounced(self, event: Removed) -> Optional[WorkerRecord]:
+        """A worker of ours removed before its first event reached the run (it died as its setup
+        began, a native crash at the template's first line, say): a record of its own, so that
+        the loss is logged and counted against the template's budget, as any other. Workers of
+        ours are named after their template; others (attach mode) are not the run's to count."""
+        template = max((t for t in self.templates if event.name.startswith(f"{t}-")), key=len, default=None)
+        if template is None or event.graceful:
+            return None
+        incarnation = self._incarnations[event.name] = self._incarnations.get(event.name, 0) + 1
+        record = WorkerRecord(f"{event.name}#{incarnation}", template, event.name, "", 0, event.address, [])
+        self.workers[event.address] = record
+        return record
 
     def _exited(self, event: WorkerExited) -> None:
         record = self.workers.get(event.address)
@@ -263,7 +276,8 @@ class RunRecords:
             record = self.workers.get(address)
         if record is None:
             return f"worker {address}"
-        return f"worker {record.id}, pid {record.pid}" + (f", {record.exit}" if record.exit else "")
+        pid = f", pid {record.pid}" if record.pid else ""  # 0: it died before it said
+        return f"worker {record.id}{pid}" + (f", {record.exit}" if record.exit else "")
 
     def workers_alive(self, retiring: bool = True) -> dict[str, int]:
         """Workers of each template that have not left (without those retiring already, which
