@@ -41,17 +41,19 @@ def test_worker_killed_mid_invocation(workflow: Workflow):
     assert workflow.leftover_processes() == []
 
 
-def test_losses_beyond_the_budget_fail_the_template(workflow: Workflow):
+@pytest.mark.parametrize("wait", ["1", "0"], ids=["after-a-second", "at-once"])
+def test_losses_beyond_the_budget_fail_the_template(workflow: Workflow, wait: str):
     """A worker that dies while it builds the state (a native crash in setup) is no invocation's
-    fault: such losses count against the template's budget."""
+    fault: such losses count against the template's budget, also when the worker dies before
+    any word of it reaches the run."""
     sticky_workflow(workflow, ONE_TEMPLATE_SNAKEFILE, LLM_TEMPLATE)
     workflow.write(
         "templates/counting.py",
-        """
+        f"""
         import os, signal, time
         def setup(name, delay=0.0):
-            open(f"setups-{name}.txt", "a").write(f"{os.getpid()}\\n")
-            time.sleep(1)  # the worker is up, and the invocations wait for the state
+            open(f"setups-{{name}}.txt", "a").write(f"{{os.getpid()}}\\n")
+            time.sleep({wait})  # with 1, the worker is up, and the invocations wait for the state
             os.kill(os.getpid(), signal.SIGKILL)
     """,
     )
