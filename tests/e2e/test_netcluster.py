@@ -103,8 +103,14 @@ def files_on(node: str, folder: str) -> list[str]:
 
 
 def processes_of(node: str) -> list[str]:
-    """What runs on the node besides its slurmd."""
-    names = [Path(f"/proc/{pid}/comm").read_text().strip() for pid in cluster("pids", node).split()]
+    """What runs on the node besides its slurmd (a process that ends between the listing and the
+    read of its name is not running)."""
+    names = []
+    for pid in cluster("pids", node).split():
+        try:
+            names.append(Path(f"/proc/{pid}/comm").read_text().strip())
+        except FileNotFoundError:
+            continue
     return [name for name in names if name != "slurmd"]
 
 
