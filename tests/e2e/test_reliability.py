@@ -41,11 +41,18 @@ def test_worker_killed_mid_invocation(workflow: Workflow):
     assert workflow.leftover_processes() == []
 
 
-@pytest.mark.parametrize("wait", ["1", "0"], ids=["after-a-second", "at-once"])
-def test_losses_beyond_the_budget_fail_the_template(workflow: Workflow, wait: str):
+@pytest.mark.parametrize(
+    "wait, why",
+    [
+        ("1", "more than --sticky-max-worker-losses 1"),
+        ("0", "No worker of sticky template 'llm' could start"),  # it dies as it starts: start attempts
+    ],
+    ids=["after-a-second", "at-once"],
+)
+def test_losses_beyond_the_budget_fail_the_template(workflow: Workflow, wait: str, why: str):
     """A worker that dies while it builds the state (a native crash in setup) is no invocation's
-    fault: such losses count against the template's budget, also when the worker dies before
-    any word of it reaches the run."""
+    fault: such losses count against the template's budget, or its start attempts where the
+    worker dies as it starts. Either way the template fails, once, and nothing restarts forever."""
     sticky_workflow(workflow, ONE_TEMPLATE_SNAKEFILE, LLM_TEMPLATE)
     workflow.write(
         "templates/counting.py",
@@ -59,7 +66,7 @@ def test_losses_beyond_the_budget_fail_the_template(workflow: Workflow, wait: st
     )
     run = workflow.run("--sticky-workers", "1", "--sticky-max-worker-losses", "1", "--config", "count=2", timeout=120)
     assert run.returncode != 0
-    assert "Error in rule infer" in run.output and "more than --sticky-max-worker-losses 1" in run.output, run.output
+    assert "Error in rule infer" in run.output and why in run.output, run.output
     assert "crashed its worker" not in run.output, "the waiting invocations are not blamed"
     assert len(workflow.lines("setups-llm.txt")) >= 2, "one loss was tolerated, the second was one too many"
     assert workflow.leftover_processes() == []
