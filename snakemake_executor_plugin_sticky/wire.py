@@ -14,7 +14,7 @@ from __future__ import annotations
 import dataclasses
 import os
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Optional
+from typing import Any, ClassVar, Iterable, Optional
 
 PACKAGE = "snakemake-executor-plugin-sticky"
 
@@ -67,6 +67,18 @@ class InvocationResult:
     def ok(self) -> bool:
         """Whether the script ran to its end without an error."""
         return self.error is None
+
+
+def worker_name(template: str, *parts: object) -> str:
+    """The name a worker of the run joins with: its template's, then what tells it apart. The
+    head knows a worker's template by it before the worker's first event (see template_of)."""
+    return "-".join([template, *map(str, parts)])
+
+
+def template_of(name: str, templates: Iterable[str]) -> Optional[str]:
+    """The template of the run's worker named `name` (see worker_name), or None for a worker that
+    is not the run's (attach mode)."""
+    return max((t for t in templates if name.startswith(f"{t}-")), key=len, default=None)
 
 
 def attempt_path(attempt: str, kind: str, index: int, path: str) -> str:

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 from ...templates import TemplateSpec
-from ...wire import WATCH_FD_ENV
+from ...wire import WATCH_FD_ENV, worker_name
 from ...worker.processes import descendants, process_table
 from ...worker.supervisor import LEFTOVER_GRACE_S
 from ..forkserver import pre_spawn_environ
@@ -60,7 +60,7 @@ class EnvWorker:
         log: Any,
     ):
         self.template = template
-        self.name = f"{template.name}-{index}"
+        self.name = worker_name(template.name, index)
         self.gpus = gpus
         self.scheduler = scheduler
         self.credentials = credentials

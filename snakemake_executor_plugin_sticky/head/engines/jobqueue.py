@@ -31,6 +31,7 @@ from snakemake_interface_common.exceptions import WorkflowError
 
 from ...settings import ExecutorSettings
 from ...templates import TemplateSpec
+from ...wire import worker_name
 from ..fence import Fence
 from ..process_changes import ProcessChanges
 from ..run_folders import RunFolder, clean_stale_runs
@@ -283,7 +284,7 @@ class BatchBackend(HostedScheduler):
             if not open_pools:
                 return
             pool = min(open_pools, key=lambda p: in_pool[p.name] / p.max_workers)
-            name = f"{template.name}-{pool.name}-{next(self._names)}"
+            name = worker_name(template.name, pool.name, next(self._names))
             job = job_for(
                 self.system,
                 template,

@@ -26,7 +26,7 @@ from distributed import Nanny
 
 from ...settings import ExecutorSettings
 from ...templates import TemplateSpec
-from ...wire import EVENT_TOPIC, WorkerExited
+from ...wire import EVENT_TOPIC, WorkerExited, worker_name
 from .. import forkserver
 from ..gpus import GpuPlan, visible_gpus
 from ..process_changes import ProcessChanges
@@ -193,7 +193,7 @@ class EmbeddedBackend(HostedScheduler):
         nanny = StickyNanny(
             self._scheduler.address,
             security=self.security,
-            name=f"{template.name}-{index}",
+            name=worker_name(template.name, index),
             host=LOOPBACK,
             nthreads=template.slots,
             resources={template.tag: template.slots},

@@ -31,6 +31,7 @@ from ...wire import (
     WorkerEvent,
     WorkerExited,
     WorkerWarning,
+    template_of,
 )
 
 
@@ -182,8 +183,9 @@ class RunRecords:
         """A worker of ours removed before its first event reached the run (it died as its setup
         began, a native crash at the template's first line, say): a record of its own, so that
         the loss is logged and counted against the template's budget, as any other. Workers of
-        ours are named after their template; others (attach mode) are not the run's to count."""
-        template = max((t for t in self.templates if event.name.startswith(f"{t}-")), key=len, default=None)
+        ours are named after their template (wire.worker_name); others (attach mode) are not the
+        run's to count."""
+        template = template_of(event.name, self.templates)
         if template is None or event.graceful:
             return None
         incarnation = self._incarnations[event.name] = self._incarnations.get(event.name, 0) + 1
