@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import pickle
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Iterable, Optional
 
@@ -67,6 +68,40 @@ class InvocationResult:
     def ok(self) -> bool:
         """Whether the script ran to its end without an error."""
         return self.error is None
+
+
+class Packed:
+    """Invocations on their way to a worker, pickled once. Dask pickles a task where the client
+    sends it, and the scheduler unpickles and pickles it again to pass it on: these stay bytes
+    until the worker that runs them unpacks them. `dumps` is the pickler (cloudpickle's, which
+    also takes what the workflow's config may hold); `count` is known without unpacking."""
+
+    def __init__(
+        self, items: Optional[list[Any]] = None, data: Optional[bytes] = None, count: int = 0, dumps: Any = None
+    ) -> None:
+        self._items = items
+        self._data = data
+        self.count = len(items) if items is not None else count
+        self._dumps = dumps
+
+    def __reduce__(self) -> tuple[Any, tuple[Any, ...]]:
+        if self._data is None:
+            self._data = (self._dumps or pickle.dumps)(self._items)
+        return (Packed, (None, self._data, self.count))
+
+    def unpack(self) -> list[Any]:
+        """The invocations."""
+        return self._items if self._items is not None else pickle.loads(self._data or b"")
+
+
+@dataclass
+class Lost:
+    """What a Dask task of invocations returns in place of their results when the worker that ran
+    it was lost with one of them running (see head/engines/scheduler_plugin.py): the head, not
+    Dask, decides which of them run again, so that one that crashed its workers too often runs
+    nowhere any more."""
+
+    address: str  # the worker that was lost
 
 
 def worker_name(template: str, *parts: object) -> str:

@@ -4,7 +4,9 @@ the plain dicts Dask's events carry."""
 from __future__ import annotations
 
 import dataclasses
+import pickle
 
+import cloudpickle
 import msgpack
 import pytest
 
@@ -43,3 +45,20 @@ def test_an_event_survives_the_trip_through_dask(event: wire.Event):
 def test_a_message_of_no_known_kind_is_refused():
     with pytest.raises(ValueError, match="no sticky event of kind 'nonsense'"):
         wire.Event.from_message({"event": "nonsense"})
+
+
+def test_packed_invocations_are_pickled_once_and_pass_through_as_bytes():
+    calls = []
+
+    def dumps(items):
+        calls.append(1)
+        return cloudpickle.dumps(items)
+
+    packed = wire.Packed([{"key": "a"}, lambda: "the config may hold a function"], dumps=dumps)
+    once = pickle.dumps(packed)
+    passed_on = pickle.loads(once)  # as the scheduler does, and pickles it again for a worker
+    again = pickle.dumps(passed_on)
+    assert calls == [1] and pickle.dumps(packed) == once, "the client's pickling is done once"
+    items = pickle.loads(again).unpack()
+    assert items[0] == {"key": "a"} and items[1]() == "the config may hold a function"
+    assert packed.unpack()[0] == {"key": "a"}

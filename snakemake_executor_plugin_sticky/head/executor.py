@@ -47,6 +47,7 @@ from ..templates import TemplateSpec
 from ..wire import Event, Invocation, InvocationResult, InvocationTimedOut, Removed
 from . import forkserver
 from .advice import firstfit_installed, large_run_advice, window_advice
+from .chunking import Chunking
 from .completions import CompletionBatcher
 from .declarations import check_declarations, is_sticky, ready_templates, sticky_rules_in_group
 from .delegate import Delegate
@@ -58,7 +59,7 @@ from .template_jobs import TemplateJobs
 from .validation import check_settings
 
 if TYPE_CHECKING:  # Dask loads with the engine, not whenever Snakemake lists its plugins
-    from .engines.base import Backend
+    from .engines.base import Backend, Member
 
 
 class Executor(RealExecutor):
@@ -86,6 +87,7 @@ class Executor(RealExecutor):
         self._stop_status = threading.Event()
         window = self.cores if isinstance(self.cores, int) else 0  # the jobs Snakemake runs at once
         self.completions = CompletionBatcher(on_error=self.report_failed, batch=window // 2)
+        self.chunking = Chunking()
         self.report = RunReport(self.templates, Path(self.workflow.persistence.path) / "sticky", self.logger)
         self.changes.freeze_collections()
         self.changes.skip_pipe_lookups(self.workflow.rules)
@@ -183,14 +185,16 @@ class Executor(RealExecutor):
             self.report.sticky_jobs_done()
 
     def worker_event(self, event: Event) -> None:
-        """Engine events: the report records each; the executor acts on two kinds."""
+        """Engine events: the report records each; the executor acts on three kinds."""
         lost = self.report.record(event)
-        if isinstance(event, Removed) and not event.graceful and self.backend.fence is not None:
-            self.backend.fence.worker_left(event.address, event.name, self.backend.invocations_of(event.running))
         if isinstance(event, InvocationTimedOut):
             self.invocation_timed_out(event)
-        elif isinstance(event, Removed) and lost is not None:
-            self.worker_lost(event, lost)
+        elif isinstance(event, Removed):
+            if not event.graceful and self.backend.fence is not None:
+                self.backend.fence.worker_left(event.address, event.name, event.running)
+            if lost is not None:
+                self.worker_lost(event, lost)
+            self.backend.worker_removed(event.address)
 
     def worker_lost(self, event: Removed, lost: WorkerRecord) -> None:
         """Charge a lost worker to the invocations it was running, or else to its template's
@@ -301,7 +305,7 @@ class Executor(RealExecutor):
         the I/O cache, input functions), which that thread also changes."""
         if self._cancelled:
             return
-        batch = []
+        batch: dict[str, list[Member]] = {}
         prepared = self.workflow.async_run(prepare_all([job for job, _ in jobs]))
         for (job, template), error in zip(jobs, prepared):
             job_info = SubmittedJobInfo(job=job)
@@ -323,14 +327,27 @@ class Executor(RealExecutor):
             except Exception as e:
                 self.report_job_error(job_info, msg=f"Sticky job could not be dispatched: {type(e).__name__}: {e}")
                 continue
-            batch.append((invocation, partial(self.invocation_done, job_info)))
-        self.template_jobs.sent(len(batch))
-        self.backend.submit(batch)
+            batch.setdefault(template.name, []).append((invocation, partial(self.invocation_done, job_info)))
+        self.template_jobs.sent(sum(map(len, batch.values())))
+        self.backend.submit([task for name, members in batch.items() for task in self.tasks_of(name, members)])
+
+    def tasks_of(self, name: str, members: list[Member]) -> list[list[Member]]:
+        """A template's invocations of one round in Dask tasks (chunking.py). An invocation with
+        a time limit goes alone where the engine cannot replace a hung worker: the invocations
+        behind it in its task would wait as long as it hangs."""
+        template = self.templates[name]
+        alone = [] if self.backend.replaces_hung_workers else [m for m in members if m[0].timeout_s is not None]
+        together = [m for m in members if m[0].timeout_s is None] if alone else members
+        tasks = [[m] for m in alone] + self.chunking.split(template.identity, together, self.slots_of(template))
+        self.report.tasks_sent(name, len(tasks))
+        return tasks
 
     def invocation_done(self, job_info: SubmittedJobInfo, invocation: Invocation, outcome: Any) -> None:
         """An invocation's outcome is back: record it and queue its report to Snakemake."""
         if self.backend.fence is not None:
             outcome = self.backend.fence.accept(invocation, outcome)
+        if isinstance(outcome, InvocationResult):
+            self.chunking.observe(invocation.identity, outcome.finished - outcome.started)
         try:
             self.report.invocation_finished(invocation, outcome)
         except Exception as e:  # the record is lost, never the job: Snakemake must hear of it

@@ -18,14 +18,25 @@ from typing import Any, Iterator, Optional
 from distributed import get_worker
 
 from ..api import batcher, resident
-from ..wire import RUNNING_TOPIC, Invocation, InvocationResult, attempt_path
+from ..wire import RUNNING_TOPIC, Invocation, InvocationResult, Lost, Packed, attempt_path
 from .isolation import current
 from .resident import ResidentState, ResidentWorker, TemplateSetupError
 
 
+def run_invocations(invocations: Packed) -> list[InvocationResult]:
+    """The Dask task of one or more invocations of a template, run one after another: short
+    invocations travel together, so that Dask's cost per task is shared (head/chunking.py)."""
+    return [run_invocation(invocation) for invocation in invocations.unpack()]
+
+
+def lost(address: str) -> Lost:
+    """What a task of invocations becomes when its worker was lost while it ran one of them."""
+    return Lost(address)
+
+
 def run_invocation(invocation: Invocation) -> InvocationResult:
-    """The Dask task of one invocation: run the script with the resident state at hand, in a
-    view of the process of its own (see isolation/)."""
+    """One invocation: run the script with the resident state at hand, in a view of the process
+    of its own (see isolation/)."""
     started = time.time()
     worker = get_worker()
     result = InvocationResult(
@@ -88,7 +99,7 @@ def run_with_state(invocation: Invocation, holder: ResidentState, worker: Any, r
     watchdog = None
     generation = None
     try:
-        with holder.use() as generation, running_on(worker):
+        with holder.use() as generation, running_on(worker, invocation.key):
             result.started = time.time()  # the invocation proper, after any wait for the state
             result.extra["setup_s"] = holder.setup_s
             if invocation.timeout_s is not None:
@@ -113,15 +124,16 @@ def run_with_state(invocation: Invocation, holder: ResidentState, worker: Any, r
 
 
 @contextmanager
-def running_on(worker: Any) -> Iterator[None]:
-    """Tell the scheduler that this task runs with its state now, and when it stops: should the
-    worker die meanwhile, the invocation was running there (see WorkerRemovalPlugin)."""
-    key = worker.get_current_task()
-    worker.log_event(RUNNING_TOPIC, {"worker": worker.address, "key": key, "running": True})
+def running_on(worker: Any, key: str) -> Iterator[None]:
+    """Tell the scheduler that the invocation `key` of this task runs with its state now, and
+    when it stops: should the worker die meanwhile, it was running there (see
+    WorkerRemovalPlugin)."""
+    message = {"worker": worker.address, "task": worker.get_current_task(), "key": key, "running": True}
+    worker.log_event(RUNNING_TOPIC, message)
     try:
         yield
     finally:
-        worker.log_event(RUNNING_TOPIC, {"worker": worker.address, "key": key, "running": False})
+        worker.log_event(RUNNING_TOPIC, {**message, "running": False})
 
 
 def clear_outputs(paths: Any) -> None:

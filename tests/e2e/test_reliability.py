@@ -15,6 +15,7 @@ from helpers import (
     CAREFUL,
     LLM_TEMPLATE,
     ONE_TEMPLATE_SNAKEFILE,
+    RECORD_SCRIPT,
     complete_output,
     complete_outputs,
     report_of,
@@ -93,6 +94,38 @@ def test_an_invocation_that_crashes_its_worker_every_time_fails_alone(workflow: 
     assert run.output.count("Error in rule infer") == 1
     assert len(workflow.lines("setups-llm.txt")) <= workers + 3, "a handful of state builds"
     assert "cannot schedule new futures" not in run.output
+    assert workflow.leftover_processes() == []
+
+
+@pytest.mark.parametrize(
+    "delay, why, deaths",
+    [
+        ("0.3", ("crashed its worker 3 times",), 3),
+        # dead before its running event left the worker, Dask counts the deaths (allowed-failures)
+        ("0", ("crashed its worker 3 times", "Dask's distributed.scheduler.allowed-failures"), 5),
+    ],
+    ids=["mid-run", "at-its-first-line"],
+)
+def test_short_invocations_share_tasks_and_one_that_crashes_its_worker_still_fails_alone(
+    workflow: Workflow, delay: str, why: tuple[str, ...], deaths: int
+):
+    """Short invocations travel several to a Dask task (head/chunking.py). When one of them
+    crashes its worker every time, its task comes back lost and its other invocations run again,
+    one per task; it alone fails, and it does not crash workers without end."""
+    sticky_workflow(workflow, ONE_TEMPLATE_SNAKEFILE, LLM_TEMPLATE.replace("delay: 1.0}", "delay: 0.2}"))
+    crash = (
+        f"import ctypes, time\nif snakemake.wildcards.i == '150':\n    time.sleep({delay})\n    ctypes.string_at(0)\n"
+    )
+    workflow.write("scripts/record.py", crash + RECORD_SCRIPT)
+    run = workflow.run(
+        "--sticky-workers", "2", "--keep-going", "--scheduler", "greedy", "--config", "count=200", cores=32, timeout=300
+    )
+    assert run.returncode != 0
+    done = sorted(int(p.stem) for p in workflow.root.glob("out/*.json"))
+    assert done == [i for i in range(200) if i != 150], run.output[-3000:]
+    assert report_of(workflow)["dask_tasks"] < 200 * 0.75, "most invocations shared a task with others"
+    assert any(w in run.output for w in why) and run.output.count("Error in rule infer") == 1, run.output[-3000:]
+    assert len(workflow.lines("setups-llm.txt")) <= 2 + deaths, "a state build per crash, no more"
     assert workflow.leftover_processes() == []
 
 

@@ -56,7 +56,7 @@ def test_worker_stays_responsive_while_building_state_and_tears_down(tmp_path: P
             output=[str(tmp_path / "out.txt")], resources={"sticky": "slow"}, config={}, rule="r", threads=1
         )
         invocation = Invocation("k1", "slow", spec.identity, spec.tag, "r", 1, str(tmp_path / "script.py"), snakemake)
-        backend.submit([(invocation, lambda inv, outcome: (outcomes.append(outcome), done.set()))])
+        backend.submit([[(invocation, lambda inv, outcome: (outcomes.append(outcome), done.set()))]])
         assert done.wait(60)
         (outcome,) = outcomes
         assert outcome.ok, outcome.error

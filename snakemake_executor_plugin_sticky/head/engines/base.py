@@ -1,9 +1,10 @@
 """The engine interface the executor talks to, and the Dask client side every engine shares.
 
 An engine keeps pools of resident workers, one pool per template, and runs invocations on a
-worker of the right pool. Invocations are plain Dask tasks restricted to the template's worker
-resource tag, so any worker holding the template can take them and a lost worker's invocations
-go to another holder. No Dask Actors: they die with their worker and block scale-in.
+worker of the right pool. Invocations travel in plain Dask tasks (one, or several short ones of
+a template) restricted to the template's worker resource tag, so any worker holding the
+template can take them and a lost worker's invocations go to another holder. No Dask Actors:
+they die with their worker and block scale-in.
 """
 
 from __future__ import annotations
@@ -12,24 +13,27 @@ import queue
 import threading
 import time
 import traceback
+import uuid
 from abc import ABC, abstractmethod
 from concurrent.futures import ThreadPoolExecutor
 from concurrent.futures import wait as futures_wait
 from typing import Any, Callable, Optional, Sequence, Union
 
+import cloudpickle
 from distributed import Client, Future
 
 from ...settings import ExecutorSettings
 from ...templates import TemplateSpec
-from ...wire import EVENT_TOPIC, Event, Invocation, InvocationResult
+from ...wire import EVENT_TOPIC, Event, Invocation, InvocationResult, Lost, Packed
 from ...worker.plugin import StickyWorkerPlugin
-from ...worker.task import run_invocation
+from ...worker.task import run_invocations
 from ..fence import Fence
 from ..invocations import InvocationCrashedWorkers
 from .scheduler_plugin import WorkerRemovalPlugin, subscribed
 
 Outcome = Union[InvocationResult, BaseException]
 OnDone = Callable[[Invocation, Outcome], None]
+Member = tuple[Invocation, OnDone]  # an invocation of a task, and who hears of its outcome
 OnEvent = Callable[[dict[str, Any]], None]
 # The longest a fetched result stays held when no submission comes to carry its release.
 RELEASE_DELAY_S = 0.02
@@ -69,8 +73,17 @@ class Backend(ABC):
         """How many workers the template's pool has at most."""
 
     @abstractmethod
-    def submit(self, batch: Sequence[tuple[Invocation, OnDone]]) -> None:
-        """Run each invocation on a worker holding its template; its `on_done` gets the outcome."""
+    def submit(self, tasks: Sequence[Sequence[Member]]) -> None:
+        """Run each task's invocations (of one template), one after another, on a worker holding
+        their template; each `on_done` gets its invocation's outcome."""
+
+    @abstractmethod
+    def worker_lost(self, address: str, running: Sequence[str]) -> None:
+        """A worker died while running these invocations (keys): count it against them."""
+
+    @abstractmethod
+    def worker_removed(self, address: str) -> None:
+        """The run has handled the removal of this worker (and charged its losses)."""
 
     @abstractmethod
     def abandon(self, key: str, reason: str, worker: str) -> None:
@@ -96,15 +109,19 @@ class Backend(ABC):
 
 
 class DaskBackend(Backend):
-    """Submission and completion through a Dask client; subclasses own scheduler and workers."""
+    """Submission and completion through a Dask client; subclasses own scheduler and workers.
+
+    A Dask task runs one invocation, or several short ones of a template one after another
+    (head/chunking.py decides). Dask keys name tasks; invocations keep their own keys, which the
+    workers' running events, the hung-invocation events and the fence use."""
 
     def __init__(self, on_event: OnEvent, crash_limit: int) -> None:
-        self._futures: dict[str, tuple[Invocation, Future]] = {}
-        self._invocation_of: dict[str, str] = {}  # Dask key -> invocation key
+        self._tasks: dict[str, tuple[Future, list[Member]]] = {}  # Dask key -> its invocations
+        self._pending: dict[str, Member] = {}  # invocation key -> invocation not finished yet
         self._strikes: dict[str, list[str]] = {}  # invocation key -> workers that died running it
-        self._crashed: dict[str, list[str]] = {}
+        self._removals_heard: set[str] = set()  # workers whose removal the run has handled
+        self._parked: dict[str, list[Member]] = {}  # worker -> invocations lost with it, see _lost
         self._failed_pools: dict[str, str] = {}
-        self._abandoned: dict[str, str] = {}
         self._lock = threading.Lock()
         self._on_event = on_event
         self.crash_limit = crash_limit
@@ -112,7 +129,7 @@ class DaskBackend(Backend):
         self._broken: Optional[str] = None
         # Event handlers may call the (synchronous) client: never on the client's own loop thread.
         self._event_thread = ThreadPoolExecutor(1, thread_name_prefix="sticky-events")
-        self._finished: queue.SimpleQueue[Optional[tuple[Invocation, Future, OnDone]]] = queue.SimpleQueue()
+        self._finished: queue.SimpleQueue[Optional[Future]] = queue.SimpleQueue()
         self._spent: list[Future] = []  # results fetched and not released yet: see release_spent
         self._spent_since = 0.0  # when the oldest of them was fetched
         threading.Thread(target=self._collect_results, name="sticky-results", daemon=True).start()
@@ -152,73 +169,94 @@ class DaskBackend(Backend):
         reason = f"The sticky engine cannot go on: {reason}"
         with self._lock:
             self._broken = self._broken or reason
-            entries = list(self._futures.items())
-            for key, _ in entries:
-                self._abandoned.setdefault(key, reason)
-        for _, (_, future) in entries:
+            futures = [future for future, _ in self._tasks.values()]
+            parked = [m for members in self._parked.values() for m in members]
+            self._parked.clear()
+        for future in futures:
             future.cancel(msg=reason)
+        for invocation, _ in parked:
+            self._finish(invocation, RuntimeError(reason))
 
-    def submit(self, batch: Sequence[tuple[Invocation, OnDone]]) -> None:
+    def submit(self, tasks: Sequence[Sequence[Member]]) -> None:
         """One graph update per template for the whole batch: the scheduler's cost of an update
         hardly depends on how many tasks it carries."""
-        by_tag: dict[str, list[tuple[Invocation, OnDone]]] = {}
-        for invocation, on_done in batch:
+        by_tag: dict[str, list[list[Member]]] = {}
+        for members in tasks:
             with self._lock:
-                failure = self._broken or self._failed_pools.get(invocation.identity)
+                failure = self._broken or self._failed_pools.get(members[0][0].identity)
             if failure is not None:
-                on_done(invocation, RuntimeError(failure))
+                for invocation, on_done in members:
+                    on_done(invocation, RuntimeError(failure))
             else:
-                by_tag.setdefault(invocation.tag, []).append((invocation, on_done))
-        for tag, items in by_tag.items():
-            invocations = [invocation for invocation, _ in items]
+                by_tag.setdefault(members[0][0].tag, []).append(list(members))
+        for tag, groups in by_tag.items():
             try:
                 futures = self.client.map(
-                    run_invocation, invocations, key=[i.key for i in invocations], pure=False, resources={tag: 1}
+                    run_invocations,
+                    [Packed([invocation for invocation, _ in members], dumps=cloudpickle.dumps) for members in groups],
+                    key=[f"{members[0][0].key}-{uuid.uuid4().hex[:6]}" for members in groups],
+                    pure=False,
+                    resources={tag: 1},
                 )
             except Exception as e:  # the client is gone (the run is ending): nothing was sent
-                for invocation, on_done in items:
-                    on_done(invocation, e)
+                for members in groups:
+                    for invocation, on_done in members:
+                        on_done(invocation, e)
                 continue
             with self._lock:
-                for (invocation, on_done), future in zip(items, futures):
-                    self._track(invocation, future, on_done)
-            for (invocation, on_done), future in zip(items, futures):
-                self._when_done(invocation, future, on_done)
+                for members, future in zip(groups, futures):
+                    self._tasks[future.key] = (future, members)
+                    self._pending.update((invocation.key, (invocation, on_done)) for invocation, on_done in members)
+            for future in futures:
+                self._when_done(future)
         try:
             self.release_spent()
         except Exception:  # a release lost holds a result in a worker a little longer
             traceback.print_exc()
 
-    def _track(self, invocation: Invocation, future: Future, on_done: OnDone) -> None:
-        self._futures[invocation.key] = (invocation, future)
-        self._invocation_of[future.key] = invocation.key
-
-    def _when_done(self, invocation: Invocation, future: Future, on_done: OnDone) -> None:
-        future.add_done_callback(lambda f: self._finished.put((invocation, f, on_done)))
-
-    def invocations_of(self, dask_keys: Sequence[str]) -> list[str]:
-        """The invocations these Dask tasks run."""
-        with self._lock:
-            return [self._invocation_of[k] for k in dask_keys if k in self._invocation_of]
+    def _when_done(self, future: Future) -> None:
+        future.add_done_callback(self._finished.put)
 
     def worker_lost(self, address: str, running: Sequence[str]) -> None:
-        """A worker died while running these tasks: each of their invocations was running there
-        once more when a worker died. One that has been so `crash_limit` times fails alone; the
-        others run again (Dask reschedules them). With slots above 1, an invocation that ran
-        beside the crashing one at each of those deaths is blamed with it: that is the evidence."""
+        """A worker died while running these invocations: each was running there once more when
+        a worker died. One that has been so `crash_limit` times fails alone when its task comes
+        back (see _lost); the others run again. With slots above 1, an invocation that ran beside
+        the crashing one at each of those deaths is blamed with it: that is the evidence."""
         with self._lock:
-            crashed = []
-            for dask_key in running:
-                key = self._invocation_of.get(dask_key)
-                if key is None or key not in self._futures:
-                    continue
-                strikes = self._strikes.setdefault(key, [])
-                strikes.append(address)
-                if len(strikes) >= self.crash_limit:
-                    self._crashed[key] = list(strikes)
-                    crashed.append(self._futures[key][1])
-        for future in crashed:
-            future.cancel(msg="it crashed its workers")
+            for key in running:
+                if key in self._pending:
+                    self._strikes.setdefault(key, []).append(address)
+
+    def worker_removed(self, address: str) -> None:
+        """The run has handled the removal of this worker (and charged its losses): the
+        invocations that came back lost with it may now run again or fail."""
+        with self._lock:
+            self._removals_heard.add(address)
+            parked = self._parked.pop(address, [])
+        self._lost(address, parked)
+
+    def _lost(self, address: str, members: list[Member]) -> None:
+        """A task came back lost with its worker: each of its invocations that has crashed its
+        workers `crash_limit` times fails alone, the others are sent again, one per task. Its
+        worker's removal is handled first, as that counts the crashes; until then they wait."""
+        with self._lock:
+            if address not in self._removals_heard:
+                self._parked.setdefault(address, []).extend(members)
+                return
+            members = [m for m in members if m[0].key in self._pending]
+            crashed = {
+                invocation.key: strikes
+                for invocation, _ in members
+                if len(strikes := self._strikes.get(invocation.key, [])) >= self.crash_limit
+            }
+        again = []
+        for invocation, on_done in members:
+            if invocation.key in crashed:
+                self._finish(invocation, InvocationCrashedWorkers(crashed[invocation.key]))
+            else:
+                again.append([(invocation, on_done)])
+        if again:
+            self.submit(again)
 
     def release_spent(self) -> None:
         """Release the fetched results. Done right after a submission, not as each result comes:
@@ -243,7 +281,7 @@ class DaskBackend(Backend):
                 time.sleep(0.1)  # no tight loop should the failure repeat
 
     def _collect_some(self) -> bool:
-        """One batch of finished invocations; True once the backend is closed."""
+        """One batch of finished tasks; True once the backend is closed."""
         wait = None  # with results held, only until they are due for release
         if self._spent:
             wait = self._spent_since + RELEASE_DELAY_S - time.monotonic()
@@ -260,67 +298,86 @@ class DaskBackend(Backend):
             batch.append(self._finished.get())
         if None in batch:  # closed
             return True
-        done = [(i, f, d) for i, f, d in batch if f.status == "finished"]
+        futures = [f for f in batch if f is not None]
+        done = [f for f in futures if f.status == "finished"]
         try:
-            values = self.client.gather([f for _, f, _ in done]) if done else []
+            values = self.client.gather(done) if done else []
         except BaseException:  # a worker went with its results: take them one by one
             values = [None] * len(done)
             done = []
-        fetched = {i.key: v for (i, _, _), v in zip(done, values, strict=True)}
-        for invocation, future, on_done in batch:
-            if invocation.key not in fetched and future.status not in ("finished", "error", "cancelled"):
+        fetched = {f.key: v for f, v in zip(done, values, strict=True)}
+        for future in futures:
+            if future.key not in fetched and future.status not in ("finished", "error", "cancelled"):
                 # its result left with a lost worker and is being computed again: it comes back
                 # here when it is done, and the others are not held up meanwhile
-                self._when_done(invocation, future, on_done)
+                self._when_done(future)
                 continue
             try:
-                self._complete(invocation, future, on_done, fetched.get(invocation.key))
-            except Exception as e:  # this invocation's job fails with the cause; the others go on
+                self._complete(future, fetched.get(future.key))
+            except Exception as e:  # this task's jobs fail with the cause; the others go on
                 traceback.print_exc()
-                on_done(invocation, RuntimeError(f"its result could not be collected: {type(e).__name__}: {e}"))
+                self._fail_task(future, RuntimeError(f"its result could not be collected: {type(e).__name__}: {e}"))
         return False
 
-    def _complete(self, invocation: Invocation, future: Future, on_done: OnDone, fetched: Optional[Outcome]) -> None:
+    def _complete(self, future: Future, fetched: Any) -> None:
         with self._lock:
             if not self._spent:
                 self._spent_since = time.monotonic()
             self._spent.append(future)
-            self._invocation_of.pop(future.key, None)
-            self._futures.pop(invocation.key, None)
-            self._strikes.pop(invocation.key, None)
-            crashed = self._crashed.pop(invocation.key, None)
+            members = self._tasks.get(future.key, (None, []))[1]
         try:
-            outcome: Outcome = fetched if fetched is not None else future.result()
+            outcome = fetched if fetched is not None else future.result()
         except BaseException as e:  # cancelled, hung, lost workers, or the pool failed
+            self._fail_task(future, e)
+            return
+        with self._lock:
+            self._tasks.pop(future.key, None)
+        if isinstance(outcome, Lost):
+            self._lost(outcome.address, members)
+            return
+        for (invocation, _), result in zip(members, outcome, strict=True):
+            self._finish(invocation, result)
+
+    def _fail_task(self, future: Future, error: BaseException) -> None:
+        """The task ended without results: each of its invocations not finished yet fails, with
+        the reason the run knows (its pool failed, the engine broke down) or else `error`."""
+        with self._lock:
+            members = self._tasks.pop(future.key, (None, []))[1]
+        for invocation, _ in members:
             with self._lock:
-                failure = (
-                    self._abandoned.pop(invocation.key, None)
-                    or self._failed_pools.get(invocation.identity)
-                    or self._broken
-                )
-            if crashed is not None:
-                outcome = InvocationCrashedWorkers(crashed)
-            else:
-                outcome = RuntimeError(failure) if failure is not None else e
-        on_done(invocation, outcome)
+                failure = self._failed_pools.get(invocation.identity) or self._broken
+            self._finish(invocation, RuntimeError(failure) if failure is not None else error)
+
+    def _finish(self, invocation: Invocation, outcome: Outcome) -> None:
+        """The invocation's outcome goes to its `on_done`, once."""
+        with self._lock:
+            member = self._pending.pop(invocation.key, None)
+            self._strikes.pop(invocation.key, None)
+        if member is not None:
+            member[1](invocation, outcome)
 
     def fail_pool(self, template: TemplateSpec, reason: str) -> None:
         """The pool cannot serve: fail its waiting invocations now and later ones at once."""
         with self._lock:
             self._failed_pools[template.identity] = reason
-            waiting = [f for inv, f in self._futures.values() if inv.identity == template.identity]
+            waiting = [f for f, members in self._tasks.values() if members[0][0].identity == template.identity]
+            parked = [m for ms in self._parked.values() for m in ms if m[0].identity == template.identity]
         for future in waiting:
             future.cancel(msg=reason)
+        for invocation, _ in parked:
+            self._finish(invocation, RuntimeError(reason))
 
     def abandon(self, key: str, reason: str, worker: str) -> None:
-        """Fail a hung invocation with `reason` and replace its worker where the engine may."""
+        """Fail a hung invocation with `reason` and replace its worker where the engine may (the
+        other invocations of its task then come back lost, and run again)."""
         with self._lock:
-            key = self._invocation_of.get(key, key)
-            entry = self._futures.get(key)
-            if entry is None:
-                return
-            self._abandoned[key] = reason
-        entry[1].cancel(msg=reason)
+            member = self._pending.get(key)
+            alone = [f for f, members in self._tasks.values() if [m[0].key for m in members] == [key]]
+        if member is None:
+            return
+        self._finish(member[0], RuntimeError(reason))
+        for future in alone:
+            future.cancel(msg=reason)
         self.replace_worker(worker)
 
     def replace_worker(self, worker: str) -> None:
@@ -343,17 +400,22 @@ class DaskBackend(Backend):
             pass
         self._event_thread.shutdown(wait=False, cancel_futures=True)
         self._finished.put(None)
+        with self._lock:
+            parked = [m for members in self._parked.values() for m in members]
+            self._parked.clear()
+        for invocation, _ in parked:
+            self._finish(invocation, RuntimeError("the run ended while its worker's loss was being handled"))
 
     def outstanding(self, identity: str) -> int:
         """Invocations of the template submitted and not finished (waiting or running)."""
         with self._lock:
-            return sum(1 for inv, _ in self._futures.values() if inv.identity == identity)
+            return sum(1 for invocation, _ in self._pending.values() if invocation.identity == identity)
 
     def cancel(self) -> None:
         """Drop the invocations in flight, then close."""
         try:
             with self._lock:
-                futures = [f for _, f in self._futures.values()]
+                futures = [f for f, _ in self._tasks.values()]
             if futures:
                 self.client.cancel(futures, force=True)
         finally:

@@ -81,8 +81,9 @@ class HostedScheduler(DaskBackend):
                 f"The Dask dashboard listens on {address} without authentication: anyone who reaches "
                 "it can watch this run (but not send it work). Keep it on 127.0.0.1 and use an SSH tunnel."
             )
-        # The plugin stops an invocation that crashes its workers itself (DaskBackend.worker_lost);
-        # Dask's own limit, one above, is the safety net.
+        # A task that was running an invocation on a lost worker comes back to the plugin, which
+        # stops an invocation that crashes its workers itself (scheduler_plugin.py, DaskBackend._lost);
+        # Dask's own limit counts the losses of tasks that were only waiting on such workers.
         self.changes.dask_config({"distributed.scheduler.allowed-failures": self.settings.invocation_crashes})
         scheduler = Scheduler(
             host=self.host,

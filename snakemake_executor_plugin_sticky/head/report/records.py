@@ -92,6 +92,7 @@ class TemplateTally:
 
     requested: int = 0
     submitted: int = 0
+    tasks: int = 0  # the Dask tasks they were sent in (head/chunking.py)
     done: int = 0
     failed: int = 0
 
@@ -296,6 +297,11 @@ class RunRecords:
         """An invocation was sent to the engine."""
         with self._lock:
             self.tally[invocation.template].submitted += 1
+
+    def tasks_sent(self, template: str, count: int) -> None:
+        """The template's invocations of a round went to the engine in `count` Dask tasks."""
+        with self._lock:
+            self.tally[template].tasks += count
 
     def invocation_finished(self, invocation: Invocation, outcome: Any) -> None:
         """An invocation's outcome came back: its record, and its worker's counts."""

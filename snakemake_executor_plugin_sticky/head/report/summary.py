@@ -38,6 +38,7 @@ def report_dict(records: RunRecords, status: str) -> dict[str, Any]:
             "rebuilds": max(0, len(setups) - tally.requested) + sum(w.rebuilds for w in workers),
             "invocations": served,
             "failed_invocations": tally.failed,
+            "dask_tasks": tally.tasks,
             "invocation_s": distribution(durations),
             "setup_s": distribution(setups),
             "setup_s_total": round(sum(setups), 3),
