@@ -4,7 +4,7 @@ Each Dask task costs the scheduler, the client and the worker about a millisecon
 the machine the invocations run on: for invocations that take a millisecond themselves, that
 doubles the run. Short invocations of a template therefore travel together, one after another in
 one task, as many as run in about `TASK_S` by the template's recent invocations, and never so
-many that a round of Snakemake's jobs leaves a slot of the template's workers without a task.
+many that a pass of Snakemake's scheduler leaves a slot of the template's workers without a task.
 Until a template's first invocation is back, and for invocations longer than `TASK_S`, each
 invocation is a task of its own: their results come back as each ends.
 """

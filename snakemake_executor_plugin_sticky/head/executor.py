@@ -332,7 +332,7 @@ class Executor(RealExecutor):
         self.backend.submit([task for name, members in batch.items() for task in self.tasks_of(name, members)])
 
     def tasks_of(self, name: str, members: list[Member]) -> list[list[Member]]:
-        """A template's invocations of one round in Dask tasks (chunking.py). An invocation with
+        """A template's invocations of one pass in Dask tasks (chunking.py). An invocation with
         a time limit goes alone where the engine cannot replace a hung worker: the invocations
         behind it in its task would wait as long as it hangs."""
         template = self.templates[name]

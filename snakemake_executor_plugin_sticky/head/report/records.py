@@ -299,7 +299,7 @@ class RunRecords:
             self.tally[invocation.template].submitted += 1
 
     def tasks_sent(self, template: str, count: int) -> None:
-        """The template's invocations of a round went to the engine in `count` Dask tasks."""
+        """The template's invocations of a pass went to the engine in `count` Dask tasks."""
         with self._lock:
             self.tally[template].tasks += count
 
