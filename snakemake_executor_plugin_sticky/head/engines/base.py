@@ -170,12 +170,9 @@ class DaskBackend(Backend):
         with self._lock:
             self._broken = self._broken or reason
             futures = [future for future, _ in self._tasks.values()]
-            parked = [m for members in self._parked.values() for m in members]
-            self._parked.clear()
         for future in futures:
             future.cancel(msg=reason)
-        for invocation, _ in parked:
-            self._finish(invocation, RuntimeError(reason))
+        self._fail_parked(reason)
 
     def submit(self, tasks: Sequence[Sequence[Member]]) -> None:
         """One graph update per template for the whole batch: the scheduler's cost of an update
@@ -348,6 +345,14 @@ class DaskBackend(Backend):
                 failure = self._failed_pools.get(invocation.identity) or self._broken
             self._finish(invocation, RuntimeError(failure) if failure is not None else error)
 
+    def _fail_parked(self, reason: str, identity: Optional[str] = None) -> None:
+        """Fail the invocations waiting for their worker's removal to be handled (see _lost): all
+        of them, or those of one template."""
+        with self._lock:
+            parked = [m for members in self._parked.values() for m in members if identity in (None, m[0].identity)]
+        for invocation, _ in parked:
+            self._finish(invocation, RuntimeError(reason))
+
     def _finish(self, invocation: Invocation, outcome: Outcome) -> None:
         """The invocation's outcome goes to its `on_done`, once."""
         with self._lock:
@@ -361,11 +366,9 @@ class DaskBackend(Backend):
         with self._lock:
             self._failed_pools[template.identity] = reason
             waiting = [f for f, members in self._tasks.values() if members[0][0].identity == template.identity]
-            parked = [m for ms in self._parked.values() for m in ms if m[0].identity == template.identity]
         for future in waiting:
             future.cancel(msg=reason)
-        for invocation, _ in parked:
-            self._finish(invocation, RuntimeError(reason))
+        self._fail_parked(reason, template.identity)
 
     def abandon(self, key: str, reason: str, worker: str) -> None:
         """Fail a hung invocation with `reason` and replace its worker where the engine may (the
@@ -400,11 +403,7 @@ class DaskBackend(Backend):
             pass
         self._event_thread.shutdown(wait=False, cancel_futures=True)
         self._finished.put(None)
-        with self._lock:
-            parked = [m for members in self._parked.values() for m in members]
-            self._parked.clear()
-        for invocation, _ in parked:
-            self._finish(invocation, RuntimeError("the run ended while its worker's loss was being handled"))
+        self._fail_parked("the run ended while its worker's loss was being handled")
 
     def outstanding(self, identity: str) -> int:
         """Invocations of the template submitted and not finished (waiting or running)."""
