@@ -225,7 +225,8 @@ class Staged(WorkerEvent):
     source: str = ""
     origin: str = ""  # "cache", "shared" or "peer <address>"
     bytes: int = 0
-    seconds: float = 0.0
+    seconds: float = 0.0  # the whole stage() call
+    copy_seconds: float = 0.0  # the copy itself, from the shared source or a peer (0 from the cache)
     stage_started: float = 0.0
 
 

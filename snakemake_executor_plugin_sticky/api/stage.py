@@ -45,7 +45,7 @@ import threading
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any, Callable, Iterator, Optional
 
 from ..wire import CACHE_DIR_ENV, STAGE_TOPIC, Staged, WorkerWarning
 from . import resident
@@ -142,6 +142,7 @@ def stage(path: str | os.PathLike, hash_content: bool = False) -> Path:
             if manifest is None:  # missing, or damaged: made (again)
                 origin = fill(source, entries, cache, version)
                 manifest = read_manifest(done) or {"bytes": sum(size for _, size, _ in entries)}
+    copy_s = manifest.get("copy_seconds", 0.0) if origin != "cache" else 0.0
     os.utime(done)  # last used: the cache evicts the least recently used first
     if origin != "cache":
         evict(cache)
@@ -151,6 +152,7 @@ def stage(path: str | os.PathLike, hash_content: bool = False) -> Path:
         origin=origin,
         bytes=manifest["bytes"],
         seconds=round(time.time() - started, 3),
+        copy_seconds=round(copy_s, 3),
         stage_started=started,
     )
     return cache / "copies" / version / source.name
@@ -242,12 +244,14 @@ def copy_hashed(source: Path, entries: list[tuple[str, int, int]], cache: Path, 
     partial = new_partial(cache, identity)
     try:
         with disk_errors(cache, source, entries):
+            began = time.monotonic()
             digest = copy_from_source(source, entries, partial / source.name, hashing=True)
+            copy_s = time.monotonic() - began
         version = f"{source.name[:40]}-sha256-{digest[:24]}"
         hold(cache, version)
         with file_lock(cache / "locks" / f"{version}.lock"):
             if read_manifest(cache / "copies" / f"{version}.json") is None:
-                finish(cache, version, partial, source, entries, "shared", identity)
+                finish(cache, version, partial, source, entries, ("shared", copy_s), identity)
         return version
     finally:
         shutil.rmtree(partial, ignore_errors=True)  # what is left of it: nothing once in place
@@ -440,24 +444,30 @@ def fill(source: Path, entries: list[tuple[str, int, int]], cache: Path, version
     try:
         with disk_errors(cache, source, entries):
             while True:
-                origin = from_a_peer(version, source, entries, target)
-                if origin is not None:
+                copied = timed(lambda: from_a_peer(version, source, entries, target))
+                if copied[0] is not None:
                     break
                 if lease.acquire(timeout=PEER_POLL_S):
                     try:
-                        origin = from_a_peer(version, source, entries, target)
-                        if origin is None:
-                            copy_from_source(source, entries, target)
-                            origin = "shared"
+                        copied = timed(lambda: from_a_peer(version, source, entries, target))
+                        if copied[0] is None:
+                            copied = timed(lambda: copy_from_source(source, entries, target) or "shared")
                         # done, and known to the pool, before the next reader may start
-                        finish(cache, version, partial, source, entries, origin)
-                        return origin
+                        finish(cache, version, partial, source, entries, copied)
+                        return str(copied[0])
                     finally:
                         lease.release()
-            finish(cache, version, partial, source, entries, origin)
-            return origin
+            finish(cache, version, partial, source, entries, copied)
+            return str(copied[0])
     finally:
         shutil.rmtree(partial, ignore_errors=True)  # gone once renamed into place
+
+
+def timed(copy: Callable[[], Optional[str]]) -> tuple[Optional[str], float]:
+    """What a copy returns (where it came from), and the seconds it took."""
+    began = time.monotonic()
+    origin = copy()
+    return origin, time.monotonic() - began
 
 
 def new_partial(cache: Path, name: str) -> Path:
@@ -500,10 +510,11 @@ def finish(
     partial: Path,
     source: Path,
     entries: list[tuple[str, int, int]],
-    origin: str,
+    copied: tuple[Optional[str], float],
     identity: Optional[str] = None,
 ) -> None:
-    """Put the copy in place (a rename: a copy killed before this never counts), then say so."""
+    """Put the copy in place (a rename: a copy killed before this never counts), then say so.
+    `copied`: where the copy came from, and the seconds the copy itself took."""
     shutil.rmtree(cache / "copies" / version, ignore_errors=True)  # what an eviction left half removed
     os.rename(partial, cache / "copies" / version)
     manifest = {
@@ -511,7 +522,8 @@ def finish(
         "files": entries,
         "bytes": sum(size for _, size, _ in entries),
         "created": time.time(),
-        "from": origin,
+        "from": copied[0],
+        "copy_seconds": round(copied[1], 3),
         "identity": identity,
     }
     write_atomically(cache / "copies" / f"{version}.json", json.dumps(manifest))
@@ -606,9 +618,13 @@ def node_name() -> str:
     return f"{socket.gethostname()}:{cache_root()}"
 
 
+ANNOUNCE_WAIT_S = 10.0  # how long a holder waits for the scheduler to know its copy
+
+
 def announce_holder(version: str, manifest: dict[str, Any]) -> None:
     """Tell the pool this worker holds the version; return once the scheduler knows it, so that
-    the next reader finds it."""
+    the next reader finds it. Should the scheduler not know it in time, say so: the next reader
+    may then copy from the shared source instead of from this worker."""
     worker = dask_worker()
     if worker is None:
         return
@@ -621,9 +637,22 @@ def announce_holder(version: str, manifest: dict[str, Any]) -> None:
     }
     worker.log_event(STAGE_TOPIC, event)
     client = pool_client()
-    deadline = time.monotonic() + 10
-    while event not in [e for _, e in client.get_events(STAGE_TOPIC)] and time.monotonic() < deadline:
-        time.sleep(0.05)
+    deadline = time.monotonic() + ANNOUNCE_WAIT_S
+    while not announced(event, [e for _, e in client.get_events(STAGE_TOPIC)]):
+        if time.monotonic() >= deadline:
+            announce(
+                WorkerWarning,
+                text=f"stage(): the scheduler did not list this worker's copy of {manifest.get('source')} "
+                f"within {ANNOUNCE_WAIT_S:g} s; other nodes may read it from the shared source instead.",
+            )
+            return
+        time.sleep(0.02)
+
+
+def announced(sent: dict[str, Any], stored: list[dict[str, Any]]) -> bool:
+    """Whether the scheduler stores the event: it adds fields of its own (the sending `worker`),
+    so a stored event holds every field that was sent, and maybe more."""
+    return any(all(event.get(key) == value for key, value in sent.items()) for event in stored)
 
 
 def peers_with(version: str) -> list[str]:

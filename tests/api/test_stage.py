@@ -245,6 +245,10 @@ def test_two_workers_share_one_copy_kept_between_runs_and_renewed_when_a_file_ch
     assert sorted(opens) == sorted(str(p) for p in source.iterdir()), "each source file opened once"
     assert sorted(s["from"] for s in stagings(workflow)) == ["cache", "shared"]
     assert "staged " in run.output and "from shared" in run.output
+    (cold,) = [s for s in stagings(workflow) if s["from"] == "shared"]
+    # A cold stage costs its copy and a moment to tell the pool: never a wait for a deadline.
+    assert cold["seconds"] - cold["copy_seconds"] < staging.ANNOUNCE_WAIT_S / 2, cold
+    assert "did not list" not in run.output
 
     (workflow.root / "opens.txt").unlink()
     (workflow.root / "loaded.txt").unlink()
@@ -506,3 +510,24 @@ def test_a_content_hash_reads_each_file_once_and_is_framed(tmp_path: Path, cache
     (one / "a").write_bytes(b"x"), (one / "b").write_bytes(b"y")
     (two / "a").write_bytes(b"xb\0y")  # the same bytes once names and contents run together
     assert stage(one, hash_content=True) != stage(two, hash_content=True)
+
+
+def test_a_holder_is_known_once_the_scheduler_stores_its_event_with_fields_of_its_own():
+    sent = {"version": "v1", "identity": None, "address": "tls://127.0.0.1:1", "node": "n", "bytes": 5}
+    stored_by_the_scheduler = [{**sent, "worker": "tls://127.0.0.1:1"}]
+    assert staging.announced(sent, stored_by_the_scheduler)
+    assert not staging.announced(sent, [{**sent, "version": "v0", "worker": "tls://127.0.0.1:1"}])
+    assert not staging.announced(sent, [])
+
+
+def test_announcing_a_copy_returns_once_a_real_scheduler_lists_it(tmp_path: Path):
+    from distributed import Client, LocalCluster
+
+    with LocalCluster(n_workers=1, processes=False, dashboard_address=None) as cluster, Client(cluster) as client:
+        worker = next(iter(cluster.workers.values()))
+        with as_resident(cache_dir=str(tmp_path / "cache"), dask_worker=worker) as this:
+            staging.announce_holder("v1", {"identity": None, "bytes": 5, "source": "model"})
+            events = [e for _, e in client.get_events(staging.STAGE_TOPIC)]
+            assert [e["version"] for e in events] == ["v1"], "the event was stored before the call returned"
+            assert events[0]["worker"] == worker.address, "as stored, the event carries the scheduler's field"
+            assert this.events == [], "no warning of a deadline"

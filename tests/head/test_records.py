@@ -49,7 +49,17 @@ def test_a_worker_is_recorded_from_its_events_and_its_invocations(tmp_path: Path
     run, log = records(tmp_path)
     run.workers_requested(run.templates["llm"], 1)
     run.record(SetupStarted(**worker(0)))
-    run.record(Staged(**worker(0), source="/m", origin="shared", bytes=2_000_000, seconds=0.5, stage_started=10.1))
+    run.record(
+        Staged(
+            **worker(0),
+            source="/m",
+            origin="shared",
+            bytes=2_000_000,
+            seconds=0.5,
+            copy_seconds=0.4,
+            stage_started=10.1,
+        )
+    )
     run.record(Ready(**{**worker(0), "time": 12.0}, setup_s=2.0, setup_started=10.0))
     run.invocation_submitted(invocation("k1"))
     run.invocation_finished(invocation("k1"), InvocationResult("k1", "llm-0", "tls://w0", 100, 12.0, 12.5))
@@ -58,7 +68,7 @@ def test_a_worker_is_recorded_from_its_events_and_its_invocations(tmp_path: Path
     assert record.stagings[0]["from"] == "shared"
     assert [text for _, text in log.lines] == [
         "Sticky worker llm-0#1 (template 'llm', pid 100) is building its state.",
-        "Sticky worker llm-0#1 staged /m (2.0 MB) from shared in 0.50 s.",
+        "Sticky worker llm-0#1 staged /m (2.0 MB) from shared in 0.50 s (the copy 0.40 s).",
         "Sticky worker llm-0#1 is ready (setup 2.00 s).",
     ]
     assert "llm: workers 0 starting / 1 ready, invocations 0 running / 0 waiting / 1 done" in run.status_line()

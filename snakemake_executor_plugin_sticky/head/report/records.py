@@ -245,12 +245,14 @@ class RunRecords:
                 "from": event.origin,
                 "bytes": event.bytes,
                 "seconds": event.seconds,
+                "copy_seconds": event.copy_seconds,
                 "stage_started": event.stage_started,
             }
         )
         return (
             f"Sticky worker {record.id} staged {event.source} ({event.bytes / 1e6:.1f} MB) "
-            f"from {event.origin} in {event.seconds:.2f} s."
+            f"from {event.origin} in {event.seconds:.2f} s"
+            + (f" (the copy {event.copy_seconds:.2f} s)." if event.origin != "cache" else ".")
         )
 
     def _warning(self, event: WorkerWarning, record: WorkerRecord) -> str:
