@@ -661,6 +661,59 @@ def scale_out_staging(folder: Path, node_counts: list[int], repeats: int) -> dic
     return {"model_mb": 64, "source_mb_per_s": SOURCE_MB_PER_S, "rows": rows}
 
 
+def cold_stage(folder: Path, repeats: int) -> dict:
+    """A cold cache, a small file (1 MB) on the local disk and two workers: what one stage()
+    costs beyond its copy (telling the pool who holds it), and the other worker's wait."""
+    source = folder / "shared-fs" / "model.bin"
+    source.parent.mkdir(parents=True, exist_ok=True)
+    source.write_bytes(os.urandom(2**20))
+    work = folder / "workflow"
+    work.mkdir(parents=True, exist_ok=True)
+    (work / "Snakefile").write_text(
+        'configfile: "config.yaml"\nrule all:\n    input: expand("o/{i}.txt", i=range(4))\n'
+        'rule use:\n    output: "o/{i}.txt"\n    resources: sticky="model"\n    script: "use.py"\n'
+    )
+    (work / "template.py").write_text(STAGE_TEMPLATE)
+    (work / "use.py").write_text(
+        "from snakemake_executor_plugin_sticky import sticky_state\nsticky_state(snakemake)\n"
+        "open(snakemake.output[0], 'w').close()\n"
+    )
+    (work / "config.yaml").write_text(f"sticky:\n  model:\n    setup: template.py\n    kwargs: {{source: {source}}}\n")
+    runs = []
+    for _ in range(repeats):
+        (cache,) = clear_nodes(work, folder, 1)
+        measured = run(
+            [
+                SNAKEMAKE,
+                "--executor",
+                "sticky",
+                "--cores",
+                "2",
+                "--sticky-workers",
+                "2",
+                "--sticky-cache-dir",
+                str(cache),
+            ],
+            work,
+        )
+        stagings = staging_times(measured)["stagings"]
+        (cold,) = [s for s in stagings if s["from"] == "shared"]
+        runs.append(
+            {
+                "stage_s": cold["seconds"],
+                "copy_s": cold["copy_seconds"],
+                "other_s": max(s["seconds"] for s in stagings if s is not cold),
+            }
+        )
+    result = {key: spread([r[key] for r in runs]) for key in ("stage_s", "copy_s", "other_s")}
+    print(
+        f"  cold stage of a 1 MB file: {result['stage_s']['median']:.3f} s, of which the copy "
+        f"{result['copy_s']['median']:.3f} s; the other worker waited {result['other_s']['median']:.3f} s",
+        flush=True,
+    )
+    return {"file_mb": 1, "runs": runs, **result}
+
+
 def stage_on_nodes(work: Path, folder: Path, nodes: int, readers: int) -> dict:
     """One run in attach mode with `nodes` workers, each with a fresh cache folder of its own."""
     dask = str(Path(SNAKEMAKE).with_name("dask"))
@@ -864,6 +917,8 @@ def markdown(results: dict) -> str:
         lines += scale_markdown(results["scale"])
     if "batching" in results:
         lines += batching_markdown(results["batching"])
+    if "staging_cold" in results:
+        lines += cold_stage_markdown(results["staging_cold"])
     if "staging" in results:
         lines += staging_markdown(results["staging"])
     if "staging_scale_out" in results:
@@ -986,6 +1041,18 @@ def batching_markdown(b: dict) -> list[str]:
     return lines
 
 
+def cold_stage_markdown(c: dict) -> list[str]:
+    """A cold stage of a small file beside its copy."""
+    return [
+        f"**Cold stage**, a {c['file_mb']} MB file, an empty cache, two workers (one copies, the other waits for it):",
+        "",
+        "| stage() of the copying worker | of which the copy | stage() of the other worker |",
+        "|---|---|---|",
+        f"| {fmt(c['stage_s'], ' s', 3)} | {fmt(c['copy_s'], ' s', 3)} | {fmt(c['other_s'], ' s', 3)} |",
+        "",
+    ]
+
+
 def staging_markdown(t: dict) -> list[str]:
     """The three task models' lines, or why the staging section was skipped."""
     if "skipped" in t:
@@ -1103,7 +1170,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--scale", type=int, nargs="+", help="invocation counts N of the scale section")
     parser.add_argument("--settings-at", type=int, help="N at which the scale section compares Snakemake settings")
     parser.add_argument(
-        "--staging-parts", choices=["three", "scale-out"], nargs="+", help="parts of the staging section (both)"
+        "--staging-parts", choices=["cold", "three", "scale-out"], nargs="+", help="parts of the staging section (all)"
     )
     parser.add_argument("--batching-sizes", type=int, nargs="+", help="claims per invocation of the batching section")
     parser.add_argument(
@@ -1187,14 +1254,20 @@ def batching_models(args: argparse.Namespace) -> dict[str, tuple[Optional[str], 
 
 
 def measure_staging(tmp: Path, args: argparse.Namespace, repeats: int, section: SectionRunner) -> None:
-    """The staging section's parts, or the reason it is skipped where FUSE is missing."""
+    """The staging section's parts: a cold stage of a small file anywhere, the throttled source's
+    parts where FUSE is there (else the reason they are skipped)."""
+    parts = args.staging_parts or ["cold", "three", "scale-out"]
+    if "cold" in parts:
+        print("staging: a cold stage of a small file, against its copy", flush=True)
+        section("staging_cold", lambda: cold_stage(tmp / "cold", repeats))
+    if parts == ["cold"]:
+        return
     why_not = fuse_available()
     if why_not is not None:
         print(f"staging: skipped ({why_not})", flush=True)
         section("staging", lambda: {"skipped": why_not})
     else:
         print("staging: create-destroy, StickyI/O and sticky on a throttled source; scale-out staging", flush=True)
-        parts = args.staging_parts or ["three", "scale-out"]
         if "three" in parts:
             invocations = 8 if args.quick else 16
             section("staging", lambda: three_models(tmp / "three" / "demo", invocations, 8, repeats))

@@ -7,6 +7,7 @@ import asyncio
 import hashlib
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -405,3 +406,8 @@ def count_opens(event, args):
             with open("opens.txt", "a") as f:
                 f.write(path + "\\n")
 """
+
+
+def noise(output: str) -> list[str]:
+    """The lines of a run's output that a user reads as trouble: a warning, an error, a traceback."""
+    return [line for line in output.splitlines() if re.search(r"warn|error|traceback|exception", line, re.IGNORECASE)]

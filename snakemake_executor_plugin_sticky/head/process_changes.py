@@ -58,28 +58,21 @@ class ProcessChanges:
         self._undo.append(lambda: logger.setLevel(before))
 
     def quiet_closing_noise(self) -> threading.Event:
-        """Two things Dask logs as the engine closes read like failures and are none. A connection
-        that Dask opens to the scheduler is cut before its TLS handshake ends (a warning that reads
-        like a failure of credentials); and the scheduler's close cuts the connection of a worker it
-        removed but that has not hung up yet (a worker on another host, or one given up), which Dask
-        logs as an error with a traceback of a CancelledError. Once the returned event is set (the
-        run closes), those two are kept out of the log; every other failure is still said."""
+        """The scheduler's close cuts the connection of a worker it removed but that has not hung
+        up yet (a worker on another host, or one given up), which Dask logs as an error with a
+        traceback of a CancelledError and is none. Once the returned event is set (the run
+        closes), that is kept out of the log; every other failure, a failed TLS handshake
+        included, is still said."""
         closing = threading.Event()
-
-        def keep_handshake(record: logging.LogRecord) -> bool:
-            text = record.getMessage()
-            cut = "TLS handshake failed" in text and "UNEXPECTED_EOF" in text and "remote 'tls://127." in text
-            return not (closing.is_set() and cut)
 
         def keep_stream(record: logging.LogRecord) -> bool:
             kind = record.exc_info[0] if record.exc_info else None
             cut = kind is not None and issubclass(kind, asyncio.CancelledError)
             return not (closing.is_set() and cut)
 
-        for name, keep in (("distributed.comm.tcp", keep_handshake), ("distributed.scheduler", keep_stream)):
-            logger = logging.getLogger(name)
-            logger.addFilter(keep)
-            self._undo.append(partial(logger.removeFilter, keep))
+        logger = logging.getLogger("distributed.scheduler")
+        logger.addFilter(keep_stream)
+        self._undo.append(partial(logger.removeFilter, keep_stream))
         return closing
 
     def coalesce_wakeups(self, scheduler: Any) -> None:

@@ -227,7 +227,15 @@ class StickyWorkerPlugin(WorkerPlugin):
         deadline = time.monotonic() + self.preempt_grace
         # Finished results stay until the client has fetched and released them: a result that
         # leaves with its worker is lost, and the scheduler would run the invocation again.
-        while (worker.state.executing_count or worker.data) and time.monotonic() < deadline:
+        while worker.state.executing_count or worker.data:
+            if time.monotonic() >= deadline:
+                self.resident.announce(
+                    WorkerWarning,
+                    text=f"{worker.state.executing_count} invocation(s) still ran and {len(worker.data)} result(s) "
+                    f"were not fetched after the grace of {self.preempt_grace:g} s; the worker leaves anyway and "
+                    "the scheduler runs them elsewhere.",
+                )
+                break
             await asyncio.sleep(0.1)
         await worker.close(nanny=False, reason="sticky-worker-preempted")
 

@@ -38,6 +38,7 @@ from ..wire import (
 BUILD_WAIT_S = 3.0
 # A worker announces its events once it has registered with the scheduler, checking this often.
 REGISTERED_POLL_S = 0.1
+REGISTERED_WAIT_S = 60.0
 
 
 class TemplateSetupError(RuntimeError):
@@ -201,6 +202,12 @@ class ResidentState:
         with self._changed:
             while self._phase == "building" and time.monotonic() < building_until:
                 self._changed.wait(building_until - time.monotonic())
+            if self._phase == "building":
+                print(
+                    f"Sticky template '{self.spec.name}': setup() still runs as the worker retires; "
+                    "its state is torn down when it returns.",
+                    file=sys.stderr,
+                )
             state = self.state if self._phase in ("ready", "draining") else None
             self.state, self._phase = None, "closed"
             self._changed.notify_all()
@@ -278,10 +285,15 @@ class ResidentWorker:
     async def _flush(self, wait: bool = True) -> None:
         from distributed.core import Status
 
-        for _ in range(int(60 / REGISTERED_POLL_S) if wait else 0):
-            if self.dask_worker.status in (Status.running, Status.paused):
-                break
+        deadline = time.monotonic() + (REGISTERED_WAIT_S if wait else 0.0)
+        while self.dask_worker.status not in (Status.running, Status.paused) and time.monotonic() < deadline:
             await asyncio.sleep(REGISTERED_POLL_S)
+        if wait and self.dask_worker.status not in (Status.running, Status.paused):
+            print(
+                f"Sticky worker {self.dask_worker.name}: not registered with the scheduler after "
+                f"{REGISTERED_WAIT_S:g} s (status {self.dask_worker.status.name}); its events are sent anyway.",
+                file=sys.stderr,
+            )
         while self._pending:
             self.dask_worker.log_event(EVENT_TOPIC, self._pending.pop(0))
 

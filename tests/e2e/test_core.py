@@ -7,7 +7,7 @@ import shutil
 import time
 
 from conftest import Workflow, interrupt
-from helpers import LLM_TEMPLATE, ONE_TEMPLATE_SNAKEFILE, RECORD_SCRIPT, outputs, sticky_workflow
+from helpers import LLM_TEMPLATE, ONE_TEMPLATE_SNAKEFILE, RECORD_SCRIPT, noise, outputs, sticky_workflow
 
 
 def test_state_built_once_per_worker_reused_and_torn_down(workflow: Workflow):
@@ -146,6 +146,7 @@ def test_a_template_retires_when_its_last_job_is_done(workflow: Workflow):
     assert report["templates"]["alpha"]["workers_lost"] == 0
     assert all(w["retired"] for w in report["templates"]["alpha"]["workers"])
     assert "lose already computed" not in run.output
+    assert noise(run.output) == [], "workers that retire mid-run close without a word"
     assert workflow.leftover_processes() == []
 
 

@@ -8,7 +8,10 @@ from pathlib import Path
 
 import pytest
 
+from snakemake_executor_plugin_sticky.api import stage as staging
+
 from conftest import Workflow
+from helpers import noise
 
 DEMO = Path(__file__).resolve().parents[2] / "workflow"
 
@@ -43,6 +46,18 @@ def test_demo_gives_the_same_verdicts_under_sticky_and_local_executors(demo: Wor
     local = demo.run(*size, executor="local", cores=2)
     assert local.returncode == 0, local.output
     assert verdicts(demo) == sticky_verdicts, "the sticky path must not change results"
+    assert demo.leftover_processes() == []
+
+
+def test_a_cold_demo_stages_its_model_at_copy_speed_and_logs_no_warning(demo: Workflow, tmp_path: Path):
+    run = demo.run("--config", "claims=24", "claims_per_invocation=4", "--sticky-cache-dir", str(tmp_path / "cache"))
+    assert run.returncode == 0, run.output
+    # its workers retire while the run goes on: the summary runs after them
+    assert run.output.index("retiring 2 worker(s)") < run.output.index("localrule summarize")
+    assert noise(run.output) == [], run.output
+    report = json.loads(demo.read(".snakemake/sticky/report.json"))
+    (cold,) = [s for w in report["templates"]["llm"]["workers"] for s in w["stagings"] if s["from"] == "shared"]
+    assert cold["seconds"] - cold["copy_seconds"] < staging.ANNOUNCE_WAIT_S / 2, cold
     assert demo.leftover_processes() == []
 
 

@@ -18,9 +18,10 @@ import atexit
 import logging
 import os
 import signal
+import time
 import traceback
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any, Callable, Optional, Union
 
 from distributed import Nanny
 
@@ -43,12 +44,18 @@ Supervisor = Union[Nanny, EnvWorker]  # what keeps one worker process alive
 
 class StickyNanny(Nanny):
     """A Nanny that says how its worker process ended (its exit status or signal), so that a
-    crash is reported with its cause."""
+    crash is reported with its cause. It lives beside the scheduler, in this process, and hands
+    the event to it directly: `Nanny.log_event` would open a TLS connection in a background task
+    that a retiring Nanny's close cuts mid-handshake (a warning of a failed handshake)."""
+
+    def __init__(self, *args: Any, on_exit: Callable[[str, int], None], **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._report_exit = on_exit
 
     async def _on_worker_exit(self, exitcode: int) -> None:
         address = getattr(self.process, "worker_address", None)
         if address:
-            self.log_event(EVENT_TOPIC, WorkerExited(address=address, exitcode=exitcode).to_message())
+            self._report_exit(address, exitcode)
         await super()._on_worker_exit(exitcode)
 
 
@@ -186,7 +193,7 @@ class EmbeddedBackend(HostedScheduler):
                 self._env_run.credentials,
                 self._watch_pipe[0],
                 self._joined,
-                self._env_worker_exit,
+                self._worker_exit,
                 self.log,
             )
         plugin = worker_plugin(template, self.workdir, self.settings, owned=True)
@@ -201,6 +208,7 @@ class EmbeddedBackend(HostedScheduler):
             # a CPU template sees no GPU at all.
             env={"CUDA_VISIBLE_DEVICES": ",".join(gpus)},
             plugins={plugin},
+            on_exit=self._worker_exit,
             memory_limit=0,  # a resident model is meant to stay: no pausing, spilling or killing
             dashboard=False,
             silence_logs=logging.WARNING,
@@ -216,7 +224,8 @@ class EmbeddedBackend(HostedScheduler):
         """The address of the scheduler's worker of that name, once it has joined."""
         return next((ws.address for ws in list(self._scheduler.workers.values()) if ws.name == name), None)
 
-    def _env_worker_exit(self, address: str, exitcode: int) -> None:
+    def _worker_exit(self, address: str, exitcode: int) -> None:
+        """A supervisor saw its worker process end: the scheduler logs it for the run."""
         self._scheduler.log_event(EVENT_TOPIC, WorkerExited(address=address, exitcode=exitcode).to_message())
 
     def replace_worker(self, worker: str) -> None:
@@ -254,8 +263,13 @@ class EmbeddedBackend(HostedScheduler):
         # Results are fetched before the last job is reported done and released just now; the
         # scheduler learns of the release a moment later. Until then it would count them lost
         # with the workers (and say so in a warning).
-        for _ in range(RELEASE_WAIT_S * 100):
-            if not any(template.tag in (ts.resource_restrictions or {}) for ts in self._scheduler.tasks.values()):
+        deadline = time.monotonic() + RELEASE_WAIT_S
+        while any(template.tag in (ts.resource_restrictions or {}) for ts in self._scheduler.tasks.values()):
+            if time.monotonic() >= deadline:
+                self.log.warning(
+                    f"Sticky template '{template.name}': the Dask scheduler still held tasks of its retiring "
+                    f"workers after {RELEASE_WAIT_S} s; Dask may report them lost as the workers close."
+                )
                 break
             await asyncio.sleep(0.01)
         await self._close_nannies(pool)
