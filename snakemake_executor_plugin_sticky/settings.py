@@ -120,8 +120,9 @@ class ExecutorSettings(ExecutorSettingsBase):
         60.0,
         "Seconds a batch-job worker may go unheard (its node cut off the network, frozen or "
         "crashed) before the run gives it up: its invocations run again on other workers, its job "
-        "is cancelled, and nothing it still writes reaches an output. Raise it when a template's "
-        "setup holds Python's interpreter lock for that long.",
+        "is cancelled, and nothing it still writes reaches an output. A worker busy in a step that "
+        "holds Python's interpreter lock is not unheard: its supervisor vouches for it while its "
+        "process lives.",
     )
     queue: Optional[str] = option(None, "Batch queue or partition of the worker jobs (Slurm: --partition).")
     account: Optional[str] = option(None, "Account or project the worker jobs are charged to.")

@@ -23,6 +23,7 @@ PACKAGE = "snakemake-executor-plugin-sticky"
 EVENT_TOPIC = "sticky"  # worker announcements and removals: the records below
 RUNNING_TOPIC = "sticky-running"  # invocations starting and ending, for the scheduler plugin alone
 STAGE_TOPIC = "sticky-stage"  # which worker holds which stage() copy
+VOUCH_HANDLER = "sticky_vouch"  # the scheduler's handler a supervisor calls: its worker is alive
 
 # Environment variables
 LIFETIME_ENV = "STICKY_WORKER_LIFETIME_S"  # seconds after its start at which a batch-job worker leaves
@@ -116,11 +117,23 @@ def template_of(name: str, templates: Iterable[str]) -> Optional[str]:
     return max((t for t in templates if name.startswith(f"{t}-")), key=len, default=None)
 
 
-def attempt_path(attempt: str, kind: str, index: int, path: str) -> str:
-    """Where a fenced attempt writes its job's `kind` ("output" or "log") number `index`: in the
-    attempt's folder, under the file's own name (libraries choose formats by the name). The head
-    moves it to `path` when it accepts the attempt's result."""
-    return os.path.join(attempt, f"{kind}{index}", os.path.basename(os.path.normpath(path)))
+def attempt_path(attempt: str, path: str, beside: bool = False) -> str:
+    """Where a fenced attempt (folder `attempt`) writes its job's output or log `path`, which the
+    head moves to `path` when it accepts the attempt's result.
+
+    A path relative to the working directory keeps that relative path below the attempt's folder,
+    so that the file's folder has its own name, what a script writes beside it (an index, a
+    suffix) lands beside it, and relative links between outputs still hold once moved. Another
+    path keeps its whole absolute path below `.absolute/`. With `beside` (the file's folder is on
+    another file system than the attempt's), the file is written in a folder of the attempt's own
+    next to where it belongs, so that moving it is a rename on its own file system."""
+    normal = os.path.normpath(path)
+    if beside:
+        where = os.path.abspath(normal)
+        return os.path.join(os.path.dirname(where), f".sticky-{os.path.basename(attempt)}", os.path.basename(where))
+    if os.path.isabs(normal) or normal.split(os.sep)[0] == os.pardir:
+        return os.path.join(attempt, ".absolute", os.path.abspath(normal).lstrip(os.sep))
+    return os.path.join(attempt, normal)
 
 
 # -- event records ------------------------------------------------------------------------------
@@ -151,7 +164,7 @@ class Event:
         if kind is None:
             raise ValueError(f"no sticky event of kind {message.get('event')!r}")
         values = {f.name: message[f.name] for f in dataclasses.fields(kind) if f.name in message}
-        for name in ("gpus", "running"):
+        for name in ("gpus", "running", "keys"):
             if isinstance(values.get(name), list):
                 values[name] = tuple(values[name])
         return kind(**values)
@@ -246,6 +259,20 @@ class Removed(Event):
     running: tuple[str, ...]
     time: float
     name: str = ""  # the worker's name (a batch job's), as it joined
+
+
+@dataclass(frozen=True)
+class HandedBack(Event):
+    """A worker gives back the rest of a shared Dask task (worker/shared_task.py) while one of
+    its invocations runs long: the results of those that ran (`results`: a pickled list of
+    InvocationResult) and the keys of those it has not started. The task returns the long one's
+    result alone."""
+
+    kind = "handed-back"
+    address: str
+    task: str  # the Dask key of the task
+    keys: tuple[str, ...]
+    results: bytes
 
 
 @dataclass(frozen=True)

@@ -8,6 +8,7 @@ import hashlib
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -411,3 +412,110 @@ def count_opens(event, args):
 def noise(output: str) -> list[str]:
     """The lines of a run's output that a user reads as trouble: a warning, an error, a traceback."""
     return [line for line in output.splitlines() if re.search(r"warn|error|traceback|exception", line, re.IGNORECASE)]
+
+
+# Idioms of scripts that name things after their outputs, write beside them, link between them,
+# and die after writing their log: the same results under every executor (see fidelity_results).
+FIDELITY_SNAKEFILE = """
+configfile: "config.yaml"
+S = ["s1", "s2"]
+rule all:
+    input:
+        expand("ref/{s}/genome.fa.fai", s=S),
+        expand("names/{s}/s.json", s=S),
+        expand("links/{s}/latest.txt", s=S),
+        expand("crash/{s}.txt", s=S),
+rule index:
+    output: multiext("ref/{s}/genome", ".fa", ".fa.fai")
+    resources: sticky="llm"
+    script: "scripts/index.py"
+rule name:
+    output: "names/{s}/s.json"
+    resources: sticky="llm"
+    script: "scripts/name.py"
+rule link:
+    output: "links/{s}/data.txt", "links/{s}/latest.txt"
+    resources: sticky="llm"
+    script: "scripts/link.py"
+rule crash:
+    output: "crash/{s}.txt"
+    log: "logs/crash/{s}.log"
+    resources: sticky="llm"
+    script: "scripts/crash.py"
+"""
+
+FIDELITY_SCRIPTS = {
+    "scripts/index.py": """
+from snakemake_executor_plugin_sticky import sticky_state
+sticky_state(snakemake)
+fasta = snakemake.output[0]
+with open(fasta, "w") as f:
+    f.write(">" + snakemake.wildcards.s + "\\nACGT\\n")
+with open(fasta + ".fai", "w") as f:  # as samtools faidx: the index beside, by a derived path
+    f.write(snakemake.wildcards.s + "\\t4\\n")
+with open(fasta + ".md5", "w") as f:  # beside it, not declared
+    f.write("checksum\\n")
+""",
+    "scripts/name.py": """
+import json
+from pathlib import Path
+from snakemake_executor_plugin_sticky import sticky_state
+sticky_state(snakemake)
+out = Path(snakemake.output[0])
+out.write_text(json.dumps({"parent": out.parent.name, "grandparent": out.parent.parent.name, "name": out.name}))
+""",
+    "scripts/link.py": """
+import os
+from snakemake_executor_plugin_sticky import sticky_state
+sticky_state(snakemake)
+with open(snakemake.output[0], "w") as f:
+    f.write("data of " + snakemake.wildcards.s + "\\n")
+os.symlink(os.path.basename(snakemake.output[0]), snakemake.output[1])
+""",
+    "scripts/crash.py": """
+import os, signal
+from snakemake_executor_plugin_sticky import sticky_state
+sticky_state(snakemake)
+with open(snakemake.log[0], "w") as f:
+    f.write("loaded, then died\\n")
+os.kill(os.getpid(), signal.SIGKILL)  # the OOM killer
+""",
+}
+
+
+def fidelity_workflow(workflow: Workflow) -> None:
+    workflow.write("Snakefile", FIDELITY_SNAKEFILE)
+    workflow.write("config.yaml", LLM_TEMPLATE.replace("delay: 1.0", "delay: 0.2"))
+    workflow.write("templates/counting.py", COUNTING_TEMPLATE)
+    for path, text in FIDELITY_SCRIPTS.items():
+        workflow.write(path, text)
+
+
+def fidelity_results(workflow: Workflow) -> dict[str, str]:
+    """What the fidelity workflow left: every file below its folders (a link as `-> target`)."""
+    found = {}
+    for top in ("ref", "names", "links", "crash", "logs"):
+        for path in sorted((workflow.root / top).rglob("*")):
+            if path.is_symlink():
+                found[str(path.relative_to(workflow.root))] = "-> " + os.readlink(path)
+            elif path.is_file():
+                found[str(path.relative_to(workflow.root))] = path.read_text()
+    return found
+
+
+def clear_fidelity_results(workflow: Workflow) -> None:
+    """Remove what the fidelity workflow made, for a run under another executor."""
+    for top in ("ref", "names", "links", "crash", "logs"):
+        shutil.rmtree(workflow.root / top, ignore_errors=True)
+
+
+# An invocation that holds the interpreter lock for `hold` seconds, as a C call that never
+# releases it does: its worker's event loop, and so its heartbeats, stop meanwhile.
+HOLDS_THE_LOCK = """
+import ctypes, os
+from snakemake_executor_plugin_sticky import sticky_state
+state = sticky_state(snakemake)
+ctypes.PyDLL(None).sleep(int(snakemake.config["hold"]))
+with open(snakemake.output[0], "w") as f:
+    f.write(f"{os.getpid()}\\n")
+"""

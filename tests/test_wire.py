@@ -21,10 +21,13 @@ SAMPLES = [
     wire.InvocationTimedOut(**WHO, key="sticky-verify-3-ab", rule="verify", timeout_s=60.0),
     wire.Preempted(**WHO, grace_s=30.0),
     wire.WalltimeNear(**WHO, grace_s=30.0),
-    wire.Staged(**WHO, source="/models/m", origin="peer tls://x", bytes=10, seconds=0.5, stage_started=1.2),
+    wire.Staged(
+        **WHO, source="/models/m", origin="peer tls://x", bytes=10, seconds=0.5, copy_seconds=0.4, stage_started=1.2
+    ),
     wire.WorkerWarning(**WHO, text="no reaper guards this worker"),
     wire.Removed(address="tls://127.0.0.1:4000", graceful=False, running=("k1", "k2"), time=3.0),
     wire.WorkerExited(address="tls://127.0.0.1:4000", exitcode=-9),
+    wire.HandedBack(address="tls://127.0.0.1:4000", task="sticky-r-1-ab", keys=("k3", "k4"), results=b"\x80pickled"),
 ]
 
 

@@ -31,6 +31,7 @@ import os
 import sys
 import threading
 import traceback
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from functools import partial
 from pathlib import Path
@@ -44,7 +45,7 @@ from snakemake_interface_executor_plugins.settings import ExecMode
 
 from ..settings import ExecutorSettings
 from ..templates import TemplateSpec
-from ..wire import Event, Invocation, InvocationResult, InvocationTimedOut, Removed
+from ..wire import Event, Invocation, InvocationResult, InvocationTimedOut, Removed, WorkerExited
 from . import forkserver
 from .advice import firstfit_installed, large_run_advice, window_advice
 from .chunking import Chunking
@@ -52,11 +53,14 @@ from .completions import CompletionBatcher
 from .declarations import check_declarations, is_sticky, ready_templates, sticky_rules_in_group
 from .delegate import Delegate
 from .environments import launch_command, probe
+from .fence import Fence
 from .invocations import InvocationCrashedWorkers, build_invocation
 from .process_changes import ProcessChanges, cancel_pending_reevaluations
 from .report import RunReport, WorkerRecord
 from .template_jobs import TemplateJobs
 from .validation import check_settings
+
+ACCEPT_THREADS = 4  # fenced results whose files are put in place at once
 
 if TYPE_CHECKING:  # Dask loads with the engine, not whenever Snakemake lists its plugins
     from .engines.base import Backend, Member
@@ -88,6 +92,7 @@ class Executor(RealExecutor):
         window = self.cores if isinstance(self.cores, int) else 0  # the jobs Snakemake runs at once
         self.completions = CompletionBatcher(on_error=self.report_failed, batch=window // 2)
         self.chunking = Chunking()
+        self._accepting = ThreadPoolExecutor(ACCEPT_THREADS, thread_name_prefix="sticky-accept")
         self.report = RunReport(self.templates, Path(self.workflow.persistence.path) / "sticky", self.logger)
         self.changes.freeze_collections()
         self.changes.skip_pipe_lookups(self.workflow.rules)
@@ -189,6 +194,8 @@ class Executor(RealExecutor):
         lost = self.report.record(event)
         if isinstance(event, InvocationTimedOut):
             self.invocation_timed_out(event)
+        elif isinstance(event, WorkerExited):
+            self.backend.worker_exited(event.address)
         elif isinstance(event, Removed):
             if not event.graceful and self.backend.fence is not None:
                 self.backend.fence.worker_left(event.address, event.name, event.running)
@@ -332,22 +339,40 @@ class Executor(RealExecutor):
         self.backend.submit([task for name, members in batch.items() for task in self.tasks_of(name, members)])
 
     def tasks_of(self, name: str, members: list[Member]) -> list[list[Member]]:
-        """A template's invocations of one pass in Dask tasks (chunking.py). An invocation with
-        a time limit goes alone where the engine cannot replace a hung worker: the invocations
-        behind it in its task would wait as long as it hangs."""
+        """A template's invocations of one pass in Dask tasks, rule by rule (chunking.py)."""
         template = self.templates[name]
-        alone = [] if self.backend.replaces_hung_workers else [m for m in members if m[0].timeout_s is not None]
-        together = [m for m in members if m[0].timeout_s is None] if alone else members
-        tasks = [[m] for m in alone] + self.chunking.split(template.identity, together, self.slots_of(template))
+        by_rule: dict[str, list[Member]] = {}
+        for member in members:
+            by_rule.setdefault(member[0].rule, []).append(member)
+        slots = self.slots_of(template)
+        tasks = [
+            task for rule, ms in by_rule.items() for task in self.chunking.split((template.identity, rule), ms, slots)
+        ]
         self.report.tasks_sent(name, len(tasks))
         return tasks
 
     def invocation_done(self, job_info: SubmittedJobInfo, invocation: Invocation, outcome: Any) -> None:
-        """An invocation's outcome is back: record it and queue its report to Snakemake."""
+        """An invocation's outcome is back. Where the run fences its workers, its files are
+        accepted (fence.py) in a thread of a pool of its own, so that no result waits for the
+        files of another; then, or at once, it is recorded and reported."""
         if self.backend.fence is not None:
-            outcome = self.backend.fence.accept(invocation, outcome)
+            self._accepting.submit(self.accept, self.backend.fence, job_info, invocation, outcome)
+        else:
+            self.report_done(job_info, invocation, outcome)
+
+    def accept(self, fence: Fence, job_info: SubmittedJobInfo, invocation: Invocation, outcome: Any) -> None:
+        """Put the fenced attempt's files in place, then report the outcome, whatever happened."""
+        try:
+            outcome = fence.accept(invocation, outcome)
+        except Exception as e:  # the job fails with the cause; the others go on
+            traceback.print_exc()
+            outcome = RuntimeError(f"The files of the invocation could not be put in place: {type(e).__name__}: {e}")
+        self.report_done(job_info, invocation, outcome)
+
+    def report_done(self, job_info: SubmittedJobInfo, invocation: Invocation, outcome: Any) -> None:
+        """Record the invocation's outcome and queue its report to Snakemake."""
         if isinstance(outcome, InvocationResult):
-            self.chunking.observe(invocation.identity, outcome.finished - outcome.started)
+            self.chunking.observe((invocation.identity, invocation.rule), outcome.finished - outcome.started)
         try:
             self.report.invocation_finished(invocation, outcome)
         except Exception as e:  # the record is lost, never the job: Snakemake must hear of it
@@ -431,6 +456,7 @@ class Executor(RealExecutor):
 
     def shutdown(self) -> None:
         """The run is over: deliver what waits, end the delegate and the engine, write the report."""
+        self._accepting.shutdown(wait=False)
         self.completions.close()
         try:
             self.delegate.shutdown()
@@ -442,6 +468,7 @@ class Executor(RealExecutor):
     def cancel(self) -> None:
         """Ctrl-C: drop what waits, cancel the delegate and the engine, write the report."""
         self._cancelled = True
+        self._accepting.shutdown(wait=False, cancel_futures=True)
         self.completions.close(deliver=False)
         try:
             self.delegate.cancel()

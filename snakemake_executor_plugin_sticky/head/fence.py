@@ -35,12 +35,16 @@ class Fence:
         self.given_up.update((address, key) for key in running)
 
     def accept(self, invocation: Invocation, outcome: Any) -> Any:
-        """Move the attempt's logs (and, when it succeeded, its outputs) into place, and remove
-        the invocation's attempt folders. Returns the outcome Snakemake hears: a failure in
-        place of a result from a worker given up, or of one whose files could not be moved."""
+        """Move the attempt's logs (and, when it succeeded, everything it wrote) into place, and
+        remove the invocation's attempt folders. Returns the outcome Snakemake hears: a failure in
+        place of a result from a worker given up, or of one whose files could not be moved. A
+        failure without a result (a crash, a timeout) keeps the logs of its latest attempt."""
         attempt = outcome.extra.get("attempt") if isinstance(outcome, InvocationResult) else None
+        attempts = glob.glob(os.path.join(glob.escape(str(self.folder)), f"{invocation.key}.*"))
         try:
             if attempt is None:
+                if attempts and not isinstance(outcome, InvocationResult):
+                    self._keep_logs(invocation, max(attempts, key=os.path.getmtime))
                 return outcome
             if (outcome.address, invocation.key) in self.given_up:
                 return dataclasses.replace(
@@ -49,27 +53,65 @@ class Fence:
                     "had given up (unheard for longer than --sticky-node-timeout); it is discarded.",
                 )
             try:
-                self._move_into_place(invocation, attempt, outputs=outcome.ok)
+                if outcome.ok:
+                    self._move_into_place(invocation, attempt)
+                else:
+                    self._keep_logs(invocation, attempt)
             except OSError as e:
                 return dataclasses.replace(
                     outcome, error=f"The outputs of the invocation could not be moved into place: {e}"
                 )
             return outcome
         finally:
-            for folder in glob.glob(os.path.join(glob.escape(str(self.folder)), f"{invocation.key}.*")):
+            for folder in attempts:
+                for beside in beside_folders(invocation, folder):
+                    shutil.rmtree(beside, ignore_errors=True)
                 shutil.rmtree(folder, ignore_errors=True)
 
-    def _move_into_place(self, invocation: Invocation, attempt: str, outputs: bool) -> None:
-        kinds = ("log", "output") if outputs else ("log",)
-        for kind in kinds:
-            for index, path in enumerate(getattr(invocation.snakemake, kind)):
-                written = attempt_path(attempt, kind, index, str(path))
+    def _keep_logs(self, invocation: Invocation, attempt: str) -> None:
+        """The attempt's logs go into place (a failed job's outputs do not)."""
+        for path in invocation.snakemake.log:
+            for written in (attempt_path(attempt, str(path)), attempt_path(attempt, str(path), beside=True)):
                 if os.path.lexists(written):
                     move(written, str(path))
 
+    def _move_into_place(self, invocation: Invocation, attempt: str) -> None:
+        """Everything the attempt wrote goes to the same path in place: its outputs and logs, and
+        what the script wrote beside them."""
+        declared = [str(p) for p in invocation.snakemake.output]
+        whole = {os.path.normpath(p) for p in declared} | {os.path.abspath(p) for p in declared}
+        move_tree(attempt, os.curdir, whole, skip={".absolute"})
+        move_tree(os.path.join(attempt, ".absolute"), os.sep, whole)
+        for beside in beside_folders(invocation, attempt):
+            move_tree(beside, os.path.dirname(beside), whole)
+
+
+def beside_folders(invocation: Invocation, attempt: str) -> set[str]:
+    """The attempt's folders next to its outputs and logs on other file systems that exist."""
+    kinds = [*invocation.snakemake.output, *invocation.snakemake.log]
+    folders = {os.path.dirname(attempt_path(attempt, str(p), beside=True)) for p in kinds}
+    return {folder for folder in folders if os.path.isdir(folder)}
+
+
+def move_tree(source: str, target: str, whole: set[str], skip: frozenset[str] | set[str] = frozenset()) -> None:
+    """Move every file and link below `source` to the same place below `target`; a folder in
+    `whole` (a folder output) moves as one. Top-level entries named in `skip` stay."""
+    for folder, folders, files in os.walk(source):
+        here = os.path.normpath(os.path.join(target, os.path.relpath(folder, source)))
+        if folder == source:
+            folders[:] = [f for f in folders if f not in skip]
+        for name in list(folders):
+            path, destination = os.path.join(folder, name), os.path.join(here, name)
+            if os.path.islink(path) or os.path.normpath(destination) in whole:
+                move(path, destination)
+                folders.remove(name)
+        for name in files:
+            move(os.path.join(folder, name), os.path.join(here, name))
+
 
 def move(source: str, target: str) -> None:
-    """A rename where both are on one file system (atomic), a copy across file systems."""
+    """A rename: the attempt wrote on the target's own file system (wire.attempt_path). Should
+    the system refuse it all the same (two mounts of one file system), a copy."""
     if os.path.dirname(target):
         os.makedirs(os.path.dirname(target), exist_ok=True)
     if os.path.isdir(target) and not os.path.islink(target):

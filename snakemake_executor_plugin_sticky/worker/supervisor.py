@@ -7,6 +7,10 @@ a `Reaper` (processes.py): a process the worker's tree leaves behind while the w
 the whole tree once the worker has ended, is adopted by the supervisor and ended. Signals the batch
 system sends (SIGTERM before a preemption, SIGINT, SIGHUP, SIGUSR1/2) are passed on to the worker.
 
+While the worker's process lives and is not stopped, the supervisor vouches for it to the
+scheduler once a second (voucher.py): a step that holds the worker's interpreter lock stops the
+worker's own heartbeats, and a busy worker is no lost one.
+
 The exit status is the worker's: its exit code, or 128 + the signal that killed it, so a crashed
 worker's job shows as failed, never as completed.
 
@@ -28,6 +32,7 @@ import time
 
 from ..wire import REAPER_ENV, WATCH_FD_ENV
 from .processes import POLL_S, Reaper, descendants, end_tree
+from .voucher import start_vouching
 
 FORWARDED = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2)
 # After the worker ends: what it left gets SIGTERM, this long to go, then SIGKILL.
@@ -109,6 +114,7 @@ def keep(argv: list[str]) -> int:
     environ = {k: v for k, v in os.environ.items() if k != WATCH_FD_ENV}
     worker = os.posix_spawn(command[0], command, {**environ, REAPER_ENV: str(os.getpid())}, setsigmask=())
     reaper.workers.add(worker)
+    start_vouching(worker, command)
     forward = Forwarder(worker)
     for sig in FORWARDED:
         signal.signal(sig, forward)

@@ -21,12 +21,26 @@ from ..api import batcher, resident
 from ..wire import RUNNING_TOPIC, Invocation, InvocationResult, Lost, Packed, attempt_path
 from .isolation import current
 from .resident import ResidentState, ResidentWorker, TemplateSetupError
+from .shared_task import SharedTask, watchdog
 
 
 def run_invocations(invocations: Packed) -> list[InvocationResult]:
     """The Dask task of one or more invocations of a template, run one after another: short
-    invocations travel together, so that Dask's cost per task is shared (head/chunking.py)."""
-    return [run_invocation(invocation) for invocation in invocations.unpack()]
+    invocations travel together, so that Dask's cost per task is shared (head/chunking.py). One
+    that runs long hands the rest of its task back (shared_task.py): the task's results are
+    those it did not hand back."""
+    if invocations.count == 1:
+        return [run_invocation(invocation) for invocation in invocations.unpack()]
+    worker = get_worker()
+    shared = SharedTask(str(worker.get_current_task()), invocations.unpack())
+    watch = watchdog(worker)
+    watch.add(shared)
+    try:
+        while (invocation := shared.next()) is not None:
+            shared.done(run_invocation(invocation))
+    finally:
+        watch.remove(shared)
+    return shared.results()
 
 
 def lost(address: str) -> Lost:
@@ -77,21 +91,32 @@ def run_invocation(invocation: Invocation) -> InvocationResult:
 def fenced(invocation: Invocation) -> tuple[Invocation, Optional[str]]:
     """Where the run fences its workers (batch jobs: a node may be cut off or frozen, and its
     writes still reach the shared file system), the script writes its outputs and logs in a
-    folder of this attempt's own; the head moves them into place when it accepts this result,
-    never once it has given this worker up. Returns the invocation the script sees and the folder."""
+    folder of this attempt's own, at their paths below it (wire.attempt_path); the head moves
+    them into place when it accepts this result, never once it has given this worker up. Returns
+    the invocation the script sees and the folder."""
     if invocation.attempts is None:
         return invocation, None
     from snakemake.iocontainers import Namedlist
 
     attempt = os.path.join(invocation.attempts, f"{invocation.key}.{uuid.uuid4().hex[:8]}")
+    os.makedirs(attempt)  # the head finds the invocation's attempts by their folders
+    device = os.stat(invocation.attempts).st_dev
     seen = copy.copy(invocation.snakemake)
     for kind in ("output", "log"):
-        paths = [attempt_path(attempt, kind, i, str(p)) for i, p in enumerate(getattr(seen, kind))]
+        paths = [attempt_path(attempt, str(p), beside=device_of(str(p)) != device) for p in getattr(seen, kind)]
         for path in paths:
             os.makedirs(os.path.dirname(path), exist_ok=True)
         moved = iter(paths)
         setattr(seen, kind, Namedlist(toclone=getattr(seen, kind), custom_map=lambda _: next(moved)))
     return dataclasses.replace(invocation, snakemake=seen), attempt
+
+
+def device_of(path: str) -> int:
+    """The file system of the folder that `path` goes in (its nearest folder that exists)."""
+    folder = os.path.dirname(os.path.abspath(path))
+    while not os.path.exists(folder):
+        folder = os.path.dirname(folder)
+    return os.stat(folder).st_dev
 
 
 def run_with_state(invocation: Invocation, holder: ResidentState, worker: Any, result: InvocationResult) -> None:

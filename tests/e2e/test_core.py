@@ -7,7 +7,17 @@ import shutil
 import time
 
 from conftest import Workflow, interrupt
-from helpers import LLM_TEMPLATE, ONE_TEMPLATE_SNAKEFILE, RECORD_SCRIPT, noise, outputs, sticky_workflow
+from helpers import (
+    LLM_TEMPLATE,
+    ONE_TEMPLATE_SNAKEFILE,
+    RECORD_SCRIPT,
+    clear_fidelity_results,
+    fidelity_results,
+    fidelity_workflow,
+    noise,
+    outputs,
+    sticky_workflow,
+)
 
 
 def test_state_built_once_per_worker_reused_and_torn_down(workflow: Workflow):
@@ -407,3 +417,15 @@ def test_workers_are_forked_from_a_forkserver_that_leaves_with_snakemake(workflo
     assert {r["grandparent"] for r in results} == {proc.pid}
     # it leaves at once with Snakemake (holding Snakemake's output open a moment longer otherwise)
     assert workflow.leftover_processes(wait_s=1.0) == []
+
+
+def test_scripts_see_their_outputs_on_local_workers_as_under_the_local_executor(workflow: Workflow):
+    fidelity_workflow(workflow)
+    local = workflow.run("--keep-going", executor="local", cores=2)
+    assert local.returncode != 0 and local.output.count("Error in rule crash") == 2, local.output
+    expected = fidelity_results(workflow)
+    clear_fidelity_results(workflow)
+    run = workflow.run("--keep-going", "--sticky-workers", "2", "--sticky-invocation-crashes", "1")
+    assert run.returncode != 0 and run.output.count("Error in rule crash") == 2, run.output
+    assert fidelity_results(workflow) == expected
+    assert workflow.leftover_processes() == []

@@ -13,6 +13,7 @@ import pytest
 from conftest import Workflow, interrupt
 from helpers import (
     CAREFUL,
+    HOLDS_THE_LOCK,
     LLM_TEMPLATE,
     ONE_TEMPLATE_SNAKEFILE,
     RECORD_SCRIPT,
@@ -204,6 +205,79 @@ def test_hung_invocation_times_out_and_its_worker_is_replaced(workflow: Workflow
     assert [i for i in range(4) if (workflow.root / f"out/{i}.json").exists()] == [0, 1, 3]
     assert len(workflow.lines("setups-llm.txt")) == 2, "the worker of the hung invocation was replaced"
     assert workflow.leftover_processes() == []
+
+
+HANGS_ONCE = """
+import os, time
+from snakemake_executor_plugin_sticky import sticky_state
+sticky_state(snakemake)
+if not os.path.exists("hung-pid"):
+    open("hung-pid", "w").write(str(os.getpid()))
+    time.sleep(600)
+hung = int(open("hung-pid").read())
+try:
+    alive = open(f"/proc/{hung}/stat").read().split()[2] != "Z"
+except FileNotFoundError:
+    alive = False
+open(snakemake.output[0], "w").write(f"hung worker alive: {alive}")
+"""
+
+
+def test_a_retry_of_a_hung_invocation_runs_once_the_hung_worker_has_ended(workflow: Workflow):
+    """Without a fence the hung attempt writes in place: its retry, on the other worker, must
+    not write beside it."""
+    sticky_workflow(workflow, ONE_TEMPLATE_SNAKEFILE, LLM_TEMPLATE.replace("delay: 1.0", "delay: 0.2"))
+    workflow.write("scripts/record.py", HANGS_ONCE)
+    run = workflow.run(
+        "--sticky-workers", "2", "--sticky-invocation-timeout", "3", "--retries", "1", "--config", "count=1"
+    )
+    assert run.returncode == 0, run.output
+    assert "timed out after 3 s" in run.output
+    assert workflow.read("out/0.json") == "hung worker alive: False"
+    assert workflow.leftover_processes() == []
+
+
+def test_a_hung_invocation_among_many_short_ones_holds_up_only_itself(workflow: Workflow):
+    """Short invocations share Dask tasks: the hung one's worker hands back the rest of its task,
+    which runs elsewhere at once, not after the hung one's timeout."""
+    sticky_workflow(workflow, ONE_TEMPLATE_SNAKEFILE, LLM_TEMPLATE.replace("delay: 1.0", "delay: 0.2"))
+    workflow.write("scripts/record.py", CAREFUL)
+    run = workflow.run(
+        "--sticky-workers",
+        "2",
+        "--sticky-invocation-timeout",
+        "30",
+        "--keep-going",
+        "--config",
+        "count=400",
+        "victim=200",
+        "victim_sleep=600",
+        cores=64,
+        timeout=300,
+    )
+    assert run.returncode != 0
+    assert run.output.count("Error in rule infer") == 1, run.output
+    assert "Invocation of rule 'infer' timed out after 30 s" in run.output
+    done = [i for i in range(400) if complete_output(workflow, i)]
+    assert len(done) == 399 and 200 not in done
+    assert report_of(workflow)["dask_tasks"] < 400, "short invocations shared tasks"
+    timed_out = (workflow.root / "victim-ran-200").stat().st_mtime + 30
+    late = [i for i in done if (workflow.root / f"out/{i}.json").stat().st_mtime >= timed_out]
+    assert late == [], "no invocation waited for the hung one's timeout"
+    assert workflow.leftover_processes() == []
+
+
+def test_a_step_that_holds_the_interpreter_lock_is_a_busy_worker_not_a_lost_one(workflow: Workflow):
+    """Its heartbeats stop for three times Dask's worker-ttl; its Nanny vouches for it meanwhile."""
+    sticky_workflow(workflow, ONE_TEMPLATE_SNAKEFILE, LLM_TEMPLATE.replace("delay: 1.0", "delay: 0.2"))
+    workflow.write("scripts/record.py", HOLDS_THE_LOCK)
+    run = workflow.run(
+        "--sticky-workers", "1", "--config", "count=2", "hold=15", env={"DASK_DISTRIBUTED__SCHEDULER__WORKER_TTL": "5s"}
+    )
+    assert run.returncode == 0, run.output
+    assert "was lost" not in run.output and "failed to heartbeat" not in run.output, run.output
+    assert report_of(workflow)["workers_lost"] == 0
+    assert len(set(workflow.lines("setups-llm.txt"))) == 1, "one worker, never replaced"
 
 
 def test_poisoning_exception_rebuilds_the_state(workflow: Workflow):

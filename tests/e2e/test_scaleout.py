@@ -3,6 +3,7 @@ network scheduler, and attach mode with hand-started Dask workers."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -24,13 +25,20 @@ from snakemake_executor_plugin_sticky.settings import ExecutorSettings
 
 from conftest import Workflow, snakemake_env
 from helpers import (
+    HOLDS_THE_LOCK,
+    LLM_TEMPLATE,
+    ONE_TEMPLATE_SNAKEFILE,
     all_helpers,
     ask_identity,
+    clear_fidelity_results,
     engine_results,
     engine_workflow,
+    fidelity_results,
+    fidelity_workflow,
     helper_pids,
     running,
     start_scheduler,
+    sticky_workflow,
     wait_for,
     wait_until_gone,
 )
@@ -738,3 +746,58 @@ def test_attach_mode_ends_a_template_pool_of_every_start_method(workflow: Workfl
             if process is not None:
                 os.killpg(process.pid, signal.SIGTERM)
                 process.wait(timeout=30)
+
+
+def test_scripts_see_their_outputs_on_slurm_as_under_the_local_executor(workflow: Workflow, slurm: None):
+    """Folder names, an index beside its file, a file beside an output, a relative link between
+    outputs, and the log of a job killed after writing it: as under the local executor."""
+    fidelity_workflow(workflow)
+    local = workflow.run("--keep-going", executor="local", cores=2)
+    assert local.returncode != 0 and local.output.count("Error in rule crash") == 2, local.output
+    expected = fidelity_results(workflow)
+    assert expected["logs/crash/s1.log"] == "loaded, then died\n" and "ref/s1/genome.fa.md5" in expected
+    assert json.loads(expected["names/s2/s.json"]) == {"parent": "s2", "grandparent": "names", "name": "s.json"}
+    clear_fidelity_results(workflow)
+    run = workflow.run(
+        "--keep-going",
+        "--sticky-cluster",
+        "slurm",
+        "--sticky-interface",
+        "lo",
+        "--sticky-invocation-crashes",
+        "1",
+        "--jobs",
+        "4",
+        cores=1,
+    )
+    assert run.returncode != 0 and run.output.count("Error in rule crash") == 2, run.output
+    assert fidelity_results(workflow) == expected
+    assert slurm_jobs_in_queue(set(submitted_jobs(run.output))) == []
+    assert not workflow.leftover_processes()
+
+
+def test_slurm_worker_holding_the_interpreter_lock_for_twice_the_node_timeout_is_not_given_up(
+    workflow: Workflow, slurm: None
+):
+    engine_free = LLM_TEMPLATE.replace("delay: 1.0", "delay: 0.2")
+    sticky_workflow(workflow, ONE_TEMPLATE_SNAKEFILE, engine_free)
+    workflow.write("scripts/record.py", HOLDS_THE_LOCK)
+    run = workflow.run(
+        "--sticky-cluster",
+        "slurm",
+        "--sticky-interface",
+        "lo",
+        "--sticky-node-timeout",
+        "10",
+        "--jobs",
+        "1",
+        "--config",
+        "count=2",
+        "hold=20",
+        cores=1,
+    )
+    assert run.returncode == 0, run.output
+    assert "left the run without retiring" not in run.output and "was lost" not in run.output, run.output
+    assert len(set(workflow.lines("setups-llm.txt"))) == 1, "one worker job, never given up"
+    assert slurm_jobs_in_queue(set(submitted_jobs(run.output))) == []
+    assert not workflow.leftover_processes()

@@ -4,12 +4,15 @@ logs move into place only when the run accepts its result. Pure file operations,
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
+import time
 from pathlib import Path
 
 from snakemake.iocontainers import Namedlist, Snakemake
 
 from snakemake_executor_plugin_sticky.head.fence import Fence
-from snakemake_executor_plugin_sticky.wire import Invocation, InvocationResult
+from snakemake_executor_plugin_sticky.wire import Invocation, InvocationResult, attempt_path
 from snakemake_executor_plugin_sticky.worker.task import fenced
 
 
@@ -94,3 +97,85 @@ def test_an_invocation_without_an_attempt_is_left_as_it_is(tmp_path: Path):
     unfenced = invocation(tmp_path, fence.folder)
     unfenced.attempts = None
     assert fenced(unfenced) == (unfenced, None)
+
+
+def test_the_path_mapping_keeps_relative_paths_below_the_attempt():
+    assert attempt_path("/r/a/k.1", "out/parent/s1.json") == "/r/a/k.1/out/parent/s1.json"
+    assert attempt_path("/r/a/k.1", "./out//x") == "/r/a/k.1/out/x"
+    assert attempt_path("/r/a/k.1", "/data/x.bin") == "/r/a/k.1/.absolute/data/x.bin"
+    outside = attempt_path("/r/a/k.1", "../up/x.txt")
+    assert outside == "/r/a/k.1/.absolute" + os.path.abspath("../up/x.txt"), "never outside the attempt"
+    assert attempt_path("/r/a/k.1", "/scratch/big/x.bin", beside=True) == "/scratch/big/.sticky-k.1/x.bin"
+
+
+def relative_invocation(attempts: Path, outputs: dict, logs: dict) -> Invocation:
+    snakemake = Snakemake(
+        Namedlist(), Namedlist(fromdict=outputs), Namedlist(), Namedlist(), 1, Namedlist(),
+        Namedlist(fromdict=logs), {}, "r", None, "",
+    )  # fmt: skip
+    return Invocation("sticky-r-1-abc", "t", "id", "tag", "r", 1, "s.py", snakemake, attempts=str(attempts))
+
+
+def accepted(original: Invocation, attempt: str, fence: Fence, error: str | None = None) -> InvocationResult:
+    result = InvocationResult(original.key, "w1", "tls://w1:1", 1, 0.0, 1.0, error=error, extra={"attempt": attempt})
+    return fence.accept(original, result)
+
+
+def test_what_a_script_derives_from_its_outputs_paths_behaves_as_in_place(tmp_path: Path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    fence = Fence(tmp_path / ".snakemake" / "attempts")
+    original = relative_invocation(
+        fence.folder,
+        {"fa": "ref/s1/genome.fa", "fai": "ref/s1/genome.fa.fai", "link": "ref/s1/latest.fa"},
+        {"log": "logs/s1.log"},
+    )
+    seen, attempt = fenced(original)
+    out = seen.snakemake.output
+    assert Path(out.fa).parent.name == "s1", "the output's folder has its own name"
+    Path(out.fa).write_text(">s1\nACGT\n")
+    Path(out.fa + ".fai").write_text("s1\t4\n")  # samtools faidx: the index beside, by a derived path
+    Path(out.fa + ".md5").write_text("x\n")  # beside it, and not declared
+    os.symlink("genome.fa", out.link)  # a relative link between outputs
+    Path(seen.snakemake.log.log).write_text("done\n")
+    assert not (tmp_path / "ref").exists(), "nothing in place before the head accepts"
+    assert accepted(original, attempt, fence).ok
+    assert (tmp_path / "ref/s1/genome.fa.fai").read_text() == "s1\t4\n"
+    assert (tmp_path / "ref/s1/genome.fa.md5").exists(), "what the script wrote beside its output is there too"
+    assert (tmp_path / "ref/s1/latest.fa").read_text() == ">s1\nACGT\n", "the link resolves in place"
+    assert (tmp_path / "logs/s1.log").read_text() == "done\n"
+    assert os.listdir(fence.folder) == []
+
+
+def test_a_failure_without_a_result_keeps_the_latest_attempts_log(tmp_path: Path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    fence = Fence(tmp_path / ".snakemake" / "attempts")
+    original = relative_invocation(fence.folder, {"out": "out/a.txt"}, {"log": "logs/a.log"})
+    for text in ("first attempt\n", "last attempt\n"):
+        seen, _ = fenced(original)
+        Path(seen.snakemake.output.out).write_text("half")
+        Path(seen.snakemake.log.log).write_text(text)
+        time.sleep(0.01)  # the attempts' folders differ in age
+    crash = RuntimeError("the invocation crashed its workers")
+    assert fence.accept(original, crash) is crash
+    assert (tmp_path / "logs/a.log").read_text() == "last attempt\n", "a crashed job's log stays, as in place"
+    assert not (tmp_path / "out/a.txt").exists()
+    assert os.listdir(fence.folder) == []
+
+
+def test_an_output_on_another_file_system_is_written_there_and_renamed_into_place(tmp_path: Path, monkeypatch):
+    other = Path(tempfile.mkdtemp(dir="/dev/shm"))
+    try:
+        assert os.stat(other).st_dev != os.stat(tmp_path).st_dev, "/dev/shm is a file system of its own here"
+        monkeypatch.chdir(tmp_path)
+        fence = Fence(tmp_path / ".snakemake" / "attempts")
+        original = relative_invocation(fence.folder, {"big": str(other / "big.bin")}, {})
+        seen, attempt = fenced(original)
+        written = Path(seen.snakemake.output.big)
+        assert written.parent.parent == other, "the attempt writes beside the output, on its file system"
+        written.write_bytes(b"x" * 4096)
+        inode = written.stat().st_ino
+        assert accepted(original, attempt, fence).ok
+        assert (other / "big.bin").stat().st_ino == inode, "accepted with a rename, not a copy"
+        assert os.listdir(other) == ["big.bin"], "no attempt folder is left beside it"
+    finally:
+        shutil.rmtree(other)

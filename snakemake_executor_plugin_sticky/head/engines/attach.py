@@ -21,7 +21,7 @@ from snakemake_interface_common.exceptions import WorkflowError
 
 from ...settings import ExecutorSettings
 from ...templates import TemplateSpec
-from ...wire import PACKAGE
+from ...wire import PACKAGE, VOUCH_HANDLER
 from .base import DaskBackend, OnEvent, worker_plugin
 from .scheduler_plugin import WorkerRemovalPlugin
 
@@ -103,6 +103,11 @@ def version_problems(versions: dict[str, Any], address: str) -> list[str]:
     return problems
 
 
+def forget_vouches(dask_scheduler: Any) -> None:
+    """On the user's scheduler: the handler the run's plugin added goes with the plugin."""
+    dask_scheduler.handlers.pop(VOUCH_HANDLER, None)
+
+
 def worker_command(address: str, template: TemplateSpec) -> str:
     """The command line that makes a machine one of the template's workers."""
     return (
@@ -177,6 +182,7 @@ class AttachedBackend(DaskBackend):
         try:
             try:
                 self._client.unregister_scheduler_plugin(WorkerRemovalPlugin.name)
+                self._client.run_on_scheduler(forget_vouches)
             except Exception as e:
                 self.log.warning(f"Sticky: removing scheduler plugin {WorkerRemovalPlugin.name} failed: {e}")
             for name in self._plugins.values():

@@ -9,6 +9,7 @@ they die with their worker and block scale-in.
 
 from __future__ import annotations
 
+import pickle
 import queue
 import threading
 import time
@@ -24,7 +25,7 @@ from distributed import Client, Future
 
 from ...settings import ExecutorSettings
 from ...templates import TemplateSpec
-from ...wire import EVENT_TOPIC, Event, Invocation, InvocationResult, Lost, Packed
+from ...wire import EVENT_TOPIC, Event, HandedBack, Invocation, InvocationResult, Lost, Packed
 from ...worker.plugin import StickyWorkerPlugin
 from ...worker.task import run_invocations
 from ..fence import Fence
@@ -39,6 +40,7 @@ OnEvent = Callable[[dict[str, Any]], None]
 RELEASE_DELAY_S = 0.02
 EVENTS_DRAIN_S = 5.0  # at the end of a run, events already received are handled within this
 SUBSCRIBE_TIMEOUT_S = 30.0  # the scheduler has the run's subscription to worker events within this
+HUNG_EXIT_WAIT_S = 120.0  # the longest a hung invocation's failure waits for its worker to end
 
 
 def worker_plugin(template: TemplateSpec, workdir: str, settings: ExecutorSettings, owned: bool) -> StickyWorkerPlugin:
@@ -86,6 +88,10 @@ class Backend(ABC):
         """The run has handled the removal of this worker (and charged its losses)."""
 
     @abstractmethod
+    def worker_exited(self, address: str) -> None:
+        """A worker process of the run has ended (its supervisor saw it)."""
+
+    @abstractmethod
     def abandon(self, key: str, reason: str, worker: str) -> None:
         """Fail a hung invocation with `reason` and replace the worker (address) that runs it."""
 
@@ -121,6 +127,7 @@ class DaskBackend(Backend):
         self._strikes: dict[str, list[str]] = {}  # invocation key -> workers that died running it
         self._removals_heard: set[str] = set()  # workers whose removal the run has handled
         self._parked: dict[str, list[Member]] = {}  # worker -> invocations lost with it, see _lost
+        self._hung: dict[str, list[tuple[str, str]]] = {}  # worker -> (key, reason) failing once it ends
         self._failed_pools: dict[str, str] = {}
         self._lock = threading.Lock()
         self._on_event = on_event
@@ -158,7 +165,11 @@ class DaskBackend(Backend):
 
     def _handle_event(self, message: dict[str, Any]) -> None:
         try:
-            self._on_event(Event.from_message(message))
+            event = Event.from_message(message)
+            if isinstance(event, HandedBack):
+                self.handed_back(event)
+            else:
+                self._on_event(event)
         except Exception as e:  # an event lost could be a hung invocation never replaced: stop
             traceback.print_exc()
             self.break_down(f"handling the engine event '{message.get('event')}' failed: {type(e).__name__}: {e}")
@@ -213,6 +224,29 @@ class DaskBackend(Backend):
 
     def _when_done(self, future: Future) -> None:
         future.add_done_callback(self._finished.put)
+
+    def handed_back(self, event: HandedBack) -> None:
+        """A worker gave back the rest of a shared task while one of its invocations runs long:
+        the results of those that ran are reported, and those it had not started are sent again,
+        one per task. Should the task have come back already (lost with its worker), it has been
+        dealt with whole, and the event is late."""
+        results: list[InvocationResult] = pickle.loads(event.results)
+        handed = {result.key for result in results} | set(event.keys)
+        with self._lock:
+            entry = self._tasks.get(event.task)
+            if entry is None:
+                return
+            rest = [m for m in entry[1] if m[0].key not in handed]
+            if rest or not entry[0].done():
+                self._tasks[event.task] = (entry[0], rest)
+            else:  # the task came back first, with the long invocation's result
+                del self._tasks[event.task]
+            members = {m[0].key: m for m in entry[1] if m[0].key in handed}
+        for result in results:
+            self._finish(members[result.key][0], result)
+        again = [[members[key]] for key in event.keys]
+        if again:
+            self.submit(again)
 
     def worker_lost(self, address: str, running: Sequence[str]) -> None:
         """A worker died while running these invocations: each was running there once more when
@@ -317,23 +351,29 @@ class DaskBackend(Backend):
         return False
 
     def _complete(self, future: Future, fetched: Any) -> None:
+        """A task is back: its results, or its failure. Its invocations that the worker handed
+        back while it ran (see handed_back) have no result in it."""
         with self._lock:
             if not self._spent:
                 self._spent_since = time.monotonic()
             self._spent.append(future)
-            members = self._tasks.get(future.key, (None, []))[1]
         try:
             outcome = fetched if fetched is not None else future.result()
         except BaseException as e:  # cancelled, hung, lost workers, or the pool failed
             self._fail_task(future, e)
             return
+        results = {} if isinstance(outcome, Lost) else {result.key: result for result in outcome}
         with self._lock:
-            self._tasks.pop(future.key, None)
+            members = self._tasks.pop(future.key, (None, []))[1]
+            handed = [m for m in members if m[0].key not in results]
+            if handed and not isinstance(outcome, Lost):  # their event is on its way (see handed_back)
+                self._tasks[future.key] = (future, handed)
         if isinstance(outcome, Lost):
             self._lost(outcome.address, members)
             return
-        for (invocation, _), result in zip(members, outcome, strict=True):
-            self._finish(invocation, result)
+        for invocation, _ in members:
+            if invocation.key in results:
+                self._finish(invocation, results[invocation.key])
 
     def _fail_task(self, future: Future, error: BaseException) -> None:
         """The task ended without results: each of its invocations not finished yet fails, with
@@ -372,16 +412,41 @@ class DaskBackend(Backend):
 
     def abandon(self, key: str, reason: str, worker: str) -> None:
         """Fail a hung invocation with `reason` and replace its worker where the engine may (the
-        other invocations of its task then come back lost, and run again)."""
+        other invocations of its task then come back lost, and run again). Where the hung
+        attempt writes in place (no fence), the failure waits until its worker process has
+        ended: a retry must not write the same files beside it."""
         with self._lock:
             member = self._pending.get(key)
             alone = [f for f, members in self._tasks.values() if [m[0].key for m in members] == [key]]
+            defer = member is not None and self.replaces_hung_workers and self.fence is None
+            if defer:
+                self._hung.setdefault(worker, []).append((key, reason))
         if member is None:
             return
-        self._finish(member[0], RuntimeError(reason))
+        if defer:
+            timer = threading.Timer(HUNG_EXIT_WAIT_S, self._hung_worker_ended, (worker, HUNG_EXIT_WAIT_S))
+            timer.daemon = True
+            timer.start()
+        else:
+            self._finish(member[0], RuntimeError(reason))
         for future in alone:
             future.cancel(msg=reason)
         self.replace_worker(worker)
+
+    def worker_exited(self, address: str) -> None:
+        """A worker process of the run has ended: the invocations that hung in it fail now."""
+        self._hung_worker_ended(address)
+
+    def _hung_worker_ended(self, address: str, waited_s: Optional[float] = None) -> None:
+        """The invocations abandoned on the worker fail now that it has ended (or when it has not
+        ended within HUNG_EXIT_WAIT_S, with a word of it)."""
+        with self._lock:
+            hung = self._hung.pop(address, [])
+            members = [(self._pending[key][0], reason) for key, reason in hung if key in self._pending]
+        for invocation, reason in members:
+            if waited_s is not None:
+                reason += f" Its worker had not ended {waited_s:g} s later; a retry may run beside it."
+            self._finish(invocation, RuntimeError(reason))
 
     def replace_worker(self, worker: str) -> None:
         """A hung thread cannot be stopped: end the worker (address) that runs it; a new one

@@ -28,6 +28,7 @@ from distributed import Nanny
 from ...settings import ExecutorSettings
 from ...templates import TemplateSpec
 from ...wire import EVENT_TOPIC, WorkerExited, worker_name
+from ...worker.voucher import VOUCH_S, alive
 from .. import forkserver
 from ..gpus import GpuPlan, visible_gpus
 from ..process_changes import ProcessChanges
@@ -85,6 +86,7 @@ class EmbeddedBackend(HostedScheduler):
         self._env_run: Optional[RunFolder] = None
         self._watch_pipe: tuple[int, int] = (-1, -1)
         super().__init__(settings, log, on_event, security=run_credentials(), changes=changes)
+        self._vouching = asyncio.run_coroutine_threadsafe(self._vouch_for_workers(), self._loop)
         # Runs before multiprocessing's own exit handler, which would wait for every worker.
         atexit.register(self.kill_workers)
 
@@ -274,7 +276,23 @@ class EmbeddedBackend(HostedScheduler):
             await asyncio.sleep(0.01)
         await self._close_nannies(pool)
 
+    async def _vouch_for_workers(self) -> None:
+        """A Nanny is a process of its own beside its worker: once a second, each worker process
+        that is alive and not stopped is vouched for, as a supervisor vouches for a batch-job
+        worker (worker/voucher.py), so a step that holds the worker's interpreter lock is not taken
+        for a lost worker. Workers in their own environment have their supervisor's word."""
+        while True:
+            await asyncio.sleep(VOUCH_S)
+            now = time.time()
+            for nanny in self._supervisors():
+                process = getattr(nanny, "process", None)
+                pid, address = getattr(process, "pid", None), getattr(process, "worker_address", None)
+                ws = self._scheduler.workers.get(address) if isinstance(nanny, Nanny) and address else None
+                if ws is not None and pid and alive(pid):
+                    ws.last_seen = now
+
     async def _close_workers(self) -> None:
+        self._vouching.cancel()
         await self._close_nannies([n for pool in self._pools.values() for n in pool])
         await asyncio.gather(*(asyncio.wrap_future(f) for f in self._retiring), return_exceptions=True)
         atexit.unregister(self.kill_workers)

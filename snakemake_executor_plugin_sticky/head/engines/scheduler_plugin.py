@@ -8,7 +8,7 @@ from typing import Any, Optional
 
 from distributed.diagnostics.plugin import SchedulerPlugin
 
-from ...wire import EVENT_TOPIC, RUNNING_TOPIC, Packed, Removed
+from ...wire import EVENT_TOPIC, RUNNING_TOPIC, VOUCH_HANDLER, Packed, Removed
 
 # stimulus ids of Dask's orderly removals: Scheduler.retire_workers and Worker.close_gracefully
 GRACEFUL_REMOVALS = ("retire-workers", "worker-close-gracefully")
@@ -38,8 +38,22 @@ class WorkerRemovalPlugin(SchedulerPlugin):
         self.scheduler: Optional[Any] = None
 
     async def start(self, scheduler: Any) -> None:
-        """Keep the scheduler, whose tasks a removal may change."""
+        """Keep the scheduler, whose tasks a removal may change, and take the word of the
+        workers' supervisors (VOUCH_HANDLER)."""
         self.scheduler = scheduler
+        scheduler.handlers[VOUCH_HANDLER] = self.vouch
+
+    def vouch(self, name: str) -> bool:
+        """A worker's supervisor, a process of its own beside it, saw the worker's process alive
+        and not stopped: the worker counts as heard now, though it may not answer itself (a
+        step that holds its interpreter lock). A node cut off, frozen or crashed vouches for
+        nothing, and its worker is given up as before. False for a worker not (yet) joined."""
+        assert self.scheduler is not None, "the plugin was started"
+        for ws in self.scheduler.workers.values():
+            if ws.name == name:
+                ws.last_seen = time.time()
+                return True
+        return False
 
     def add_worker(self, scheduler: Any, worker: str) -> None:
         """Remember the worker's name, which its removal no longer has."""
