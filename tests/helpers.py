@@ -437,7 +437,8 @@ rule link:
     output: "links/{s}/data.txt", "links/{s}/latest.txt"
     resources: sticky="llm"
     script: "scripts/link.py"
-rule crash:
+rule crash:  # last: the workers it kills hold no other invocation waiting
+    input: "ref/{s}/genome.fa.fai", "names/{s}/s.json", "links/{s}/latest.txt"
     output: "crash/{s}.txt"
     log: "logs/crash/{s}.log"
     resources: sticky="llm"

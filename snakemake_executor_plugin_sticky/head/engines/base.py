@@ -274,7 +274,8 @@ class DaskBackend(Backend):
             if address not in self._removals_heard:
                 self._parked.setdefault(address, []).extend(members)
                 return
-            members = [m for m in members if m[0].key in self._pending]
+            hung = {key for waiting in self._hung.values() for key, _ in waiting}
+            members = [m for m in members if m[0].key in self._pending and m[0].key not in hung]
             crashed = {
                 invocation.key: strikes
                 for invocation, _ in members
@@ -393,9 +394,12 @@ class DaskBackend(Backend):
         for invocation, _ in parked:
             self._finish(invocation, RuntimeError(reason))
 
-    def _finish(self, invocation: Invocation, outcome: Outcome) -> None:
-        """The invocation's outcome goes to its `on_done`, once."""
+    def _finish(self, invocation: Invocation, outcome: Outcome, hung_worker_ended: bool = False) -> None:
+        """The invocation's outcome goes to its `on_done`, once. One abandoned as hung fails only
+        once its worker has ended (see abandon), whatever its task becomes meanwhile."""
         with self._lock:
+            if not hung_worker_ended and any(key == invocation.key for hung in self._hung.values() for key, _ in hung):
+                return
             member = self._pending.pop(invocation.key, None)
             self._strikes.pop(invocation.key, None)
         if member is not None:
@@ -446,7 +450,7 @@ class DaskBackend(Backend):
         for invocation, reason in members:
             if waited_s is not None:
                 reason += f" Its worker had not ended {waited_s:g} s later; a retry may run beside it."
-            self._finish(invocation, RuntimeError(reason))
+            self._finish(invocation, RuntimeError(reason), hung_worker_ended=True)
 
     def replace_worker(self, worker: str) -> None:
         """A hung thread cannot be stopped: end the worker (address) that runs it; a new one
