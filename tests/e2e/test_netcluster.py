@@ -11,7 +11,19 @@ import time
 from pathlib import Path
 
 from conftest import NETCLUSTER, NETCLUSTER_CONF, Background, Workflow
-from helpers import COUNT_OPENS, digest_of, make_model, wait_for
+from helpers import (
+    COUNT_OPENS,
+    HOLDS_THE_LOCK,
+    LLM_TEMPLATE,
+    ONE_TEMPLATE_SNAKEFILE,
+    clear_fidelity_results,
+    digest_of,
+    fidelity_results,
+    fidelity_workflow,
+    make_model,
+    sticky_workflow,
+    wait_for,
+)
 
 ENV = {"SLURM_CONF": NETCLUSTER_CONF}
 NODE_LOCAL = "/var/tmp/netcluster-local"
@@ -203,5 +215,33 @@ def test_a_worker_job_that_slurm_requeues_mid_run_loses_nothing_and_leaves_nothi
     output, _ = proc.communicate(timeout=300)
     assert proc.returncode == 0, output
     assert len(outputs(workflow)) == 18
+    assert queue_empty()
+    assert workflow.leftover_processes() == []
+
+
+def test_scripts_see_their_outputs_on_the_nodes_as_under_the_local_executor(workflow: Workflow, netcluster):
+    fidelity_workflow(workflow)
+    local = workflow.run("--keep-going", executor="local", cores=2)
+    assert local.returncode != 0 and local.output.count("Error in rule crash") == 2, local.output
+    expected = fidelity_results(workflow)
+    clear_fidelity_results(workflow)
+    run = workflow.run(*ON_NODES, "--keep-going", "--sticky-invocation-crashes", "1", cores=1, env=ENV, timeout=300)
+    assert run.returncode != 0 and run.output.count("Error in rule crash") == 2, run.output
+    assert fidelity_results(workflow) == expected
+    assert queue_empty()
+    assert workflow.leftover_processes() == []
+
+
+def test_a_node_busy_holding_the_interpreter_lock_for_twice_the_node_timeout_is_not_given_up(
+    workflow: Workflow, netcluster
+):
+    sticky_workflow(workflow, ONE_TEMPLATE_SNAKEFILE, LLM_TEMPLATE.replace("delay: 1.0", "delay: 0.2"))
+    workflow.write("scripts/record.py", HOLDS_THE_LOCK)
+    run = workflow.run(
+        *ON_NODES, "--sticky-node-timeout", "10", "--config", "count=3", "hold=20", cores=1, env=ENV, timeout=300
+    )
+    assert run.returncode == 0, run.output
+    assert "left the run without retiring" not in run.output and "was lost" not in run.output, run.output
+    assert len(set(workflow.lines("setups-llm.txt"))) <= 3, "no worker job was given up and replaced"
     assert queue_empty()
     assert workflow.leftover_processes() == []
