@@ -617,14 +617,9 @@ def setup(source):
 """
 
 
-def scale_out_staging(folder: Path, node_counts: list[int], repeats: int) -> dict:
-    """Time until every node holds a copy of a 64 MB model on the throttled source: one reader of
-    the source and peer copies, against every node reading the source."""
-    source = folder / "shared-fs" / "model"
-    source.mkdir(parents=True, exist_ok=True)
-    for i in range(4):
-        (source / f"shard-{i}.bin").write_bytes(os.urandom(16 * 2**20))
-    work = folder / "workflow"
+def stage_workflow(work: Path, sleep_s: float) -> Path:
+    """A workflow of `count` (config) invocations of a template that stages its `source`, each
+    sleeping `sleep_s`; its config.yaml, naming the source, is the caller's."""
     work.mkdir(parents=True, exist_ok=True)
     (work / "Snakefile").write_text(
         'configfile: "config.yaml"\nrule all:\n    input: expand("o/{i}.txt", i=range(int(config["count"])))\n'
@@ -633,8 +628,19 @@ def scale_out_staging(folder: Path, node_counts: list[int], repeats: int) -> dic
     (work / "template.py").write_text(STAGE_TEMPLATE)
     (work / "use.py").write_text(
         "import time\nfrom snakemake_executor_plugin_sticky import sticky_state\nsticky_state(snakemake)\n"
-        "time.sleep(0.5)\nopen(snakemake.output[0], 'w').close()\n"
+        f"time.sleep({sleep_s})\nopen(snakemake.output[0], 'w').close()\n"
     )
+    return work
+
+
+def scale_out_staging(folder: Path, node_counts: list[int], repeats: int) -> dict:
+    """Time until every node holds a copy of a 64 MB model on the throttled source: one reader of
+    the source and peer copies, against every node reading the source."""
+    source = folder / "shared-fs" / "model"
+    source.mkdir(parents=True, exist_ok=True)
+    for i in range(4):
+        (source / f"shard-{i}.bin").write_bytes(os.urandom(16 * 2**20))
+    work = stage_workflow(folder / "workflow", sleep_s=0.5)
     rows = []
     with ThrottledSource(source.parent, folder / "mnt", SOURCE_MB_PER_S) as mounted:
         (work / "config.yaml").write_text(
@@ -667,17 +673,7 @@ def cold_stage(folder: Path, repeats: int) -> dict:
     source = folder / "shared-fs" / "model.bin"
     source.parent.mkdir(parents=True, exist_ok=True)
     source.write_bytes(os.urandom(2**20))
-    work = folder / "workflow"
-    work.mkdir(parents=True, exist_ok=True)
-    (work / "Snakefile").write_text(
-        'configfile: "config.yaml"\nrule all:\n    input: expand("o/{i}.txt", i=range(4))\n'
-        'rule use:\n    output: "o/{i}.txt"\n    resources: sticky="model"\n    script: "use.py"\n'
-    )
-    (work / "template.py").write_text(STAGE_TEMPLATE)
-    (work / "use.py").write_text(
-        "from snakemake_executor_plugin_sticky import sticky_state\nsticky_state(snakemake)\n"
-        "open(snakemake.output[0], 'w').close()\n"
-    )
+    work = stage_workflow(folder / "workflow", sleep_s=0.0)
     (work / "config.yaml").write_text(f"sticky:\n  model:\n    setup: template.py\n    kwargs: {{source: {source}}}\n")
     runs = []
     for _ in range(repeats):
@@ -693,6 +689,8 @@ def cold_stage(folder: Path, repeats: int) -> dict:
                 "2",
                 "--sticky-cache-dir",
                 str(cache),
+                "--config",
+                "count=4",
             ],
             work,
         )

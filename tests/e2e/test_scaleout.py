@@ -779,8 +779,7 @@ def test_scripts_see_their_outputs_on_slurm_as_under_the_local_executor(workflow
 def test_slurm_worker_holding_the_interpreter_lock_for_twice_the_node_timeout_is_not_given_up(
     workflow: Workflow, slurm: None
 ):
-    engine_free = LLM_TEMPLATE.replace("delay: 1.0", "delay: 0.2")
-    sticky_workflow(workflow, ONE_TEMPLATE_SNAKEFILE, engine_free)
+    sticky_workflow(workflow, ONE_TEMPLATE_SNAKEFILE, LLM_TEMPLATE.replace("delay: 1.0", "delay: 0.2"))
     workflow.write("scripts/record.py", HOLDS_THE_LOCK)
     run = workflow.run(
         "--sticky-cluster",

@@ -236,10 +236,10 @@ class DaskBackend(Backend):
             entry = self._tasks.get(event.task)
             if entry is None:
                 return
-            rest = [m for m in entry[1] if m[0].key not in handed]
-            if rest or not entry[0].done():
+            rest = [m for m in entry[1] if m[0].key not in handed]  # the long one, until it is back
+            if rest:
                 self._tasks[event.task] = (entry[0], rest)
-            else:  # the task came back first, with the long invocation's result
+            else:
                 del self._tasks[event.task]
             members = {m[0].key: m for m in entry[1] if m[0].key in handed}
         for result in results:
