@@ -800,3 +800,34 @@ def test_slurm_worker_holding_the_interpreter_lock_for_twice_the_node_timeout_is
     assert len(set(workflow.lines("setups-llm.txt"))) == 1, "one worker job, never given up"
     assert slurm_jobs_in_queue(set(submitted_jobs(run.output))) == []
     assert not workflow.leftover_processes()
+
+
+def test_attach_mode_is_fenced_and_scripts_see_their_outputs_as_in_place(workflow: Workflow):
+    """Attached workers may be on other hosts and given up while they write: their scripts write
+    in attempt folders of the run, moved into place when the run accepts them."""
+    fidelity_workflow(workflow)
+    workflow.write(
+        "scripts/name.py",
+        workflow.read("scripts/name.py") + "open('seen-' + out.parent.name, 'w').write(os.path.realpath(out))\n",
+    )
+    workflow.write("scripts/name.py", "import os\n" + workflow.read("scripts/name.py"))
+    targets = ["ref/s1/genome.fa.fai", "names/s1/s.json", "links/s1/latest.txt"]
+    local = workflow.run(*targets, executor="local", cores=1)
+    assert local.returncode == 0, local.output
+    expected = fidelity_results(workflow)
+    clear_fidelity_results(workflow)
+    scheduler, scheduler_file = start_scheduler(workflow)
+    worker = None
+    try:
+        worker = start_kept_worker(workflow, scheduler_file, "sticky-llm=1")
+        run = workflow.run(*targets, "--sticky-scheduler", str(scheduler_file), cores=1)
+        assert run.returncode == 0, run.output
+        assert fidelity_results(workflow) == expected
+        written = workflow.read("seen-s1")
+        assert "/.snakemake/sticky/runs/" in written and "/attempts/" in written, written
+        assert not list((workflow.root / ".snakemake" / "sticky" / "runs").glob("*")), "the run's folder is gone"
+    finally:
+        for process in (worker, scheduler):
+            if process is not None:
+                os.killpg(process.pid, signal.SIGTERM)
+                process.wait(timeout=30)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import importlib.metadata
 import json
 import os
+from pathlib import Path
 from typing import Any
 
 from distributed import Client
@@ -22,6 +23,8 @@ from snakemake_interface_common.exceptions import WorkflowError
 from ...settings import ExecutorSettings
 from ...templates import TemplateSpec
 from ...wire import PACKAGE, VOUCH_HANDLER
+from ..fence import Fence
+from ..run_folders import RunFolder, clean_stale_runs
 from .base import DaskBackend, OnEvent, worker_plugin
 from .scheduler_plugin import WorkerRemovalPlugin
 
@@ -117,7 +120,9 @@ def worker_command(address: str, template: TemplateSpec) -> str:
 
 
 class AttachedBackend(DaskBackend):
-    """A client of a scheduler that is not ours: plugins in, invocations through, nothing owned."""
+    """A client of a scheduler that is not ours: plugins in, invocations through, nothing owned.
+    Its workers may be on other hosts, and the scheduler may give one up while it still writes:
+    invocations write in attempt folders of the run's own (fence.py), as batch jobs do."""
 
     def __init__(self, workdir: str, settings: ExecutorSettings, log: Any, on_event: OnEvent):
         super().__init__(on_event, crash_limit=settings.invocation_crashes)
@@ -147,6 +152,10 @@ class AttachedBackend(DaskBackend):
         except BaseException:
             self._client.close()
             raise
+        runs = Path(workdir, ".snakemake", "sticky", "runs")
+        clean_stale_runs(runs, log)
+        self.run = RunFolder.create(runs, "attach", "true")  # it submits no job to cancel
+        self.fence = Fence(self.run.path / "attempts")
         self.watch_workers()
 
     @property
@@ -192,3 +201,4 @@ class AttachedBackend(DaskBackend):
                     self.log.warning(f"Sticky: unregistering worker plugin {name} failed: {e}")
         finally:
             self._client.close(timeout=CLOSE_TIMEOUT_S)
+            self.run.remove()
