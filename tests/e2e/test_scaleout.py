@@ -6,10 +6,12 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import signal
 import ssl
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -25,6 +27,7 @@ from snakemake_executor_plugin_sticky.settings import ExecutorSettings
 
 from conftest import Workflow, snakemake_env
 from helpers import (
+    COUNTING_TEMPLATE,
     HOLDS_THE_LOCK,
     LLM_TEMPLATE,
     ONE_TEMPLATE_SNAKEFILE,
@@ -831,3 +834,56 @@ def test_attach_mode_is_fenced_and_scripts_see_their_outputs_as_in_place(workflo
             if process is not None:
                 os.killpg(process.pid, signal.SIGTERM)
                 process.wait(timeout=30)
+
+
+BIG_AND_SMALL = """
+configfile: "config.yaml"
+rule all:
+    input: "scratch/big.bin", expand("out/{i}.txt", i=range(20))
+rule big:
+    output: "scratch/big.bin"
+    resources: sticky="llm"
+    script: "scripts/big.py"
+rule small:
+    output: "out/{i}.txt"
+    resources: sticky="llm"
+    script: "scripts/small.py"
+"""
+
+
+def test_a_large_output_on_another_file_system_is_renamed_into_place_on_slurm(workflow: Workflow, slurm: None):
+    """The output's folder is a tmpfs (through a link in the working directory): the attempt
+    writes it there, and accepting it is a rename, while short invocations complete."""
+    scratch = Path(tempfile.mkdtemp(dir="/dev/shm"))
+    try:
+        assert os.stat(scratch).st_dev != os.stat(workflow.root).st_dev
+        os.symlink(scratch, workflow.root / "scratch")
+        workflow.write("Snakefile", BIG_AND_SMALL)
+        workflow.write("config.yaml", LLM_TEMPLATE.replace("delay: 1.0", "delay: 0.2"))
+        workflow.write("templates/counting.py", COUNTING_TEMPLATE)
+        workflow.write(
+            "scripts/big.py",
+            """
+            import os
+            from snakemake_executor_plugin_sticky import sticky_state
+            sticky_state(snakemake)
+            with open(snakemake.output[0], "wb") as f:
+                for _ in range(200):
+                    f.write(os.urandom(2**20))
+            os.makedirs("inodes", exist_ok=True)
+            open("inodes/big", "w").write(str(os.stat(snakemake.output[0]).st_ino))
+            """,
+        )
+        workflow.write("scripts/small.py", "open(snakemake.output[0], 'w').write('small')\n")
+        run = workflow.run(
+            "--sticky-cluster", "slurm", "--sticky-interface", "lo", "--jobs", "4", "--sticky-max-workers", "2", cores=1
+        )
+        assert run.returncode == 0, run.output
+        big = scratch / "big.bin"
+        assert big.stat().st_size == 200 * 2**20
+        assert str(big.stat().st_ino) == workflow.read("inodes/big"), "accepted with a rename, not a copy"
+        assert sorted(os.listdir(scratch)) == ["big.bin"], "no attempt folder is left beside it"
+        assert len(list((workflow.root / "out").glob("*.txt"))) == 20
+        assert slurm_jobs_in_queue(set(submitted_jobs(run.output))) == []
+    finally:
+        shutil.rmtree(scratch)
