@@ -132,7 +132,10 @@ def test_standard_library_internals_of_isolation():
     assert "_cache" in vars(logging.getLogger("sticky-internals")), "Logger._cache (logs.py)"
     assert isinstance(random._inst, random.Random), "random._inst (libraries.py)"
     assert callable(warnings._filters_mutated) and isinstance(warnings.filters, list), "warnings (libraries.py)"
-    assert isinstance(vars(sys)["stdout"], object) and sys._getframe(0) is not None, "sys (context.py)"
+    assert {"stdout", "stderr"} <= set(vars(sys)), "sys's own streams in its module dict (context.py)"
+    assert sys._getframe(0).f_code.co_name == "test_standard_library_internals_of_isolation", (
+        "sys._getframe (context.py)"
+    )
     assert type(sys) is type(warnings), "modules are plain module objects (system.py, libraries.py)"
 
 

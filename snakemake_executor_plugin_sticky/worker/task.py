@@ -140,6 +140,7 @@ def run_with_state(invocation: Invocation, holder: ResidentState, worker: Any, r
             result.error = f"Script {invocation.script} exited with status {e.code}."
     except BaseException as e:
         result.error = format_script_error(e)
+        to_redirected_stderr(result.error)
         if generation is not None and holder.poisons(e):
             result.extra["poisoned"] = True
             holder.rebuild(f"{type(e).__name__} in rule {invocation.rule}", generation)
@@ -193,6 +194,18 @@ def run_script(invocation: Invocation) -> None:
     context = current()
     assert context is not None, "run_script runs inside an invocation's isolation"
     contextvars.Context().run(exec, compiled_script(invocation.script), context.main.__dict__)
+
+
+def to_redirected_stderr(text: str) -> None:
+    """A script that raises has its traceback printed on its `sys.stderr`, as Python prints it:
+    where the script pointed it at a file (its log), there too. (Its own stream is the job's
+    output, which Snakemake's error message shows with the traceback already.)"""
+    context = current()
+    stream = context.overrides.get("stderr") if context is not None else None
+    if stream is None or getattr(stream, "closed", False):
+        return
+    stream.write(text)
+    stream.flush()
 
 
 def format_script_error(error: BaseException) -> str:

@@ -429,3 +429,55 @@ def test_scripts_see_their_outputs_on_local_workers_as_under_the_local_executor(
     assert run.returncode != 0 and run.output.count("Error in rule crash") == 2, run.output
     assert fidelity_results(workflow) == expected
     assert workflow.leftover_processes() == []
+
+
+JOB_ENVIRONMENT = """
+import os, sys, tempfile
+from snakemake_executor_plugin_sticky import sticky_state
+sticky_state(snakemake)
+names = ("TMPDIR", "TMP", "TEMP", "TEMPDIR")
+with open(snakemake.output[0], "w") as f:
+    f.write(" ".join(f"{n}={os.environ.get(n)}" for n in names) + f" tempfile={tempfile.gettempdir()}\\n")
+sys.stderr = open(snakemake.log[0], "w")
+print("before the failure", file=sys.stderr)
+if snakemake.wildcards.i == "1":
+    raise ValueError("a failure whose traceback the log holds")
+"""
+
+
+def test_a_script_gets_snakemakes_job_environment_and_its_traceback_lands_in_its_log(workflow: Workflow):
+    """TMPDIR and its kin from the rule's tmpdir resource, `tempfile` following them; a script
+    that points sys.stderr at its log and fails finds its traceback there, as in a fresh process."""
+    snakefile = """
+        configfile: "config.yaml"
+        rule all:
+            input: expand("out/{i}.txt", i=range(2))
+        rule job:
+            output: "out/{i}.txt"
+            log: "logs/{i}.log"
+            resources: sticky="llm", tmpdir=lambda wildcards: os.path.abspath(f"tmp-{wildcards.i}")
+            script: "scripts/job.py"
+    """
+    sticky_workflow(workflow, snakefile, LLM_TEMPLATE.replace("delay: 1.0", "delay: 0.2"))
+    workflow.write("scripts/job.py", JOB_ENVIRONMENT)
+    for i in range(2):
+        (workflow.root / f"tmp-{i}").mkdir()
+    found = {}
+    for executor in ("local", "sticky"):
+        sticky = ["--sticky-workers", "1"] if executor == "sticky" else []
+        run = workflow.run("--keep-going", *sticky, executor=executor, cores=1)
+        assert run.returncode != 0, run.output
+        if executor == "sticky":  # and in Snakemake's error message, where the local run had it nowhere else
+            assert "ValueError: a failure whose traceback the log holds" in run.output, run.output
+        failed = workflow.read("logs/1.log").splitlines()  # the frames' file names and lines are the runner's own
+        found[executor] = (workflow.read("out/0.txt"), workflow.read("logs/0.log"), failed[0], failed[1], failed[-1])
+        shutil.rmtree(workflow.root / "out")
+        shutil.rmtree(workflow.root / "logs")
+    assert found["sticky"] == found["local"]
+    tmp = str(workflow.root / "tmp-0")
+    assert found["local"][0] == f"TMPDIR={tmp} TMP={tmp} TEMP={tmp} TEMPDIR={tmp} tempfile={tmp}\n"
+    assert found["local"][2:] == (
+        "before the failure",
+        "Traceback (most recent call last):",
+        "ValueError: a failure whose traceback the log holds",
+    )

@@ -384,7 +384,7 @@ def test_soak_random_kills(workflow: Workflow):
         "5",
         "--config",
         f"count={count}",
-        "sleep=0.02",
+        "sleep=0.05",
         cores=workers,
     )
     rng = random.Random(7)
@@ -402,6 +402,7 @@ def test_soak_random_kills(workflow: Workflow):
             kills += 1
     output, _ = proc.communicate(timeout=600)
     assert proc.returncode == 0, output[-5000:]
+    assert kills >= 2, f"the run ended before the soak: {kills} kill(s)"
     assert complete_outputs(workflow, count)
     llm = report_of(workflow)
     assert llm["invocations"] >= count

@@ -20,6 +20,7 @@ from __future__ import annotations
 import os
 import pickle
 import sys
+import tempfile
 import types
 from contextlib import contextmanager
 from typing import Any, Callable, Iterator, Optional
@@ -38,7 +39,8 @@ class Isolation:
         self.slots = slots
         self.libraries = libraries.Libraries()
         self.admission = Admission(self._first, self._last)
-        self._thread_variables: dict[str, Optional[str]] = {}
+        self._job_variables: dict[str, Optional[str]] = {}
+        self._tempdir: Optional[str] = None
 
     def install(self) -> Callable[[], None]:
         """Route what scripts may change per invocation; returns the undo (attach mode)."""
@@ -55,10 +57,13 @@ class Isolation:
 
     def _first(self, context: InvocationContext) -> None:
         self.libraries.first()
-        self._thread_variables = process.set_thread_variables(context.threads)
+        self._job_variables = process.set_job_variables(context.threads, context.tmpdir)
+        self._tempdir = tempfile.tempdir
+        tempfile.tempdir = None  # `tempfile` looks at the job's TMPDIR anew
 
     def _last(self) -> None:
-        process.restore_environment(self._thread_variables)
+        process.restore_environment(self._job_variables)
+        tempfile.tempdir = self._tempdir
         self.libraries.last()
 
     @contextmanager
@@ -95,6 +100,7 @@ class Isolation:
             slots=self.slots,
             script=script,
             threads=int(invocation.snakemake.threads),
+            tmpdir=str(getattr(getattr(invocation.snakemake, "resources", None), "tmpdir", "") or ""),
             workdir=self.workdir,
             roots=tuple(sorted({os.path.realpath(f) + os.sep for f in folders})),
             path=path,

@@ -46,6 +46,7 @@ class InvocationContext:
     path: list[str]
     argv: list[str]
     main: types.ModuleType
+    tmpdir: str = ""  # the rule's tmpdir resource, for TMPDIR and its kin
     files: set[str] = field(default_factory=set)  # code files whose calls are the script's
     builtins: Any = None  # a module of builtins whose `__import__` finds the invocation's own modules
     modules: dict[str, types.ModuleType] = field(default_factory=dict)  # the invocation's own modules
@@ -159,16 +160,19 @@ class Admission:
                 self.on_last()
             self._changed.notify_all()
 
-    def claim(self, context: InvocationContext, call: str, what: str) -> None:
-        """The script is about to change the process's `what`: allowed only while it runs alone."""
+    def claim(self, context: InvocationContext, call: str, what: str, shared: bool = False) -> None:
+        """The script is about to change the process's `what`: allowed only while it runs alone.
+        What is `shared` (the working directory, the standard descriptors) is refused every time
+        a template has slots above 1, whether a neighbour runs now or not: the first test run
+        shows it, not a busy day in production."""
         with self._changed:
             if self.holder is context:
                 return
             others = len(self.running - {context})
-            if others:
+            if others or (shared and context.slots > 1):
                 raise IsolationError(
                     f"Rule '{context.rule}' ({context.script}): {call} changes the {what} of the whole worker "
-                    f"process, and {others} other invocation(s) run beside this one in it (template "
+                    f"process, which the invocations running beside this one share (template "
                     f"'{context.template}' has slots: {context.slots}). The change was not made. Give template "
                     f"'{context.template}' slots: 1 to let its scripts change the {what}, or pass the value "
                     "to what needs it (e.g. subprocess.run(..., cwd=..., env=...), absolute paths)."

@@ -105,6 +105,27 @@ def _route_generator(
     return lambda: [m.__dict__.__setitem__(n, v) for m, n, v in saved]
 
 
+def _route_global_random_state(random: types.ModuleType, shared: Any) -> Callable[[], None]:
+    """numpy's global RandomState itself (`numpy.random.mtrand._rand`, what scikit-learn and
+    SciPy draw from with `random_state=None`) becomes a RandomState whose every attribute is the
+    calling invocation's own generator's, the one `numpy.random.seed` seeds; returns the undo."""
+
+    def own() -> Any:
+        context = current()
+        if context is None:
+            return shared
+        if "numpy" not in context.generators:
+            context.generators["numpy"] = random.RandomState()
+        return context.generators["numpy"]
+
+    class InvocationRandomState(random.RandomState):  # type: ignore[name-defined,misc]
+        def __getattribute__(self, name: str) -> Any:
+            return getattr(own(), name)
+
+    random.mtrand._rand = InvocationRandomState()
+    return lambda: setattr(random.mtrand, "_rand", shared)
+
+
 # numpy.random's functions that call the global RandomState's methods rather than being them
 NUMPY_ALSO = {"seed": "seed", "ranf": "random_sample", "sample": "random_sample"}
 
@@ -184,6 +205,7 @@ class Libraries:
             shared = numpy.random.mtrand._rand
             modules = [numpy.random, numpy.random.mtrand]
             self.undo.append(_route_generator(modules, "numpy", shared, numpy.random.RandomState, NUMPY_ALSO))
+            self.undo.append(_route_global_random_state(numpy.random, shared))
         if not self.pyplot and loaded("matplotlib._pylab_helpers") is not None:
             self.pyplot = True
             from matplotlib._pylab_helpers import Gcf

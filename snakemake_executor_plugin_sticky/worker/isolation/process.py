@@ -28,6 +28,8 @@ from typing import Any, Callable, Optional
 
 from .context import Admission, InvocationContext, current, set_current
 
+# What Snakemake sets for a job from its `tmpdir` resource
+TMPDIR_VARIABLES = ("TMPDIR", "TMP", "TEMP", "TEMPDIR")
 # What Snakemake's shell sets for a job: its `threads` for every threading library
 THREAD_VARIABLES = (
     "OMP_NUM_THREADS",
@@ -47,9 +49,12 @@ _set_handler = signal.signal
 
 
 class InvocationEnviron(os._Environ):
-    """The class of `os.environ` in a resident worker: a script's changes are its invocation's."""
+    """The class of `os.environ` in a resident worker: a script's changes are its invocation's.
+    Writing the value already there changes nothing, and is never refused."""
 
     def __setitem__(self, key: str, value: str) -> None:
+        if self.get(key) == value:
+            return
         _changing_environment(key)
         _set(self, key, value)
 
@@ -71,7 +76,7 @@ def _guard_chdir(real: Callable[[Any], None], name: str) -> Callable[[Any], None
     def chdir(path: Any) -> None:
         context = current()
         if context is not None and _admission is not None and context.owns_caller():
-            _admission.claim(context, f"os.{name}({path!r})", "working directory")
+            _admission.claim(context, f"os.{name}({path!r})", "working directory", shared=True)
         real(path)
 
     chdir.__name__ = name
@@ -83,7 +88,7 @@ def _guard_dup2(real: Callable[..., int], saved: dict[int, int]) -> Callable[...
     def dup2(fd: int, fd2: int, inheritable: bool = True) -> int:
         context = current()
         if fd2 in saved and context is not None and _admission is not None and context.owns_caller():
-            _admission.claim(context, f"os.dup2({fd}, {fd2})", "standard file descriptors")
+            _admission.claim(context, f"os.dup2({fd}, {fd2})", "standard file descriptors", shared=True)
             context.cleanup.append(lambda: real(saved[fd2], fd2, True))
         return real(fd, fd2, inheritable)
 
@@ -245,11 +250,15 @@ def _current_umask(umask: Callable[[int], int]) -> int:
     return mask
 
 
-def set_thread_variables(threads: int) -> dict[str, Optional[str]]:
-    """Set the job's thread variables; returns what they were."""
-    before = {name: os.environ.get(name) for name in THREAD_VARIABLES}
-    for name in THREAD_VARIABLES:
-        _set(os.environ, name, str(threads))
+def set_job_variables(threads: int, tmpdir: str) -> dict[str, Optional[str]]:
+    """Set what Snakemake sets for a job: its thread variables and, from its `tmpdir` resource,
+    its temporary folder's (which `tempfile` then follows); returns what they were."""
+    values = {name: str(threads) for name in THREAD_VARIABLES}
+    if tmpdir:
+        values.update({name: tmpdir for name in TMPDIR_VARIABLES})
+    before = {name: os.environ.get(name) for name in values}
+    for name, value in values.items():
+        _set(os.environ, name, value)
     return before
 
 
