@@ -150,6 +150,12 @@ class ResidentState:
                 self._changed.notify_all()
             batcher.invocation_ended()  # a Batcher waiting for this invocation's items waits no more
 
+    def wait_built(self) -> None:
+        """Return once no build is under way (the state is ready, failed or closed): an
+        invocation's view of the process begins after `setup` has done what it does to it."""
+        with self._changed:
+            self._changed.wait_for(lambda: self._phase in ("ready", "failed", "closed"))
+
     def get(self) -> Any:
         """The state, for `sticky_state` in an invocation (which holds it)."""
         with self._changed:

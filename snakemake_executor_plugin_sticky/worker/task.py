@@ -71,6 +71,7 @@ def run_invocation(invocation: Invocation) -> InvocationResult:
     if attempt is not None:
         result.extra["attempt"] = attempt
     context = None
+    this.holder.wait_built()  # the template's setup sets the process up first, untouched by isolation
     try:
         with this.isolation.invocation(invocation) as context:
             run_with_state(invocation, this.holder, worker, result)

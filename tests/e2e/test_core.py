@@ -481,3 +481,36 @@ def test_a_script_gets_snakemakes_job_environment_and_its_traceback_lands_in_its
         "Traceback (most recent call last):",
         "ValueError: a failure whose traceback the log holds",
     )
+
+
+def test_what_setup_sets_in_the_process_stays_though_an_invocation_came_during_setup(workflow: Workflow):
+    """The first invocation arrives while setup runs: its view of the process begins after setup
+    has done what it does, so its end undoes none of it."""
+    snakefile = """
+        configfile: "config.yaml"
+        rule all:
+            input: expand("out/{i}.txt", i=range(2))
+        rule look:
+            output: "out/{i}.txt"
+            resources: sticky="slow"
+            script: "scripts/look.py"
+    """
+    sticky_workflow(workflow, snakefile, "sticky:\n  slow:\n    setup: templates/slow.py\n")
+    workflow.write(
+        "templates/slow.py",
+        """
+        import socket, time
+
+        def setup():
+            time.sleep(1.5)  # the first invocation is on the worker meanwhile
+            socket.setdefaulttimeout(7.0)  # a setting of the whole process
+            return {}
+        """,
+    )
+    workflow.write(
+        "scripts/look.py",
+        "import socket\nopen(snakemake.output[0], 'w').write(str(socket.getdefaulttimeout()))\n",
+    )
+    run = workflow.run("--sticky-workers", "1", cores=1)
+    assert run.returncode == 0, run.output
+    assert [workflow.read(f"out/{i}.txt") for i in range(2)] == ["7.0", "7.0"]
