@@ -19,7 +19,7 @@ from distributed import get_worker
 
 from ..api import batcher, resident
 from ..wire import RUNNING_TOPIC, Invocation, InvocationResult, Lost, Packed, attempt_path
-from .isolation import current
+from .isolation import InvocationExit, current
 from .resident import ResidentState, ResidentWorker, TemplateSetupError
 from .shared_task import SharedTask, watchdog
 
@@ -139,6 +139,9 @@ def run_with_state(invocation: Invocation, holder: ResidentState, worker: Any, r
     except SystemExit as e:
         if e.code not in (None, 0):
             result.error = f"Script {invocation.script} exited with status {e.code}."
+    except InvocationExit as e:
+        if e.status != 0:
+            result.error = f"Script {invocation.script} ended its process with os._exit({e.status})."
     except BaseException as e:
         result.error = format_script_error(e)
         to_redirected_stderr(result.error)

@@ -523,7 +523,9 @@ def test_a_holder_is_known_once_the_scheduler_stores_its_event_with_fields_of_it
 def test_announcing_a_copy_returns_once_a_real_scheduler_lists_it(tmp_path: Path):
     from distributed import Client, LocalCluster
 
-    with LocalCluster(n_workers=1, processes=False, dashboard_address=None) as cluster, Client(cluster) as client:
+    # in-process, over Dask's inproc transport: no port; its HTTP server (health, no data) stops at once
+    with LocalCluster(n_workers=1, processes=False, dashboard_address=":0") as cluster, Client(cluster) as client:
+        cluster.scheduler.http_server.stop()
         worker = next(iter(cluster.workers.values()))
         with as_resident(cache_dir=str(tmp_path / "cache"), dask_worker=worker) as this:
             staging.announce_holder("v1", {"identity": None, "bytes": 5, "source": "model"})

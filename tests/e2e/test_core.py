@@ -16,6 +16,7 @@ from helpers import (
     fidelity_workflow,
     noise,
     outputs,
+    report_of,
     sticky_workflow,
 )
 
@@ -514,3 +515,49 @@ def test_what_setup_sets_in_the_process_stays_though_an_invocation_came_during_s
     run = workflow.run("--sticky-workers", "1", cores=1)
     assert run.returncode == 0, run.output
     assert [workflow.read(f"out/{i}.txt") for i in range(2)] == ["7.0", "7.0"]
+
+
+def test_exits_and_alarms_of_a_script_end_its_invocation_not_the_worker(workflow: Workflow):
+    """`exit()` ends the script and leaves the worker's standard input open; `os._exit(3)` fails
+    the job with its status, and the worker lives on; `signal.alarm` is refused with why."""
+    snakefile = """
+        configfile: "config.yaml"
+        rule all:
+            input: "out/look.txt"
+        rule look:
+            input: "out/exit.txt"
+            output: "out/look.txt"
+            resources: sticky="llm"
+            script: "scripts/look.py"
+        rule early:
+            output: "out/{how}.txt"
+            resources: sticky="llm"
+            script: "scripts/early.py"
+    """
+    sticky_workflow(workflow, snakefile, LLM_TEMPLATE.replace("delay: 1.0", "delay: 0.2"))
+    workflow.write(
+        "scripts/early.py",
+        """
+        import os, signal
+        how = snakemake.wildcards.how
+        open(f"pid-{how}", "w").write(str(os.getpid()))
+        if how == "exit":
+            open(snakemake.output[0], "w").write("done")
+            exit()
+        elif how == "os_exit":
+            os._exit(3)
+        else:
+            signal.alarm(5)
+        """,
+    )
+    workflow.write(
+        "scripts/look.py",
+        "import os, sys\nopen(snakemake.output[0], 'w').write(f'{os.getpid()} stdin closed: {sys.stdin.closed}')\n",
+    )
+    run = workflow.run("--sticky-workers", "1", "--keep-going", "out/look.txt", "out/os_exit.txt", "out/alarm.txt")
+    assert run.returncode != 0
+    assert "ended its process with os._exit(3)" in run.output, run.output
+    assert "signal.alarm(...) cannot interrupt a script" in run.output and "The timer was not set" in run.output
+    pids = {workflow.read(f"pid-{how}") for how in ("exit", "os_exit", "alarm")}
+    assert workflow.read("out/look.txt") == f"{pids.pop()} stdin closed: False" and not pids, "one worker throughout"
+    assert report_of(workflow)["workers_lost"] == 0

@@ -26,9 +26,9 @@ from contextlib import contextmanager
 from typing import Any, Callable, Iterator, Optional
 
 from . import libraries, logs, modules, process, system
-from .context import Admission, InvocationContext, IsolationError, current, set_current
+from .context import Admission, InvocationContext, InvocationExit, IsolationError, current, set_current
 
-__all__ = ["Isolation", "IsolationError", "InvocationContext", "current", "preamble"]
+__all__ = ["Isolation", "IsolationError", "InvocationContext", "InvocationExit", "current", "preamble"]
 
 
 class Isolation:

@@ -30,6 +30,15 @@ class IsolationError(RuntimeError):
     """A script changes what belongs to the whole worker process while other invocations run in it."""
 
 
+class InvocationExit(BaseException):
+    """A script called `os._exit(status)`: in a fresh process the process would end with that
+    status; in a resident worker the invocation does, and the worker lives on."""
+
+    def __init__(self, status: int) -> None:
+        super().__init__(status)
+        self.status = status
+
+
 @dataclass(eq=False)
 class InvocationContext:
     """What one invocation sees of the process: its own streams, `sys.argv`, `sys.path`, `__main__`,

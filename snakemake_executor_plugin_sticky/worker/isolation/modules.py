@@ -213,7 +213,24 @@ def begin(context: InvocationContext) -> list[str]:
     context.builtins = types.ModuleType("builtins")
     context.builtins.__dict__.update(vars(builtins))
     context.builtins.__dict__["__import__"] = invocation_import
+    for name in ("exit", "quit"):
+        if name in context.builtins.__dict__:
+            context.builtins.__dict__[name] = Quitter(name)
     return list(sys.modules)
+
+
+class Quitter:
+    """`exit()` and `quit()` in a script: they end it with SystemExit as the site module's do, but
+    leave the standard input open (the worker's, which a fresh process would close with itself)."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def __repr__(self) -> str:
+        return f"Use {self.name}() or Ctrl-D (i.e. EOF) to exit"
+
+    def __call__(self, code: Any = None) -> None:
+        raise SystemExit(code)
 
 
 def end(context: InvocationContext, before: list[str]) -> None:

@@ -26,7 +26,7 @@ import threading
 import traceback
 from typing import Any, Callable, Optional
 
-from .context import Admission, InvocationContext, current, set_current
+from .context import Admission, InvocationContext, InvocationExit, IsolationError, current, set_current
 
 # What Snakemake sets for a job from its `tmpdir` resource
 TMPDIR_VARIABLES = ("TMPDIR", "TMP", "TEMP", "TEMPDIR")
@@ -169,6 +169,11 @@ def install(admission: Admission) -> Callable[[], None]:
     saved += [(threading.Thread, "_bootstrap_inner", threading.Thread._bootstrap_inner)]  # type: ignore[attr-defined]
     saved += [(threading.Thread, "__init__", threading.Thread.__init__), (os, "dup2", os.dup2)]
     saved += [(os, "umask", os.umask), (locale, "setlocale", locale.setlocale), (signal, "signal", signal.signal)]
+    saved += [(os, "_exit", os._exit), (signal, "alarm", signal.alarm), (signal, "setitimer", signal.setitimer)]
+    worker = os.getpid()
+    os._exit = _guard_exit(os._exit, worker)
+    signal.alarm = _refuse_timer(signal.alarm, "alarm", worker)
+    signal.setitimer = _refuse_timer(signal.setitimer, "setitimer", worker)
     standard = {fd: os.dup(fd) for fd in (0, 1, 2) if _is_open(fd)}
     os.dup2 = _guard_dup2(os.dup2, standard)
     umask = os.umask
@@ -198,6 +203,42 @@ def install(admission: Admission) -> Callable[[], None]:
         _admission, _installed = None, False
 
     return undo
+
+
+def _in_script(worker: int) -> Optional[InvocationContext]:
+    """The invocation whose script makes the call, in the worker itself (not a forked child)."""
+    context = current()
+    return context if context is not None and os.getpid() == worker and context.owns_caller() else None
+
+
+def _guard_exit(real: Callable[[int], Any], worker: int) -> Callable[[int], Any]:
+    def _exit(status: int) -> Any:
+        if _in_script(worker) is not None:
+            raise InvocationExit(status)
+        real(status)
+
+    _exit.__name__, _exit.__doc__ = "_exit", real.__doc__
+    return _exit
+
+
+def _refuse_timer(real: Callable[..., Any], name: str, worker: int) -> Callable[..., Any]:
+    """signal.alarm and setitimer deliver SIGALRM to the worker's main thread, not to the script's
+    thread, and one left set would end the worker: a script may cancel one, not set one."""
+
+    def timer(*args: Any, **kwargs: Any) -> Any:
+        context = _in_script(worker)
+        seconds = args[0] if name == "alarm" else (args[1] if len(args) > 1 else kwargs.get("seconds", 0))
+        if context is not None and seconds:
+            raise IsolationError(
+                f"Rule '{context.rule}' ({context.script}): signal.{name}(...) cannot interrupt a script in a "
+                "resident worker (SIGALRM goes to the worker's main thread, and one left set would end the "
+                "worker). The timer was not set. Limit the rule with its runtime resource or "
+                "--sticky-invocation-timeout, or use a timeout of the call that may hang."
+            )
+        return real(*args, **kwargs)
+
+    timer.__name__, timer.__doc__ = name, real.__doc__
+    return timer
 
 
 def _init(real: Callable) -> Callable:
