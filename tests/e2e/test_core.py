@@ -561,3 +561,39 @@ def test_exits_and_alarms_of_a_script_end_its_invocation_not_the_worker(workflow
     pids = {workflow.read(f"pid-{how}") for how in ("exit", "os_exit", "alarm")}
     assert workflow.read("out/look.txt") == f"{pids.pop()} stdin closed: False" and not pids, "one worker throughout"
     assert report_of(workflow)["workers_lost"] == 0
+
+
+def test_library_options_a_script_sets_end_with_it(workflow: Workflow):
+    snakefile = """
+        configfile: "config.yaml"
+        rule all:
+            input: "out/after.txt"
+        rule first:
+            output: "out/first.txt"
+            resources: sticky="llm"
+            script: "scripts/options.py"
+        rule after:
+            input: "out/first.txt"
+            output: "out/after.txt"
+            resources: sticky="llm"
+            script: "scripts/options.py"
+    """
+    sticky_workflow(workflow, snakefile, LLM_TEMPLATE.replace("delay: 1.0", "delay: 0.2"))
+    workflow.write(
+        "scripts/options.py",
+        """
+        import pandas as pd
+        import transformers
+        seen = f"{pd.get_option('display.max_rows')} {transformers.logging.get_verbosity()}"
+        pd.set_option("display.max_rows", 3)
+        transformers.logging.set_verbosity_error()
+        open(snakemake.output[0], "w").write(seen)
+        """,
+    )
+    local = workflow.run(executor="local", cores=1)
+    assert local.returncode == 0, local.output
+    expected = [workflow.read(f"out/{name}.txt") for name in ("first", "after")]
+    shutil.rmtree(workflow.root / "out")
+    run = workflow.run("--sticky-workers", "1", cores=1)
+    assert run.returncode == 0, run.output
+    assert [workflow.read(f"out/{name}.txt") for name in ("first", "after")] == expected == ["60 30", "60 30"]

@@ -3,13 +3,15 @@
 - `warnings.filters` is each invocation's own once its script changes it (`simplefilter("error")`),
   for the C code that reads it as for `warnings`' own functions; every invocation starts with the
   warning registries reset, so a warning shows once per job as in a fresh process.
-- `random`'s module functions, and `numpy.random`'s, draw from a generator of the invocation's
-  own, seeded from the system as a fresh process's is: `random.seed(0)` in one script decides
-  nothing in another, even side by side.
+- `random`'s module functions, and `numpy.random`'s and numpy's global RandomState itself
+  (what libraries draw from), draw from a generator of the invocation's own, seeded from the
+  system as a fresh process's is: `random.seed(0)` in one script decides nothing in another,
+  even side by side.
 - pyplot's figures (the current figure too) are each invocation's own, closed at its end.
 - What only the process can hold (warnings' default action and show hooks, matplotlib's
   rcParams, the recursion limit, socket's default timeout, torch's thread count, default dtype,
-  matmul precision, deterministic and backend flags, and its random generators) is put back when
+  matmul precision, deterministic and backend flags, and its random generators; pandas' options
+  and the verbosity of transformers, datasets and huggingface_hub) is put back when
   the invocations that overlapped have all ended: after each invocation with `slots: 1`, so each
   starts from the state the template left, as a fresh job starts from the state its setup leaves.
 - torch's grad mode belongs to the thread: `torch.set_grad_enabled(False)` ends with the script.
@@ -17,6 +19,7 @@
 
 from __future__ import annotations
 
+import copy
 import random
 import socket
 import sys
@@ -225,6 +228,13 @@ class Libraries:
         torch = loaded("torch")
         if "torch" not in self.saved and torch is not None:
             self.saved["torch"] = torch_settings(torch)
+        pandas_config = loaded("pandas._config.config")
+        if "pandas" not in self.saved and pandas_config is not None:
+            self.saved["pandas"] = copy.deepcopy(pandas_config._global_config)
+        for library in VERBOSITIES:
+            logging_module = loaded(f"{library}.utils.logging")
+            if library not in self.saved and logging_module is not None:
+                self.saved[library] = logging_module.get_verbosity()
 
     def first(self) -> None:
         """The first of overlapping invocations begins: keep what only the process can hold."""
@@ -249,6 +259,7 @@ class Libraries:
         self._reset_rcparams(saved.get("rcParams"))
         if "torch" in saved:
             restore_torch(loaded("torch"), saved["torch"])
+        restore_options(saved)
 
     @staticmethod
     def _reset_rcparams(before: Optional[dict]) -> None:
@@ -270,6 +281,22 @@ def loaded(name: str) -> Any:
     if module is None or getattr(getattr(module, "__spec__", None), "_initializing", False):
         return None
     return module
+
+
+# libraries whose verbosity a script sets (`transformers.logging.set_verbosity_error()`)
+VERBOSITIES = ("transformers", "datasets", "huggingface_hub")
+
+
+def restore_options(saved: dict[str, Any]) -> None:
+    """Put pandas' options (`pd.set_option`) and the libraries' verbosities back as they were."""
+    pandas_config = loaded("pandas._config.config")
+    if "pandas" in saved and pandas_config is not None and pandas_config._global_config != saved["pandas"]:
+        pandas_config._global_config.clear()
+        pandas_config._global_config.update(saved["pandas"])
+    for library in VERBOSITIES:
+        logging_module = loaded(f"{library}.utils.logging")
+        if library in saved and logging_module is not None and logging_module.get_verbosity() != saved[library]:
+            logging_module.set_verbosity(saved[library])
 
 
 def torch_settings(torch: Any) -> dict[str, Any]:
