@@ -654,3 +654,47 @@ HOLD_PROBE = textwrap.dedent(
     print("".join(printed), end="")
     """
 )
+
+
+def test_a_failure_as_an_invocation_begins_fails_it_alone_and_leaves_the_process_clean(tmp_path: Path):
+    probe = tmp_path / "probe.py"
+    probe.write_text(BEGIN_FAILS_PROBE)
+    run = subprocess.run(
+        [sys.executable, str(probe)], cwd=tmp_path, capture_output=True, text=True, env=snakemake_env(), timeout=120
+    )
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert run.stdout.split() == ["failed:", "injected", "running:", "0", "next-moved", "back-in-workdir"], run.stdout
+
+
+BEGIN_FAILS_PROBE = textwrap.dedent(
+    """
+    import os, types
+    from snakemake_executor_plugin_sticky.worker.isolation import Isolation, libraries
+
+    os.makedirs("scripts", exist_ok=True)
+    open("scripts/next.py", "w").write("import os\\nos.makedirs('sub', exist_ok=True)\\nos.chdir('sub')\\nprint('next-moved')\\n")
+    workdir = os.getcwd()
+    isolation = Isolation(workdir, slots=1)
+    undo = isolation.install()
+
+    def invocation(name):
+        snakemake = types.SimpleNamespace(threads=1)
+        return types.SimpleNamespace(key=name, rule=name, template="t", script=os.path.join(workdir, "scripts", f"{name}.py"),
+                                     snakemake=snakemake, basedir=workdir)
+
+    real = libraries.begin
+    libraries.begin = lambda context: (_ for _ in ()).throw(RuntimeError("injected"))
+    try:
+        with isolation.invocation(invocation("first")):
+            print("never")
+    except RuntimeError as e:
+        print("failed:", e)
+    libraries.begin = real
+    print("running:", len(isolation.admission.running))
+    with isolation.invocation(invocation("next")) as context:
+        exec(compile(open(context.script).read(), context.script, "exec"), context.main.__dict__)
+    print(context.output()[0].strip())
+    print("back-in-workdir" if os.getcwd() == workdir else os.getcwd())
+    undo()
+    """
+)

@@ -68,15 +68,18 @@ class Isolation:
 
     @contextmanager
     def invocation(self, invocation: Any) -> Iterator[InvocationContext]:
-        """Run the body as the invocation's own process; undo what its script changed at the end."""
+        """Run the body as the invocation's own process; undo what its script changed at the end.
+        A failure anywhere in it, as it begins too, fails this invocation alone: what began is
+        undone and the invocation leaves, so the process stays as clean as before."""
         context = self.context(invocation)
         self.admission.enter(context)
-        before = modules.begin(context)
-        context.main.__dict__.update(preamble(invocation, context.builtins))
-        self.libraries.check()
-        libraries.begin(context)
-        set_current(context)
+        before = list(sys.modules)
         try:
+            before = modules.begin(context)
+            context.main.__dict__.update(preamble(invocation, context.builtins))
+            self.libraries.check()
+            libraries.begin(context)
+            set_current(context)
             yield context
         finally:
             try:
