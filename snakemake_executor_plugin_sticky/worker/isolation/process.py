@@ -21,10 +21,11 @@ import atexit
 import locale
 import os
 import signal
+import subprocess
 import sys
 import threading
 import traceback
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Iterator, Optional
 
 from .context import Admission, InvocationContext, InvocationExit, IsolationError, current, set_current
 
@@ -41,6 +42,8 @@ THREAD_VARIABLES = (
 )
 _set = os._Environ.__setitem__
 _unset = os._Environ.__delitem__
+_get = os._Environ.__getitem__
+_keys = os._Environ.__iter__
 _admission: Optional[Admission] = None
 _installed = False
 # The process's own, before the worker relays and journals `signal.signal`: a fork child sets its
@@ -50,17 +53,100 @@ _set_handler = signal.signal
 
 class InvocationEnviron(os._Environ):
     """The class of `os.environ` in a resident worker: a script's changes are its invocation's.
-    Writing the value already there changes nothing, and is never refused."""
+    With `slots: 1` they are made in the process and undone at the script's end. With more slots
+    they are the invocation's own, over the process's: what runs for the invocation reads them
+    (the script, the libraries it calls, the threads it starts), the processes it starts get them,
+    and its neighbours never see them. Writing the value already there changes nothing."""
+
+    def __getitem__(self, key: str) -> str:
+        overlay = _overlay()
+        if overlay and key in overlay:
+            value = overlay[key]
+            if value is None:
+                raise KeyError(key)
+            return value
+        return _get(self, key)
+
+    def __iter__(self) -> Iterator[str]:
+        overlay = _overlay()
+        keys = list(_keys(self))
+        if not overlay:
+            yield from keys
+            return
+        yield from (key for key in keys if overlay.get(key, "") is not None)
+        present = set(keys)
+        yield from (key for key, value in overlay.items() if value is not None and key not in present)
+
+    def __len__(self) -> int:
+        return sum(1 for _ in self)
 
     def __setitem__(self, key: str, value: str) -> None:
+        overlay = _overlay(writing=True)
+        if overlay is not None:
+            self.encodevalue(value), self.encodekey(key)  # refused as os.environ refuses it
+            overlay[key] = value
+            return
         if self.get(key) == value:
             return
         _changing_environment(key)
         _set(self, key, value)
 
     def __delitem__(self, key: str) -> None:
+        overlay = _overlay(writing=True)
+        if overlay is not None:
+            if key not in self:
+                raise KeyError(key)
+            overlay[key] = None
+            return
         _changing_environment(key)
         _unset(self, key)
+
+
+def _overlay(writing: bool = False) -> Optional[dict[str, Optional[str]]]:
+    """The environment of the calling thread's invocation, over the process's, where neighbours
+    may run beside it (slots above 1); None elsewhere. A change is the invocation's when the
+    script's own code makes it; what a library sets while it runs is the process's."""
+    context = current()
+    if context is None or context.slots <= 1 or context.forked:
+        return None
+    if writing and not context.owns_caller():
+        return None
+    return context.env_overlay
+
+
+def _get_or_none(key: str) -> Optional[str]:
+    """The process's own value of the variable."""
+    try:
+        return _get(os.environ, key)
+    except KeyError:
+        return None
+
+
+def invocation_environment() -> Optional[dict[str, str]]:
+    """The whole environment of the calling thread's invocation, for a process it starts; None
+    where it is the process's."""
+    return dict(os.environ) if _overlay() else None
+
+
+def _popen_init(real: Callable[..., None]) -> Callable[..., None]:
+    def init(self: Any, args: Any, *rest: Any, **kwargs: Any) -> None:
+        if kwargs.get("env") is None and len(rest) < 10:  # env is Popen's eleventh parameter
+            kwargs["env"] = invocation_environment()
+        real(self, args, *rest, **kwargs)
+
+    return init
+
+
+def _system(real: Callable[[str], int]) -> Callable[[str], int]:
+    def system(command: str) -> int:
+        env = invocation_environment()
+        if env is None:
+            return real(command)
+        code = subprocess.call(command, shell=True, env=env)
+        return code << 8 if code >= 0 else -code  # a wait status, as os.system returns
+
+    system.__name__, system.__doc__ = "system", real.__doc__
+    return system
 
 
 def _changing_environment(key: str) -> None:
@@ -156,6 +242,12 @@ def _after_fork_in_child() -> None:
     _set_handler(signal.SIGINT, signal.default_int_handler)
     context = current()
     if context is not None:
+        for key, value in (context.env_overlay if context.slots > 1 else {}).items():
+            if value is None:
+                if _get_or_none(key) is not None:
+                    _unset(os.environ, key)
+            else:
+                _set(os.environ, key, value)  # the invocation's environment is the child's own
         context.forked = True  # the child's prints go to the descriptors it inherited
 
 
@@ -170,6 +262,9 @@ def install(admission: Admission) -> Callable[[], None]:
     saved += [(threading.Thread, "__init__", threading.Thread.__init__), (os, "dup2", os.dup2)]
     saved += [(os, "umask", os.umask), (locale, "setlocale", locale.setlocale), (signal, "signal", signal.signal)]
     saved += [(os, "_exit", os._exit), (signal, "alarm", signal.alarm), (signal, "setitimer", signal.setitimer)]
+    saved += [(subprocess.Popen, "__init__", subprocess.Popen.__init__), (os, "system", os.system)]
+    subprocess.Popen.__init__ = _popen_init(subprocess.Popen.__init__)  # type: ignore[method-assign]
+    os.system = _system(os.system)
     worker = os.getpid()
     os._exit = _guard_exit(os._exit, worker)
     signal.alarm = _refuse_timer(signal.alarm, "alarm", worker)
