@@ -14,6 +14,7 @@ import asyncio
 import atexit
 import concurrent.futures
 import importlib.metadata
+import logging
 import multiprocessing
 import os
 import signal
@@ -195,12 +196,30 @@ class StickyWorkerPlugin(WorkerPlugin):
         resident.attach(this)
         self.changes.on_undo(lambda: resident.attach(None))
         self.serve_stage_copies(worker)
+        self.quiet_heartbeat_at_close(worker)
         if not processes.guarded_by_reaper():
             this.announce(WorkerWarning, text=UNGUARDED)
         lifetime = os.environ.get(LIFETIME_ENV)
         if lifetime:  # a batch job: leave in good order before the walltime ends
             worker.loop.call_later(float(lifetime), lambda: worker.loop.add_callback(self.leave, worker, "walltime"))
         holder.start()
+
+    def quiet_heartbeat_at_close(self, worker: Any) -> None:
+        """A worker that closes (it retires, or the run ends) while a heartbeat is on its way has
+        that heartbeat cut by its own close, and Dask logs it as an error with a traceback. It is
+        none: while the worker closes, that one line stays out of the log; a heartbeat that
+        fails while the worker runs is still said."""
+        from distributed.core import Status
+
+        def keep(record: logging.LogRecord) -> bool:
+            closing = worker.status in (Status.closing, Status.closing_gracefully, Status.closed)
+            return not (
+                closing and record.getMessage().startswith("Failed to communicate with scheduler during heartbeat")
+            )
+
+        logger = logging.getLogger("distributed.worker")
+        logger.addFilter(keep)
+        self.changes.on_undo(lambda: logger.removeFilter(keep))
 
     def serve_stage_copies(self, worker: Any) -> None:
         """Serve this worker's stage() copies to peers."""

@@ -157,7 +157,7 @@ def test_a_template_retires_when_its_last_job_is_done(workflow: Workflow):
     assert report["templates"]["alpha"]["workers_lost"] == 0
     assert all(w["retired"] for w in report["templates"]["alpha"]["workers"])
     assert "lose already computed" not in run.output
-    assert noise(run.output) == [], "workers that retire mid-run close without a word"
+    assert noise(run.output) == [], run.output  # workers that retire mid-run close without a word
     assert workflow.leftover_processes() == []
 
 

@@ -335,8 +335,7 @@ class DaskBackend(Backend):
         try:
             values = self.client.gather(done) if done else []
         except BaseException:  # a worker went with its results: take them one by one
-            values = [None] * len(done)
-            done = []
+            values, done = [], []
         fetched = {f.key: v for f, v in zip(done, values, strict=True)}
         for future in futures:
             if future.key not in fetched and future.status not in ("finished", "error", "cancelled"):
