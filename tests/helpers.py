@@ -520,3 +520,24 @@ ctypes.PyDLL(None).sleep(int(snakemake.config["hold"]))
 with open(snakemake.output[0], "w") as f:
     f.write(f"{os.getpid()}\\n")
 """
+
+
+def hang_among_400(workflow: Workflow, *args: str, cores: int, timeout: float) -> Any:
+    """400 short invocations on two workers, number 200 of them hung, with --keep-going and a 30 s
+    invocation timeout (`args` say where the workers run). Only the hung one fails, by its
+    timeout, and none of the others waits for it (they share Dask tasks with it: its worker hands
+    them back). Returns the run."""
+    sticky_workflow(workflow, ONE_TEMPLATE_SNAKEFILE, LLM_TEMPLATE.replace("delay: 1.0", "delay: 0.2"))
+    workflow.write("scripts/record.py", CAREFUL)
+    hang = ["--sticky-invocation-timeout", "30", "--keep-going"]
+    config = ["--config", "count=400", "victim=200", "victim_sleep=600"]
+    run = workflow.run(*args, *hang, *config, cores=cores, timeout=timeout)
+    assert run.returncode != 0
+    assert run.output.count("Error in rule infer") == 1, run.output
+    assert "Invocation of rule 'infer' timed out after 30 s" in run.output
+    done = [i for i in range(400) if complete_output(workflow, i)]
+    assert len(done) == 399 and 200 not in done
+    timed_out = (workflow.root / "victim-ran-200").stat().st_mtime + 30
+    late = [i for i in done if (workflow.root / f"out/{i}.json").stat().st_mtime >= timed_out]
+    assert late == [], "no invocation waited for the hung one's timeout"
+    return run

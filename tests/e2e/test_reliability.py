@@ -19,6 +19,7 @@ from helpers import (
     RECORD_SCRIPT,
     complete_output,
     complete_outputs,
+    hang_among_400,
     report_of,
     sticky_workflow,
     strike,
@@ -238,33 +239,9 @@ def test_a_retry_of_a_hung_invocation_runs_once_the_hung_worker_has_ended(workfl
 
 
 def test_a_hung_invocation_among_many_short_ones_holds_up_only_itself(workflow: Workflow):
-    """Short invocations share Dask tasks: the hung one's worker hands back the rest of its task,
-    which runs elsewhere at once, not after the hung one's timeout."""
-    sticky_workflow(workflow, ONE_TEMPLATE_SNAKEFILE, LLM_TEMPLATE.replace("delay: 1.0", "delay: 0.2"))
-    workflow.write("scripts/record.py", CAREFUL)
-    run = workflow.run(
-        "--sticky-workers",
-        "2",
-        "--sticky-invocation-timeout",
-        "30",
-        "--keep-going",
-        "--config",
-        "count=400",
-        "victim=200",
-        "victim_sleep=600",
-        cores=64,
-        timeout=300,
-    )
-    assert run.returncode != 0
-    assert run.output.count("Error in rule infer") == 1, run.output
-    assert "Invocation of rule 'infer' timed out after 30 s" in run.output
-    done = [i for i in range(400) if complete_output(workflow, i)]
-    assert len(done) == 399 and 200 not in done
+    run = hang_among_400(workflow, "--sticky-workers", "2", cores=64, timeout=300)
     assert report_of(workflow)["dask_tasks"] < 400, "short invocations shared tasks"
-    timed_out = (workflow.root / "victim-ran-200").stat().st_mtime + 30
-    late = [i for i in done if (workflow.root / f"out/{i}.json").stat().st_mtime >= timed_out]
-    assert late == [], "no invocation waited for the hung one's timeout"
-    assert workflow.leftover_processes() == []
+    assert workflow.leftover_processes() == [], run.output
 
 
 def test_a_step_that_holds_the_interpreter_lock_is_a_busy_worker_not_a_lost_one(workflow: Workflow):

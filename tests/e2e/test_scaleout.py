@@ -27,7 +27,6 @@ from snakemake_executor_plugin_sticky.settings import ExecutorSettings
 
 from conftest import Workflow, snakemake_env
 from helpers import (
-    CAREFUL,
     COUNTING_TEMPLATE,
     HOLDS_THE_LOCK,
     LLM_TEMPLATE,
@@ -35,11 +34,11 @@ from helpers import (
     all_helpers,
     ask_identity,
     clear_fidelity_results,
-    complete_output,
     engine_results,
     engine_workflow,
     fidelity_results,
     fidelity_workflow,
+    hang_among_400,
     helper_pids,
     running,
     start_scheduler,
@@ -892,33 +891,7 @@ def test_a_large_output_on_another_file_system_is_renamed_into_place_on_slurm(wo
 
 
 def test_a_hung_invocation_among_400_short_ones_on_slurm_holds_up_only_itself(workflow: Workflow, slurm: None):
-    sticky_workflow(workflow, ONE_TEMPLATE_SNAKEFILE, LLM_TEMPLATE.replace("delay: 1.0", "delay: 0.2"))
-    workflow.write("scripts/record.py", CAREFUL)
-    run = workflow.run(
-        "--sticky-cluster",
-        "slurm",
-        "--sticky-interface",
-        "lo",
-        "--sticky-max-workers",
-        "2",
-        "--jobs",
-        "64",
-        "--sticky-invocation-timeout",
-        "30",
-        "--keep-going",
-        "--config",
-        "count=400",
-        "victim=200",
-        "victim_sleep=600",
-        cores=1,
-        timeout=400,
-    )
-    assert run.returncode != 0
-    assert run.output.count("Error in rule infer") == 1, run.output
-    done = [i for i in range(400) if complete_output(workflow, i)]
-    assert len(done) == 399 and 200 not in done
-    timed_out = (workflow.root / "victim-ran-200").stat().st_mtime + 30
-    late = [i for i in done if (workflow.root / f"out/{i}.json").stat().st_mtime >= timed_out]
-    assert late == [], "no invocation waited for the hung one's timeout"
+    on_slurm = ["--sticky-cluster", "slurm", "--sticky-interface", "lo", "--sticky-max-workers", "2", "--jobs", "64"]
+    run = hang_among_400(workflow, *on_slurm, cores=1, timeout=400)
     assert slurm_jobs_in_queue(set(submitted_jobs(run.output))) == []
     assert not workflow.leftover_processes()
