@@ -244,9 +244,7 @@ def copy_hashed(source: Path, entries: list[tuple[str, int, int]], cache: Path, 
     partial = new_partial(cache, identity)
     try:
         with disk_errors(cache, source, entries):
-            began = time.monotonic()
-            digest = copy_from_source(source, entries, partial / source.name, hashing=True)
-            copy_s = time.monotonic() - began
+            digest, copy_s = timed(lambda: copy_from_source(source, entries, partial / source.name, hashing=True))
         version = f"{source.name[:40]}-sha256-{digest[:24]}"
         hold(cache, version)
         with file_lock(cache / "locks" / f"{version}.lock"):
@@ -464,7 +462,7 @@ def fill(source: Path, entries: list[tuple[str, int, int]], cache: Path, version
 
 
 def timed(copy: Callable[[], Optional[str]]) -> tuple[Optional[str], float]:
-    """What a copy returns (where it came from), and the seconds it took."""
+    """What a copy returns (where it came from, or its digest), and the seconds it took."""
     began = time.monotonic()
     origin = copy()
     return origin, time.monotonic() - began

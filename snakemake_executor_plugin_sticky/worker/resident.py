@@ -138,7 +138,7 @@ class ResidentState:
     def use(self) -> Iterator[int]:
         """Hold the state for one invocation (waiting for it to be built); yields its generation."""
         with self._changed:
-            self._changed.wait_for(lambda: self._phase in ("ready", "failed", "closed"))
+            self._changed.wait_for(self._settled)
             self._raise_if_unavailable()
             self._users += 1
             generation = self.generation
@@ -154,7 +154,11 @@ class ResidentState:
         """Return once no build is under way (the state is ready, failed or closed): an
         invocation's view of the process begins after `setup` has done what it does to it."""
         with self._changed:
-            self._changed.wait_for(lambda: self._phase in ("ready", "failed", "closed"))
+            self._changed.wait_for(self._settled)
+
+    def _settled(self) -> bool:
+        """No build is under way: the state is ready, failed or closed."""
+        return self._phase in ("ready", "failed", "closed")
 
     def get(self) -> Any:
         """The state, for `sticky_state` in an invocation (which holds it)."""

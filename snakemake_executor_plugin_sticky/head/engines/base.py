@@ -274,7 +274,7 @@ class DaskBackend(Backend):
             if address not in self._removals_heard:
                 self._parked.setdefault(address, []).extend(members)
                 return
-            hung = {key for waiting in self._hung.values() for key, _ in waiting}
+            hung = self._hung_keys()
             members = [m for m in members if m[0].key in self._pending and m[0].key not in hung]
             crashed = {
                 invocation.key: strikes
@@ -397,7 +397,7 @@ class DaskBackend(Backend):
         """The invocation's outcome goes to its `on_done`, once. One abandoned as hung fails only
         once its worker has ended (see abandon), whatever its task becomes meanwhile."""
         with self._lock:
-            if not hung_worker_ended and any(key == invocation.key for hung in self._hung.values() for key, _ in hung):
+            if not hung_worker_ended and invocation.key in self._hung_keys():
                 return
             member = self._pending.pop(invocation.key, None)
             self._strikes.pop(invocation.key, None)
@@ -435,6 +435,10 @@ class DaskBackend(Backend):
         for future in alone:
             future.cancel(msg=reason)
         self.replace_worker(worker)
+
+    def _hung_keys(self) -> set[str]:
+        """The invocations abandoned as hung whose workers have not ended yet (the lock held)."""
+        return {key for waiting in self._hung.values() for key, _ in waiting}
 
     def worker_exited(self, address: str) -> None:
         """A worker process of the run has ended: the invocations that hung in it fail now."""

@@ -78,15 +78,20 @@ def _install_warnings() -> Callable[[], None]:
     return undo
 
 
+def _own_generator(kind: str, make: Callable[[], Any], shared: Any) -> Any:
+    """The calling thread's invocation's own generator of `kind` (made at its first draw), or the
+    process's `shared` one outside invocations."""
+    context = current()
+    if context is None:
+        return shared
+    if kind not in context.generators:
+        context.generators[kind] = make()
+    return context.generators[kind]
+
+
 def _generator(kind: str, make: Callable[[], Any], shared: Any, method: str, name: str) -> Callable:
     def draw(*args: Any, **kwargs: Any) -> Any:
-        context = current()
-        if context is None:
-            return getattr(shared, method)(*args, **kwargs)
-        own = context.generators.get(kind)
-        if own is None:
-            own = context.generators[kind] = make()
-        return getattr(own, method)(*args, **kwargs)
+        return getattr(_own_generator(kind, make, shared), method)(*args, **kwargs)
 
     draw.__name__ = draw.__qualname__ = name
     draw.__doc__ = getattr(shared, method).__doc__
@@ -113,17 +118,9 @@ def _route_global_random_state(random: types.ModuleType, shared: Any) -> Callabl
     SciPy draw from with `random_state=None`) becomes a RandomState whose every attribute is the
     calling invocation's own generator's, the one `numpy.random.seed` seeds; returns the undo."""
 
-    def own() -> Any:
-        context = current()
-        if context is None:
-            return shared
-        if "numpy" not in context.generators:
-            context.generators["numpy"] = random.RandomState()
-        return context.generators["numpy"]
-
     class InvocationRandomState(random.RandomState):  # type: ignore[name-defined,misc]
         def __getattribute__(self, name: str) -> Any:
-            return getattr(own(), name)
+            return getattr(_own_generator("numpy", random.RandomState, shared), name)
 
     random.mtrand._rand = InvocationRandomState()
     return lambda: setattr(random.mtrand, "_rand", shared)
