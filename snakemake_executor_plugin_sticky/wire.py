@@ -48,6 +48,7 @@ class Invocation:
     timeout_s: Optional[float] = None
     basedir: Optional[str] = None  # the folder of the rule's Snakefile: its modules are the workflow's
     attempts: Optional[str] = None  # where fenced attempts write (see attempt_path); None: in place
+    cleanup_scripts: bool = True  # remove the script's copy under .snakemake/scripts (--skip-script-cleanup)
 
 
 @dataclass

@@ -328,6 +328,7 @@ class Executor(RealExecutor):
                 )
                 if self.backend.fence is not None:
                     invocation.attempts = str(self.backend.fence.folder)
+                invocation.cleanup_scripts = self.workflow.execution_settings.cleanup_scripts
                 job_info.external_jobid = invocation.key
                 self.report_job_submission(job_info)
                 self.report.invocation_submitted(invocation)

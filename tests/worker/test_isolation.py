@@ -32,6 +32,7 @@ IDIOMS = [
     "pool",
     "omp",
     "preamble",
+    "globals",
     "argv",
     "hooks",
     "rand",
@@ -309,6 +310,26 @@ SCRIPTS = {
         logger.info("the preamble's logger")
         names = sorted(n for n in ("snakemake", "logger", "Snakemake", "sys", "pickle", "__real_file__", "__file__") if n in globals())
         open(snakemake.output[0], "w").write(f"{names} {type(logger).__name__} {logger.name} {__name__} {__file__ == __import__('os').path.realpath(snakemake.scriptdir + '/preamble.py')}\\n")
+    """,
+    "globals": """
+        import json, os, re, sys
+        here = os.getcwd() + os.sep
+        seen = {
+            "name": __name__,
+            "file": __file__ == os.path.realpath(os.path.join(snakemake.scriptdir, "globals.py")),
+            "real file": re.sub(r"tmp\\w+\\.", "tmpX.", __real_file__.replace(here, "")),
+            "copy exists": os.path.exists(__real_file__),
+            "copy ends with the script": open(__real_file__).read().endswith(open(__file__).read()),
+            "cached": __cached__, "package": __package__, "spec": __spec__, "doc": __doc__,
+            "loader": type(globals().get("__loader__")).__name__,
+            "snakemake": type(snakemake).__module__ + "." + type(snakemake).__name__,
+            "Snakemake": Snakemake.__module__, "logger": type(logger).__module__,
+            "modules": [sys.__name__, pickle.__name__],
+            "workflow's path": [p.replace(here, "") for p in sys.path if p.startswith(here)],
+            "output": [type(snakemake.output).__name__, list(snakemake.output)],
+            "scriptdir": snakemake.scriptdir.replace(here, ""),
+        }
+        open(snakemake.output[0], "w").write(json.dumps(seen, indent=1) + "\\n")
     """,
     "argv": """
         import sys, pairs
@@ -672,6 +693,7 @@ BEGIN_FAILS_PROBE = textwrap.dedent(
 
     os.makedirs("scripts", exist_ok=True)
     open("scripts/next.py", "w").write("import os\\nos.makedirs('sub', exist_ok=True)\\nos.chdir('sub')\\nprint('next-moved')\\n")
+    open("scripts/first.py", "w").write("print('never')\\n")
     workdir = os.getcwd()
     isolation = Isolation(workdir, slots=1)
     undo = isolation.install()

@@ -23,6 +23,7 @@ import sys
 import tempfile
 import types
 from contextlib import contextmanager
+from importlib.machinery import SourceFileLoader
 from typing import Any, Callable, Iterator, Optional
 
 from . import libraries, logs, modules, process, system
@@ -77,6 +78,8 @@ class Isolation:
         try:
             before = modules.begin(context)
             context.main.__dict__.update(preamble(invocation, context.builtins))
+            copy = modules.write_script_copy(context)
+            context.main.__dict__.update(__real_file__=copy, __loader__=SourceFileLoader("__main__", copy))
             self.libraries.check()
             libraries.begin(context)
             set_current(context)
@@ -93,9 +96,10 @@ class Isolation:
         """A new invocation's view of the process."""
         script = invocation.script
         folders = {self.workdir, os.path.dirname(script), getattr(invocation, "basedir", None) or self.workdir}
-        path = list(sys.__dict__["path"])
+        # as in a job Snakemake starts: its script's copy's folder first, the script's last
+        path = [os.path.join(self.workdir, ".snakemake", "scripts"), *sys.__dict__["path"]]
         if os.path.dirname(script) not in path:
-            path.append(os.path.dirname(script))  # as Snakemake's preamble does
+            path.append(os.path.dirname(script))
         return InvocationContext(
             key=invocation.key,
             rule=invocation.rule,
@@ -109,6 +113,7 @@ class Isolation:
             path=path,
             argv=[script],
             main=types.ModuleType("__main__"),
+            cleanup_script=getattr(invocation, "cleanup_scripts", True),
         )
 
     def end(self, context: InvocationContext, before: list[str]) -> None:
@@ -133,7 +138,7 @@ class Isolation:
 
 def preamble(invocation: Any, builtins: types.ModuleType) -> dict[str, Any]:
     """The globals Snakemake's script preamble gives a script (snakemake.script.PythonScript),
-    with the script's builtins."""
+    with the script's builtins; `__real_file__` is the script's copy once it is written."""
     from snakemake.iocontainers import Snakemake
     from snakemake.logging import logger
 

@@ -60,7 +60,8 @@ class InvocationContext:
     builtins: Any = None  # a module of builtins whose `__import__` finds the invocation's own modules
     modules: dict[str, types.ModuleType] = field(default_factory=dict)  # the invocation's own modules
     found: dict[str, Any] = field(default_factory=dict)  # top-level names: a spec of its own, or None
-    main_file: Optional[str] = None  # `__main__` as a file, for children that start Python anew
+    cleanup_script: bool = True  # remove the script's copy at the end (no --skip-script-cleanup)
+    script_copy: Optional[str] = None  # as Snakemake's runner writes it: `__real_file__`, a new Python's main
     overrides: dict[str, Any] = field(default_factory=dict)  # stdout/stderr the script assigned
     views: dict[int, tuple[Any, dict[str, Any]]] = field(default_factory=dict)  # per-object overlays
     caches: dict[int, dict] = field(default_factory=dict)  # logging's level caches under the overlays

@@ -21,6 +21,7 @@ import multiprocessing.spawn
 import os
 import pickle
 import sys
+import tempfile
 import threading
 import types
 from importlib._bootstrap import _calc___package__, _handle_fromlist, _resolve_name  # type: ignore
@@ -246,34 +247,37 @@ def end(context: InvocationContext, before: list[str]) -> None:
             path = getattr(module, "__file__", None) if type(module) is not RoutedModule else None
             if path and is_own_file(path, context.roots):
                 sys.modules.pop(name, None)
-    if context.main_file:
+    if context.script_copy and context.cleanup_script:
         try:
-            os.remove(context.main_file)
+            os.remove(context.script_copy)
         except FileNotFoundError:
             pass
 
 
-def main_file(context: InvocationContext) -> str:
-    """The script as a file a new Python runs as its `__main__` (a spawned or forkserver child):
-    Snakemake's preamble (the `snakemake` object), then the script, as in a fresh job."""
-    if context.main_file is None:
-        with open(context.script, encoding="utf-8") as f:
-            source = f.read()
-        blob = pickle.dumps(context.main.__dict__["snakemake"], protocol=4)
-        preamble = (
-            f"import sys; import pickle; snakemake = pickle.loads({blob!r}); "
-            "from snakemake.logging import logger; from snakemake.iocontainers import Snakemake; "
-            f"__real_file__ = __file__; __file__ = {context.main.__dict__['__file__']!r};\n"
-        )
-        lines = source.splitlines(keepends=True)
-        cut = _after_future_imports(source)
-        folder = os.path.join(context.workdir, ".snakemake", "scripts")
-        os.makedirs(folder, exist_ok=True)
-        path = os.path.join(folder, f"sticky-{context.key}.{os.path.basename(context.script)}")
-        with open(path, "w", encoding="utf-8") as f:
-            f.write("".join(lines[:cut]) + preamble + "".join(lines[cut:]))
-        context.main_file = path
-    return context.main_file
+def write_script_copy(context: InvocationContext) -> str:
+    """The script as Snakemake's runner writes it before it runs it: under `.snakemake/scripts`
+    of the working directory, named `tmp<random>.<script's name>`, Snakemake's preamble (the
+    `snakemake` object) then the script. Its path is the script's `__real_file__`, and a new
+    Python started from the invocation (a spawned or forkserver child) runs it as its
+    `__main__`, as in a fresh job. It goes at the invocation's end unless Snakemake runs with
+    `--skip-script-cleanup`."""
+    with open(context.script, encoding="utf-8") as f:
+        source = f.read()
+    blob = pickle.dumps(context.main.__dict__["snakemake"], protocol=4)
+    preamble = (
+        f"import sys; import pickle; snakemake = pickle.loads({blob!r}); "
+        "from snakemake.logging import logger; from snakemake.iocontainers import Snakemake; "
+        f"__real_file__ = __file__; __file__ = {context.main.__dict__['__file__']!r};\n"
+    )
+    lines = source.splitlines(keepends=True)
+    cut = _after_future_imports(source)
+    folder = os.path.join(context.workdir, ".snakemake", "scripts")
+    os.makedirs(folder, exist_ok=True)
+    handle, path = tempfile.mkstemp(suffix="." + os.path.basename(context.script), dir=folder)
+    with open(handle, "w", encoding="utf-8") as f:
+        f.write("".join(lines[:cut]) + preamble + "".join(lines[cut:]))
+    context.script_copy = path
+    return path
 
 
 def _after_future_imports(source: str) -> int:
@@ -297,9 +301,9 @@ def install() -> Callable[[], None]:
     def preparation_data(name: str) -> dict[str, Any]:
         data = original(name)
         context = current()
-        if context is not None:
+        if context is not None and context.script_copy:
             data.pop("init_main_from_name", None)
-            data["init_main_from_path"] = main_file(context)
+            data["init_main_from_path"] = context.script_copy
         return data
 
     multiprocessing.spawn.get_preparation_data = preparation_data
