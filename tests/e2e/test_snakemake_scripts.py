@@ -78,7 +78,7 @@ def produced(root: Path) -> dict[str, bytes]:
     return {
         str(p.relative_to(root)): p.read_bytes()
         for p in sorted(root.rglob("*"))
-        if p.is_file() and not p.relative_to(root).parts[0] in SKIP
+        if p.is_file() and p.relative_to(root).parts[0] not in SKIP
     }
 
 
