@@ -26,7 +26,7 @@ from contextlib import contextmanager
 from importlib.machinery import SourceFileLoader
 from typing import Any, Callable, Iterator, Optional
 
-from . import libraries, logs, modules, process, system
+from . import libraries, logs, modules, process, system, threadpools
 from .context import Admission, InvocationContext, InvocationExit, IsolationError, current, set_current
 
 __all__ = ["Isolation", "IsolationError", "InvocationContext", "InvocationExit", "current", "preamble"]
@@ -39,6 +39,7 @@ class Isolation:
         self.workdir = workdir
         self.slots = slots
         self.libraries = libraries.Libraries()
+        self.pools = threadpools.ThreadPools()
         self.admission = Admission(self._first, self._last)
         self._job_variables: dict[str, Optional[str]] = {}
         self._tempdir: Optional[str] = None
@@ -47,6 +48,7 @@ class Isolation:
         """Route what scripts may change per invocation; returns the undo (attach mode)."""
         undo = [system.install(), modules.install(), logs.install(), self.libraries.install()]
         undo.append(process.install(self.admission))
+        undo.append(threadpools.install())
         modules.IMPORT_HOOKS.append(self.libraries.check)
 
         def uninstall() -> None:
@@ -59,12 +61,15 @@ class Isolation:
     def _first(self, context: InvocationContext) -> None:
         self.libraries.first()
         self._job_variables = process.set_job_variables(context.threads, context.tmpdir)
+        if self.slots == 1:
+            self.pools.begin(context.threads, libraries.loaded("torch"))
         self._tempdir = tempfile.tempdir
         tempfile.tempdir = None  # `tempfile` looks at the job's TMPDIR anew
 
     def _last(self) -> None:
         process.restore_environment(self._job_variables)
         tempfile.tempdir = self._tempdir
+        self.pools.end()
         self.libraries.last()
 
     @contextmanager

@@ -31,6 +31,7 @@ from typing import Any, Callable, Optional
 
 from .context import InvocationContext, current
 from .logs import SharedList
+from .threadpools import set_torch_threads
 
 WARNINGS_SHARED = ("defaultaction", "showwarning", "formatwarning")
 
@@ -318,7 +319,7 @@ def restore_torch(torch: Any, saved: dict[str, Any]) -> None:
     """Put torch's process-wide settings back as `torch_settings` found them."""
     now = torch_settings(torch)
     if now["threads"] != saved["threads"]:
-        torch.set_num_threads(saved["threads"])
+        set_torch_threads(torch, saved["threads"])
     if now["dtype"] != saved["dtype"]:
         torch.set_default_dtype(saved["dtype"])
     if now["matmul"] != saved["matmul"]:
