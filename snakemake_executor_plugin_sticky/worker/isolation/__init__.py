@@ -68,6 +68,7 @@ class Isolation:
 
     def _last(self) -> None:
         process.restore_environment(self._job_variables)
+        process.restore_settings()
         tempfile.tempdir = self._tempdir
         self.pools.end()
         self.libraries.last()

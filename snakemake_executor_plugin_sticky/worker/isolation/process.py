@@ -10,9 +10,10 @@
   the threads it started have ended (an executor's idle threads are shut down, as at exit).
 - Threads a script starts work for its invocation: their prints and logs are the job's.
 - A process forked in the worker starts with a fresh Python's SIGTERM and SIGINT handlers.
-- Signal handlers, the umask and the locale a script sets, and the standard file descriptors it
-  points elsewhere (`os.dup2(log, 1)`), are put back at its end; moving a standard descriptor
-  beside a neighbour fails as a directory change does.
+- The standard file descriptors a script points elsewhere (`os.dup2(log, 1)`) are put back at
+  its end; moving one beside a neighbour fails as a directory change does. Signal handlers, the
+  umask and the locale scripts set are put back to the process's own once the invocations that
+  overlapped have all ended (after each with `slots: 1`), whatever order they end in.
 """
 
 from __future__ import annotations
@@ -182,22 +183,42 @@ def _guard_dup2(real: Callable[..., int], saved: dict[int, int]) -> Callable[...
     return dup2
 
 
+# The process's own values of the settings scripts changed (the umask, a locale category, a
+# signal's handler), kept at the first change since no invocation ran and put back when the last
+# of the invocations that overlapped ends: whatever order neighbours change and end in, the
+# process ends with its own value.
+_originals: dict[tuple[str, Any], tuple[Callable, tuple, Any]] = {}
+_originals_lock = threading.Lock()
+
+
 def _journal(real: Callable[..., Any], previous: Callable[..., Any], changes: Callable[..., bool]) -> Callable:
-    """`real`, whose changes made by a script are undone at its end: `previous(*args)` reads what
-    the call replaces, before it is made, and `changes(*args)` says whether the call changes it."""
+    """`real`, whose changes made by scripts are undone once the invocations that overlapped have
+    ended: `previous(*args)` reads what the call replaces, before it is made, and
+    `changes(*args)` says whether the call changes it."""
 
     def journaled(*args: Any, **kwargs: Any) -> Any:
         context = current()
         if context is None or not changes(*args, **kwargs) or not context.owns_caller():
             return real(*args, **kwargs)
-        before = previous(*args, **kwargs)
-        result = real(*args, **kwargs)
-        context.cleanup.append(lambda: _put_back(journaled, args, before))
-        return result
+        key = (real.__name__, args[0] if args and real.__name__ != "umask" else None)
+        with _originals_lock:
+            if key not in _originals:
+                _originals[key] = (journaled, args, previous(*args, **kwargs))
+            return real(*args, **kwargs)
 
     journaled.__doc__ = real.__doc__
     journaled.__name__ = real.__name__
     return journaled
+
+
+def restore_settings() -> None:
+    """Put back the process's own umask, locale and signal handlers (the last of the overlapping
+    invocations has ended)."""
+    with _originals_lock:
+        kept = list(_originals.values())
+        _originals.clear()
+    for call, args, before in kept:
+        _put_back(call, args, before)
 
 
 def _put_back(call: Callable, args: tuple, before: Any) -> None:
