@@ -719,3 +719,68 @@ BEGIN_FAILS_PROBE = textwrap.dedent(
     undo()
     """
 )
+
+
+def test_logging_levels_set_beside_a_script_reach_it_and_forcing_a_config_leaves_the_workers_handlers(
+    tmp_path: Path,
+):
+    """A level the template's thread sets while a script holds logging views reaches the script
+    at once (its cache of enabled levels is emptied too); `basicConfig(force=True)` and
+    `dictConfig` in scripts configure their own logging and leave the worker's handler open."""
+    probe = tmp_path / "probe.py"
+    probe.write_text(LOGGING_PROBE)
+    run = subprocess.run(
+        [sys.executable, str(probe)], cwd=tmp_path, capture_output=True, text=True, env=snakemake_env(), timeout=120
+    )
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert run.stdout.split("\n")[:4] == ["script-sees-False-then-True", "worker-handler-open", "['a', 'b', 'c']", ""]
+    assert (tmp_path / "force.log").read_text() == "INFO:root:mine\n"
+    assert (tmp_path / "dict.log").read_text() == "mine too\n"
+
+
+LOGGING_PROBE = textwrap.dedent(
+    """
+    import logging, os, threading, types
+    from snakemake_executor_plugin_sticky.worker.isolation import Isolation
+
+    os.makedirs("scripts", exist_ok=True)
+    open("scripts/force.py", "w").write(
+        "import logging\\nlogging.basicConfig(force=True, filename='force.log', level=logging.INFO)\\nlogging.info('mine')\\n")
+    open("scripts/dict.py", "w").write(
+        "import logging.config\\nlogging.config.dictConfig({'version': 1, 'handlers': {'f': {'class': "
+        "'logging.FileHandler', 'filename': 'dict.log'}}, 'root': {'handlers': ['f'], 'level': 'INFO'}})\\n"
+        "logging.info('mine too')\\n")
+    open("scripts/cache.py", "w").write(
+        "import logging\\nlogging.getLogger().addHandler(logging.FileHandler('cache.log'))\\npkg = logging.getLogger('pkg')\\n"
+        "before = pkg.isEnabledFor(logging.INFO)\\nLOUDER.set()\\nDONE.wait(60)\\n"
+        "print(f'script-sees-{before}-then-{pkg.isEnabledFor(logging.INFO)}')\\n")
+    workdir = os.getcwd()
+    worker_handler = logging.FileHandler("worker.log", mode="w")
+    logging.getLogger().addHandler(worker_handler)
+    logging.getLogger().setLevel(logging.INFO)
+    logging.getLogger("pkg").setLevel(logging.WARNING)
+    isolation = Isolation(workdir, slots=1)
+    undo = isolation.install()
+    louder, done = threading.Event(), threading.Event()
+
+    def template_thread():  # a level the template (not a script) sets while the script runs
+        louder.wait(60)
+        logging.getLogger("pkg").setLevel(logging.INFO)
+        done.set()
+
+    threading.Thread(target=template_thread).start()
+    for name, letter in (("cache", "a"), ("force", "b"), ("dict", "c")):
+        snakemake = types.SimpleNamespace(threads=1)
+        invocation = types.SimpleNamespace(key=name, rule=name, template="t", script=os.path.join(workdir, "scripts", f"{name}.py"),
+                                           snakemake=snakemake, basedir=workdir)
+        with isolation.invocation(invocation) as context:
+            context.main.__dict__.update(LOUDER=louder, DONE=done)
+            exec(compile(open(context.script).read(), context.script, "exec"), context.main.__dict__)
+        print(context.output()[0].strip()) if name == "cache" else None
+        logging.info(letter)
+    print("worker-handler-open" if worker_handler.stream and not worker_handler.stream.closed else "worker-handler-closed")
+    worker_handler.flush()
+    print(open("worker.log").read().split())
+    undo()
+    """
+)

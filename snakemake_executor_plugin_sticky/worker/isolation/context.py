@@ -65,6 +65,7 @@ class InvocationContext:
     overrides: dict[str, Any] = field(default_factory=dict)  # stdout/stderr the script assigned
     views: dict[int, tuple[Any, dict[str, Any]]] = field(default_factory=dict)  # per-object overlays
     caches: dict[int, dict] = field(default_factory=dict)  # logging's level caches under the overlays
+    caches_generation: int = 0  # logs.Cache.generation the caches were made under
     environ: dict[str, Optional[str]] = field(default_factory=dict)  # values before the script's changes
     env_overlay: dict[str, Optional[str]] = field(default_factory=dict)  # slots > 1: its own (None: unset)
     exit_hooks: list[tuple[Callable, tuple, dict]] = field(default_factory=list)

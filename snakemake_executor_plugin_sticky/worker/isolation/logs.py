@@ -7,11 +7,16 @@ manager's `disable`) become descriptors: a change made by the script's own code 
 invocation's view of that logger, which the invocation alone sees, and ends with it; the
 handlers it added are flushed and closed then. Changes made by installed packages or the
 template stay the process's, as in a fresh job that imported them.
+
+A script that starts its logging afresh (`basicConfig(force=True)`, `dictConfig`, `fileConfig`)
+closes the handlers it added, never the process's. A level set anywhere reaches every
+invocation's cache of enabled levels at once.
 """
 
 from __future__ import annotations
 
 import logging
+import logging.config
 import traceback
 from typing import Any, Callable, Optional
 
@@ -110,13 +115,21 @@ class Field:
 
 
 class Cache:
-    """`Logger._cache` (levels enabled): under an invocation's views, a cache of its own."""
+    """`Logger._cache` (levels enabled): under an invocation's views, a cache of its own. Any
+    level change anywhere (the manager's `_clear_cache`, which clears the caches of the thread
+    that makes it) empties every invocation's caches too: a level an installed package or the
+    template sets while a script holds views reaches that script at once."""
+
+    generation = 0  # level changes made so far, by anyone
 
     def __get__(self, target: Any, owner: Any = None) -> Any:
         if target is None:
             return self
         context = current()
         if context is not None and context.views:
+            if context.caches_generation != Cache.generation:
+                context.caches.clear()
+                context.caches_generation = Cache.generation
             return context.caches.setdefault(id(target), {})
         return target.__dict__["_cache"]
 
@@ -133,6 +146,18 @@ def install() -> Callable[[], None]:
     for name in LOGGER_FIELDS:
         setattr(logging.Logger, name, Field(name))
     logging.Logger._cache = Cache()  # type: ignore[attr-defined]
+    clear_cache = logging.Manager._clear_cache  # type: ignore[attr-defined]
+
+    def _clear_cache(manager: logging.Manager) -> None:
+        Cache.generation += 1
+        for logger in (manager.root, *manager.loggerDict.values()):
+            if isinstance(logger, logging.Logger):
+                logger.__dict__["_cache"].clear()  # the process's, whoever changed a level
+
+    logging.Manager._clear_cache = _clear_cache  # type: ignore[attr-defined]
+    basic_config, clear_handlers = logging.basicConfig, logging.config._clearExistingHandlers  # type: ignore[attr-defined]
+    logging.basicConfig = _basic_config(basic_config)
+    logging.config._clearExistingHandlers = _clear_existing_handlers(clear_handlers)  # type: ignore[attr-defined]
     disable = logging.Manager.__dict__.get("disable")
     if isinstance(disable, property):  # Python 3.11 on: `disable` keeps a checked level in `_disable`
         logging.Manager.disable = Field("disable", "_disable", logging._checkLevel)  # type: ignore
@@ -142,6 +167,9 @@ def install() -> Callable[[], None]:
     def undo() -> None:
         for name in (*LOGGER_FIELDS, "_cache"):
             delattr(logging.Logger, name)
+        logging.Manager._clear_cache = clear_cache  # type: ignore[attr-defined]
+        logging.basicConfig = basic_config
+        logging.config._clearExistingHandlers = clear_handlers  # type: ignore[attr-defined]
         if disable is None:
             del logging.Manager.disable
         else:
@@ -156,17 +184,66 @@ def install() -> Callable[[], None]:
     return undo
 
 
-def end(context: InvocationContext) -> None:
-    """Flush and close the handlers the invocation added, as its process's exit would."""
-    added = []
+def _added(context: InvocationContext) -> list[logging.Handler]:
+    """The handlers the invocation added to its views of the loggers."""
+    added: list[logging.Handler] = []
     for target, view in context.views.values():
         own = view.get("handlers")
         if own is not None:
             shared = list.__getitem__(target.__dict__.get("handlers", []), slice(None))
             added += [h for h in own if h not in shared and h not in added]
-    for handler in added:
+    return added
+
+
+def _close(handlers: list[logging.Handler]) -> None:
+    for handler in handlers:
         try:
             handler.flush()
             handler.close()
         except Exception:  # said in the job's stderr, as logging says it at a process's exit
             traceback.print_exc()
+
+
+def end(context: InvocationContext) -> None:
+    """Flush and close the handlers the invocation added, as its process's exit would."""
+    _close(_added(context))
+
+
+def _scripts(context: Optional[InvocationContext]) -> bool:
+    return context is not None and context.owns_caller()
+
+
+def _basic_config(real: Callable[..., None]) -> Callable[..., None]:
+    """`basicConfig(force=True)` in a script removes the root's handlers from its view and closes
+    those it added: the process's handlers are not the script's to close."""
+
+    def basicConfig(**kwargs: Any) -> None:
+        context = current()
+        if kwargs.get("force") and _scripts(context):
+            kwargs["force"] = False
+            shared = list.__getitem__(logging.root.__dict__["handlers"], slice(None))
+            seen = logging.root.handlers[:]
+            for handler in seen:
+                logging.root.removeHandler(handler)
+            _close([h for h in seen if h not in shared])
+        real(**kwargs)
+
+    basicConfig.__doc__ = real.__doc__
+    return basicConfig
+
+
+def _clear_existing_handlers(real: Callable[[], None]) -> Callable[[], None]:
+    """`dictConfig` and `fileConfig` in a script close the handlers it added, not the process's
+    (theirs would close every handler of the process)."""
+
+    def clear() -> None:
+        context = current()
+        if not _scripts(context):
+            return real()
+        own = _added(context)  # type: ignore[arg-type]
+        for name, handler in list(logging._handlers.items()):  # type: ignore[attr-defined]
+            if handler in own:
+                del logging._handlers[name]  # type: ignore[attr-defined]
+        _close(own)
+
+    return clear
