@@ -364,18 +364,24 @@ SCRIPTS = {
             pairs.looked(snakemake)
     """,
     "rand": """
-        import random, numpy, pairs
+        import random, numpy, torch, pairs
         if pairs.first(snakemake):
             random.seed(0)
             numpy.random.seed(0)
+            torch.manual_seed(0)
             pairs.changed(snakemake)
         else:
             pairs.look(snakemake)
             random.seed(1)
             numpy.random.seed(1)
+            torch.manual_seed(1)
             pairs.looked(snakemake)
         draws = [random.random(), random.randint(0, 100), float(numpy.random.rand()), int(numpy.random.randint(100))]
         draws.append(float(numpy.random.mtrand._rand.random_sample()))  # as scikit-learn draws (random_state=None)
+        weights = torch.empty(2, 2)
+        torch.nn.init.normal_(weights)
+        draws += [torch.rand(2).tolist(), torch.randint(0, 100, (2,)).tolist(), torch.multinomial(torch.ones(9), 3).tolist()]
+        draws += [weights.tolist(), torch.empty(2).uniform_().tolist(), torch.initial_seed()]
         open(snakemake.output[0], "w").write(f"{draws}\\n")
     """,
     # the standard descriptors pointed at the log, as C code and subprocesses write to them

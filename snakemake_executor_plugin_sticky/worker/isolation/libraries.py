@@ -29,6 +29,7 @@ import warnings
 from collections import OrderedDict
 from typing import Any, Callable, Optional
 
+from . import torchrandom
 from .context import InvocationContext, current
 from .logs import SharedList
 from .threadpools import set_torch_threads
@@ -175,6 +176,7 @@ class Libraries:
     def __init__(self) -> None:
         self.undo: list[Callable[[], Any]] = []
         self.numpy = False
+        self.torch = False
         self.pyplot = False
         self.group = False  # invocations run: what only the process holds is kept in `saved`
         self._lock = threading.Lock()
@@ -207,6 +209,9 @@ class Libraries:
             modules = [numpy.random, numpy.random.mtrand]
             self.undo.append(_route_generator(modules, "numpy", shared, numpy.random.RandomState, NUMPY_ALSO))
             self.undo.append(_route_global_random_state(numpy.random, shared))
+        if not self.torch and loaded("torch") is not None:
+            self.torch = True
+            self.undo.append(torchrandom.route(loaded("torch")))
         if not self.pyplot and loaded("matplotlib._pylab_helpers") is not None:
             self.pyplot = True
             from matplotlib._pylab_helpers import Gcf
@@ -347,6 +352,7 @@ def end(context: InvocationContext) -> None:
         plt.close("all")
     if context.viewed(warnings) is not None:
         warnings._filters_mutated()  # type: ignore[attr-defined]
+    torchrandom.end(context)
     torch = loaded("torch")
     if torch is not None and not torch.is_grad_enabled():
         torch.set_grad_enabled(True)  # the thread's: the next invocation in it starts as a fresh one
