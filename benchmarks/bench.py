@@ -347,7 +347,7 @@ def dispatch(folder: Path, ks: list[int], workers: int, repeats: int) -> dict:
 
 
 ISOLATION_PROBE = """
-import os, sys, time, types
+import json, logging, os, sys, time, types
 from snakemake_executor_plugin_sticky.worker.isolation import Isolation
 
 n = int(sys.argv[1])
@@ -356,12 +356,32 @@ code = compile(open(script).read(), script, "exec")
 snakemake = types.SimpleNamespace(threads=1, output=[os.devnull])
 invocation = types.SimpleNamespace(key="k", rule="noop", template="noop", script=script, snakemake=snakemake, basedir=None)
 import torch, numpy  # a worker holds packages like these: the isolation must not cost more with them loaded
+quiet = logging.getLogger("quiet")
+quiet.setLevel(logging.WARNING)
 
 def plain():
     exec(code, {"snakemake": snakemake, "__name__": "__main__"})
 
+def best(f, count):
+    times = []
+    for _ in range(3):
+        started = time.perf_counter()
+        for _ in range(count):
+            f()
+        times.append((time.perf_counter() - started) / count * 1e9)
+    return min(times)
+
+# what every line of the process pays, also while no invocation runs (ns per call)
+CALLS = {
+    "disabled log call": lambda: quiet.debug("x"),
+    "read of sys.stdout": lambda: sys.stdout,
+    "import of a loaded module": lambda: __import__("json"),
+    "os.environ read": lambda: os.environ.get("HOME"),
+}
+process = {"plain": {name: best(f, 20 * n) for name, f in CALLS.items()}}
 isolation = Isolation(os.getcwd(), 1)
 isolation.install()
+process["installed"] = {name: best(f, 20 * n) for name, f in CALLS.items()}
 
 def isolated():
     with isolation.invocation(invocation) as context:
@@ -375,19 +395,26 @@ for f in (plain, isolated) * 3:
     for _ in range(n):
         f()
     timings.setdefault(f.__name__, []).append((time.perf_counter() - started) / n * 1e6)
-print(min(timings["plain"]), min(timings["isolated"]))
+print(json.dumps({"bare_us": min(timings["plain"]), "isolated_us": min(timings["isolated"]), "process_ns": process}))
 """
 
 
 def isolation_cost(folder: Path, n: int) -> dict:
     """What the isolation of a script adds to one invocation in a worker (microseconds): a no-op
-    script run bare and inside `Isolation.invocation`, in one process, best of three."""
-    out = subprocess.run(
-        [sys.executable, "-c", ISOLATION_PROBE, str(n)], cwd=folder, capture_output=True, text=True, check=True
-    ).stdout.split()
-    plain, isolated = float(out[0]), float(out[1])
+    script run bare and inside `Isolation.invocation`, in one process, best of three; and what
+    the isolation costs the whole process while no invocation runs (nanoseconds per call of a
+    disabled log call, a read of `sys.stdout`, an import, an environment read), plain and with
+    the isolation installed."""
+    found = json.loads(
+        subprocess.run(
+            [sys.executable, "-c", ISOLATION_PROBE, str(n)], cwd=folder, capture_output=True, text=True, check=True
+        ).stdout
+    )
+    plain, isolated = found["bare_us"], found["isolated_us"]
     print(f"  isolation: {isolated - plain:.1f} us per invocation (bare script {plain:.1f} us)", flush=True)
-    return {"n": n, "bare_us": plain, "isolated_us": isolated, "added_us": isolated - plain}
+    for name, ns in found["process_ns"]["plain"].items():
+        print(f"  between invocations, {name}: {found['process_ns']['installed'][name]:.0f} ns (plain {ns:.0f} ns)")
+    return {"n": n, "bare_us": plain, "isolated_us": isolated, "added_us": isolated - plain, **found}
 
 
 # Snakemake alone (--executor touch) under its greedy scheduler and under firstfit, with the other
@@ -990,6 +1017,11 @@ def dispatch_markdown(d: dict) -> list[str]:
             f"no-op scripts, best of three): {iso['added_us']:.0f} µs per invocation above the bare script's "
             f"{iso['bare_us']:.0f} µs.",
         ]
+    if iso and "process_ns" in iso:
+        lines += ["", "Between invocations, what the whole worker process pays per call (ns):", ""]
+        lines += ["| call | plain process | worker, no invocation running |", "|---|---|---|"]
+        for name, ns in iso["process_ns"]["plain"].items():
+            lines.append(f"| {name} | {ns:.0f} | {iso['process_ns']['installed'][name]:.0f} |")
     lines.append("")
     return lines
 

@@ -59,6 +59,8 @@ class Isolation:
         return uninstall
 
     def _first(self, context: InvocationContext) -> None:
+        for part in (system, logs, process):  # between invocations the process pays nothing
+            part.activate()
         self.libraries.first()
         self._job_variables = process.set_job_variables(context.threads, context.tmpdir)
         if self.slots == 1:
@@ -72,6 +74,8 @@ class Isolation:
         tempfile.tempdir = self._tempdir
         self.pools.end()
         self.libraries.last()
+        for part in (process, logs, system):
+            part.deactivate()
 
     @contextmanager
     def invocation(self, invocation: Any) -> Iterator[InvocationContext]:

@@ -143,9 +143,9 @@ def install() -> Callable[[], None]:
     for logger in loggers:
         for name in LIST_FIELDS:
             logger.__dict__[name] = SharedList(logger, name, list(logger.__dict__.get(name, ())))
-    for name in LOGGER_FIELDS:
+    for name in LIST_FIELDS:
         setattr(logging.Logger, name, Field(name))
-    logging.Logger._cache = Cache()  # type: ignore[attr-defined]
+    _saved_disable.append(logging.Manager.__dict__.get("disable"))
     clear_cache = logging.Manager._clear_cache  # type: ignore[attr-defined]
 
     def _clear_cache(manager: logging.Manager) -> None:
@@ -158,22 +158,15 @@ def install() -> Callable[[], None]:
     basic_config, clear_handlers = logging.basicConfig, logging.config._clearExistingHandlers  # type: ignore[attr-defined]
     logging.basicConfig = _basic_config(basic_config)
     logging.config._clearExistingHandlers = _clear_existing_handlers(clear_handlers)  # type: ignore[attr-defined]
-    disable = logging.Manager.__dict__.get("disable")
-    if isinstance(disable, property):  # Python 3.11 on: `disable` keeps a checked level in `_disable`
-        logging.Manager.disable = Field("disable", "_disable", logging._checkLevel)  # type: ignore
-    else:
-        logging.Manager.disable = Field("disable")  # type: ignore[attr-defined]
 
     def undo() -> None:
-        for name in (*LOGGER_FIELDS, "_cache"):
+        deactivate()
+        for name in LIST_FIELDS:
             delattr(logging.Logger, name)
+        _saved_disable.clear()
         logging.Manager._clear_cache = clear_cache  # type: ignore[attr-defined]
         logging.basicConfig = basic_config
         logging.config._clearExistingHandlers = clear_handlers  # type: ignore[attr-defined]
-        if disable is None:
-            del logging.Manager.disable
-        else:
-            logging.Manager.disable = disable  # type: ignore[attr-defined]
         for logger in logging.Logger.manager.loggerDict.values():
             if isinstance(logger, logging.Logger):
                 for name in LIST_FIELDS:
@@ -182,6 +175,36 @@ def install() -> Callable[[], None]:
             logging.root.__dict__[name] = list.__getitem__(logging.root.__dict__[name], slice(None))
 
     return undo
+
+
+SCALAR_FIELDS = tuple(name for name in LOGGER_FIELDS if name not in LIST_FIELDS)
+_saved_disable: list[Any] = []  # the manager's own `disable` (a property from Python 3.11 on)
+
+
+def activate() -> None:
+    """The first of overlapping invocations begins: the loggers' levels, `propagate`, `disabled`,
+    caches and the manager's `disable` answer per invocation. (Their lists of handlers and
+    filters always do: they are read only when a record is handled.)"""
+    for name in SCALAR_FIELDS:
+        setattr(logging.Logger, name, Field(name))
+    logging.Logger._cache = Cache()  # type: ignore[attr-defined]
+    if isinstance(_saved_disable[0], property):  # keeps a checked level in `_disable`
+        logging.Manager.disable = Field("disable", "_disable", logging._checkLevel)  # type: ignore
+    else:
+        logging.Manager.disable = Field("disable")  # type: ignore[attr-defined]
+
+
+def deactivate() -> None:
+    """The last of overlapping invocations has ended: what a disabled log call reads is plain
+    again (each field keeps the process's value where logging keeps it)."""
+    if "_cache" not in logging.Logger.__dict__:
+        return
+    for name in (*SCALAR_FIELDS, "_cache"):
+        delattr(logging.Logger, name)
+    if _saved_disable[0] is None:
+        del logging.Manager.disable
+    else:
+        logging.Manager.disable = _saved_disable[0]  # type: ignore[attr-defined]
 
 
 def _added(context: InvocationContext) -> list[logging.Handler]:

@@ -21,7 +21,6 @@ import multiprocessing.spawn
 import os
 import pickle
 import sys
-import tempfile
 import threading
 import types
 from importlib._bootstrap import _calc___package__, _handle_fromlist, _resolve_name  # type: ignore
@@ -261,23 +260,52 @@ def write_script_copy(context: InvocationContext) -> str:
     Python started from the invocation (a spawned or forkserver child) runs it as its
     `__main__`, as in a fresh job. It goes at the invocation's end unless Snakemake runs with
     `--skip-script-cleanup`."""
-    with open(context.script, encoding="utf-8") as f:
-        source = f.read()
+    head, body = _script_parts(context.script)
     blob = pickle.dumps(context.main.__dict__["snakemake"], protocol=4)
     preamble = (
         f"import sys; import pickle; snakemake = pickle.loads({blob!r}); "
         "from snakemake.logging import logger; from snakemake.iocontainers import Snakemake; "
         f"__real_file__ = __file__; __file__ = {context.main.__dict__['__file__']!r};\n"
     )
-    lines = source.splitlines(keepends=True)
-    cut = _after_future_imports(source)
     folder = os.path.join(context.workdir, ".snakemake", "scripts")
-    os.makedirs(folder, exist_ok=True)
-    handle, path = tempfile.mkstemp(suffix="." + os.path.basename(context.script), dir=folder)
-    with open(handle, "w", encoding="utf-8") as f:
-        f.write("".join(lines[:cut]) + preamble + "".join(lines[cut:]))
+    if folder not in _folders:
+        os.makedirs(folder, exist_ok=True)
+        _folders.add(folder)
+    content = head + preamble.encode() + body
+    suffix = "." + os.path.basename(context.script)
+    while True:
+        path = os.path.join(folder, f"tmp{os.urandom(5).hex()}{suffix}")
+        try:
+            handle = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except FileExistsError:  # one name in 2**40 taken: another
+            continue
+        break
+    try:
+        os.write(handle, content)
+    finally:
+        os.close(handle)
     context.script_copy = path
     return path
+
+
+_folders: set[str] = set()  # `.snakemake/scripts` folders made
+_parts: dict[str, tuple[tuple[float, int], bytes, bytes]] = {}
+
+
+def _script_parts(script: str) -> tuple[bytes, bytes]:
+    """The script's `from __future__` imports and its rest, which the preamble goes between;
+    read once per version of the file."""
+    stat = os.stat(script)
+    version = (stat.st_mtime, stat.st_size)
+    cached = _parts.get(script)
+    if cached is None or cached[0] != version:
+        with open(script, encoding="utf-8") as f:
+            source = f.read()
+        lines = source.splitlines(keepends=True)
+        cut = _after_future_imports(source)
+        cached = (version, "".join(lines[:cut]).encode(), "".join(lines[cut:]).encode())
+        _parts[script] = cached
+    return cached[1], cached[2]
 
 
 def _after_future_imports(source: str) -> int:

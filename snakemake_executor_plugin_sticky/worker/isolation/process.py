@@ -304,7 +304,6 @@ def install(admission: Admission) -> Callable[[], None]:
     threading.Thread.__init__ = _init(threading.Thread.__init__)  # type: ignore[method-assign]
     threading.Thread.start = _start(threading.Thread.start)  # type: ignore[method-assign]
     threading.Thread._bootstrap_inner = _bootstrap(threading.Thread._bootstrap_inner)  # type: ignore[attr-defined]
-    os.environ.__class__ = InvocationEnviron
     if not getattr(os, "_sticky_fork_hook", False):
         os.register_at_fork(after_in_child=_after_fork_in_child)  # cannot be undone: it checks _installed
         os._sticky_fork_hook = True  # type: ignore[attr-defined]
@@ -319,6 +318,16 @@ def install(admission: Admission) -> Callable[[], None]:
         _admission, _installed = None, False
 
     return undo
+
+
+def activate() -> None:
+    """The first of overlapping invocations begins: `os.environ` is the invocations'."""
+    os.environ.__class__ = InvocationEnviron
+
+
+def deactivate() -> None:
+    """The last of overlapping invocations has ended: `os.environ` is plain between them."""
+    os.environ.__class__ = os._Environ
 
 
 def _in_script(worker: int) -> Optional[InvocationContext]:

@@ -1,10 +1,11 @@
 """`sys` as each invocation sees it: its own stdout and stderr, `sys.argv` and `sys.path`.
 
-`sys` keeps its identity (C code and every module hold it); its class becomes a module type whose
-properties answer per invocation. `print` and C code write to the objects in `sys.__dict__`, which
-are routers that pass each write on to the calling invocation's stream. An assignment such as
-`sys.stdout = open(log, "w")`, or `contextlib.redirect_stdout`, made while an invocation runs,
-holds for that invocation alone, so two scripts side by side each keep their own.
+`sys` keeps its identity (C code and every module hold it). While invocations run, its class is a
+module type whose properties answer per invocation, and `print` and C code write to the objects
+in `sys.__dict__`, routers that pass each write on to the calling invocation's stream; between
+invocations `sys` is plain again. An assignment such as `sys.stdout = open(log, "w")`, or
+`contextlib.redirect_stdout`, made while an invocation runs, holds for that invocation alone, so
+two scripts side by side each keep their own.
 """
 
 from __future__ import annotations
@@ -141,20 +142,39 @@ class InvocationSys(types.ModuleType):
     path = _own("path")
 
 
+_routers: dict[str, StreamRouter] = {}
+
+
 def install() -> Callable[[], None]:
-    """Route `sys`'s streams, argv and path per invocation; returns the undo."""
-    routers = {name: StreamRouter(name, sys.__dict__[name]) for name in STREAMS}
-    for name, router in routers.items():
-        sys.__dict__[name] = router
+    """Make the routers of `sys`'s streams, argv and path; they route while invocations run
+    (`activate`), and between them `sys` is plain. Returns the undo."""
+    _routers.update({name: StreamRouter(name, sys.__dict__[name]) for name in STREAMS})
     new_module = importlib._bootstrap._new_module  # type: ignore[attr-defined]
     importlib._bootstrap._new_module = types.ModuleType  # type: ignore[attr-defined]
-    sys.__class__ = InvocationSys
 
     def undo() -> None:
-        sys.__class__ = types.ModuleType
+        deactivate()
         importlib._bootstrap._new_module = new_module  # type: ignore[attr-defined]
-        for name, router in routers.items():
-            if sys.__dict__.get(name) is router:
-                sys.__dict__[name] = router.real
+        _routers.clear()
 
     return undo
+
+
+def activate() -> None:
+    """The first of overlapping invocations begins: `sys` routes per invocation. A stream the
+    worker replaced meanwhile (`sys.stdout = ...`) becomes the router's real one."""
+    for name, router in _routers.items():
+        value = sys.__dict__[name]
+        if value is not router:
+            router.real = value
+            sys.__dict__[name] = router
+    sys.__class__ = InvocationSys
+
+
+def deactivate() -> None:
+    """The last of overlapping invocations has ended: `sys` is the plain module again, its
+    streams the worker's own, so the process pays nothing for the routing between invocations."""
+    sys.__class__ = types.ModuleType
+    for name, router in _routers.items():
+        if sys.__dict__.get(name) is router:
+            sys.__dict__[name] = router.real
