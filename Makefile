@@ -42,8 +42,9 @@ demo-real: venv
 	@echo "Real-model results: workflow/results/real/summary.md (sticky/ and create-destroy/ beside it)."
 
 # Benchmarks: results in benchmarks/results/<date>-<host>.{json,md,png}; docs/benchmarks.md holds the latest.
+# BENCH_ARGS=--real-model adds the makespan with SmolLM2-135M-Instruct (make demo-real installs it)
 bench: venv
-	$(PY) benchmarks/bench.py
+	$(PY) benchmarks/bench.py $(BENCH_ARGS)
 
 bench-quick: venv
 	$(PY) benchmarks/bench.py --quick

