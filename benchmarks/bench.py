@@ -1234,6 +1234,7 @@ def main() -> None:
     }
     RESULTS.mkdir(parents=True, exist_ok=True)
     stem = f"{datetime.date.today().isoformat()}-{socket.gethostname()}" + ("-quick" if args.quick else "")
+    stem += "".join(f"-{name}" for name in args.only or ()) + ("-real" if args.real_model else "")  # a full run's stay
 
     def section(name: str, measure: Callable[[], dict]) -> None:
         """One section; its results are saved at once, and a section that fails is recorded as

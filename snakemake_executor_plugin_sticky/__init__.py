@@ -2,19 +2,21 @@
 built their template's state (a loaded model) once.
 
 Snakemake looks up `Executor`, `ExecutorSettings` and `common_settings` here. Scripts import
-`sticky_state`, templates `Batcher` and `stage`; the executor (and Dask) load only when Snakemake
-asks for `Executor`, so a script under another executor pays nothing for them.
+`sticky_state`, templates `Batcher` and `stage`, Snakefiles `sticky_identity`; the executor (and
+Dask) load only when Snakemake asks for `Executor`, so a script under another executor pays
+nothing for them.
 """
 
 from typing import Any
 
 from .api.batcher import Batcher
+from .api.identity import sticky_identity
 from .api.stage import stage
 from .api.state import sticky_state
 from .head.dryrun import StickyCommonSettings
 from .settings import ExecutorSettings
 
-__all__ = ["Batcher", "Executor", "ExecutorSettings", "common_settings", "stage", "sticky_state"]
+__all__ = ["Batcher", "Executor", "ExecutorSettings", "common_settings", "stage", "sticky_identity", "sticky_state"]
 
 # Same as Snakemake's local executor: jobs run on this machine with its file system, and jobs
 # that are not sticky are handed to the local executor itself. A dry run checks the sticky

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import sys
+from pathlib import Path
 from typing import Any, Callable
 
 from snakemake_interface_executor_plugins.settings import CommonSettings
@@ -75,8 +76,18 @@ def checking(plugin: Any, check_first: Callable[[], None]) -> Any:
 
 
 def check(workflow: Any, settings: Any) -> None:
-    """The real run's check before any worker starts, on the DAG the dry run built."""
+    """The real run's check before any worker starts, on the DAG the dry run built; then the
+    forecast of each template's part of the run (forecast.py)."""
+    from snakemake.logging import logger
+
     from ..settings import ExecutorSettings
     from .declarations import check_declarations
+    from .forecast import lines
+    from .history import forecasts_for
 
-    check_declarations(workflow, workflow.dag.needrun_jobs(), settings or ExecutorSettings())
+    settings = settings or ExecutorSettings()
+    jobs = list(workflow.dag.needrun_jobs())
+    _, used, _ = check_declarations(workflow, jobs, settings)
+    for forecast in forecasts_for(jobs, used, settings, Path.cwd()):
+        for line in lines(forecast):
+            logger.info(line)

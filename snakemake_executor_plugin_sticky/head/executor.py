@@ -46,7 +46,7 @@ from snakemake_interface_executor_plugins.settings import ExecMode
 from ..settings import ExecutorSettings
 from ..templates import TemplateSpec
 from ..wire import Event, Invocation, InvocationResult, InvocationTimedOut, Removed, WorkerExited
-from . import forkserver
+from . import forkserver, history
 from .advice import firstfit_installed, large_run_advice, window_advice
 from .chunking import Chunking
 from .completions import CompletionBatcher
@@ -54,6 +54,7 @@ from .declarations import check_declarations, is_sticky, ready_templates, sticky
 from .delegate import Delegate
 from .environments import launch_command, probe
 from .fence import Fence
+from .history import forecasts_for
 from .invocations import InvocationCrashedWorkers, build_invocation
 from .process_changes import ProcessChanges, cancel_pending_reevaluations
 from .report import RunReport, WorkerRecord
@@ -94,6 +95,8 @@ class Executor(RealExecutor):
         self.chunking = Chunking()
         self._accepting = ThreadPoolExecutor(ACCEPT_THREADS, thread_name_prefix="sticky-accept")
         self.report = RunReport(self.templates, Path(self.workflow.persistence.path) / "sticky", self.logger)
+        for forecast in forecasts_for(self.dag.needrun_jobs(), used, self.settings, Path(self.workdir)):
+            self.report.forecasts[forecast.plan.template] = forecast
         self.changes.freeze_collections()
         self.changes.skip_pipe_lookups(self.workflow.rules)
         self._closing = self.changes.quiet_closing_noise()
@@ -262,7 +265,9 @@ class Executor(RealExecutor):
             self._backend.cancel() if cancel else self._backend.close()
         finally:
             if status is not None:
-                self.report.write(status)
+                report = self.report.write(status)
+                if report is not None:
+                    history.record(Path(self.workdir), history.entry(report, self.settings.cluster))
             else:
                 self.report.dismiss_painter()
 

@@ -84,6 +84,7 @@ class InvocationRecord:
     ok: bool
     # the worker's model calls (a Batcher's: start, end, items) reported with this invocation
     calls: tuple[tuple[float, float, int], ...] = ()
+    rule: str = ""
 
 
 @dataclass
@@ -107,6 +108,7 @@ class RunRecords:
         self.workers: dict[str, WorkerRecord] = {}  # by address
         self.invocations: list[InvocationRecord] = []
         self.tally: dict[str, TemplateTally] = {name: TemplateTally() for name in templates}
+        self.forecasts: dict[str, Any] = {}  # forecast.Forecast by template, made as the run starts
         self.closing = False
         self._incarnations: dict[str, int] = {}
         self._retiring: set[str] = set()  # templates whose workers are being ended on purpose
@@ -326,6 +328,7 @@ class RunRecords:
                     outcome.finished,
                     outcome.ok,
                     tuple(tuple(call) for call in outcome.extra.get("model_calls", ())),
+                    invocation.rule,
                 )
             )
 

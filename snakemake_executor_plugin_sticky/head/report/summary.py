@@ -8,6 +8,8 @@ import time
 from dataclasses import asdict
 from typing import Any, Optional
 
+from ..forecast import Forecast
+from ..history import rule_times
 from .records import RunRecords, WorkerRecord
 
 REPORT_VERSION = 1
@@ -23,7 +25,13 @@ def report_dict(records: RunRecords, status: str) -> dict[str, Any]:
         if not tally.requested and not tally.submitted:
             continue
         workers = [w for w in all_workers if w.template == name]
-        durations = [i.finished - i.started for i in invocations if i.template == name]
+        own = [i for i in invocations if i.template == name]
+        durations = [i.finished - i.started for i in own]
+        by_rule: dict[str, list[float]] = {}
+        for i in own:
+            by_rule.setdefault(i.rule, []).append(i.finished - i.started)
+        starts = [w.setup_started for w in workers if w.setup_started is not None]
+        span = max(i.finished for i in own) - min(starts) if own and starts else None
         setups = [w.setup_s for w in workers if w.setup_s is not None]
         median_setup = statistics.median(setups) if setups else None
         served = len(durations)
@@ -46,7 +54,11 @@ def report_dict(records: RunRecords, status: str) -> dict[str, Any]:
             "create_destroy_setup_s": round(served * median_setup, 3) if median_setup is not None else None,
             "estimated_saved_s": round(served * median_setup - sum(setups), 3) if median_setup is not None else None,
             "model_calls": model_calls([c for i in invocations if i.template == name for c in i.calls]),
+            "rules": rule_times(by_rule),
+            "sticky_s": round(span, 3) if span is not None else None,
         }
+        if name in records.forecasts:
+            templates[name]["forecast"] = beside(records.forecasts[name], span)
     return {
         "version": REPORT_VERSION,
         "status": status,
@@ -54,6 +66,24 @@ def report_dict(records: RunRecords, status: str) -> dict[str, Any]:
         "finished": finished,
         "wall_s": round(finished - records.started, 3),
         "templates": templates,
+    }
+
+
+def beside(forecast: Forecast, span: Optional[float]) -> dict[str, Any]:
+    """The forecast made before the run, beside what happened: its makespan's error."""
+    predicted = forecast.sticky_s
+    error = (span - predicted) / predicted if predicted and span is not None else None
+    return {
+        "basis": forecast.basis,
+        "runs": forecast.runs,
+        "setup_s": forecast.setup_s,
+        "rule_s": forecast.rule_s,
+        "sticky_s": predicted,
+        "create_destroy_s": forecast.create_destroy_s,
+        "gpu_hours": forecast.gpu_hours,
+        "fits_walltime": forecast.fits_walltime,
+        "measured_sticky_s": round(span, 3) if span is not None else None,
+        "error": round(error, 4) if error is not None else None,
     }
 
 

@@ -1,0 +1,120 @@
+"""What earlier runs measured, kept for the forecast of the next (forecast.py).
+
+At its end each run adds one line to `.snakemake/sticky/history.jsonl`: the machine, and per
+template its identity, workers, slots, GPUs, setup times, and per rule the count and times of its
+invocations. The file keeps the last `KEEP` runs; runs that end at once each add their line whole
+(under a lock, written to a new file that replaces the old).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import socket
+import statistics
+import tempfile
+from pathlib import Path
+from typing import Any, Iterable, Optional
+
+from ..templates import TemplateSpec
+from .declarations import sticky_name
+from .forecast import Forecast, Plan, forecast
+from .gpus import GpuPlan, visible_gpus
+
+HISTORY = Path(".snakemake") / "sticky" / "history.jsonl"
+KEEP = 200  # runs
+
+
+def entry(report: dict[str, Any], cluster: Optional[str]) -> dict[str, Any]:
+    """One run's line, from its report.json content."""
+    templates = {}
+    for name, t in report["templates"].items():
+        setups = [w["setup_s"] for w in t["workers"] if w.get("setup_s") is not None]
+        templates[name] = {
+            "identity": t["identity"],
+            "workers": len(t["workers"]),
+            "slots": t["slots"],
+            "gpus_per_worker": t["gpus_per_worker"],
+            "setup_s": [round(s, 3) for s in setups],
+            "rules": t.get("rules", {}),
+            "invocations": t["invocations"],
+            "sticky_s": t.get("sticky_s"),
+        }
+    return {
+        "finished": report["finished"],
+        "wall_s": report["wall_s"],
+        "host": socket.gethostname(),
+        "cpus": os.cpu_count(),
+        "cluster": cluster or "local",
+        "templates": templates,
+    }
+
+
+def record(workdir: Path, line: dict[str, Any]) -> None:
+    """Add a run's line, keeping the last KEEP."""
+    path = workdir / HISTORY
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_suffix(".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        kept = read(workdir)[-(KEEP - 1) :] + [line]
+        handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=".history-")
+        with os.fdopen(handle, "w") as f:
+            f.writelines(json.dumps(run) + "\n" for run in kept)
+        os.replace(temporary, path)
+
+
+def read(workdir: Path) -> list[dict[str, Any]]:
+    """The runs recorded, oldest first (a damaged line is left out)."""
+    try:
+        lines = (workdir / HISTORY).read_text().splitlines()
+    except FileNotFoundError:
+        return []
+    runs = []
+    for line in lines:
+        try:
+            runs.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return runs
+
+
+def rule_times(durations_by_rule: dict[str, list[float]]) -> dict[str, dict[str, float]]:
+    """Per rule: how many invocations, and their mean and median seconds."""
+    return {
+        rule: {
+            "count": len(values),
+            "mean_s": round(statistics.fmean(values), 4),
+            "median_s": round(statistics.median(values), 4),
+        }
+        for rule, values in durations_by_rule.items()
+        if values
+    }
+
+
+def forecasts_for(jobs: Iterable[Any], used: dict[str, TemplateSpec], settings: Any, workdir: Path) -> list[Forecast]:
+    """The forecast of each template the run's jobs use, from the history of this folder."""
+    counts: dict[str, dict[str, int]] = {}
+    for job in jobs:
+        name = sticky_name(job)
+        if name in used:
+            rules = counts.setdefault(name, {})
+            rules[job.rule.name] = rules.get(job.rule.name, 0) + 1
+    runs = read(workdir)
+    return [forecast(plan_of(used[name], rules, settings), runs) for name, rules in counts.items()]
+
+
+def plan_of(template: TemplateSpec, counts: dict[str, int], settings: Any) -> Plan:
+    """A template's part of the run as its settings make it: workers, slots, GPUs, walltime."""
+    walltime: Optional[float] = None
+    if settings.scheduler:  # attach mode: the workers someone started; the template's count, or one
+        workers = template.workers or settings.workers or 1
+    elif settings.cluster != "local":
+        from .engines.batch_systems import walltime_seconds
+        from .engines.jobqueue import pools_of
+
+        workers = sum(p.max_workers for p in pools_of(template, settings))
+        walltime = float(walltime_seconds(settings.walltime))
+    else:
+        workers = GpuPlan(visible_gpus(), None).worker_count(template, settings.workers)
+    return Plan(template.name, template.identity, counts, workers, template.slots, template.gpus, walltime)
