@@ -228,6 +228,30 @@ def makespan(
     }
 
 
+def forecast_accuracy(folder: Path, invocations: int, per_invocation: int) -> dict:
+    """The forecast's error: the demo run once (and three times) at one size on 2 workers, then at
+    three times the invocations on 3 workers, whose report puts the forecast made from those runs
+    beside its measured makespan (the sticky part's, from its first setup to its last invocation)."""
+    rows = []
+    for earlier in (1, 3):
+        target = folder / f"after-{earlier}"
+        config = prepare_demo(target, invocations * per_invocation, per_invocation, 2)
+        for _ in range(earlier):
+            reset_demo(target)
+            run(sticky_demo(2, DEMO_WINDOW * 2, config), target)
+        reset_demo(target)
+        bigger = [c for c in config if not c.startswith("claims=")] + [f"claims={3 * invocations * per_invocation}"]
+        measured = run(sticky_demo(3, DEMO_WINDOW * 3, bigger), target)
+        forecast = measured.report["templates"]["llm"]["forecast"]
+        rows.append({"earlier_runs": earlier, **forecast})
+        print(
+            f"  forecast after {earlier} run(s): {forecast['sticky_s']:.1f} s, measured "
+            f"{forecast['measured_sticky_s']:.1f} s, error {100 * forecast['error']:+.1f}%",
+            flush=True,
+        )
+    return {"invocations": invocations, "forecast_invocations": 3 * invocations, "rows": rows}
+
+
 def sticky_measures(sticky: Measured, workers: int) -> dict:
     """A sticky run of the demo against its ideal: slowest setup + total invocation compute / W,
     from the plugin's report.json."""
@@ -942,6 +966,8 @@ def markdown(results: dict) -> str:
         lines += makespan_markdown(results["real"], "**Makespan with a real model**, SmolLM2-135M-Instruct (Q4_1 GGUF)")
     if "models" in results:
         lines += models_markdown(results)
+    if "forecast" in results and "failed" not in results["forecast"]:
+        lines += forecast_markdown(results["forecast"])
     if "dispatch" in results:
         lines += dispatch_markdown(results["dispatch"])
     if "scale" in results:
@@ -972,6 +998,22 @@ def makespan_markdown(r: dict, title: str = "**Makespan**, demo workflow") -> li
         f"| {fmt(r['efficiency'])} | {fmt(r['touch_s'], ' s') if 'touch_s' in r else 'n/a'} |",
         "",
     ]
+
+
+def forecast_markdown(f: dict) -> list[str]:
+    """The forecast section's lines: forecast against measured, after one and three earlier runs."""
+    lines = [
+        f"**Forecast**, the demo run at {f['invocations']} invocations on 2 workers, then forecast and run at "
+        f"{f['forecast_invocations']} on 3 workers (the sticky part's makespan):",
+        "",
+        "| earlier runs | forecast | measured | error |",
+        "|---|---|---|---|",
+    ]
+    for row in f["rows"]:
+        lines.append(
+            f"| {row['earlier_runs']} | {row['sticky_s']:.1f} s | {row['measured_sticky_s']:.1f} s | {100 * row['error']:+.1f}% |"
+        )
+    return lines + [""]
 
 
 def models_markdown(results: dict) -> list[str]:
@@ -1204,7 +1246,7 @@ def parse_args() -> argparse.Namespace:
     )
     parser.add_argument(
         "--only",
-        choices=["makespan", "models", "dispatch", "scale", "tls", "batching", "staging", "nodes"],
+        choices=["makespan", "models", "forecast", "dispatch", "scale", "tls", "batching", "staging", "nodes"],
         action="append",
     )
     parser.add_argument("--dispatch", type=int, nargs="+", help="invocation counts K of the dispatch section")
@@ -1223,7 +1265,9 @@ def parse_args() -> argparse.Namespace:
 def main() -> None:
     """Measures the chosen sections, saving the results after each, then writes the table and the plot."""
     args = parse_args()
-    sections = args.only or ["makespan", "models", "dispatch", "scale", "tls", "batching", "staging", "nodes"]
+    sections = args.only or [
+        "makespan", "models", "forecast", "dispatch", "scale", "tls", "batching", "staging", "nodes",
+    ]  # fmt: skip
     repeats = 3
     results = {
         "date": datetime.datetime.now().isoformat(timespec="seconds"),
@@ -1261,6 +1305,9 @@ def measure_sections(
     if args.real_model:
         print("real: the demo with SmolLM2-135M-Instruct (a GGUF file), sticky vs local executor", flush=True)
         section("real", lambda: makespan(tmp / "real", 8, 4, 2, repeats, (f"model_file={smollm2_file()}",)))
+    if "forecast" in sections:
+        print("forecast: the demo at one size, then forecast and run at three times it on 3 workers", flush=True)
+        section("forecast", lambda: forecast_accuracy(tmp / "forecast", 16 if args.quick else 48, 8))
     if "models" in sections and not args.quick:
         print("models: the demo with larger models, sticky only", flush=True)
         section("models", lambda: by_model(tmp / "models", 48, 8, 2, repeats))

@@ -267,7 +267,10 @@ class Executor(RealExecutor):
             if status is not None:
                 report = self.report.write(status)
                 if report is not None:
-                    history.record(Path(self.workdir), history.entry(report, self.settings.cluster))
+                    local = self.settings.cluster == "local" and not self.settings.scheduler
+                    cluster = "attached" if self.settings.scheduler else self.settings.cluster
+                    line = history.entry(report, cluster, os.cpu_count() if local else None)
+                    history.record(Path(self.workdir), line)
             else:
                 self.report.dismiss_painter()
 

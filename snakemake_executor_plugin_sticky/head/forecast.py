@@ -3,10 +3,12 @@
 A pure core: what the dry run knows (a `Plan`: invocations per rule, workers, slots, GPUs, a
 worker job's walltime) and what earlier runs measured (history.py) give a `Forecast`:
 
-- setup: the median of the template's earlier setups;
+- setup: the median of the template's earlier setups (CPU workers of one machine beyond its cores
+  set up side by side, each slower in proportion);
 - each rule's invocation time: the mean of its earlier invocations (a rule not seen before takes
   the mean of the template's other rules);
-- the work: the invocations times their rule's time; spread over workers x slots;
+- the work: the invocations times their rule's time; spread over workers x slots (CPU workers of
+  one machine: over its cores at most);
 - the plugin's own cost per invocation: what earlier runs took beyond their setup and spread
   work, per invocation (dispatch, scheduling rounds), the median of those runs;
 - sticky makespan = setup + work / (workers x slots) + cost x invocations;
@@ -41,6 +43,7 @@ class Plan:
     slots: int = 1
     gpus: int = 0
     walltime_s: Optional[float] = None  # a worker job's, on a batch system
+    cpus: Optional[int] = None  # the cores local CPU workers share (None: each has its own node)
 
 
 @dataclass
@@ -64,14 +67,22 @@ class Forecast:
 
 
 def earlier(plan: Plan, runs: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], str]:
-    """The template's entries in the latest earlier runs, and which kind they are."""
-    same = [r["templates"][plan.template] | {"host": r.get("host"), "cluster": r.get("cluster")} for r in runs
-            if r.get("templates", {}).get(plan.template, {}).get("identity") == plan.identity]  # fmt: skip
+    """The template's entries in the latest earlier runs (with their run's machine), and which
+    kind they are."""
+    entries = [
+        {**r["templates"][plan.template], "host": r.get("host"), "cluster": r.get("cluster"), "cpus": r.get("cpus")}
+        for r in runs
+        if plan.template in r.get("templates", {})
+    ]
+    same = [e for e in entries if e.get("identity") == plan.identity]
     if same:
         return same[-RECENT:], "the same template"
-    named = [r["templates"][plan.template] | {"host": r.get("host"), "cluster": r.get("cluster")} for r in runs
-             if plan.template in r.get("templates", {})]  # fmt: skip
-    return named[-RECENT:], "a template of this name with other code, kwargs or environment"
+    return entries[-RECENT:], "a template of this name with other code, kwargs or environment"
+
+
+def crowding(workers: int, gpus: int, cpus: Optional[int]) -> float:
+    """How much slower each CPU worker of one machine runs when there are more than its cores."""
+    return max(1.0, workers / cpus) if not gpus and cpus else 1.0
 
 
 def rule_means(entries: list[dict[str, Any]]) -> dict[str, float]:
@@ -97,6 +108,8 @@ def own_cost(entries: list[dict[str, Any]]) -> float:
     for e in entries:
         work = sum(t["mean_s"] * t["count"] for t in e.get("rules", {}).values())
         lanes = max(1, e["workers"]) * max(1, e["slots"])
+        if not e.get("gpus_per_worker") and e.get("cpus"):
+            lanes = min(lanes, e["cpus"])
         if e.get("sticky_s") and e.get("invocations") and e.get("setup_s"):
             beyond = e["sticky_s"] - statistics.median(e["setup_s"]) - work / lanes
             costs.append(max(0.0, beyond) / e["invocations"])
@@ -112,9 +125,13 @@ def forecast(plan: Plan, runs: list[dict[str, Any]]) -> Forecast:
         return Forecast(plan, "no earlier run of this template: nothing to forecast from (a run records one)")
     hosts = sorted({f"{e['host']} ({e['cluster']})" for e in entries})
     result = Forecast(plan, f"{len(entries)} earlier run(s) of {kind}, on {', '.join(hosts)}", runs=len(entries))
-    result.setup_s = statistics.median(setups)
+    # setups run side by side: on a machine with fewer cores than CPU workers, each is slower
+    before = statistics.median(crowding(e["workers"], e.get("gpus_per_worker", 0), e.get("cpus")) for e in entries)
+    result.setup_s = statistics.median(setups) * crowding(plan.workers, plan.gpus, plan.cpus) / before
     result.rule_s = {rule: times.get(rule, statistics.fmean(times.values())) for rule in plan.counts}
     lanes = max(1, plan.workers) * max(1, plan.slots)
+    if not plan.gpus and plan.cpus:  # CPU workers of one machine share its cores
+        lanes = min(lanes, plan.cpus)
     work = spread_work(plan, times)
     n = result.invocations
     result.sticky_s = result.setup_s + work / lanes + own_cost(entries) * n

@@ -26,8 +26,9 @@ HISTORY = Path(".snakemake") / "sticky" / "history.jsonl"
 KEEP = 200  # runs
 
 
-def entry(report: dict[str, Any], cluster: Optional[str]) -> dict[str, Any]:
-    """One run's line, from its report.json content."""
+def entry(report: dict[str, Any], cluster: str, cpus: Optional[int]) -> dict[str, Any]:
+    """One run's line, from its report.json content; `cpus`: the cores its local workers shared
+    (None where workers had nodes of their own)."""
     templates = {}
     for name, t in report["templates"].items():
         setups = [w["setup_s"] for w in t["workers"] if w.get("setup_s") is not None]
@@ -45,8 +46,8 @@ def entry(report: dict[str, Any], cluster: Optional[str]) -> dict[str, Any]:
         "finished": report["finished"],
         "wall_s": report["wall_s"],
         "host": socket.gethostname(),
-        "cpus": os.cpu_count(),
-        "cluster": cluster or "local",
+        "cpus": cpus,
+        "cluster": cluster,
         "templates": templates,
     }
 
@@ -117,4 +118,5 @@ def plan_of(template: TemplateSpec, counts: dict[str, int], settings: Any) -> Pl
         walltime = float(walltime_seconds(settings.walltime))
     else:
         workers = GpuPlan(visible_gpus(), None).worker_count(template, settings.workers)
-    return Plan(template.name, template.identity, counts, workers, template.slots, template.gpus, walltime)
+    cpus = os.cpu_count() if settings.cluster == "local" and not settings.scheduler else None
+    return Plan(template.name, template.identity, counts, workers, template.slots, template.gpus, walltime, cpus)
