@@ -141,7 +141,7 @@ def run_with_state(invocation: Invocation, holder: ResidentState, worker: Any, r
             result.error = f"Script {invocation.script} exited with status {e.code}."
     except InvocationExit as e:
         if e.status != 0:
-            result.error = f"Script {invocation.script} ended its process with os._exit({e.status})."
+            result.error = f"Script {invocation.script} ended its process with {e.how}."
     except BaseException as e:
         result.error = format_script_error(e)
         to_redirected_stderr(result.error)

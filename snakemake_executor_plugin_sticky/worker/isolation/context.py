@@ -31,12 +31,14 @@ class IsolationError(RuntimeError):
 
 
 class InvocationExit(BaseException):
-    """A script called `os._exit(status)`: in a fresh process the process would end with that
-    status; in a resident worker the invocation does, and the worker lives on."""
+    """A script called `os._exit(status)`, or handed its process to a program (`os.exec*`): in a
+    fresh process the process would end with that status; in a resident worker the invocation
+    does, and the worker lives on."""
 
-    def __init__(self, status: int) -> None:
+    def __init__(self, status: int, how: str = "") -> None:
         super().__init__(status)
         self.status = status
+        self.how = how or f"os._exit({status})"  # what ended it, as the job's error says
 
 
 @dataclass(eq=False)

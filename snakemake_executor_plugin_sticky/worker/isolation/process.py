@@ -283,11 +283,14 @@ def install(admission: Admission) -> Callable[[], None]:
     saved += [(threading.Thread, "__init__", threading.Thread.__init__), (os, "dup2", os.dup2)]
     saved += [(os, "umask", os.umask), (locale, "setlocale", locale.setlocale), (signal, "signal", signal.signal)]
     saved += [(os, "_exit", os._exit), (signal, "alarm", signal.alarm), (signal, "setitimer", signal.setitimer)]
+    saved += [(os, "execv", os.execv), (os, "execve", os.execve)]
     saved += [(subprocess.Popen, "__init__", subprocess.Popen.__init__), (os, "system", os.system)]
     subprocess.Popen.__init__ = _popen_init(subprocess.Popen.__init__)  # type: ignore[method-assign]
     os.system = _system(os.system)
     worker = os.getpid()
     os._exit = _guard_exit(os._exit, worker)
+    os.execv = _exec_as_child(os.execv, worker)
+    os.execve = _exec_as_child(os.execve, worker)
     signal.alarm = _refuse_timer(signal.alarm, "alarm", worker)
     signal.setitimer = _refuse_timer(signal.setitimer, "setitimer", worker)
     standard = {fd: os.dup(fd) for fd in (0, 1, 2) if _is_open(fd)}
@@ -344,6 +347,25 @@ def _guard_exit(real: Callable[[int], Any], worker: int) -> Callable[[int], Any]
 
     _exit.__name__, _exit.__doc__ = "_exit", real.__doc__
     return _exit
+
+
+def _exec_as_child(real: Callable[..., Any], worker: int) -> Callable[..., Any]:
+    """`os.exec*` in a script: in a fresh job the program replaces the job's process, and its
+    status ends the job. In a worker it runs as the invocation's child, with the environment
+    given or else the invocation's, and its status ends the invocation as `os._exit` would (a
+    signal's as a shell reports it, 128 + its number); the worker lives on. (`execl`, `execlp`,
+    `execvp` and the rest call `execv` or `execve`.)"""
+
+    def exec_(path: Any, args: Any, *env: Any) -> Any:
+        if _in_script(worker) is None:
+            return real(path, args, *env)
+        environment = dict(env[0]) if env else invocation_environment()
+        code = subprocess.call(list(args), executable=os.fspath(path), env=environment)
+        status = code if code >= 0 else 128 - code
+        raise InvocationExit(status, f"os.{real.__name__}({os.fspath(path)!r}, ...), which ended with status {status}")
+
+    exec_.__name__, exec_.__doc__ = real.__name__, real.__doc__
+    return exec_
 
 
 def _refuse_timer(real: Callable[..., Any], name: str, worker: int) -> Callable[..., Any]:
