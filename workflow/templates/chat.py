@@ -22,7 +22,16 @@ SYSTEM = (
 )
 
 
-def setup(model_file, dtype="float32", device="auto", batch_size=8, batch_wait=0.0, stage_model=True, max_new_tokens=8):
+def setup(
+    model_file,
+    dtype="float32",
+    device="auto",
+    batch_size=8,
+    batcher=True,
+    batch_wait=0.0,
+    stage_model=True,
+    max_new_tokens=8,
+):
     started = time.perf_counter()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # one local file: nothing to fetch from a hub
     import torch
@@ -46,7 +55,9 @@ def setup(model_file, dtype="float32", device="auto", batch_size=8, batch_wait=0
     return {
         # questions -> (answer text, tokens generated) each; batched across the invocations
         # running side by side, batch_size questions per generate() call at most
-        "answer": Batcher(answer, max_batch=batch_size, max_wait=batch_wait),
+        "answer": Batcher(answer, max_batch=batch_size, max_wait=batch_wait)
+        if batcher
+        else partial(in_batches, answer, batch_size),
         "load_s": load_s,
         "pid": os.getpid(),
         "name": str(model_file),
@@ -56,8 +67,14 @@ def setup(model_file, dtype="float32", device="auto", batch_size=8, batch_wait=0
 
 
 def teardown(state):
-    state["answer"].close("the template is torn down")
+    if isinstance(state["answer"], Batcher):
+        state["answer"].close("the template is torn down")
     state.clear()
+
+
+def in_batches(answer, batch_size, questions):
+    """Without a Batcher: the invocation's own questions, batch_size per generate() call."""
+    return [a for first in range(0, len(questions), batch_size) for a in answer(questions[first : first + batch_size])]
 
 
 def generate(tokenizer, model, device, max_new_tokens, questions):
