@@ -8,8 +8,10 @@ trigger reruns the template's outputs when it changes:
 
 - the setup file's content and the kwargs;
 - the template's software environment (its spec, as its worker identity hashes it);
-- the content of the files and folders its kwargs name (a model folder, a GGUF file): what
-  `stage()` copies of them is what the model is. Files are hashed once per version: a cache under
+- the content of the files and folders its kwargs name (a model folder, a GGUF file), and of
+  those its workers copied with `stage()` in the latest run (the history): what it stages is
+  what the model is. A kwarg naming a folder the workflow writes into (its outputs, its logs)
+  would make every run look new: name the model's files. Files are hashed once per version: a cache under
   `.snakemake/sticky/identity-cache.json` keeps each file's hash by path, size and modification
   time, so a workflow whose model did not change pays a `stat` per file;
 - the versions of the packages that decide what a model computes (torch, transformers,
@@ -58,13 +60,14 @@ def results_identity(name: str, config: Mapping[str, Any], workdir: Path) -> str
     """The results identity of template `name` of the config's `sticky:` section."""
     spec = parse_template(name, (config.get("sticky") or {}).get(name), workdir)
     cache = FileHashes(workdir / CACHE)
-    named = {key: cache.content(path) for key, path in named_paths(spec.kwargs, workdir).items()}
+    paths = set(named_paths(spec.kwargs, workdir).values()) | staged_before(name, workdir)
+    files = {str(path): cache.content(path) for path in sorted(paths) if path.exists()}
     cache.save()
     described = {
         "setup": hashlib.sha256(spec.setup.read_bytes()).hexdigest(),
         "kwargs": spec.kwargs,
         "environment": spec.environment.digest if spec.environment else None,
-        "files": named,
+        "files": files,
         "packages": {} if spec.environment else package_versions(),
     }
     canonical = json.dumps(described, sort_keys=True, default=repr)
@@ -77,8 +80,8 @@ def named_paths(kwargs: Mapping[str, Any], workdir: Path) -> dict[str, Path]:
 
     def visit(key: str, value: Any) -> None:
         if isinstance(value, str) and value and len(value) < 4096:
-            path = Path(value) if os.path.isabs(value) else workdir / value
-            if path.exists():
+            path = (Path(value) if os.path.isabs(value) else workdir / value).resolve()
+            if path.exists() and path not in (workdir.resolve(), *workdir.resolve().parents):
                 found[key] = path
         elif isinstance(value, Mapping):
             for inner, item in value.items():
@@ -90,6 +93,18 @@ def named_paths(kwargs: Mapping[str, Any], workdir: Path) -> dict[str, Path]:
     for key, value in kwargs.items():
         visit(str(key), value)
     return found
+
+
+def staged_before(name: str, workdir: Path) -> set[Path]:
+    """What the template's workers copied with stage() in the latest run that recorded it
+    (.snakemake/sticky/history.jsonl): what its setup reads, though no kwarg names it."""
+    from ..head.history import read
+
+    for run in reversed(read(workdir)):
+        staged = run.get("templates", {}).get(name, {}).get("staged")
+        if staged:
+            return {Path(source) for source in staged}
+    return set()
 
 
 def package_versions() -> dict[str, str]:

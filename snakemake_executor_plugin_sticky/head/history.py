@@ -41,6 +41,7 @@ def entry(report: dict[str, Any], cluster: str, cpus: Optional[int]) -> dict[str
             "rules": t.get("rules", {}),
             "invocations": t["invocations"],
             "sticky_s": t.get("sticky_s"),
+            "staged": sorted({s["source"] for w in t["workers"] for s in w.get("stagings", [])}),
         }
     return {
         "finished": report["finished"],

@@ -4,6 +4,7 @@ when the model changes."""
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -86,3 +87,18 @@ def test_a_changed_byte_in_the_model_reruns_the_templates_outputs(workflow: Work
     assert dry.returncode == 0, dry.output
     assert all(f"out/{i}.txt" in dry.output for i in range(3)), dry.output
     assert "Params have changed" in dry.output or "params" in dry.output.lower(), dry.output
+
+
+def test_what_the_template_staged_in_the_latest_run_counts_and_the_working_directory_does_not(tmp_path: Path):
+    (tmp_path / "t.py").write_text("def setup(where='.'):\n    return None\n")
+    staged = tmp_path / "elsewhere.bin"
+    staged.write_bytes(b"a")
+    history = tmp_path / ".snakemake" / "sticky" / "history.jsonl"
+    history.parent.mkdir(parents=True)
+    history.write_text(json.dumps({"templates": {"t": {"staged": [str(staged)]}}}) + "\n")
+    config = {"sticky": {"t": {"setup": "t.py", "kwargs": {"where": "."}}}}
+    first = results_identity("t", config, tmp_path)
+    (tmp_path / "output.txt").write_text("the workflow writes here: no new identity")
+    assert results_identity("t", config, tmp_path) == first
+    staged.write_bytes(b"bb")
+    assert results_identity("t", config, tmp_path) != first

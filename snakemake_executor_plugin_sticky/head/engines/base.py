@@ -352,16 +352,18 @@ class DaskBackend(Backend):
 
     def _complete(self, future: Future, fetched: Any) -> None:
         """A task is back: its results, or its failure. Its invocations that the worker handed
-        back while it ran (see handed_back) have no result in it."""
-        with self._lock:
-            if not self._spent:
-                self._spent_since = time.monotonic()
-            self._spent.append(future)
+        back while it ran (see handed_back) have no result in it.
+
+        The future is released (spent) only once its outcome is in hand: a result that left with
+        a lost worker is computed again while `result()` waits, and a release meanwhile would
+        have the scheduler forget the key and cancel the future."""
         try:
             outcome = fetched if fetched is not None else future.result()
         except BaseException as e:  # cancelled, hung, lost workers, or the pool failed
+            self._spend(future)
             self._fail_task(future, e)
             return
+        self._spend(future)
         results = {} if isinstance(outcome, Lost) else {result.key: result for result in outcome}
         with self._lock:
             members = self._tasks.pop(future.key, (None, []))[1]
@@ -374,6 +376,13 @@ class DaskBackend(Backend):
         for invocation, _ in members:
             if invocation.key in results:
                 self._finish(invocation, results[invocation.key])
+
+    def _spend(self, future: Future) -> None:
+        """The future's outcome is in hand: it goes with the next release (release_spent)."""
+        with self._lock:
+            if not self._spent:
+                self._spent_since = time.monotonic()
+            self._spent.append(future)
 
     def _fail_task(self, future: Future, error: BaseException) -> None:
         """The task ended without results: each of its invocations not finished yet fails, with
