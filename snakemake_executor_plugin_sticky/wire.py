@@ -12,9 +12,11 @@ It imports nothing of the package, and nothing heavier than the standard library
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import pickle
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, ClassVar, Iterable, Optional
 
 PACKAGE = "snakemake-executor-plugin-sticky"
@@ -283,3 +285,23 @@ class WorkerExited(Event):
     kind = "worker-exit"
     address: str
     exitcode: int
+
+
+# What each run measured, for the forecasts and identities of the runs after it: one JSON line
+# per run, below the working directory (head/history.py writes it).
+HISTORY = Path(".snakemake") / "sticky" / "history.jsonl"
+
+
+def read_history(workdir: Path) -> list[dict[str, Any]]:
+    """The runs recorded in the working directory, oldest first (a damaged line is left out)."""
+    try:
+        lines = (workdir / HISTORY).read_text().splitlines()
+    except FileNotFoundError:
+        return []
+    runs = []
+    for line in lines:
+        try:
+            runs.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return runs

@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any, Callable, Mapping
 
 from ..templates import parse_template
+from ..wire import read_history
 
 CACHE = Path(".snakemake") / "sticky" / "identity-cache.json"
 PACKAGES = ("torch", "transformers", "tokenizers", "vllm", "sglang", "llama-cpp-python", "accelerate", "gguf")
@@ -98,9 +99,7 @@ def named_paths(kwargs: Mapping[str, Any], workdir: Path) -> dict[str, Path]:
 def staged_before(name: str, workdir: Path) -> set[Path]:
     """What the template's workers copied with stage() in the latest run that recorded it
     (.snakemake/sticky/history.jsonl): what its setup reads, though no kwarg names it."""
-    from ..head.history import read
-
-    for run in reversed(read(workdir)):
+    for run in reversed(read_history(workdir)):
         staged = run.get("templates", {}).get(name, {}).get("staged")
         if staged:
             return {Path(source) for source in staged}

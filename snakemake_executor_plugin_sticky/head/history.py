@@ -18,11 +18,11 @@ from pathlib import Path
 from typing import Any, Iterable, Optional
 
 from ..templates import TemplateSpec
+from ..wire import HISTORY, read_history
 from .declarations import sticky_name
 from .forecast import Forecast, Plan, forecast
 from .gpus import GpuPlan, visible_gpus
 
-HISTORY = Path(".snakemake") / "sticky" / "history.jsonl"
 KEEP = 200  # runs
 
 
@@ -59,26 +59,11 @@ def record(workdir: Path, line: dict[str, Any]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path.with_suffix(".lock"), "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        kept = read(workdir)[-(KEEP - 1) :] + [line]
+        kept = read_history(workdir)[-(KEEP - 1) :] + [line]
         handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=".history-")
         with os.fdopen(handle, "w") as f:
             f.writelines(json.dumps(run) + "\n" for run in kept)
         os.replace(temporary, path)
-
-
-def read(workdir: Path) -> list[dict[str, Any]]:
-    """The runs recorded, oldest first (a damaged line is left out)."""
-    try:
-        lines = (workdir / HISTORY).read_text().splitlines()
-    except FileNotFoundError:
-        return []
-    runs = []
-    for line in lines:
-        try:
-            runs.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue
-    return runs
 
 
 def rule_times(durations_by_rule: dict[str, list[float]]) -> dict[str, dict[str, float]]:
@@ -102,7 +87,7 @@ def forecasts_for(jobs: Iterable[Any], used: dict[str, TemplateSpec], settings: 
         if name in used:
             rules = counts.setdefault(name, {})
             rules[job.rule.name] = rules.get(job.rule.name, 0) + 1
-    runs = read(workdir)
+    runs = read_history(workdir)
     return [forecast(plan_of(used[name], rules, settings), runs) for name, rules in counts.items()]
 
 
