@@ -78,3 +78,47 @@ def test_exec_in_a_script_ends_its_invocation_with_the_programs_status(tmp_path:
     sticky.write("hand_over.py", FAILING)
     run = sticky.run("--sticky-workers", "1", "--forcerun", "hand_over", "--keep-going", cores=2)
     assert run.returncode != 0 and "os.execv('/bin/sh', ...), which ended with status 3" in run.output, run.output
+
+
+SPAWNING = """
+import multiprocessing, os
+
+def seen(name):
+    return os.environ.get(name, "unset")
+
+if __name__ == "__main__":
+    os.environ["SPAWNED_SEES"] = snakemake.wildcards.name
+    os.environ.pop("HOME", None)
+    with multiprocessing.get_context(snakemake.wildcards.method).Pool(1) as pool:
+        found = pool.map(seen, ["SPAWNED_SEES", "HOME"])
+    open(snakemake.output[0], "w").write(f"{found}\\n")
+"""
+
+SPAWN_SNAKEFILE = """
+configfile: "config.yaml"
+
+rule all:
+    input: expand("out/{method}-{name}.txt", method=("spawn", "forkserver", "fork"), name=("a", "b"))
+
+rule spawning:
+    output: "out/{method}-{name}.txt"
+    resources: sticky="t"
+    script: "spawning.py"
+"""
+
+
+def test_children_of_every_start_method_get_the_invocations_environment(tmp_path: Path):
+    found = {}
+    for mode, executor in (("local", None), ("sticky", "sticky")):
+        root = tmp_path / mode
+        root.mkdir()
+        wf = Workflow(root)
+        wf.write("Snakefile", SPAWN_SNAKEFILE)
+        wf.write("config.yaml", "sticky:\n  t: {setup: t.py, slots: 2}\n")
+        wf.write("t.py", "def setup():\n    return None\n")
+        wf.write("spawning.py", SPAWNING)
+        run = wf.run(*(("--sticky-workers", "1") if executor else ()), executor=executor, cores=2)
+        assert run.returncode == 0, run.output
+        found[mode] = outputs(wf)
+    assert found["sticky"] == found["local"]
+    assert found["sticky"]["spawn-a.txt"] == "['a', 'unset']\n", found

@@ -253,7 +253,19 @@ def end(context: InvocationContext, before: list[str]) -> None:
             pass
 
 
-def write_script_copy(context: InvocationContext) -> str:
+def spawn_main(context: InvocationContext) -> str:
+    """The main a spawned or forkserver child runs: the script's copy; where the invocation has an
+    environment of its own (slots above 1), a copy of it that first makes that environment the
+    child's, as a child of a fresh job inherits the job's."""
+    overlay = dict(context.env_overlay) if context.slots > 1 else {}
+    if not overlay:
+        return context.script_copy or ""
+    path = write_script_copy(context, overlay)
+    context.cleanup.append(lambda: os.path.exists(path) and context.cleanup_script and os.remove(path))
+    return path
+
+
+def write_script_copy(context: InvocationContext, environment: Optional[dict] = None) -> str:
     """The script as Snakemake's runner writes it before it runs it: under `.snakemake/scripts`
     of the working directory, named `tmp<random>.<script's name>`, Snakemake's preamble (the
     `snakemake` object) then the script. Its path is the script's `__real_file__`, and a new
@@ -262,7 +274,13 @@ def write_script_copy(context: InvocationContext) -> str:
     `--skip-script-cleanup`."""
     head, body = _script_parts(context.script)
     blob = pickle.dumps(context.main.__dict__["snakemake"], protocol=4)
-    preamble = (
+    environ = ""
+    if environment:  # a spawned child's: the invocation's variables set, its removals removed
+        environ = (
+            f"import os as _os; _os.environ.update({ {k: v for k, v in environment.items() if v is not None}!r}); "
+            f"[_os.environ.pop(_k, None) for _k in {[k for k, v in environment.items() if v is None]!r}]; del _os; "
+        )
+    preamble = environ + (
         f"import sys; import pickle; snakemake = pickle.loads({blob!r}); "
         "from snakemake.logging import logger; from snakemake.iocontainers import Snakemake; "
         f"__real_file__ = __file__; __file__ = {context.main.__dict__['__file__']!r};\n"
@@ -284,7 +302,8 @@ def write_script_copy(context: InvocationContext) -> str:
         os.write(handle, content)
     finally:
         os.close(handle)
-    context.script_copy = path
+    if environment is None:
+        context.script_copy = path
     return path
 
 
@@ -331,7 +350,7 @@ def install() -> Callable[[], None]:
         context = current()
         if context is not None and context.script_copy:
             data.pop("init_main_from_name", None)
-            data["init_main_from_path"] = context.script_copy
+            data["init_main_from_path"] = spawn_main(context)
         return data
 
     multiprocessing.spawn.get_preparation_data = preparation_data
