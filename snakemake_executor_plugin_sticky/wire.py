@@ -15,6 +15,7 @@ import dataclasses
 import json
 import os
 import pickle
+import secrets
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Iterable, Optional
@@ -285,6 +286,18 @@ class WorkerExited(Event):
     kind = "worker-exit"
     address: str
     exitcode: int
+
+
+def write_atomically(path: Path, text: str) -> None:
+    """Write a small file aside, on disk, then rename it into place: readers never see half of
+    it, even after a crash of the node (stage()'s manifests, the run history, the identity cache)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(3)}")
+    with open(partial, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(partial, path)
 
 
 # What each run measured, for the forecasts and identities of the runs after it: one JSON line

@@ -28,12 +28,11 @@ import hashlib
 import importlib.metadata
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
 from ..templates import parse_template
-from ..wire import read_history
+from ..wire import read_history, write_atomically
 
 CACHE = Path(".snakemake") / "sticky" / "identity-cache.json"
 PACKAGES = ("torch", "transformers", "tokenizers", "vllm", "sglang", "llama-cpp-python", "accelerate", "gguf")
@@ -156,9 +155,5 @@ class FileHashes:
         """Write the cache atomically (runs side by side each write a whole one)."""
         if not self.changed:
             return
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        handle, temporary = tempfile.mkstemp(dir=self.path.parent, prefix=".identity-")
-        with os.fdopen(handle, "w") as f:
-            json.dump(self.known, f)
-        os.replace(temporary, self.path)
+        write_atomically(self.path, json.dumps(self.known))
         self.changed = False

@@ -47,7 +47,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional
 
-from ..wire import CACHE_DIR_ENV, STAGE_TOPIC, Staged, WorkerWarning
+from ..wire import CACHE_DIR_ENV, STAGE_TOPIC, Staged, WorkerWarning, write_atomically
 from . import resident
 from .resident import StageSettings
 
@@ -345,18 +345,6 @@ def release_all() -> None:
         for fd in _in_use.values():
             os.close(fd)
         _in_use.clear()
-
-
-def write_atomically(path: Path, text: str) -> None:
-    """Write a small file aside, on disk, then rename it into place: readers never see half of
-    it, even after a crash of the node."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(3)}")
-    with open(partial, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(partial, path)
 
 
 def read_manifest(path: Path) -> Optional[dict[str, Any]]:

@@ -13,12 +13,11 @@ import json
 import os
 import socket
 import statistics
-import tempfile
 from pathlib import Path
 from typing import Any, Iterable, Optional
 
 from ..templates import TemplateSpec
-from ..wire import HISTORY, read_history
+from ..wire import HISTORY, read_history, write_atomically
 from .declarations import sticky_name
 from .forecast import Forecast, Plan, forecast
 from .gpus import GpuPlan, visible_gpus
@@ -60,10 +59,7 @@ def record(workdir: Path, line: dict[str, Any]) -> None:
     with open(path.with_suffix(".lock"), "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         kept = read_history(workdir)[-(KEEP - 1) :] + [line]
-        handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=".history-")
-        with os.fdopen(handle, "w") as f:
-            f.writelines(json.dumps(run) + "\n" for run in kept)
-        os.replace(temporary, path)
+        write_atomically(path, "".join(json.dumps(run) + "\n" for run in kept))
 
 
 def rule_times(durations_by_rule: dict[str, list[float]]) -> dict[str, dict[str, float]]:
