@@ -36,9 +36,39 @@ CACHE_DIR_ENV = "STICKY_CACHE_DIR"  # where stage() caches in a process that is 
 
 
 @dataclass
+class ShellCommand:
+    """A sticky `shell:` job's command, formatted by the head as Snakemake formats it (its prefix,
+    such as bash's strict mode, and suffix included), except that its outputs' and logs' paths
+    are tokens: the worker puts in the paths its attempt writes (see resolve)."""
+
+    command: str
+    executable: Optional[str]  # Snakemake's shell executable (None: /bin/sh)
+    tokens: dict[str, tuple[str, int]]  # token -> ("output" or "log", index)
+
+    def resolve(self, snakemake: Any) -> str:
+        """The command with the paths of `snakemake.output` and `snakemake.log` in place of the
+        tokens; a path below the working directory stays relative to it, as Snakemake gives it."""
+        command = self.command
+        for token, (kind, index) in self.tokens.items():
+            path = str(getattr(snakemake, kind)[index])
+            if os.path.isabs(path) and not os.path.relpath(path).startswith(os.pardir):
+                path = os.path.relpath(path)
+            command = command.replace(token, path)
+        return command
+
+
+def path_tokens(kind: str, count: int) -> list[str]:
+    """Tokens that stand for the paths of a shell job's outputs or logs until its worker knows
+    them: characters that Snakemake's quoting (`{output:q}`) leaves as they are."""
+    nonce = secrets.token_hex(4)
+    return [f"@sticky-{nonce}-{kind}-{index}@" for index in range(count)]
+
+
+@dataclass
 class Invocation:
     """One sticky job as a worker runs it: the script and the `snakemake` object it sees (what
-    Snakemake's own `script:` preamble would give it). Nothing of the workflow travels."""
+    Snakemake's own `script:` preamble would give it), or a `shell:` job's command (`script` is
+    then empty). Nothing of the workflow travels."""
 
     key: str
     template: str
@@ -52,6 +82,7 @@ class Invocation:
     basedir: Optional[str] = None  # the folder of the rule's Snakefile: its modules are the workflow's
     attempts: Optional[str] = None  # where fenced attempts write (see attempt_path); None: in place
     cleanup_scripts: bool = True  # remove the script's copy under .snakemake/scripts (--skip-script-cleanup)
+    shell: Optional[ShellCommand] = None  # a `shell:` job: its command, run as a child of the worker (no script)
 
 
 @dataclass

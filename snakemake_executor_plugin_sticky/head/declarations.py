@@ -56,7 +56,8 @@ class Declarations:
         return self.templates[name]
 
     def script_of(self, job: JobExecutorInterface) -> str:
-        """The job's script path, resolved once per rule unless it has wildcards or params."""
+        """The job's script path, resolved once per rule unless it has wildcards or params (empty
+        for a `shell:` job)."""
         cached = self._scripts.get(job.rule.name)
         return cached if cached is not None else local_script_path(job)
 
@@ -72,25 +73,33 @@ class Declarations:
                 f"'{CONFIG_SECTION}:' in the workflow config (defined: {defined}). Define it there "
                 f'or fix the rule\'s resources: {RESOURCE}="...".'
             )
-        if not job.is_script:
+        if job.is_shell:
+            self._scripts[job.rule.name] = ""
+        elif not job.is_script:
             raise WorkflowError(
                 f"{rule} is sticky (template '{name}') but its body is {body_kind(job)}. Sticky "
-                f'invocations run a Python script inside the worker: use script: "scripts/<name>.py".'
+                f'invocations run a Python script inside the worker (script: "scripts/<name>.py") or a '
+                "shell command as a child of the worker (shell:)."
             )
-        script = local_script_path(job)
-        if "{" not in str(job.rule.script):
-            self._scripts[job.rule.name] = script
-        if not script.endswith(".py"):
-            raise WorkflowError(
-                f"{rule} is sticky (template '{name}') but its script '{job.rule.script}' is not a "
-                f"Python file; only .py scripts can run inside a resident worker."
-            )
+        else:
+            self.check_script(job, name)
         if job.is_shadow:
             raise WorkflowError(f"{rule} is sticky (template '{name}'): shadow rules cannot run in a resident worker.")
         if job.benchmark is not None:
             raise WorkflowError(f"{rule} is sticky (template '{name}'): benchmark: is not supported for sticky rules.")
         self.check_environment(job, name)
         return self.templates[name]
+
+    def check_script(self, job: JobExecutorInterface, name: str) -> None:
+        """A sticky script is a local Python file."""
+        script = local_script_path(job)
+        if "{" not in str(job.rule.script):
+            self._scripts[job.rule.name] = script
+        if not script.endswith(".py"):
+            raise WorkflowError(
+                f"Rule '{job.rule.name}' is sticky (template '{name}') but its script '{job.rule.script}' is not a "
+                f"Python file; only .py scripts can run inside a resident worker."
+            )
 
     def check_environment(self, job: JobExecutorInterface, name: str) -> None:
         """The rule's own environment becomes the template's, agrees with it, or is refused."""

@@ -1,8 +1,9 @@
 """Turn a Snakemake job into the small picklable invocation a worker runs (wire.Invocation).
 
 The invocation carries exactly what Snakemake's own `script:` preamble would give the script: a
-`snakemake.iocontainers.Snakemake` object, plus the script's resolved path. Nothing of the
-workflow (rules, DAG, run functions) travels, so a worker needs no Snakefile.
+`snakemake.iocontainers.Snakemake` object, plus the script's resolved path; a `shell:` job's
+carries its command, formatted here. Nothing of the workflow (rules, DAG, run functions)
+travels, so a worker needs no Snakefile.
 """
 
 from __future__ import annotations
@@ -11,12 +12,12 @@ import os
 import uuid
 from typing import Any, Optional
 
-from snakemake.iocontainers import Params, Snakemake
+from snakemake.iocontainers import Namedlist, Params, Snakemake
 from snakemake.sourcecache import LocalSourceFile
 from snakemake_interface_common.exceptions import WorkflowError
 
 from ..templates import TemplateSpec
-from ..wire import Invocation
+from ..wire import Invocation, ShellCommand, path_tokens
 
 
 class InvocationCrashedWorkers(RuntimeError):
@@ -50,7 +51,7 @@ def build_invocation(
     job: Any, template: TemplateSpec, script: str, config: dict[str, Any], default_timeout_s: Optional[float] = None
 ) -> Invocation:
     """The invocation of a Snakemake job, with the `snakemake` object Snakemake's script preamble would give."""
-    snakemake = script_object(job, config, os.path.dirname(script))
+    snakemake = script_object(job, config, os.path.dirname(script) if script else rule_folder(job.rule) or "")
     return Invocation(
         key=f"sticky-{job.rule.name}-{job.jobid}-{uuid.uuid4().hex[:8]}",
         template=template.name,
@@ -62,7 +63,29 @@ def build_invocation(
         snakemake=snakemake,
         timeout_s=invocation_timeout(job.resources, default_timeout_s),
         basedir=rule_folder(job.rule),
+        shell=shell_command(job) if not script else None,
     )
+
+
+def shell_command(job: Any) -> ShellCommand:
+    """A `shell:` job's command as Snakemake's `shell()` would run it: formatted with the job's
+    namespace and the workflow's globals, with the shell's prefix (bash's strict mode, or the
+    Snakefile's `shell.prefix`), its suffix and its executable (the `shell_exec` resource). The
+    outputs' and logs' paths stay tokens, which the worker fills in (fenced runs write elsewhere)."""
+    from snakemake.shell import shell
+
+    tokens: dict[str, tuple[str, int]] = {}
+    lists = {}
+    for kind in ("output", "log"):
+        named = getattr(job, kind)
+        made = path_tokens(kind, len(named))
+        tokens.update({token: (kind, index) for index, token in enumerate(made)})
+        stand_in = iter(made)
+        lists[kind] = Namedlist(toclone=named, custom_map=lambda _: next(stand_in))
+    command = job.format_wildcards(job.rule.shellcmd, **lists)
+    executable = job.resources.get("shell_exec") or shell.get_executable()
+    command = " ".join((shell._get_process_prefix(executable), command, shell._process_suffix)).strip()
+    return ShellCommand(command=command, executable=executable, tokens=tokens)
 
 
 # Libraries whose params Snakemake's `snakemake` object stores converted (Snakemake._safely_store_params).

@@ -32,8 +32,10 @@ from ..api.resident import StageSettings
 from ..templates import TemplateSpec
 from ..wire import EVENT_TOPIC, LIFETIME_ENV, PACKAGE, Preempted, WalltimeNear, WorkerWarning
 from . import processes
+from .endpoint import Endpoint
 from .isolation import Isolation
 from .resident import ResidentState, ResidentWorker
+from .served import Served
 
 # A worker of ours that has not exited this long after its teardown leaves through os._exit: a
 # thread of the template that never ends would hold Python's exit, and Dask's close would wait
@@ -118,6 +120,7 @@ class StickyWorkerPlugin(WorkerPlugin):
         teardown_grace: float,
         owned: bool,
         stage_settings: Optional[dict[str, Any]] = None,
+        endpoint_key: str = "",
     ):
         self.spec = spec
         self.name = f"sticky-template-{spec.name}"
@@ -128,6 +131,8 @@ class StickyWorkerPlugin(WorkerPlugin):
         self.teardown_grace = teardown_grace
         self.owned = owned
         self.stage_settings = stage_settings or {}
+        self.endpoint_key = endpoint_key  # the run's key to its workers' OpenAI-compatible endpoints
+        self.endpoint: Optional[Endpoint] = None
         self.version = package_version()
         self._leaving = False
 
@@ -191,6 +196,7 @@ class StickyWorkerPlugin(WorkerPlugin):
         holder = ResidentState(self.spec, self.setup_attempts, self.setup_retry_delay, lambda k, **f: None)
         this = ResidentWorker(self.spec, holder, worker, settings)
         holder.announce = this.announce
+        holder.on_served = lambda served: self.open_endpoint(holder, served)
         this.isolation = isolation
         self.resident = this
         resident.attach(this)
@@ -203,6 +209,34 @@ class StickyWorkerPlugin(WorkerPlugin):
         if lifetime:  # a batch job: leave in good order before the walltime ends
             worker.loop.call_later(float(lifetime), lambda: worker.loop.add_callback(self.leave, worker, "walltime"))
         holder.start()
+
+    def open_endpoint(self, holder: ResidentState, served: Served) -> None:
+        """The template serves (its setup file's `serve`): start this worker's endpoint once, or
+        take the address of the engine's own server, and give the invocations its address and
+        key (OPENAI_BASE_URL, OPENAI_API_KEY), which the official clients and the docs' curl read."""
+        if served.base_url is not None:
+            address = {"OPENAI_BASE_URL": served.base_url, "OPENAI_API_KEY": served.api_key or self.endpoint_key}
+        else:
+            if self.endpoint is None:
+
+                def poisoned(error: BaseException) -> None:
+                    if holder.poisons(error):
+                        holder.rebuild(f"{type(error).__name__} in the endpoint", holder.generation)
+
+                endpoint = Endpoint(self.endpoint_key, holder.current_served, poisoned)
+                endpoint.start()
+                self.endpoint = endpoint
+                self.changes.on_undo(self.close_endpoint)
+            address = {"OPENAI_BASE_URL": self.endpoint.base_url, "OPENAI_API_KEY": self.endpoint_key}
+        before = {name: os.environ.get(name) for name in address}
+        os.environ.update(address)
+        self.changes.on_undo(lambda: restore_variables(before))
+
+    def close_endpoint(self) -> None:
+        """Stop serving (the state is torn down, or the template leaves an attached worker)."""
+        endpoint, self.endpoint = self.endpoint, None
+        if endpoint is not None:
+            endpoint.stop()
 
     def quiet_heartbeat_at_close(self, worker: Any) -> None:
         """A worker that closes (it retires, or the run ends) while a heartbeat is on its way has
@@ -280,6 +314,7 @@ class StickyWorkerPlugin(WorkerPlugin):
                 text=f"teardown() of template '{self.spec.name}' did not return within --sticky-teardown-grace "
                 f"{grace:g} s; the worker ends its processes anyway.",
             )
+        self.close_endpoint()
         # The template's processes get what is left of the grace (at least a moment) after SIGTERM.
         stuck = processes.end_tree(
             os.getpid(), max(deadline - time.monotonic(), 1.0), spare=processes.multiprocessing_helpers
@@ -292,6 +327,15 @@ class StickyWorkerPlugin(WorkerPlugin):
             )
         sys.stdout.flush()
         sys.stderr.flush()
+
+
+def restore_variables(values: dict[str, Optional[str]]) -> None:
+    """Put environment variables back as `values` has them (None: unset)."""
+    for name, value in values.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
 
 
 def relay_signal_handlers(loop: Any) -> Callable[[], None]:

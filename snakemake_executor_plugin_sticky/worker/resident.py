@@ -33,6 +33,7 @@ from ..wire import (
     SetupStarted,
     WorkerEvent,
 )
+from .served import Served, read_served
 
 # At retirement, a state build in progress gets this long to finish (then torn down too).
 BUILD_WAIT_S = 3.0
@@ -65,6 +66,8 @@ class ResidentState:
         self.setup_s: Optional[float] = None
         self.poisoned_by: tuple[Any, ...] = ()  # exception classes or their (dotted) names
         self.generation = 0  # states built so far
+        self.served: Optional[Served] = None  # what the state serves through the endpoint (serve())
+        self.on_served: Optional[Callable[[Served], None]] = None  # called before such a state is published
         self._phase = "building"  # building, ready, failed, draining (for a rebuild), closed
         self._users = 0  # invocations holding the state
         self._changed = threading.Condition()
@@ -89,6 +92,7 @@ class ResidentState:
                 module = load_template_module(self.spec)
                 self.poisoned_by = tuple(getattr(module, "poisoned_by", ()) or ())
                 state = module.setup(**self.spec.kwargs)
+                served = self._serve(module, state)
             except Exception:
                 failures.append(f"attempt {attempt}:\n{traceback.format_exc()}")
                 if attempt < self.attempts and not self._closing.wait(delay):
@@ -109,7 +113,7 @@ class ResidentState:
             with self._changed:
                 late = self._phase == "closed"  # the worker retired while this build ran
                 if not late:
-                    self.state, self.setup_s = state, setup_s
+                    self.state, self.setup_s, self.served = state, setup_s, served
                     self.generation += 1
                     self._phase = "ready"
                     self._changed.notify_all()
@@ -118,6 +122,30 @@ class ResidentState:
             else:
                 self.announce(Ready, setup_s=setup_s, setup_started=began)
             return
+
+    def _serve(self, module: Any, state: Any) -> Optional[Served]:
+        """What the new state serves (the setup file's `serve(state)`), checked, and handed to
+        the endpoint before any invocation sees the state; a failure tears the state down."""
+        serve = getattr(module, "serve", None)
+        if serve is None:
+            return None
+        try:
+            served = read_served(self.spec.name, serve(state))
+            if self.on_served is not None:
+                self.on_served(served)
+        except BaseException:
+            self._teardown(state)
+            raise
+        return served
+
+    def current_served(self) -> Served:
+        """What the state serves, waiting while it is built; TemplateSetupError once it is unavailable."""
+        with self._changed:
+            self._changed.wait_for(lambda: self._phase not in ("building", "draining"))
+            self._raise_if_unavailable()
+            if self.served is None:
+                raise TemplateSetupError(f"Sticky template '{self.spec.name}' serves nothing (no serve()).")
+            return self.served
 
     def _set_phase(self, phase: str) -> None:
         with self._changed:

@@ -1,5 +1,6 @@
 """One invocation in a resident worker: the Dask task that runs the script with the template's
-state at hand, in a view of the process of its own (isolation/), and reports what happened."""
+state at hand (or a `shell:` job's command as a child of the worker), in a view of the process of
+its own (isolation/), and reports what happened."""
 
 from __future__ import annotations
 
@@ -8,6 +9,9 @@ import copy
 import dataclasses
 import os
 import shutil
+import signal
+import subprocess
+import sys
 import threading
 import time
 import traceback
@@ -128,13 +132,16 @@ def run_with_state(invocation: Invocation, holder: ResidentState, worker: Any, r
         with holder.use() as generation, running_on(worker, invocation.key):
             result.started = time.time()  # the invocation proper, after any wait for the state
             result.extra["setup_s"] = holder.setup_s
-            if invocation.timeout_s is not None:
+            if invocation.timeout_s is not None and invocation.shell is None:  # a command is killed instead
                 watchdog = threading.Timer(invocation.timeout_s, holder.announce_timeout, (invocation,))
                 watchdog.daemon = True
                 watchdog.start()
             clear_outputs(invocation.snakemake.output)
-            run_script(invocation)
-    except TemplateSetupError as e:
+            if invocation.shell is not None:
+                run_shell(invocation)
+            else:
+                run_script(invocation)
+    except (TemplateSetupError, ShellFailed) as e:
         result.error = str(e)
     except SystemExit as e:
         if e.code not in (None, 0):
@@ -198,6 +205,63 @@ def run_script(invocation: Invocation) -> None:
     context = current()
     assert context is not None, "run_script runs inside an invocation's isolation"
     contextvars.Context().run(exec, compiled_script(invocation.script), context.main.__dict__)
+
+
+class ShellFailed(RuntimeError):
+    """A `shell:` job's command ended with a status other than 0, or ran past its limit."""
+
+
+def run_shell(invocation: Invocation) -> None:
+    """A `shell:` job's command, as Snakemake's `shell()` runs it, as a child of this worker (in
+    a process group of its own, ended whole at the job's limit): with the invocation's
+    environment (its threads, its tmpdir, the endpoint's address and key), its output the job's."""
+    assert invocation.shell is not None
+    command = invocation.shell.resolve(invocation.snakemake)
+    child = subprocess.Popen(
+        command,
+        shell=True,
+        executable=invocation.shell.executable,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        start_new_session=True,
+    )
+    timed_out = False
+    try:
+        out, err = child.communicate(timeout=invocation.timeout_s)
+    except subprocess.TimeoutExpired:
+        timed_out = True
+        end_group(child)
+        out, err = child.communicate()
+    except BaseException:
+        end_group(child)
+        raise
+    finally:
+        child.stdout and child.stdout.close()
+        child.stderr and child.stderr.close()
+    sys.stdout.write(out.decode(errors="backslashreplace"))
+    sys.stderr.write(err.decode(errors="backslashreplace"))
+    if timed_out:
+        raise ShellFailed(
+            f"Shell command of rule {invocation.rule} ran past its limit of {invocation.timeout_s:g} s and was "
+            f"ended (with the processes it started):\n{command}"
+        )
+    if child.returncode != 0:
+        raise ShellFailed(f"Command '{command}' returned non-zero exit status {child.returncode}.")
+
+
+def end_group(child: subprocess.Popen, grace_s: float = 5.0) -> None:
+    """End a command and every process of its group: SIGTERM, and SIGKILL after the grace for
+    whatever is left (the command, or what it started)."""
+    for sig, wait_s in ((signal.SIGTERM, grace_s), (signal.SIGKILL, 0.0)):
+        try:
+            os.killpg(child.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            child.wait(wait_s or None)
+        except subprocess.TimeoutExpired:
+            pass
 
 
 def to_redirected_stderr(text: str) -> None:

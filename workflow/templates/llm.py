@@ -84,6 +84,30 @@ def setup(
     }
 
 
+def serve(state):
+    """What the workers' OpenAI-compatible endpoint serves (shell rules reach it with curl, code
+    with the openai client): chat and text completions whose answer is the label the model
+    scores highest after the last message or the prompt, as the verify script picks it."""
+    verdicts = partial(best_labels, state["score"], state["labels"])
+    return {
+        "model": "claim-verifier",
+        "chat": lambda requests: verdicts([text_of(r["messages"][-1]["content"]) for r in requests]),
+        "completions": lambda requests: verdicts([r["prompt"] for r in requests]),
+    }
+
+
+def best_labels(score, labels, prompts):
+    """The label each prompt scores highest; the score's Batcher merges them with other calls."""
+    return [labels[max(range(len(labels)), key=s.__getitem__)] for s in score(prompts)]
+
+
+def text_of(content):
+    """A message's text: a string, or the text parts of a list of parts."""
+    if isinstance(content, str):
+        return content
+    return "".join(part.get("text", "") for part in content if isinstance(part, dict))
+
+
 def teardown(state):
     device = state.get("device", "cpu")
     score = state.get("score")

@@ -176,7 +176,7 @@ class AttachedBackend(DaskBackend):
         """Register the template's worker plugin: the workers that offer its tag build the state."""
         if template.identity in self._plugins:
             return 0
-        plugin = worker_plugin(template, self.workdir, self.settings, owned=False)
+        plugin = worker_plugin(template, self.workdir, self.settings, owned=False, endpoint_key=self.endpoint_key)
         self._client.register_plugin(plugin)
         self._plugins[template.identity] = plugin.name
         self.log.info(

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import pickle
 import queue
+import secrets
 import threading
 import time
 import traceback
@@ -43,9 +44,12 @@ SUBSCRIBE_TIMEOUT_S = 30.0  # the scheduler has the run's subscription to worker
 HUNG_EXIT_WAIT_S = 120.0  # the longest a hung invocation's failure waits for its worker to end
 
 
-def worker_plugin(template: TemplateSpec, workdir: str, settings: ExecutorSettings, owned: bool) -> StickyWorkerPlugin:
+def worker_plugin(
+    template: TemplateSpec, workdir: str, settings: ExecutorSettings, owned: bool, endpoint_key: str
+) -> StickyWorkerPlugin:
     """What makes a Dask worker that offers the template's tag one of its resident workers;
-    `owned` when the engine started the worker (it then ends with the template)."""
+    `owned` when the engine started the worker (it then ends with the template). `endpoint_key`
+    is the run's key to its workers' OpenAI-compatible endpoints."""
     return StickyWorkerPlugin(
         template,
         workdir,
@@ -59,6 +63,7 @@ def worker_plugin(template: TemplateSpec, workdir: str, settings: ExecutorSettin
             "cache_size": settings.cache_size,
             "readers": settings.stage_readers,
         },
+        endpoint_key=endpoint_key,
     )
 
 
@@ -122,6 +127,7 @@ class DaskBackend(Backend):
     workers' running events, the hung-invocation events and the fence use."""
 
     def __init__(self, on_event: OnEvent, crash_limit: int) -> None:
+        self.endpoint_key = secrets.token_urlsafe(32)  # the run's key to its workers' endpoints
         self._tasks: dict[str, tuple[Future, list[Member]]] = {}  # Dask key -> its invocations
         self._pending: dict[str, Member] = {}  # invocation key -> invocation not finished yet
         self._strikes: dict[str, list[str]] = {}  # invocation key -> workers that died running it

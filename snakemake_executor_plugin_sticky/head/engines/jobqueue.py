@@ -176,7 +176,9 @@ class BatchBackend(HostedScheduler):
         if template.identity in self._templates:
             return 0
         pools = pools_of(template, self.settings)
-        self._client.register_plugin(worker_plugin(template, self.workdir, self.settings, owned=True))
+        self._client.register_plugin(
+            worker_plugin(template, self.workdir, self.settings, owned=True, endpoint_key=self.endpoint_key)
+        )
         self._pools[template.identity] = pools
         self._templates[template.identity] = template
         return 0

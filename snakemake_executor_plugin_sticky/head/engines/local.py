@@ -104,7 +104,9 @@ class EmbeddedBackend(HostedScheduler):
             # from files, and get the template's worker plugin from the scheduler.
             if self._env_run is None:
                 self._start_env_workers()
-            self.client.register_plugin(worker_plugin(template, self.workdir, self.settings, owned=True))
+            self.client.register_plugin(
+                worker_plugin(template, self.workdir, self.settings, owned=True, endpoint_key=self.endpoint_key)
+            )
         self._pools[template.identity] = []
         starting = []
         self._pool_gpus[template.identity] = []
@@ -198,7 +200,7 @@ class EmbeddedBackend(HostedScheduler):
                 self._worker_exit,
                 self.log,
             )
-        plugin = worker_plugin(template, self.workdir, self.settings, owned=True)
+        plugin = worker_plugin(template, self.workdir, self.settings, owned=True, endpoint_key=self.endpoint_key)
         nanny = StickyNanny(
             self._scheduler.address,
             security=self.security,

@@ -87,9 +87,10 @@ class Isolation:
         before = list(sys.modules)
         try:
             before = modules.begin(context)
-            context.main.__dict__.update(preamble(invocation, context.builtins))
-            copy = modules.write_script_copy(context)
-            context.main.__dict__.update(__real_file__=copy, __loader__=SourceFileLoader("__main__", copy))
+            if invocation.script:  # a `shell:` job runs no Python of its own
+                context.main.__dict__.update(preamble(invocation, context.builtins))
+                copy = modules.write_script_copy(context)
+                context.main.__dict__.update(__real_file__=copy, __loader__=SourceFileLoader("__main__", copy))
             self.libraries.check()
             libraries.begin(context)
             set_current(context)
@@ -105,10 +106,10 @@ class Isolation:
     def context(self, invocation: Any) -> InvocationContext:
         """A new invocation's view of the process."""
         script = invocation.script
-        folders = {self.workdir, os.path.dirname(script), getattr(invocation, "basedir", None) or self.workdir}
+        folders = {self.workdir, os.path.dirname(script) or self.workdir, invocation.basedir or self.workdir}
         # as in a job Snakemake starts: its script's copy's folder first, the script's last
         path = [os.path.join(self.workdir, ".snakemake", "scripts"), *sys.__dict__["path"]]
-        if os.path.dirname(script) not in path:
+        if script and os.path.dirname(script) not in path:
             path.append(os.path.dirname(script))
         return InvocationContext(
             key=invocation.key,

@@ -80,7 +80,8 @@ class InvocationContext:
     def __post_init__(self) -> None:
         self.out = io.TextIOWrapper(io.BytesIO(), encoding="utf-8", errors="backslashreplace", write_through=True)
         self.err = io.TextIOWrapper(io.BytesIO(), encoding="utf-8", errors="backslashreplace", write_through=True)
-        self.files.add(self.script)
+        if self.script:
+            self.files.add(self.script)
 
     def stream(self, name: str) -> Any:
         """Where this invocation's `sys.<name>` writes: what the script assigned, else its buffer."""
