@@ -66,6 +66,24 @@ def setup(
     }
 
 
+def serve(state):
+    """What the workers' OpenAI-compatible endpoint serves: chat completions whose answer is the
+    model's to the last user message, given with the template's system prompt."""
+    answer = state["answer"]
+    return {
+        "model": "claim-verifier",
+        "chat": lambda requests: [text for text, _ in answer([last_text(r["messages"]) for r in requests])],
+    }
+
+
+def last_text(messages):
+    """The last message's text: a string, or the text parts of a list of parts."""
+    content = messages[-1]["content"]
+    if isinstance(content, str):
+        return content
+    return "".join(part.get("text", "") for part in content if isinstance(part, dict))
+
+
 def teardown(state):
     if isinstance(state["answer"], Batcher):
         state["answer"].close("the template is torn down")
