@@ -16,6 +16,7 @@ import json
 import os
 import pickle
 import secrets
+import shlex
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Iterable, Optional
@@ -39,29 +40,33 @@ CACHE_DIR_ENV = "STICKY_CACHE_DIR"  # where stage() caches in a process that is 
 class ShellCommand:
     """A sticky `shell:` job's command, formatted by the head as Snakemake formats it (its prefix,
     such as bash's strict mode, and suffix included), except that its outputs' and logs' paths
-    are tokens: the worker puts in the paths its attempt writes (see resolve)."""
+    are tokens: the worker puts in the paths its attempt writes (see resolve). A field quoted in
+    the command (`{output:q}`) is a token of its own, quoted once its paths are in."""
 
     command: str
     executable: Optional[str]  # Snakemake's shell executable (None: /bin/sh)
     tokens: dict[str, tuple[str, int]]  # token -> ("output" or "log", index)
+    quoted: dict[str, str] = field(default_factory=dict)  # token -> the text to quote, with path tokens
 
     def resolve(self, snakemake: Any) -> str:
         """The command with the paths of `snakemake.output` and `snakemake.log` in place of the
         tokens; a path below the working directory stays relative to it, as Snakemake gives it."""
-        command = self.command
+        paths = {}
         for token, (kind, index) in self.tokens.items():
             path = str(getattr(snakemake, kind)[index])
             if os.path.isabs(path) and not os.path.relpath(path).startswith(os.pardir):
                 path = os.path.relpath(path)
-            command = command.replace(token, path)
-        return command
+            paths[token] = path
 
+        def put(text: str) -> str:
+            for token, path in paths.items():
+                text = text.replace(token, path)
+            return text
 
-def path_tokens(kind: str, count: int) -> list[str]:
-    """Tokens that stand for the paths of a shell job's outputs or logs until its worker knows
-    them: characters that Snakemake's quoting (`{output:q}`) leaves as they are."""
-    nonce = secrets.token_hex(4)
-    return [f"@sticky-{nonce}-{kind}-{index}@" for index in range(count)]
+        command = self.command
+        for token, text in self.quoted.items():
+            command = command.replace(token, shlex.quote(put(text)))
+        return put(command)
 
 
 @dataclass

@@ -9,6 +9,8 @@ travels, so a worker needs no Snakefile.
 from __future__ import annotations
 
 import os
+import secrets
+import shlex
 import uuid
 from typing import Any, Optional
 
@@ -17,7 +19,7 @@ from snakemake.sourcecache import LocalSourceFile
 from snakemake_interface_common.exceptions import WorkflowError
 
 from ..templates import TemplateSpec
-from ..wire import Invocation, ShellCommand, path_tokens
+from ..wire import Invocation, ShellCommand
 
 
 class InvocationCrashedWorkers(RuntimeError):
@@ -74,18 +76,28 @@ def shell_command(job: Any) -> ShellCommand:
     outputs' and logs' paths stay tokens, which the worker fills in (fenced runs write elsewhere)."""
     from snakemake.shell import shell
 
+    nonce = secrets.token_hex(4)
     tokens: dict[str, tuple[str, int]] = {}
+    quoted: dict[str, str] = {}
     lists = {}
     for kind in ("output", "log"):
         named = getattr(job, kind)
-        made = path_tokens(kind, len(named))
+        made = [f"@sticky-{nonce}-{kind}-{index}@" for index in range(len(named))]
         tokens.update({token: (kind, index) for index, token in enumerate(made)})
         stand_in = iter(made)
         lists[kind] = Namedlist(toclone=named, custom_map=lambda _: next(stand_in))
-    command = job.format_wildcards(job.rule.shellcmd, **lists)
+
+    def quote(text: str) -> str:  # a quoted field with a path in it is quoted by the worker
+        if not any(token in text for token in tokens):
+            return shlex.quote(text)
+        token = f"@sticky-{nonce}-quoted-{len(quoted)}@"
+        quoted[token] = text
+        return token
+
+    command = job.format_wildcards(job.rule.shellcmd, quote_func=quote, **lists)
     executable = job.resources.get("shell_exec") or shell.get_executable()
     command = " ".join((shell._get_process_prefix(executable), command, shell._process_suffix)).strip()
-    return ShellCommand(command=command, executable=executable, tokens=tokens)
+    return ShellCommand(command=command, executable=executable, tokens=tokens, quoted=quoted)
 
 
 # Libraries whose params Snakemake's `snakemake` object stores converted (Snakemake._safely_store_params).

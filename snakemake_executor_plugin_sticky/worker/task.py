@@ -24,6 +24,7 @@ from distributed import get_worker
 from ..api import batcher, resident
 from ..wire import RUNNING_TOPIC, Invocation, InvocationResult, Lost, Packed, attempt_path
 from .isolation import InvocationExit, current
+from .isolation.process import job_variables
 from .resident import ResidentState, ResidentWorker, TemplateSetupError
 from .shared_task import SharedTask, watchdog
 
@@ -217,10 +218,13 @@ def run_shell(invocation: Invocation) -> None:
     environment (its threads, its tmpdir, the endpoint's address and key), its output the job's."""
     assert invocation.shell is not None
     command = invocation.shell.resolve(invocation.snakemake)
+    tmpdir = str(getattr(invocation.snakemake.resources, "tmpdir", "") or "")
+    environment = {**os.environ, **job_variables(int(invocation.snakemake.threads), tmpdir)}
     child = subprocess.Popen(
         command,
         shell=True,
         executable=invocation.shell.executable,
+        env=environment,
         stdin=subprocess.DEVNULL,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,

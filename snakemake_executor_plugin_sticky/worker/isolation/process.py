@@ -438,12 +438,18 @@ def _current_umask(umask: Callable[[int], int]) -> int:
     return mask
 
 
-def set_job_variables(threads: int, tmpdir: str) -> dict[str, Optional[str]]:
-    """Set what Snakemake sets for a job: its thread variables and, from its `tmpdir` resource,
-    its temporary folder's (which `tempfile` then follows); returns what they were."""
+def job_variables(threads: int, tmpdir: str) -> dict[str, str]:
+    """What Snakemake sets for a job: its thread variables and, from its `tmpdir` resource, its
+    temporary folder's."""
     values = {name: str(threads) for name in THREAD_VARIABLES}
     if tmpdir:
         values.update({name: tmpdir for name in TMPDIR_VARIABLES})
+    return values
+
+
+def set_job_variables(threads: int, tmpdir: str) -> dict[str, Optional[str]]:
+    """Set what Snakemake sets for a job (which `tempfile` then follows); returns what they were."""
+    values = job_variables(threads, tmpdir)
     before = {name: os.environ.get(name) for name in values}
     for name, value in values.items():
         _set(os.environ, name, value)
