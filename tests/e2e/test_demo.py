@@ -7,6 +7,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+import yaml
 
 from snakemake_executor_plugin_sticky.api import stage as staging
 
@@ -20,6 +21,10 @@ DEMO = Path(__file__).resolve().parents[2] / "workflow"
 def demo(workflow: Workflow) -> Workflow:
     shutil.copytree(DEMO, workflow.root, dirs_exist_ok=True, ignore=shutil.ignore_patterns("results", ".snakemake"))
     return workflow
+
+
+def demo_config(demo: Workflow) -> dict:
+    return yaml.safe_load(demo.read("config/config.yaml"))
 
 
 def verdicts(demo: Workflow) -> dict[str, str]:
@@ -38,6 +43,12 @@ def test_demo_gives_the_same_verdicts_under_sticky_and_local_executors(demo: Wor
     assert "random weights" in summary["note"] and "random weights" in demo.read("results/summary.md")
     sticky_verdicts = verdicts(demo)
     assert len(sticky_verdicts) == 4  # ceil(30 / 8) invocations
+    # the shell step asked the first claim through the endpoint: the template's own verdict
+    asked = json.loads(demo.read("results/asked.json"))
+    first = json.loads(sticky_verdicts["00000.jsonl"].splitlines()[0])
+    claim = json.loads(demo.read("results/claims.jsonl").splitlines()[0])
+    assert f"Evidence: {claim['evidence'][0]}\nClaim: {claim['claim']}\nVerdict:" == demo_config(demo)["question"]
+    assert asked["choices"][0]["message"]["content"] == first["predicted"], asked
     loads = [demo.read(f"results/logs/verify/{shard}") for shard in ("00000.log", "00003.log")]
     assert all("was loaded in" in log for log in loads)
 
