@@ -934,6 +934,109 @@ def tls_cost(repeats: int, tasks: int) -> dict:
     return result
 
 
+# -- the OpenAI-compatible endpoint ---------------------------------------------------------------
+
+ENDPOINT_SNAKEFILE = """
+import json
+
+config["sticky"] = {"llm": {
+    "setup": "templates/llm.py", "slots": int(config["slots"]),
+    "kwargs": {"model": "results/model/tiny-llama", "batch_size": 16, "batch_wait": 0.05, "stage_model": False,
+               "cpu_threads": int(config["slots"])},
+}}
+N = int(config["count"])
+QUESTION = "Evidence: The capital of Japan is Tokyo.\\nClaim: Japan has Lima as its capital.\\nVerdict:"
+
+rule all:
+    input: expand("out/{mode}/{i}.txt", mode=config["mode"], i=range(N))
+
+rule shell_ask:
+    output: "out/shell/{i}.txt"
+    params: body=lambda w: json.dumps({"model": "claim-verifier", "messages": [{"role": "user", "content": QUESTION + w.i}]})
+    resources: sticky="llm"
+    shell: 'curl -sS --fail-with-body "$OPENAI_BASE_URL/chat/completions" -H "Authorization: Bearer $OPENAI_API_KEY" -H "Content-Type: application/json" -d {params.body:q} > {output}'
+
+rule script_ask:
+    output: "out/script/{i}.txt"
+    resources: sticky="llm"
+    script: "ask_state.py"
+"""
+
+ENDPOINT_SCRIPT = """
+from snakemake_executor_plugin_sticky import sticky_state
+
+state = sticky_state(snakemake)
+question = "Evidence: The capital of Japan is Tokyo.\\nClaim: Japan has Lima as its capital.\\nVerdict:"
+(scores,) = state["score"]([question + snakemake.wildcards.i])
+with open(snakemake.output[0], "w") as f:
+    f.write(state["labels"][max(range(len(scores)), key=scores.__getitem__)])
+"""
+
+
+def endpoint_section(folder: Path, count: int, slots: int, repeats: int) -> dict:
+    """Shell invocations that ask the model through the endpoint with curl, beside script
+    invocations that call the state: invocations per second and mean batch, alternated."""
+    prepare_demo(folder, 8, 8, 1)
+    (folder / "Snakefile.endpoint").write_text(ENDPOINT_SNAKEFILE)
+    (folder / "ask_state.py").write_text(ENDPOINT_SCRIPT)
+    rows: dict[str, list[dict]] = {"shell": [], "script": []}
+    for repeat in range(repeats):
+        for mode in ("shell", "script"):
+            shutil.rmtree(folder / "out", ignore_errors=True)
+            config = ["--config", f"count={count}", f"slots={slots}", f"mode={mode}"]
+            cmd = [SNAKEMAKE, "-s", "Snakefile.endpoint", *sticky_demo(1, 2 * slots, config)[1:]]
+            measured = run(cmd, folder)
+            if measured.returncode != 0:
+                raise RuntimeError(f"{mode} run failed: {measured.output_tail}")
+            template = (measured.report or {}).get("templates", {}).get("llm", {})
+            calls = template.get("model_calls") or {}
+            span = template.get("sticky_s") or measured.wall_s
+            rows[mode].append(
+                {"wall_s": measured.wall_s, "per_s": count / span, "mean_batch": calls.get("mean_batch", 0.0)}
+            )
+            print(f"  endpoint {mode} {repeat + 1}/{repeats}: {measured.wall_s:.2f} s, {count / span:.1f}/s, "
+                  f"mean batch {calls.get('mean_batch')}", flush=True)  # fmt: skip
+    result = {"invocations": count, "slots": slots, "workers": 1, "runs": rows, "hop": http_hop(200)}
+    for mode, runs in rows.items():
+        result[mode] = {key: spread([r[key] for r in runs]) for key in runs[0]}
+    return result
+
+
+def http_hop(requests: int) -> dict:
+    """The endpoint's own cost per request, in this process: one chat request after another
+    through an HTTP client against the same function called directly (no model, no curl)."""
+    import http.client
+
+    from snakemake_executor_plugin_sticky.worker.endpoint import Endpoint
+    from snakemake_executor_plugin_sticky.worker.served import read_served
+
+    served = read_served("bench", {"model": "m", "chat": lambda rs: ["ok"] * len(rs), "max_wait": 0.0})
+    endpoint = Endpoint("key", lambda: served, lambda e: None)
+    port = int(endpoint.start().rsplit(":", 1)[1].split("/")[0])
+    body = json.dumps({"model": "m", "messages": [{"role": "user", "content": "hi"}]})
+    headers = {"Authorization": "Bearer key", "Content-Type": "application/json"}
+    connection = http.client.HTTPConnection("127.0.0.1", port)
+    try:
+        started = time.perf_counter()
+        for _ in range(requests):
+            connection.request("POST", "/v1/chat/completions", body, headers)
+            connection.getresponse().read()
+        through_http = (time.perf_counter() - started) / requests
+        started = time.perf_counter()
+        for _ in range(requests):
+            served.functions["chat"]([{}])
+        direct = (time.perf_counter() - started) / requests
+    finally:
+        connection.close()
+        served.functions["chat"].close()
+        endpoint.stop()
+    curl_started = time.perf_counter()
+    for _ in range(20):
+        subprocess.run(["curl", "-s", "-o", "/dev/null", "http://127.0.0.1:9/"], check=False)
+    curl_s = (time.perf_counter() - curl_started) / 20
+    return {"http_ms": through_http * 1e3, "direct_ms": direct * 1e3, "curl_start_ms": curl_s * 1e3}
+
+
 # -- output -------------------------------------------------------------------------------------
 
 
@@ -980,6 +1083,8 @@ def markdown(results: dict) -> str:
         lines += staging_markdown(results["staging"])
     if "staging_scale_out" in results:
         lines += scale_out_markdown(results["staging_scale_out"])
+    if "endpoint" in results and "failed" not in results["endpoint"]:
+        lines += endpoint_markdown(results["endpoint"])
     if "tls" in results:
         lines += tls_markdown(results["tls"])
     if "nodes" in results:
@@ -1162,6 +1267,30 @@ def scale_out_markdown(o: dict) -> list[str]:
     return lines
 
 
+def endpoint_markdown(e: dict) -> list[str]:
+    """The endpoint section's lines: shell invocations through the endpoint beside scripts."""
+    hop = e["hop"]
+    lines = [
+        f"**Endpoint**, the demo's model, {e['invocations']} invocations of one question each on "
+        f"{e['workers']} worker with {e['slots']} slots:",
+        "",
+        "| | invocations/s | mean batch | wall |",
+        "|---|---|---|---|",
+    ]
+    for mode, label in (("shell", "`shell:` + curl, through the endpoint"), ("script", "`script:`, the state")):
+        row = e[mode]
+        lines.append(
+            f"| {label} | {fmt(row['per_s'], '', 1)} | {fmt(row['mean_batch'])} | {fmt(row['wall_s'], ' s')} |"
+        )
+    lines += [
+        "",
+        f"One request through the endpoint costs {hop['http_ms'] - hop['direct_ms']:.2f} ms more than calling the "
+        f"function (HTTP on loopback, JSON, the thread pool); starting curl costs {hop['curl_start_ms']:.1f} ms.",
+        "",
+    ]
+    return lines
+
+
 def tls_markdown(t: dict) -> list[str]:
     """The TLS section's lines: the run's credentials against plain TCP."""
     lines = [
@@ -1246,7 +1375,18 @@ def parse_args() -> argparse.Namespace:
     )
     parser.add_argument(
         "--only",
-        choices=["makespan", "models", "forecast", "dispatch", "scale", "tls", "batching", "staging", "nodes"],
+        choices=[
+            "makespan",
+            "models",
+            "forecast",
+            "dispatch",
+            "scale",
+            "tls",
+            "batching",
+            "staging",
+            "nodes",
+            "endpoint",
+        ],
         action="append",
     )
     parser.add_argument("--dispatch", type=int, nargs="+", help="invocation counts K of the dispatch section")
@@ -1266,7 +1406,7 @@ def main() -> None:
     """Measures the chosen sections, saving the results after each, then writes the table and the plot."""
     args = parse_args()
     sections = args.only or [
-        "makespan", "models", "forecast", "dispatch", "scale", "tls", "batching", "staging", "nodes",
+        "makespan", "models", "forecast", "dispatch", "scale", "tls", "batching", "staging", "nodes", "endpoint",
     ]  # fmt: skip
     repeats = 3
     results = {
@@ -1326,6 +1466,9 @@ def measure_sections(
         section("batching", lambda: batching(tmp / "batching", models, sizes, repeats))
     if "staging" in sections:
         measure_staging(tmp, args, repeats, section)
+    if "endpoint" in sections:
+        print("endpoint: shell invocations through the OpenAI-compatible endpoint, beside scripts", flush=True)
+        section("endpoint", lambda: endpoint_section(tmp / "endpoint", 32 if args.quick else 96, 4, repeats))
     if "tls" in sections:
         print("tls: the run's credentials against plain TCP, in Dask itself", flush=True)
         section("tls", lambda: tls_cost(repeats if args.quick else 5, 1000))
