@@ -4,12 +4,19 @@ real Snakemake, real curl and the official `openai` package, locally and on the 
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
 import sys
+from pathlib import Path
 
+import psutil
 import pytest
 
-from conftest import Workflow, interrupt
-from helpers import wait_for
+from conftest import Workflow, interrupt, snakemake_env
+from helpers import start_scheduler, wait_for
+
+DASK = str(Path(sys.executable).with_name("dask"))
 
 ECHO = """
     import time
@@ -476,3 +483,44 @@ def test_ctrl_c_ends_a_running_shell_rule_and_what_it_started(workflow: Workflow
     assert proc.returncode != 0
     assert workflow.leftover_processes(wait_s=10) == [], output
     assert not (workflow.root / "long.txt").exists()
+
+
+def listening_ports(pid: int) -> set[int]:
+    """The TCP ports a process and its children listen on."""
+    parent = psutil.Process(pid)
+    ports = set()
+    for process in [parent, *parent.children(recursive=True)]:
+        try:
+            ports |= {c.laddr.port for c in process.net_connections("tcp") if c.status == psutil.CONN_LISTEN}
+        except psutil.NoSuchProcess:
+            pass
+    return ports
+
+
+def test_an_attached_worker_serves_during_the_run_and_stops_serving_after_it(workflow: Workflow):
+    endpoint_workflow(workflow)
+    scheduler, scheduler_file = start_scheduler(workflow)
+    worker = None
+    try:
+        worker = subprocess.Popen(
+            [sys.executable, "-m", "snakemake_executor_plugin_sticky.worker.supervisor", DASK, "worker"]
+            + ["--scheduler-file", str(scheduler_file), "--resources", "sticky-echo=2", "--nthreads", "2"]
+            + ["--memory-limit", "0", "--no-dashboard"],
+            cwd=workflow.root,
+            env=snakemake_env(),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+        wait_for(lambda: len(listening_ports(worker.pid)) >= 2)  # the Nanny's port and the worker's
+        before = listening_ports(worker.pid)
+        run = workflow.run("--sticky-scheduler", str(scheduler_file), "--config", "slots=2", cores=2)
+        assert run.returncode == 0, run.output
+        check_answers(workflow)
+        wait_for(lambda: listening_ports(worker.pid) == before)  # the endpoint closed with the run
+        assert worker.poll() is None, "the user's worker still runs"
+    finally:
+        for process in (worker, scheduler):
+            if process is not None:
+                os.killpg(process.pid, signal.SIGTERM)
+                process.wait(timeout=30)
