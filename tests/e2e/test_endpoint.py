@@ -524,3 +524,51 @@ def test_an_attached_worker_serves_during_the_run_and_stops_serving_after_it(wor
             if process is not None:
                 os.killpg(process.pid, signal.SIGTERM)
                 process.wait(timeout=30)
+
+
+OWN_SERVER = """
+    import json
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+
+    class Models(BaseHTTPRequestHandler):
+        def do_GET(self):
+            body = json.dumps({"data": [{"id": "own-server", "key": self.headers["Authorization"]}]}).encode()
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+
+    def setup():
+        server = ThreadingHTTPServer(("127.0.0.1", 0), Models)
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        return {"server": server}
+
+
+    def serve(state):
+        return {"base_url": f"http://127.0.0.1:{state['server'].server_port}/v1", "api_key": "engine-key"}
+
+
+    def teardown(state):
+        state["server"].shutdown()
+"""
+
+
+def test_an_engines_own_server_is_handed_on_to_the_invocations(workflow: Workflow):
+    workflow.write("engine.py", OWN_SERVER)
+    workflow.write(
+        "Snakefile",
+        """
+        config["sticky"] = {"engine": {"setup": "engine.py"}}
+        rule models:
+            output: "models.json"
+            resources: sticky="engine"
+            shell: 'curl -sS --fail-with-body -H "Authorization: Bearer $OPENAI_API_KEY" "$OPENAI_BASE_URL/models" > {output}'
+        """,
+    )
+    run = workflow.run()
+    assert run.returncode == 0, run.output
+    assert json.loads(workflow.read("models.json"))["data"] == [{"id": "own-server", "key": "Bearer engine-key"}]
+    assert workflow.leftover_processes() == []

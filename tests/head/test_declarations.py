@@ -47,9 +47,9 @@ CASES = {
         dict(snakefile=snakefile(body="run:\n        print(1)")),
         "Rule 'infer' is sticky (template 'llm') but its body is run:",
     ),
-    "shell command": (
-        dict(snakefile=snakefile(body='shell: "touch {output}"')),
-        "Rule 'infer' is sticky (template 'llm') but its body is shell:",
+    "wrapper": (
+        dict(snakefile=snakefile(body='wrapper: "v3.0.0/bio/samtools/faidx"')),
+        "Rule 'infer' is sticky (template 'llm') but its body is wrapper:",
     ),
     "R script": (
         dict(snakefile=snakefile(body='script: "scripts/infer.R"')),
