@@ -12,6 +12,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import traceback
@@ -220,29 +221,30 @@ def run_shell(invocation: Invocation) -> None:
     command = invocation.shell.resolve(invocation.snakemake)
     tmpdir = str(getattr(invocation.snakemake.resources, "tmpdir", "") or "")
     environment = {**os.environ, **job_variables(int(invocation.snakemake.threads), tmpdir)}
-    child = subprocess.Popen(
-        command,
-        shell=True,
-        executable=invocation.shell.executable,
-        env=environment,
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        start_new_session=True,
-    )
-    timed_out = False
-    try:
-        out, err = child.communicate(timeout=invocation.timeout_s)
-    except subprocess.TimeoutExpired:
-        timed_out = True
-        end_group(child)
-        out, err = child.communicate()
-    except BaseException:
-        end_group(child)
-        raise
-    finally:
-        child.stdout and child.stdout.close()
-        child.stderr and child.stderr.close()
+    with command_file(command, invocation.shell.executable) as argv:
+        child = subprocess.Popen(
+            argv or command,
+            shell=argv is None,
+            executable=invocation.shell.executable if argv is None else None,
+            env=environment,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            start_new_session=True,
+        )
+        timed_out = False
+        try:
+            out, err = child.communicate(timeout=invocation.timeout_s)
+        except subprocess.TimeoutExpired:
+            timed_out = True
+            end_group(child)
+            out, err = child.communicate()
+        except BaseException:
+            end_group(child)
+            raise
+        finally:
+            child.stdout and child.stdout.close()
+            child.stderr and child.stderr.close()
     sys.stdout.write(out.decode(errors="backslashreplace"))
     sys.stderr.write(err.decode(errors="backslashreplace"))
     if timed_out:
@@ -252,6 +254,29 @@ def run_shell(invocation: Invocation) -> None:
         )
     if child.returncode != 0:
         raise ShellFailed(f"Command '{command}' returned non-zero exit status {child.returncode}.")
+
+
+# The longest command a shell takes as its argument (as Snakemake's shell() counts it: within
+# Linux's limit on one argument); a longer one runs from a file, as there.
+MAX_ARGUMENT = 16 * 4096 - 1
+
+
+@contextmanager
+def command_file(command: str, executable: Optional[str]) -> Iterator[Optional[list[str]]]:
+    """None for a command that fits an argument; else the arguments that run it from a file
+    under .snakemake/, removed afterwards."""
+    if len(command.replace("'", r"'\''")) + 2 <= MAX_ARGUMENT:
+        yield None
+        return
+    os.makedirs(".snakemake", exist_ok=True)
+    folder = tempfile.mkdtemp(dir=".snakemake", prefix="shell_tmp.")
+    script = os.path.join(os.path.abspath(folder), "script.sh")
+    with open(script, "w") as f:
+        print(command, file=f)
+    try:
+        yield [executable or "/bin/sh", script]
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def end_group(child: subprocess.Popen, grace_s: float = 5.0) -> None:

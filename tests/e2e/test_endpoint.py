@@ -340,7 +340,13 @@ SHELL_SNAKEFILE = """
     GREETING = "hello"
 
     rule all:
-        input: "out/env.txt", "out/with space/named.txt", "out/log.txt", "out/params-a.txt"
+        input: "out/env.txt", "out/with space/named.txt", "out/log.txt", "out/params-a.txt", "out/long.txt"
+
+    rule long_command:
+        output: "out/long.txt"
+        params: long="x" * 200000
+        resources: sticky="plain"
+        shell: "echo {params.long} | wc -c > {output}"
 
     rule env:
         output: "out/env.txt"
@@ -414,6 +420,7 @@ def test_shell_rules_keep_snakemakes_shell_semantics_as_under_the_local_executor
     assert outputs["env.txt"] == f"omp=2 tmp=scratch scratch prefixed=yes cwd={workflow.root.name}\n"
     assert outputs["with space/named.txt.idx"] == "beside\n" and log == "to-log\n"
     assert outputs["params-a.txt"] == "aaa a 1 hello params\n"
+    assert outputs["long.txt"].strip() == "200001"  # a command longer than an argument may be
 
 
 def test_a_run_rule_that_is_sticky_is_refused_naming_the_rule(workflow: Workflow):
