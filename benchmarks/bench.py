@@ -169,6 +169,7 @@ def reset_demo(folder: Path) -> None:
         "results/logs/verify",
         "results/summary.json",
         "results/summary.md",
+        "results/asked.json",
         ".snakemake/incomplete",
     ):
         target = folder / path

@@ -1,11 +1,20 @@
-"""Collect all verdicts: counts per label, accuracy against gold labels, confusion matrix."""
+"""Collect all verdicts: counts per label, accuracy against gold labels, confusion matrix; and the
+answer the model gave through its endpoint (the `ask` step)."""
 
 import json
 
 from claimio import LABELS
 
+
+def asked_answer(path):
+    """The endpoint's answer to the `ask` step's question, or why there is none."""
+    with open(path, encoding="utf-8") as f:
+        asked = json.load(f)
+    return asked["choices"][0]["message"]["content"] if "choices" in asked else asked.get("skipped")
+
+
 verdicts = []
-for path in snakemake.input:
+for path in snakemake.input.verdicts:
     with open(path, encoding="utf-8") as f:
         verdicts.extend(json.loads(line) for line in f if line.strip())
 
@@ -29,6 +38,7 @@ summary = {
     "accuracy": round(correct / len(labelled), 4) if labelled else None,
     "confusion": confusion,
     "note": note,
+    "asked": asked_answer(snakemake.input.asked),
 }
 with open(snakemake.output.json, "w") as f:
     json.dump(summary, f, indent=2)
@@ -39,6 +49,7 @@ lines = [
     f"- claims: {summary['claims']} ({summary['labelled']} with gold labels)",
     f"- model: `{summary['model']}`",
     f"- accuracy: {summary['accuracy']}",
+    f"- asked through the endpoint (`ask`): {summary['asked']}",
     "",
     f"> {note}",
     "",
