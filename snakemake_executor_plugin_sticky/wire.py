@@ -316,6 +316,19 @@ class HandedBack(Event):
 
 
 @dataclass(frozen=True)
+class JobStarted(Event):
+    """A worker's batch job started: its worker joined `queued_s` after the job was submitted to
+    `partition` (the history keeps the waits, and the forecast tells them)."""
+
+    kind = "job-started"
+    template: str
+    name: str
+    queued_s: float
+    partition: str
+    time: float
+
+
+@dataclass(frozen=True)
 class WorkerExited(Event):
     """A local worker process ended, with its exit code (a signal as its negative)."""
 

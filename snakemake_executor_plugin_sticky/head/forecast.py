@@ -16,7 +16,9 @@ worker job's walltime) and what earlier runs measured (history.py) give a `Forec
   job loads the state itself, with the same resources;
 - GPU-hours = workers x GPUs per worker x sticky makespan;
 - on a batch system, whether one worker's share (setup, then its part of the work) fits the
-  walltime of its job.
+  walltime of its job, and how long its job waits in the queue first (the median wait of earlier
+  runs' jobs on the same partitions; the makespan above counts from the first worker's start);
+- the mean batch of the template's model calls in earlier runs, as they measured it.
 
 Earlier runs of the same identity are preferred; otherwise runs of a template of that name
 count, and the forecast says so. Without any, it says what it knows (the counts) and what it
@@ -44,6 +46,7 @@ class Plan:
     gpus: int = 0
     walltime_s: Optional[float] = None  # a worker job's, on a batch system
     cpus: Optional[int] = None  # the cores local CPU workers share (None: each has its own node)
+    partitions: tuple[str, ...] = ()  # a batch system's partitions (queues) its pools ask for
 
 
 @dataclass
@@ -60,6 +63,9 @@ class Forecast:
     gpu_hours: Optional[float] = None
     worker_share_s: Optional[float] = None
     fits_walltime: Optional[bool] = None
+    queue_wait_s: Optional[float] = None  # a worker job's wait before it starts, on a batch system
+    queue_basis: str = ""
+    mean_batch: Optional[float] = None  # of the model calls of earlier runs
 
     @property
     def invocations(self) -> int:
@@ -140,7 +146,27 @@ def forecast(plan: Plan, runs: list[dict[str, Any]]) -> Forecast:
     result.worker_share_s = result.setup_s + work / lanes
     if plan.walltime_s is not None:
         result.fits_walltime = result.worker_share_s <= plan.walltime_s
+    result.queue_wait_s, result.queue_basis = queue_wait(plan, entries)
+    batches = [e["batch"]["mean_batch"] for e in entries if (e.get("batch") or {}).get("mean_batch")]
+    result.mean_batch = statistics.median(batches) if batches else None
     return result
+
+
+def queue_wait(plan: Plan, entries: list[dict[str, Any]]) -> tuple[Optional[float], str]:
+    """On a batch system, how long a worker job waited before it started in earlier runs on the
+    same partitions: the median of their medians, and what it comes from."""
+    if not plan.partitions:
+        return None, ""
+    waits = [
+        (e["queue_wait_s"]["median"], e["queue_wait_s"]["count"])
+        for e in entries
+        if (e.get("queue_wait_s") or {}).get("count") and tuple(e.get("partitions", ())) == plan.partitions
+    ]
+    where = ", ".join(plan.partitions)
+    if not waits:
+        return None, f"no earlier worker job on partition(s) {where}"
+    jobs = sum(count for _, count in waits)
+    return statistics.median(w for w, _ in waits), f"median of {jobs} job(s) in {len(waits)} run(s) on {where}"
 
 
 def lines(f: Forecast) -> list[str]:
@@ -157,6 +183,12 @@ def lines(f: Forecast) -> list[str]:
     out.append(f"  makespan: sticky {duration(f.sticky_s)}, create-destroy {duration(f.create_destroy_s)}")
     if p.gpus and f.gpu_hours is not None:
         out.append(f"  GPU-hours: {f.gpu_hours:.2f}")
+    if f.mean_batch is not None:
+        out.append(f"  model calls of {f.mean_batch:.1f} item(s) on average")
+    if f.queue_wait_s is not None:
+        out.append(f"  a worker job waits {duration(f.queue_wait_s)} in the queue before it starts ({f.queue_basis})")
+    elif f.queue_basis:
+        out.append(f"  queue wait: unknown ({f.queue_basis}); the makespan starts when the first worker job does")
     if f.fits_walltime is not None and f.worker_share_s is not None and p.walltime_s is not None:
         verdict = "fits" if f.fits_walltime else "does NOT fit"
         share, walltime = duration(f.worker_share_s), duration(p.walltime_s)

@@ -1,8 +1,9 @@
 """What earlier runs measured, kept for the forecast of the next (forecast.py).
 
 At its end each run adds one line to `.snakemake/sticky/history.jsonl`: the machine, and per
-template its identity, workers, slots, GPUs, setup times, and per rule the count and times of its
-invocations. The file keeps the last `KEEP` runs; runs that end at once each add their line whole
+template its identity, workers, slots, GPUs, setup times, the mean and largest batch of its model
+calls, on a batch system its jobs' waits in the queue and their partitions, and per rule the
+count and times of its invocations. The file keeps the last `KEEP` runs; runs that end at once each add their line whole
 (under a lock, written to a new file that replaces the old).
 """
 
@@ -13,6 +14,7 @@ import json
 import os
 import socket
 import statistics
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Iterable, Optional
 
@@ -41,6 +43,9 @@ def entry(report: dict[str, Any], cluster: str, cpus: Optional[int]) -> dict[str
             "invocations": t["invocations"],
             "sticky_s": t.get("sticky_s"),
             "staged": sorted({s["source"] for w in t["workers"] for s in w.get("stagings", [])}),
+            "batch": {k: v for k, v in (t.get("model_calls") or {}).items() if k in ("mean_batch", "max_batch")},
+            "queue_wait_s": {k: v for k, v in (t.get("queue_wait_s") or {}).items() if k in ("median", "count")},
+            "partitions": t.get("partitions", []),
         }
     return {
         "finished": report["finished"],
@@ -96,9 +101,12 @@ def plan_of(template: TemplateSpec, counts: dict[str, int], settings: Any) -> Pl
         from .engines.batch_systems import walltime_seconds
         from .engines.jobqueue import pools_of
 
-        workers = sum(p.max_workers for p in pools_of(template, settings))
+        pools = pools_of(template, settings)
+        workers = sum(p.max_workers for p in pools)
         walltime = float(walltime_seconds(settings.walltime))
+        partitions = tuple(sorted({p.queue or "default" for p in pools}))
     else:
         workers = GpuPlan(visible_gpus(), None).worker_count(template, settings.workers)
     cpus = os.cpu_count() if settings.cluster == "local" and not settings.scheduler else None
-    return Plan(template.name, template.identity, counts, workers, template.slots, template.gpus, walltime, cpus)
+    plan = Plan(template.name, template.identity, counts, workers, template.slots, template.gpus, walltime, cpus)
+    return replace(plan, partitions=partitions) if walltime is not None else plan

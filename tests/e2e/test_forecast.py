@@ -56,3 +56,23 @@ def test_a_dry_run_forecasts_from_the_runs_before_it(workflow: Workflow):
     assert forecast["runs"] == 1 and forecast["sticky_s"] > 0 and forecast["measured_sticky_s"] > 0, forecast
     expected = (forecast["measured_sticky_s"] - forecast["sticky_s"]) / forecast["sticky_s"]
     assert forecast["error"] == pytest.approx(expected, abs=1e-3)
+
+
+@pytest.mark.usefixtures("slurm")
+def test_on_a_batch_system_the_history_keeps_queue_waits_and_the_dry_run_tells_them(workflow: Workflow):
+    workflow.write("Snakefile", SNAKEFILE)
+    workflow.write("config.yaml", "sticky:\n  t: {setup: t.py}\n")
+    workflow.write("t.py", TEMPLATE)
+    workflow.write("nap.py", SCRIPT)
+    on_slurm = ("--sticky-cluster", "slurm", "--sticky-interface", "lo", "--sticky-max-workers", "1")
+    run = workflow.run(*on_slurm, "--sticky-queue", "debug", cores=1)
+    assert run.returncode == 0, run.output
+    report = json.loads(workflow.read(".snakemake/sticky/report.json"))["templates"]["t"]
+    assert report["partitions"] == ["debug"] and report["queue_wait_s"]["count"] == 1, report
+    (line,) = [json.loads(line) for line in workflow.read(".snakemake/sticky/history.jsonl").splitlines()]
+    assert line["templates"]["t"]["queue_wait_s"]["count"] == 1 and line["templates"]["t"]["partitions"] == ["debug"]
+    dry = workflow.run("-n", *on_slurm, "--sticky-queue", "debug", "--forcerun", "nap", cores=1)
+    assert dry.returncode == 0, dry.output
+    assert "in the queue before it starts (median of 1 job(s) in 1 run(s) on debug)" in dry.output, dry.output
+    other = workflow.run("-n", *on_slurm, "--forcerun", "nap", cores=1)
+    assert "queue wait: unknown (no earlier worker job on partition(s) default)" in other.output, other.output

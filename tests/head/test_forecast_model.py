@@ -76,3 +76,27 @@ def test_a_worker_share_beyond_its_walltime_is_said():
     assert any("does NOT fit" in line for line in lines(f))
     f = forecast(Plan("llm", "abc", {"verify": 100}, workers=2, walltime_s=3600), [run_line()])
     assert f.fits_walltime is True
+
+
+def on_partition(line: dict, partition: str, waits: tuple[float, int], mean_batch: float) -> dict:
+    entry = line["templates"]["llm"]
+    entry.update(partitions=[partition], queue_wait_s={"median": waits[0], "count": waits[1]})
+    entry["batch"] = {"mean_batch": mean_batch, "max_batch": 8}
+    return {**line, "cluster": "slurm"}
+
+
+def test_a_batch_systems_queue_wait_comes_from_earlier_jobs_on_the_same_partition():
+    runs = [on_partition(run_line(), "gpu", (30.0, 2), 3.0), on_partition(run_line(), "gpu", (90.0, 4), 5.0)]
+    runs.append(on_partition(run_line(), "debug", (1.0, 1), 1.0))
+    plan = Plan("llm", "abc", {"verify": 40}, workers=2, walltime_s=3600, partitions=("gpu",))
+    f = forecast(plan, runs)
+    assert f.queue_wait_s == pytest.approx(60.0) and "6 job(s) in 2 run(s) on gpu" in f.queue_basis
+    assert f.mean_batch == pytest.approx(3.0)  # the median of the runs' means
+    text = "\n".join(lines(f))
+    assert "waits 60.0 s in the queue" in text and "model calls of 3.0 item(s)" in text
+    elsewhere = forecast(Plan("llm", "abc", {"verify": 40}, workers=2, walltime_s=3600, partitions=("long",)), runs)
+    assert elsewhere.queue_wait_s is None and "queue wait: unknown (no earlier worker job on partition(s) long)" in (
+        "\n".join(lines(elsewhere))
+    )
+    local = forecast(Plan("llm", "abc", {"verify": 40}, workers=2), runs)
+    assert local.queue_wait_s is None and "queue" not in "\n".join(lines(local))

@@ -31,7 +31,7 @@ from snakemake_interface_common.exceptions import WorkflowError
 
 from ...settings import ExecutorSettings
 from ...templates import TemplateSpec
-from ...wire import worker_name
+from ...wire import JobStarted, worker_name
 from ..fence import Fence
 from ..process_changes import ProcessChanges
 from ..run_folders import RunFolder, clean_stale_runs
@@ -231,8 +231,17 @@ class BatchBackend(HostedScheduler):
                 continue
             if job.address is None:
                 self._failed_starts[job.template] = 0
+                self._job_started(job, now)
             job.address = ws.address
             job.idle_since = None if ws.processing else (job.idle_since or now)
+
+    def _job_started(self, job: BatchJob, now: float) -> None:
+        """Its worker joined: the run records how long the job waited in the queue."""
+        template = self._templates[job.template]
+        pool = next((p for p in pools_of(template, self.settings) if p.name == job.pool), None)
+        partition = (pool.queue if pool is not None else None) or "default"
+        event = JobStarted(template.name, job.job.name, round(now - job.submitted, 3), partition, now)
+        self._event_thread.submit(self._on_event, event)  # off the scheduler's loop, as worker events
 
     async def _end_left_jobs(self, final: bool = False) -> None:
         """The job of a worker that left without retiring (lost, preempted, unheard) no longer

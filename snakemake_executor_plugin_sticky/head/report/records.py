@@ -20,6 +20,7 @@ from ...wire import (
     Invocation,
     InvocationResult,
     InvocationTimedOut,
+    JobStarted,
     Poisoned,
     Preempted,
     Ready,
@@ -109,6 +110,7 @@ class RunRecords:
         self.invocations: list[InvocationRecord] = []
         self.tally: dict[str, TemplateTally] = {name: TemplateTally() for name in templates}
         self.forecasts: dict[str, Any] = {}  # forecast.Forecast by template, made as the run starts
+        self.jobs: dict[str, list[JobStarted]] = {}  # batch jobs whose worker joined, by template
         self.closing = False
         self._incarnations: dict[str, int] = {}
         self._retiring: set[str] = set()  # templates whose workers are being ended on purpose
@@ -158,6 +160,9 @@ class RunRecords:
                 record, text = self._removed(event)
             elif isinstance(event, WorkerExited):
                 record, text = self._exited(event), None
+            elif isinstance(event, JobStarted):
+                self.jobs.setdefault(event.template, []).append(event)
+                record, text = None, None
             else:
                 assert isinstance(event, WorkerEvent), event
                 record = self._worker_record(event)

@@ -54,6 +54,8 @@ def report_dict(records: RunRecords, status: str) -> dict[str, Any]:
             "create_destroy_setup_s": round(served * median_setup, 3) if median_setup is not None else None,
             "estimated_saved_s": round(served * median_setup - sum(setups), 3) if median_setup is not None else None,
             "model_calls": model_calls([c for i in invocations if i.template == name for c in i.calls]),
+            "queue_wait_s": distribution([j.queued_s for j in records.jobs.get(name, [])]),
+            "partitions": sorted({j.partition for j in records.jobs.get(name, [])}),
             "rules": rule_times(by_rule),
             "sticky_s": round(span, 3) if span is not None else None,
         }
