@@ -227,6 +227,9 @@ def setup(stubborn=False, endless_thread=False):
         [sys.executable, "-c", SERVER, "stubborn" if stubborn else "plain"], start_new_session=True
     )
     subprocess.run([sys.executable, "-c", DAEMON, record], check=True)
+    deadline = time.monotonic() + 30  # the daemon's grandchild notes itself after its parent ended
+    while "daemon" not in (open(record).read() if os.path.exists(record) else "") and time.monotonic() < deadline:
+        time.sleep(0.05)
     with open(record, "a") as f:
         f.write("".join(f"pool {p.pid}\\n" for p in pool._pool) + f"server {server.pid}\\n")
     if endless_thread:
