@@ -9,6 +9,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -313,6 +314,29 @@ def start_scheduler(workflow: Workflow) -> tuple[subprocess.Popen, Path]:
     while not scheduler_file.exists() and time.monotonic() < deadline:
         time.sleep(0.2)
     return scheduler, scheduler_file
+
+
+def start_kept_worker(workflow: Workflow, scheduler_file: Path, resources: str, threads: int = 1) -> subprocess.Popen:
+    """A hand-started Dask worker with a Nanny under the supervisor, offering `resources`."""
+    dask = str(Path(sys.executable).with_name("dask"))
+    return subprocess.Popen(
+        [sys.executable, "-m", "snakemake_executor_plugin_sticky.worker.supervisor", dask, "worker"]
+        + ["--scheduler-file", str(scheduler_file), "--resources", resources, "--nthreads", str(threads)]
+        + ["--memory-limit", "0", "--no-dashboard"],
+        cwd=workflow.root,
+        env=snakemake_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+
+
+def stop_groups(*processes: Optional[subprocess.Popen]) -> None:
+    """End hand-started processes (a scheduler, workers) and their process groups."""
+    for process in processes:
+        if process is not None:
+            os.killpg(process.pid, signal.SIGTERM)
+            process.wait(timeout=30)
 
 
 def ask_identity(address: str, connection_args: dict) -> dict:

@@ -4,17 +4,14 @@ real Snakemake, real curl and the official `openai` package, locally and on the 
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
 import sys
 from pathlib import Path
 
 import psutil
 import pytest
 
-from conftest import Workflow, interrupt, snakemake_env
-from helpers import start_scheduler, wait_for
+from conftest import Workflow, interrupt
+from helpers import start_kept_worker, start_scheduler, stop_groups, wait_for
 
 DASK = str(Path(sys.executable).with_name("dask"))
 
@@ -509,16 +506,7 @@ def test_an_attached_worker_serves_during_the_run_and_stops_serving_after_it(wor
     scheduler, scheduler_file = start_scheduler(workflow)
     worker = None
     try:
-        worker = subprocess.Popen(
-            [sys.executable, "-m", "snakemake_executor_plugin_sticky.worker.supervisor", DASK, "worker"]
-            + ["--scheduler-file", str(scheduler_file), "--resources", "sticky-echo=2", "--nthreads", "2"]
-            + ["--memory-limit", "0", "--no-dashboard"],
-            cwd=workflow.root,
-            env=snakemake_env(),
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-            start_new_session=True,
-        )
+        worker = start_kept_worker(workflow, scheduler_file, "sticky-echo=2", threads=2)
         wait_for(lambda: len(listening_ports(worker.pid)) >= 2)  # the Nanny's port and the worker's
         before = listening_ports(worker.pid)
         run = workflow.run("--sticky-scheduler", str(scheduler_file), "--config", "slots=2", cores=2)
@@ -527,10 +515,7 @@ def test_an_attached_worker_serves_during_the_run_and_stops_serving_after_it(wor
         wait_for(lambda: listening_ports(worker.pid) == before)  # the endpoint closed with the run
         assert worker.poll() is None, "the user's worker still runs"
     finally:
-        for process in (worker, scheduler):
-            if process is not None:
-                os.killpg(process.pid, signal.SIGTERM)
-                process.wait(timeout=30)
+        stop_groups(worker, scheduler)
 
 
 OWN_SERVER = """

@@ -41,8 +41,10 @@ from helpers import (
     hang_among_400,
     helper_pids,
     running,
+    start_kept_worker,
     start_scheduler,
     sticky_workflow,
+    stop_groups,
     wait_for,
     wait_until_gone,
 )
@@ -331,25 +333,7 @@ def test_attach_mode_uses_hand_started_workers_and_leaves_them_running(workflow:
         assert worker.poll() is None and scheduler.poll() is None
         assert "no reaper guards this worker" in run.output, "a worker not under the supervisor is named"
     finally:
-        for process in (worker, scheduler):
-            if process is not None:
-                os.killpg(process.pid, signal.SIGTERM)
-                process.wait(timeout=30)
-
-
-def start_kept_worker(workflow: Workflow, scheduler_file: Path, resources: str) -> subprocess.Popen:
-    """A hand-started Dask worker with a Nanny under the supervisor, offering `resources`."""
-    dask = str(Path(sys.executable).with_name("dask"))
-    return subprocess.Popen(
-        [sys.executable, "-m", "snakemake_executor_plugin_sticky.worker.supervisor", dask, "worker"]
-        + ["--scheduler-file", str(scheduler_file), "--resources", resources, "--nthreads", "1"]
-        + ["--memory-limit", "0", "--no-dashboard"],
-        cwd=workflow.root,
-        env=snakemake_env(),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
+        stop_groups(worker, scheduler)
 
 
 def test_attach_mode_worker_under_the_supervisor_takes_a_template_with_processes(workflow: Workflow):
@@ -368,10 +352,7 @@ def test_attach_mode_worker_under_the_supervisor_takes_a_template_with_processes
         assert wait_until_gone(all_helpers(workflow)) == [], "the template's processes ended with the run"
         assert running([worker_pid]) == [worker_pid] and worker.poll() is None, "the user's worker still runs"
     finally:
-        for process in (worker, scheduler):
-            if process is not None:
-                os.killpg(process.pid, signal.SIGTERM)
-                process.wait(timeout=30)
+        stop_groups(worker, scheduler)
 
 
 def worker_condition(client: Client) -> dict:
@@ -555,9 +536,7 @@ def test_attach_mode_worker_offering_two_templates_holds_one(workflow: Workflow)
         assert str(workers[0].pid) in sleeper | other
         assert "a worker holds one template" in run.output and "Start one worker per template" in run.output
     finally:
-        for process in (*workers, scheduler):
-            os.killpg(process.pid, signal.SIGTERM)
-            process.wait(timeout=30)
+        stop_groups(*workers, scheduler)
 
 
 def test_slurm_worker_killed_takes_its_helpers_along_and_its_job_fails(workflow: Workflow, slurm: None):
@@ -746,10 +725,7 @@ def test_attach_mode_ends_a_template_pool_of_every_start_method(workflow: Workfl
         assert wait_until_gone(pool) == [], f"the {method} pool's processes ended with the run"
         assert running([worker_pid]) == [worker_pid], "the user's worker still runs"
     finally:
-        for process in (worker, scheduler):
-            if process is not None:
-                os.killpg(process.pid, signal.SIGTERM)
-                process.wait(timeout=30)
+        stop_groups(worker, scheduler)
 
 
 def test_scripts_see_their_outputs_on_slurm_as_under_the_local_executor(workflow: Workflow, slurm: None):
@@ -831,10 +807,7 @@ def test_attach_mode_is_fenced_and_scripts_see_their_outputs_as_in_place(workflo
         assert "/.snakemake/sticky/runs/" in written and "/attempts/" in written, written
         assert not list((workflow.root / ".snakemake" / "sticky" / "runs").glob("*")), "the run's folder is gone"
     finally:
-        for process in (worker, scheduler):
-            if process is not None:
-                os.killpg(process.pid, signal.SIGTERM)
-                process.wait(timeout=30)
+        stop_groups(worker, scheduler)
 
 
 BIG_AND_SMALL = """
