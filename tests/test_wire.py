@@ -27,6 +27,7 @@ SAMPLES = [
     wire.WorkerWarning(**WHO, text="no reaper guards this worker"),
     wire.Removed(address="tls://127.0.0.1:4000", graceful=False, running=("k1", "k2"), time=3.0),
     wire.WorkerExited(address="tls://127.0.0.1:4000", exitcode=-9),
+    wire.JobStarted(template="llm", name="llm-1-3", queued_s=12.5, partition="gpu", time=3.0),
     wire.HandedBack(address="tls://127.0.0.1:4000", task="sticky-r-1-ab", keys=("k3", "k4"), results=b"\x80pickled"),
 ]
 

@@ -273,6 +273,14 @@ def test_a_killed_snakemake_takes_its_environments_workers_along(workflow: Workf
     assert not workflow.leftover_processes(wait_s=60), workflow.read("snakemake.log")
 
 
+def name_of(process: psutil.Process) -> str:
+    """A process's name; empty for one that has just ended (or is still becoming what it runs)."""
+    try:
+        return process.name()
+    except psutil.NoSuchProcess:
+        return ""
+
+
 def test_the_supervisor_ends_its_worker_when_the_process_that_started_it_is_gone(tmp_path: Path):
     # A worker that would not notice on its own (here `sleep`): the supervisor watches its parent.
     starter = subprocess.Popen(
@@ -292,10 +300,9 @@ def test_the_supervisor_ends_its_worker_when_the_process_that_started_it_is_gone
     )
     supervisor = psutil.Process(int(starter.stdout.readline()))
     deadline = time.monotonic() + 60
-    while not supervisor.children():
+    while (worker := next((c for c in supervisor.children() if name_of(c) == "sleep"), None)) is None:
         assert time.monotonic() < deadline, "the supervisor started no worker"
         time.sleep(0.05)
-    worker = supervisor.children()[0]
     starter.kill()
     starter.wait()
     worker.wait(timeout=60)  # psutil.TimeoutExpired if the worker outlives its starter
