@@ -43,7 +43,7 @@ ECHO = """
             "completions": partial(answer, state),
             "embeddings": lambda inputs: [[float(len(s)), 0.5] for s in inputs],
             "max_batch": 16,
-            "max_wait": 0.3,
+            "max_wait": 1.0,  # long enough for a neighbour's request to come on a loaded machine
         }
 """
 

@@ -168,6 +168,19 @@ def test_slurm_workers_run_invocations_two_at_a_time_and_leave_no_job(workflow: 
     assert not list((workflow.root / ".snakemake" / "sticky").glob("tls-*"))
 
 
+def test_a_slurm_worker_job_that_can_never_start_fails_its_template_saying_why(workflow: Workflow, slurm: None):
+    write_sleeper(workflow)
+    # more cores than the node has: Slurm holds the job pending (PartitionConfig) for ever
+    run = workflow.run(
+        "--sticky-cluster", "slurm", "--sticky-interface", "lo", "--sticky-job-cores", "64", "--jobs", "2", cores=1
+    )
+    assert run.returncode != 0
+    assert "Sticky template 'sleeper': slurm job" in run.output, run.output
+    assert "will never start: Slurm holds it (PartitionConfig)" in run.output, run.output
+    assert slurm_jobs_in_queue(set(submitted_jobs(run.output))) == []  # cancelled, not left waiting
+    assert not workflow.leftover_processes()
+
+
 def test_slurm_pool_retires_idle_workers_and_grows_again(workflow: Workflow, slurm: None):
     # Phase 1: 4 invocations; then a 6 s job that is not sticky, while the workers sit idle;
     # then 4 more invocations, which need new workers.

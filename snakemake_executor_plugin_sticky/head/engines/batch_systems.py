@@ -191,6 +191,11 @@ class BatchSystem:
         """The job's state in the status command's output."""
         return output.strip().upper()
 
+    def never_starts(self, output: str) -> Optional[str]:
+        """Why a pending job will never start (it asks for more than its partition has), where
+        the status command says so; None otherwise."""
+        return None
+
 
 class Slurm(BatchSystem):
     """Slurm: sbatch, squeue, scancel."""
@@ -198,10 +203,28 @@ class Slurm(BatchSystem):
     name = "slurm"
     memory_directives = ("--mem",)
     gpu_directive = "--gres=gpu:{gpus}"
-    status_command = "squeue -h -j {job_id} -o %T"
+    status_command = "squeue -h -j {job_id} -o '%T %r'"
     nodes_command = "sinfo -h -N -o %o"
     finished_states = ("COMPLETED", "CANCELLED", "FAILED", "TIMEOUT", "PREEMPTED", "NODE_FAIL", "OUT_OF_MEMORY")
+    # Pending reasons that no wait resolves: the job asks for more than the partition offers
+    never = {
+        "PartitionConfig": "its cores, memory or GPUs exceed what the partition's nodes have",
+        "PartitionNodeLimit": "it asks for more nodes than the partition allows",
+        "PartitionTimeLimit": "its walltime exceeds the partition's time limit",
+        "BadConstraints": "its constraints match no node",
+        "InvalidQOS": "its QOS is not valid",
+        "InvalidAccount": "its account is not valid",
+    }
     job_class = SLURMJob
+
+    def state_of(self, output: str) -> str:
+        return output.strip().split(" ", 1)[0].upper()
+
+    def never_starts(self, output: str) -> Optional[str]:
+        state, _, reason = output.strip().partition(" ")
+        if state.upper() != "PENDING" or reason.strip() not in self.never:
+            return None
+        return f"Slurm holds it ({reason.strip()}): {self.never[reason.strip()]}"
 
 
 class PBS(BatchSystem):

@@ -259,7 +259,7 @@ class BatchBackend(HostedScheduler):
                 continue
             await asyncio.sleep(max(wait, 0))
             job.cancelled = True
-            if await self._job_gone(job):
+            if (await self._job_status(job))[0]:
                 continue
             self.log.warning(
                 f"Sticky worker {job.job.name} left the run without retiring (lost, preempted, or unheard "
@@ -268,8 +268,9 @@ class BatchBackend(HostedScheduler):
             )
             await asyncio.to_thread(cancel, job.job)
 
-    async def _job_gone(self, job: BatchJob) -> bool:
-        """Whether the batch system says the job has ended; not when it cannot say."""
+    async def _job_status(self, job: BatchJob) -> tuple[bool, Optional[str]]:
+        """Whether the batch system says the job has ended (not when it cannot say), and why it
+        will never start, if it says that."""
         command = shlex.split(self.system.status_command.format(job_id=job.job.job_id))
         try:
             status = await asyncio.to_thread(
@@ -277,8 +278,10 @@ class BatchBackend(HostedScheduler):
             )
         except (OSError, subprocess.SubprocessError) as e:
             self.log.warning(f"Cannot ask {self.system.name} about job {job.job.job_id}: {e}")
-            return False
-        return self.system.gone(status.returncode, status.stdout)
+            return False, None
+        if status.returncode == 0 and (never := self.system.never_starts(status.stdout)) is not None:
+            return False, never
+        return self.system.gone(status.returncode, status.stdout), None
 
     def _running(self, identity: str) -> int:
         addresses = {j.address for j in self._jobs if j.template == identity and j.address and not j.ended}
@@ -337,9 +340,22 @@ class BatchBackend(HostedScheduler):
 
     async def _poll_unconnected(self) -> None:
         """Ask the batch system about jobs whose worker never connected: one that is gone failed
-        to start. After a few in a row the pool fails, pointing at the job logs."""
+        to start (after a few in a row the pool fails, pointing at the job logs); one that the
+        batch system will never start fails the pool at once, saying why."""
         for job in [j for j in self._jobs if j.address is None and not j.ended]:
-            if not await self._job_gone(job):
+            gone, never = await self._job_status(job)
+            if never is not None:
+                job.ended = True
+                await asyncio.to_thread(cancel, job.job)
+                template = self._templates[job.template]
+                self.fail_pool(
+                    template,
+                    f"Sticky template '{template.name}': {self.system.name} job {job.job.job_id} of its worker "
+                    f"will never start: {never}. Ask for less in the template's cluster: entry or the "
+                    "--sticky-* batch settings (cores follow the template's slots), or name another partition.",
+                )
+                continue
+            if not gone:
                 continue
             job.ended = True
             if job.job.name in {str(ws.name) for ws in self._scheduler.workers.values()}:
