@@ -25,6 +25,7 @@ from distributed import get_worker
 from ..api import batcher, resident
 from ..wire import RUNNING_TOPIC, Invocation, InvocationResult, Lost, Packed, attempt_path
 from .isolation import InvocationExit, current
+from .isolation.modules import PARSING
 from .isolation.process import job_variables
 from .resident import ResidentState, ResidentWorker, TemplateSetupError
 from .shared_task import SharedTask, watchdog
@@ -193,9 +194,12 @@ def compiled_script(path: str) -> Any:
     version = (stat.st_mtime, stat.st_size)
     cached = _code_cache.get(path)
     if cached is None or cached[0] != version:
-        with open(path, "rb") as f:
-            cached = (version, compile(f.read(), path, "exec"))
-        _code_cache[path] = cached
+        with PARSING:  # one parse at a time (see modules.PARSING)
+            cached = _code_cache.get(path)
+            if cached is None or cached[0] != version:
+                with open(path, "rb") as f:
+                    cached = (version, compile(f.read(), path, "exec"))
+                _code_cache[path] = cached
     return cached[1]
 
 

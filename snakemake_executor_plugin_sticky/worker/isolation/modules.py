@@ -309,6 +309,9 @@ def write_script_copy(context: InvocationContext, environment: Optional[dict] = 
 
 _folders: set[str] = set()  # `.snakemake/scripts` folders made
 _parts: dict[str, tuple[tuple[float, int], bytes, bytes]] = {}
+# Python 3.11's parser is not safe in several threads at once ("AST constructor recursion depth
+# mismatch" when invocations side by side parse or compile their script together): one at a time.
+PARSING = threading.Lock()
 
 
 def _script_parts(script: str) -> tuple[bytes, bytes]:
@@ -318,12 +321,15 @@ def _script_parts(script: str) -> tuple[bytes, bytes]:
     version = (stat.st_mtime, stat.st_size)
     cached = _parts.get(script)
     if cached is None or cached[0] != version:
-        with open(script, encoding="utf-8") as f:
-            source = f.read()
-        lines = source.splitlines(keepends=True)
-        cut = _after_future_imports(source)
-        cached = (version, "".join(lines[:cut]).encode(), "".join(lines[cut:]).encode())
-        _parts[script] = cached
+        with PARSING:
+            cached = _parts.get(script)
+            if cached is None or cached[0] != version:
+                with open(script, encoding="utf-8") as f:
+                    source = f.read()
+                lines = source.splitlines(keepends=True)
+                cut = _after_future_imports(source)
+                cached = (version, "".join(lines[:cut]).encode(), "".join(lines[cut:]).encode())
+                _parts[script] = cached
     return cached[1], cached[2]
 
 
