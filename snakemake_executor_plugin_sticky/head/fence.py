@@ -44,7 +44,7 @@ class Fence:
         try:
             if attempt is None:
                 if attempts and not isinstance(outcome, InvocationResult):
-                    self._keep_logs(invocation, max(attempts, key=os.path.getmtime))
+                    self._keep_logs(invocation, last_logged(invocation, attempts))
                 return outcome
             if (outcome.address, invocation.key) in self.given_up:
                 return dataclasses.replace(
@@ -84,6 +84,18 @@ class Fence:
         move_tree(os.path.join(attempt, ".absolute"), os.sep, whole)
         for beside in beside_folders(invocation, attempt):
             move_tree(beside, os.path.dirname(beside), whole)
+
+
+def last_logged(invocation: Invocation, attempts: list[str]) -> str:
+    """The attempt whose log is the one to keep after a crash: the one that wrote into its log
+    last. A later attempt that only opened its log (a run again that was cut off before it wrote)
+    tells less; without any log written, the attempt begun last."""
+
+    def written(attempt: str) -> float:
+        paths = [attempt_path(attempt, str(p), beside=b) for p in invocation.snakemake.log for b in (False, True)]
+        return max((os.path.getmtime(p) for p in paths if os.path.isfile(p) and os.path.getsize(p)), default=0.0)
+
+    return max(attempts, key=lambda attempt: (written(attempt), os.path.getmtime(attempt)))
 
 
 def beside_folders(invocation: Invocation, attempt: str) -> set[str]:

@@ -179,3 +179,17 @@ def test_an_output_on_another_file_system_is_written_there_and_renamed_into_plac
         assert os.listdir(other) == ["big.bin"], "no attempt folder is left beside it"
     finally:
         shutil.rmtree(other)
+
+
+def test_a_later_attempt_cut_off_before_it_wrote_its_log_leaves_the_log_that_was_written(tmp_path: Path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    fence = Fence(tmp_path / ".snakemake" / "attempts")
+    original = relative_invocation(fence.folder, {"out": "out/a.txt"}, {"log": "logs/a.log"})
+    for text in ("loaded, then died\n", ""):  # the run again opened its log, then the run ended
+        seen, _ = fenced(original)
+        Path(seen.snakemake.log.log).write_text(text)
+        time.sleep(0.01)
+    crash = RuntimeError("the invocation crashed its workers")
+    assert fence.accept(original, crash) is crash
+    assert (tmp_path / "logs/a.log").read_text() == "loaded, then died\n"
+    assert os.listdir(fence.folder) == []
