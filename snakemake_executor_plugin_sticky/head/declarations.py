@@ -190,7 +190,7 @@ def sticky_rules_in_group(job: JobExecutorInterface) -> list[str]:
 
 def body_kind(job: JobExecutorInterface) -> str:
     """How a rule's body is written, for a message that says why it cannot be sticky."""
-    for kind in ("shell", "notebook", "wrapper", "cwl", "template_engine", "norun"):
+    for kind in ("notebook", "wrapper", "cwl", "template_engine", "norun"):
         if getattr(job, f"is_{kind}", False):
             return {"norun": "empty (no run/shell/script)"}.get(kind, f"{kind}:")
     return "run:"

@@ -3,8 +3,8 @@
 At its end each run adds one line to `.snakemake/sticky/history.jsonl`: the machine, and per
 template its identity, workers, slots, GPUs, setup times, the mean and largest batch of its model
 calls, on a batch system its jobs' waits in the queue and their partitions, and per rule the
-count and times of its invocations. The file keeps the last `KEEP` runs; runs that end at once each add their line whole
-(under a lock, written to a new file that replaces the old).
+count and times of its invocations. The file keeps the last `KEEP` runs; runs that end at once
+each add their line whole (under a lock, written to a new file that replaces the old).
 """
 
 from __future__ import annotations
@@ -14,7 +14,6 @@ import json
 import os
 import socket
 import statistics
-from dataclasses import replace
 from pathlib import Path
 from typing import Any, Iterable, Optional
 
@@ -95,6 +94,7 @@ def forecasts_for(jobs: Iterable[Any], used: dict[str, TemplateSpec], settings: 
 def plan_of(template: TemplateSpec, counts: dict[str, int], settings: Any) -> Plan:
     """A template's part of the run as its settings make it: workers, slots, GPUs, walltime."""
     walltime: Optional[float] = None
+    partitions: tuple[str, ...] = ()
     if settings.scheduler:  # attach mode: the workers someone started; the template's count, or one
         workers = template.workers or settings.workers or 1
     elif settings.cluster != "local":
@@ -108,5 +108,6 @@ def plan_of(template: TemplateSpec, counts: dict[str, int], settings: Any) -> Pl
     else:
         workers = GpuPlan(visible_gpus(), None).worker_count(template, settings.workers)
     cpus = os.cpu_count() if settings.cluster == "local" and not settings.scheduler else None
-    plan = Plan(template.name, template.identity, counts, workers, template.slots, template.gpus, walltime, cpus)
-    return replace(plan, partitions=partitions) if walltime is not None else plan
+    return Plan(
+        template.name, template.identity, counts, workers, template.slots, template.gpus, walltime, cpus, partitions
+    )

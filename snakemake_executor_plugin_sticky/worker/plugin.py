@@ -34,6 +34,7 @@ from ..wire import EVENT_TOPIC, LIFETIME_ENV, PACKAGE, Preempted, WalltimeNear, 
 from . import processes
 from .endpoint import Endpoint
 from .isolation import Isolation
+from .isolation.process import restore_environment
 from .resident import ResidentState, ResidentWorker
 from .served import Served
 
@@ -230,7 +231,7 @@ class StickyWorkerPlugin(WorkerPlugin):
             address = {"OPENAI_BASE_URL": self.endpoint.base_url, "OPENAI_API_KEY": self.endpoint_key}
         before = {name: os.environ.get(name) for name in address}
         os.environ.update(address)
-        self.changes.on_undo(lambda: restore_variables(before))
+        self.changes.on_undo(lambda: restore_environment(before))
 
     def close_endpoint(self) -> None:
         """Stop serving (the state is torn down, or the template leaves an attached worker)."""
@@ -327,15 +328,6 @@ class StickyWorkerPlugin(WorkerPlugin):
             )
         sys.stdout.flush()
         sys.stderr.flush()
-
-
-def restore_variables(values: dict[str, Optional[str]]) -> None:
-    """Put environment variables back as `values` has them (None: unset)."""
-    for name, value in values.items():
-        if value is None:
-            os.environ.pop(name, None)
-        else:
-            os.environ[name] = value
 
 
 def relay_signal_handlers(loop: Any) -> Callable[[], None]:

@@ -221,10 +221,10 @@ def run_shell(invocation: Invocation) -> None:
     """A `shell:` job's command, as Snakemake's `shell()` runs it, as a child of this worker (in
     a process group of its own, ended whole at the job's limit): with the invocation's
     environment (its threads, its tmpdir, the endpoint's address and key), its output the job's."""
-    assert invocation.shell is not None
+    context = current()
+    assert invocation.shell is not None and context is not None, "run_shell runs inside an invocation's isolation"
     command = invocation.shell.resolve(invocation.snakemake)
-    tmpdir = str(getattr(invocation.snakemake.resources, "tmpdir", "") or "")
-    environment = {**os.environ, **job_variables(int(invocation.snakemake.threads), tmpdir)}
+    environment = {**os.environ, **job_variables(context.threads, context.tmpdir)}
     with command_file(command, invocation.shell.executable) as argv:
         child = subprocess.Popen(
             argv or command,

@@ -238,9 +238,8 @@ class BatchBackend(HostedScheduler):
     def _job_started(self, job: BatchJob, now: float) -> None:
         """Its worker joined: the run records how long the job waited in the queue."""
         template = self._templates[job.template]
-        pool = next((p for p in pools_of(template, self.settings) if p.name == job.pool), None)
-        partition = (pool.queue if pool is not None else None) or "default"
-        event = JobStarted(template.name, job.job.name, round(now - job.submitted, 3), partition, now)
+        pool = next(p for p in self._pools[job.template] if p.name == job.pool)
+        event = JobStarted(template.name, job.job.name, round(now - job.submitted, 3), pool.queue or "default", now)
         self._event_thread.submit(self._on_event, event)  # off the scheduler's loop, as worker events
 
     async def _end_left_jobs(self, final: bool = False) -> None:
